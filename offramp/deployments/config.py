@@ -1,0 +1,73 @@
+"""Typed arguments of the Serve application (``import_path: offramp.deployments.app:build_app``).
+
+These are the ``args:`` of an application in a Serve config YAML. Per-deployment Serve
+settings (``num_replicas``, ``ray_actor_options`` for pool placement, ``autoscaling_config``)
+stay in the YAML's ``deployments:`` list under the names ``OfframpIngress`` and
+``Stage0`` … ``Stage{N-1}``.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Pool = Literal["gpu", "cpu", "any"]
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+class StageArgs(BaseModel):
+    """Settings of one stage deployment (index = position in ``AppArgs.stages``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pool: Pool = Field("any", description="Device pool the stage is meant for; 'gpu' runs on CUDA when the replica sees one.")
+    dtype: Precision = Field("fp32", description="Weights/KV precision of this stage.")
+    max_batch_size: int = Field(16, ge=1, le=1024, description="Most sequences in one forward pass.")
+    batch_wait_timeout_s: float = Field(0.002, ge=0, le=1, description="How long a forward pass waits to fill a batch.")
+    max_sequences: int = Field(64, ge=1, description="KV slots (concurrent sequences) per replica.")
+
+
+class ExitArgs(BaseModel):
+    """Server-wide early-exit policy; requests may tighten or loosen it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["calibrated", "off", "threshold"] = Field(
+        "calibrated", description="'calibrated' uses the exits file's thresholds; 'threshold' uses `threshold` at every gate."
+    )
+    threshold: float | None = Field(None, ge=0, le=1, description="Confidence threshold when mode='threshold'.")
+    kv_fill: Literal["exact", "propagate"] = Field(
+        "exact", description="KV of skipped layers: exact deferred backfill, or approximate state propagation."
+    )
+
+    @model_validator(mode="after")
+    def _threshold_given(self) -> "ExitArgs":
+        if self.mode == "threshold" and self.threshold is None:
+            raise ValueError("exit.mode is 'threshold' but exit.threshold is not set; set exit.threshold (0..1)")
+        return self
+
+
+class AppArgs(BaseModel):
+    """Arguments of :func:`offramp.deployments.app.build_app`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="Local Hugging Face checkpoint directory; None = the embedded default model.")
+    model_name: str = Field("offramp-default", description="Name clients pass as `model` in the OpenAI API.")
+    num_stages: int | None = Field(None, ge=1, description="Split the layers evenly into this many stages.")
+    split: list[int] | None = Field(None, description="Explicit split points (layer indices where a new stage starts).")
+    stages: list[StageArgs] = Field(default_factory=list, description="Per-stage settings; missing entries use defaults.")
+    exit: ExitArgs = Field(default_factory=ExitArgs, description="Early-exit policy.")
+    max_context: int | None = Field(None, ge=8, description="Cap on prompt + generated tokens; default the model's context.")
+    max_tokens_cap: int = Field(1024, ge=1, description="Largest `max_tokens` a request may ask for.")
+    api_key_env: str = Field("OFFRAMP_API_KEY", description="Environment variable holding the API key (empty = no key).")
+    request_timeout_s: float = Field(60.0, gt=0, description="Deadline for one request end to end.")
+
+    @model_validator(mode="after")
+    def _split_xor_stages(self) -> "AppArgs":
+        if self.num_stages is not None and self.split is not None and self.num_stages != len(self.split) + 1:
+            raise ValueError(
+                f"num_stages={self.num_stages} but split={self.split} makes {len(self.split) + 1} stages; "
+                "give only one of them"
+            )
+        return self

@@ -1,0 +1,50 @@
+"""The contract between front ends (HTTP, gRPC, CLI) and a generation backend.
+
+A backend is anything with ``async def generate(request) -> AsyncIterator[TokenEvent]``:
+the in-process staged engine (:mod:`offramp.ops.engine`) and the Ray Serve pipeline
+(:mod:`offramp.deployments`) both are. Front ends tokenize, validate, detokenize and
+apply stop strings; a backend only sees token ids. Closing the iterator early cancels
+the request and frees its KV.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Literal, Protocol, Union
+
+ExitMode = Union[Literal["off", "calibrated"], float]
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()  # backend stops *after* emitting one of these
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    exit_mode: ExitMode = "calibrated"  # "off", "calibrated" or a confidence threshold in [0, 1]
+    task: str | None = None  # gate task type: "qa", "math", "coding"
+    trace_context: dict[str, str] | None = None  # W3C carrier (traceparent, tracestate)
+    deadline_s: float | None = None  # seconds from submission; None = backend default
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token_id: int
+    exit_stage: int  # stage after which this token left; num_stages-1 = full depth
+    finish_reason: FinishReason | None = None  # set on the last event of a request
+
+
+class Backend(Protocol):
+    num_stages: int
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]: ...
