@@ -1,0 +1,238 @@
+"""In-process staged model: every stage worker in one process, no Ray.
+
+This is the debugging reference every distributed path is checked against
+(``offramp generate``), and a :class:`~offramp.protocol.Backend` for tests and
+single-process serving. :meth:`StagedModel.step` is the one-token decode step for a whole
+batch: rows enter stage 0, rows that exit at a gate leave the batch there, the rest move
+on as one (possibly multi-token, backfilling) chunk to the next stage.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from offramp.errors import BadRequest, ConfigError
+from offramp.ops import exits as ex
+from offramp.ops.checkpoint import ModelSpec, WeightReader, load_spec
+from offramp.ops.partition import partition_layers
+from offramp.ops.stage import load_stage
+from offramp.ops.worker import ExitPolicy, StageWorker, StepRow
+from offramp.protocol import GenerationRequest, SamplingParams, TokenEvent
+
+
+def resolve_model_dir(model: str | Path | None) -> Path:
+    """The user's checkpoint, or the embedded default model, or a clear error."""
+    if model is not None:
+        return Path(model)
+    from offramp.models import default_model_dir
+
+    found = default_model_dir()
+    if found is None:  # until the embedded model is trained: a tiny random preset
+        from offramp.ops.presets import tiny_model_dir
+
+        return tiny_model_dir()
+    return found
+
+
+@dataclass
+class Sequence:
+    seq_id: str
+    tokens: list[int]  # prompt + generated
+    prompt_len: int
+    sampling: SamplingParams
+    policy: ExitPolicy
+    fed: int = 0  # tokens already fed into stage 0
+    exit_stages: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    @property
+    def generated(self) -> list[int]:
+        return self.tokens[self.prompt_len:]
+
+
+class StagedModel:
+    def __init__(self, model_dir: str | Path | None = None, num_stages: int | None = None,
+                 split: list[int] | None = None, dtypes: list[str] | str = "fp32", max_slots: int = 64,
+                 max_seq: int | None = None, kv_fill: str = "exact", device: str = "cpu"):
+        if kv_fill not in ("exact", "propagate"):
+            raise ConfigError(f"kv_fill={kv_fill!r}; use 'exact' (default) or 'propagate' (approximate)")
+        self.model_dir = resolve_model_dir(model_dir)
+        self.spec: ModelSpec = load_spec(self.model_dir)
+        self.exits = ex.load_exits_config(self.model_dir) if ex.exits_present(self.model_dir) else None
+        self.ranges = partition_layers(self.spec.num_layers, num_stages, split)
+        n = len(self.ranges)
+        dtypes = [dtypes] * n if isinstance(dtypes, str) else list(dtypes)
+        if len(dtypes) != n:
+            raise ConfigError(f"{len(dtypes)} stage dtypes given for {n} stages; give one per stage or one for all")
+        reader = WeightReader(self.model_dir)
+        self.kv_fill = kv_fill
+        self.workers = [
+            StageWorker(load_stage(self.model_dir, self.spec, r, first=i == 0, last=i == n - 1, exits=self.exits,
+                                   dtype=dtypes[i], device=device, reader=reader),
+                        i, n, self.exits, max_slots=max_slots, max_seq=max_seq, kv_fill=kv_fill, device=device)
+            for i, r in enumerate(self.ranges)
+        ]
+        self.max_seq = self.workers[0].max_seq
+        self._ids = itertools.count()
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.workers)
+
+    # -- validation --------------------------------------------------------------------
+    def check_prompt(self, prompt_ids: list[int], max_tokens: int) -> None:
+        if not prompt_ids:
+            raise BadRequest("the prompt is empty; send at least one token", param="prompt")
+        bad = [t for t in prompt_ids if not 0 <= t < self.spec.vocab_size]
+        if bad:
+            raise BadRequest(f"token ids {bad[:5]} are outside the vocabulary [0, {self.spec.vocab_size})", param="prompt")
+        if len(prompt_ids) + max_tokens > self.max_seq:
+            raise BadRequest(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the context of "
+                             f"{self.max_seq}; shorten the prompt or lower max_tokens", param="max_tokens")
+
+    # -- one decode step for a batch ---------------------------------------------------
+    def step(self, seqs: list[Sequence]) -> list[tuple[int, int]]:
+        """Feed every sequence its unfed tokens; returns (token, exit_stage) per sequence."""
+        rows = []
+        for s in seqs:
+            new = s.tokens[s.fed:]
+            rows.append(StepRow(s.seq_id, torch.tensor(new, dtype=torch.long), len(s.tokens) - 1,
+                                s.sampling, s.policy, step=len(s.generated)))
+            s.fed = len(s.tokens)
+        out: dict[str, tuple[int, int]] = {}
+        for k, worker in enumerate(self.workers):
+            if not rows:
+                break
+            nxt = []
+            for row, res in zip(rows, worker.step(rows)):
+                if res.token is not None:
+                    out[row.seq_id] = (res.token, k)
+                    if res.exited and self.kv_fill == "propagate":
+                        for later in self.workers[k + 1:]:
+                            later.propagate(row.seq_id, res.hidden, row.position)
+                    continue
+                nxt.append(StepRow(row.seq_id, res.hidden, row.position, row.sampling, row.policy, row.step))
+            rows = nxt
+        return [out[s.seq_id] for s in seqs]
+
+    def flush(self, seq: Sequence) -> None:
+        """Push every deferred chunk through to the last stage (complete, exact KV).
+        A non-exiting row picks up the stage's own parked states in front of it."""
+        for k, worker in enumerate(self.workers[:-1]):
+            parked = worker.pending.pop(seq.seq_id, [])
+            chunk = torch.cat(parked) if parked else None
+            for later in self.workers[k + 1:]:
+                if chunk is None:
+                    break
+                pos = later.cached_length(seq.seq_id) + chunk.shape[0] - 1
+                chunk = later.step([StepRow(seq.seq_id, chunk, pos, flush=True)])[0].hidden
+
+    def release(self, seq: Sequence) -> None:
+        for w in self.workers:
+            w.release(seq.seq_id)
+
+    # -- generation loops --------------------------------------------------------------
+    def new_sequence(self, prompt_ids: list[int], sampling: SamplingParams, policy: ExitPolicy,
+                     seq_id: str | None = None) -> Sequence:
+        self.check_prompt(list(prompt_ids), sampling.max_tokens)
+        return Sequence(seq_id or f"seq-{next(self._ids)}", list(prompt_ids), len(prompt_ids), sampling, policy)
+
+    def finished(self, s: Sequence, token: int) -> str | None:
+        p = s.sampling
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.spec.eos_token_ids):
+            return "stop"
+        if len(s.generated) >= p.max_tokens or len(s.tokens) >= self.max_seq:
+            return "length"
+        return None
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams = SamplingParams(),
+                 policy: ExitPolicy = ExitPolicy("off"), keep_kv: bool = False) -> list[Sequence]:
+        """Generate for a batch of prompts together (rows leave as they finish)."""
+        seqs = [self.new_sequence(p, sampling, policy) for p in prompts]
+        active = list(seqs)
+        while active:
+            for s, (tok, stage) in zip(active, self.step(active)):
+                s.tokens.append(tok)
+                s.exit_stages.append(stage)
+                s.finish_reason = self.finished(s, tok)
+            done = [s for s in active if s.finish_reason]
+            for s in done:
+                if keep_kv:
+                    self.flush(s)
+                else:
+                    self.release(s)
+            active = [s for s in active if not s.finish_reason]
+        return seqs
+
+
+class InProcessBackend:
+    """:class:`~offramp.protocol.Backend` over a :class:`StagedModel`: one background thread
+    runs continuous batching; requests join and leave between steps."""
+
+    def __init__(self, model: StagedModel):
+        self.model = model
+        self.num_stages = model.num_stages
+        self._lock = threading.Lock()
+        self._joining: list[tuple[Sequence, asyncio.Queue, asyncio.AbstractEventLoop]] = []
+        self._cancelled: set[str] = set()
+        self._wake = threading.Event()
+        threading.Thread(target=self._loop, daemon=True, name="offramp-engine").start()
+
+    async def generate(self, request: GenerationRequest):
+        seq = self.model.new_sequence(list(request.prompt_ids), request.sampling,
+                                      ExitPolicy.from_request(request.exit_mode, request.task), request.request_id)
+        queue: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            self._joining.append((seq, queue, asyncio.get_running_loop()))
+        self._wake.set()
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+                if item.finish_reason:
+                    return
+        finally:
+            with self._lock:
+                self._cancelled.add(seq.seq_id)
+            self._wake.set()
+
+    def _loop(self) -> None:
+        active: dict[str, tuple[Sequence, asyncio.Queue, asyncio.AbstractEventLoop]] = {}
+        while True:
+            if not active:
+                self._wake.wait()
+            self._wake.clear()
+            with self._lock:
+                for entry in self._joining:
+                    active[entry[0].seq_id] = entry
+                self._joining.clear()
+                for sid in self._cancelled:
+                    if sid in active:
+                        self.model.release(active.pop(sid)[0])
+                self._cancelled.clear()
+            if not active:
+                continue
+            entries = list(active.values())
+            try:
+                results = self.model.step([e[0] for e in entries])
+            except Exception as e:  # noqa: BLE001 - report to every waiting request, keep serving
+                for seq, q, loop in entries:
+                    loop.call_soon_threadsafe(q.put_nowait, e)
+                    self.model.release(seq)
+                    active.pop(seq.seq_id, None)
+                continue
+            for (seq, q, loop), (tok, stage) in zip(entries, results):
+                seq.tokens.append(tok)
+                seq.exit_stages.append(stage)
+                seq.finish_reason = self.model.finished(seq, tok)
+                loop.call_soon_threadsafe(q.put_nowait, TokenEvent(tok, stage, seq.finish_reason))
+                if seq.finish_reason:
+                    self.model.release(seq)
+                    active.pop(seq.seq_id, None)

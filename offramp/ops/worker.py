@@ -1,0 +1,201 @@
+"""A stage worker: one stage's layers, its KV cache, its exit gate and its deferred chunks.
+
+The same object runs in-process (``offramp generate``, the golden reference) and inside a
+Ray Serve stage replica. One call, :meth:`StageWorker.step`, runs one forward pass over a
+ragged batch of rows (continuous batching: rows at different positions, prefill and
+decode mixed) and answers, per row, either *exit* (a token chosen here, at this stage's
+exit gate or the LM head of the last stage) or *continue* (hidden states for the next
+stage).
+
+Exact deferred backfill: when a row exits here, its hidden states are parked in
+``pending``; the next time that sequence continues past this stage they ride along in
+front of the new position as one multi-token chunk, so every later stage's KV ends up
+exactly what full-depth computation produces. ``kv_fill="propagate"`` instead returns the
+exited state for CALM-style approximate K/V in the skipped layers (no pending).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from offramp.errors import BadRequest, StageUnavailable
+from offramp.ops import exits as ex
+from offramp.ops.kv_cache import KVCache
+from offramp.ops.layers import StepMeta
+from offramp.ops.sampling import choose_tokens
+from offramp.ops.stage import Stage
+from offramp.protocol import SamplingParams
+
+
+class KVMissing(StageUnavailable):
+    """This replica lacks a sequence's earlier KV (e.g. the sequence was routed to a new
+    replica): the caller must replay the sequence from its tokens."""
+
+
+@dataclass(frozen=True)
+class ExitPolicy:
+    mode: Literal["off", "calibrated", "threshold"] = "calibrated"
+    threshold: float | None = None
+    task: str | None = None
+
+    @staticmethod
+    def from_request(exit_mode, task: str | None) -> "ExitPolicy":
+        if exit_mode in ("off", "calibrated"):
+            return ExitPolicy(exit_mode, None, task)
+        return ExitPolicy("threshold", float(exit_mode), task)
+
+
+@dataclass
+class StepRow:
+    seq_id: str
+    inputs: torch.Tensor  # (n,) token ids on stage 0, else (n, d) hidden states
+    position: int  # absolute position of the last input
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    policy: ExitPolicy = field(default_factory=ExitPolicy)
+    step: int = 0  # index of the token this pass produces (seeded sampling)
+    flush: bool = False  # backfill only: no gate, no token
+
+
+@dataclass
+class StepResult:
+    seq_id: str
+    token: int | None = None  # chosen here (exit, or last stage)
+    hidden: torch.Tensor | None = None  # (m, d) for the next stage (continue / propagate)
+    exited: bool = False
+    confidence: float | None = None
+
+
+class StageWorker:
+    def __init__(self, stage: Stage, index: int, num_stages: int, exits: ex.ExitsConfig | None,
+                 max_slots: int = 64, max_seq: int | None = None, kv_fill: str = "exact", device: str = "cpu"):
+        spec = stage.spec
+        self.stage, self.index, self.num_stages = stage, index, num_stages
+        self.exits, self.kv_fill, self.device = exits, kv_fill, device
+        self.max_seq = min(max_seq or spec.max_position, spec.max_position)
+        self.cache = KVCache(len(stage.layers), max_slots, self.max_seq, spec.num_kv_heads, spec.head_dim,
+                             stage.lm_dtype, device)
+        self.pending: dict[str, list[torch.Tensor]] = {}  # deferred chunks (n, d) per sequence
+        self.end_layer = stage.layer_range[1]
+        self.metric = exits.metric if exits else "max_prob"
+        self.min_layers = exits.min_layers if exits else 1
+
+    # -- bookkeeping -------------------------------------------------------------------
+    def release(self, seq_id: str) -> None:
+        self.cache.free(seq_id)
+        self.pending.pop(seq_id, None)
+
+    def cached_length(self, seq_id: str) -> int:
+        return self.cache.length.get(seq_id, 0)
+
+    def pending_length(self, seq_id: str) -> int:
+        return sum(t.shape[0] for t in self.pending.get(seq_id, ()))
+
+    def _threshold(self, policy: ExitPolicy) -> float:
+        if policy.mode == "off" or not self.stage.has_exit or self.end_layer < self.min_layers:
+            return float("inf")
+        if policy.mode == "threshold":
+            return policy.threshold
+        return self.exits.threshold(self.end_layer, policy.task) if self.exits else float("inf")
+
+    # -- the forward pass --------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self, rows: list[StepRow]) -> list[StepResult]:
+        if not rows:
+            return []
+        lengths, starts, slots = [], [], []
+        for r in rows:
+            n = r.inputs.shape[0]
+            if n < 1:
+                raise BadRequest("a stage row carries no positions")
+            have = self.cache.length.get(r.seq_id, 0)
+            if have + n != r.position + 1:
+                raise KVMissing(f"stage {self.index} has {have} cached positions of sequence {r.seq_id} "
+                                f"but got {n} new ending at {r.position}; replay the sequence")
+            if r.position >= self.max_seq:
+                raise BadRequest(f"sequence {r.seq_id} reached position {r.position}; the stage holds at most "
+                                 f"{self.max_seq} positions")
+            slots.append(self.cache.alloc(r.seq_id))
+            starts.append(have)
+            lengths.append(n)
+        meta = StepMeta.build(slots, starts, lengths, self.device, self.stage.spec.sliding_window)
+        if self.stage.spec.is_llama:
+            meta.cos, meta.sin = self.stage.rope.tables(meta.positions, self.stage.lm_dtype)
+        x = self._pad_inputs(rows, max(lengths))
+        h = self.stage(x, meta, self.cache)  # (B, T, d)
+        for r, n in zip(rows, lengths):
+            self.cache.length[r.seq_id] += n
+        idx = torch.tensor(lengths, device=h.device) - 1
+        h_last = h[torch.arange(len(rows), device=h.device), idx]  # (B, d)
+
+        results = [StepResult(r.seq_id) for r in rows]
+        live = [b for b, r in enumerate(rows) if not r.flush]
+        if self.stage.last:
+            if live:
+                logits = self.stage.final_logits(h_last[live])  # (b, V)
+                toks = choose_tokens(logits, [rows[b].sampling for b in live], [rows[b].step for b in live])
+                for b, t in zip(live, toks):
+                    results[b].token = t
+            return results
+        exited = self._gate(rows, live, h_last, results)
+        for b, r in enumerate(rows):
+            chunk = h[b, : lengths[b]]  # (n, d)
+            if b in exited:
+                if self.kv_fill == "propagate":
+                    results[b].hidden = chunk.clone()
+                else:
+                    self.pending.setdefault(r.seq_id, []).append(chunk.clone())
+            else:
+                parked = self.pending.pop(r.seq_id, [])
+                results[b].hidden = torch.cat([*parked, chunk]) if parked else chunk.clone()
+        return results
+
+    def _pad_inputs(self, rows: list[StepRow], T: int) -> torch.Tensor:
+        if self.stage.first:
+            x = torch.zeros(len(rows), T, dtype=torch.long)
+            for b, r in enumerate(rows):
+                x[b, : r.inputs.shape[0]] = r.inputs
+            return x.to(self.device)
+        d = self.stage.spec.hidden_size
+        if all(r.inputs.shape[0] == T for r in rows):
+            return torch.stack([r.inputs for r in rows]).to(self.device, self.stage.lm_dtype)
+        x = torch.zeros(len(rows), T, d, dtype=self.stage.lm_dtype, device=self.device)
+        for b, r in enumerate(rows):
+            x[b, : r.inputs.shape[0]] = r.inputs
+        return x
+
+    def _gate(self, rows, live, h_last, results) -> set[int]:
+        """Two-tier exit decision for the rows in ``live``; fills tokens of exited rows."""
+        thresholds = {b: self._threshold(rows[b].policy) for b in live}
+        cand = [b for b in live if thresholds[b] != float("inf")]
+        if cand and self.stage.has_gate:
+            task_idx = torch.tensor([self.exits.task_index(rows[b].policy.task) for b in cand], device=h_last.device)
+            p = self.stage.gate_prob(h_last[cand], task_idx).tolist()
+            cand = [b for b, pb in zip(cand, p) if pb >= self.exits.gate_threshold]
+        if not cand:
+            return set()
+        logits = self.stage.exit_logits(h_last[cand])  # (c, V): only rows the gate let through
+        conf = ex.confidence(logits, self.metric).tolist()
+        keep = [i for i, b in enumerate(cand) if conf[i] >= thresholds[b]]
+        if not keep:
+            return set()
+        chosen = [cand[i] for i in keep]
+        toks = choose_tokens(logits[keep], [rows[b].sampling for b in chosen], [rows[b].step for b in chosen])
+        for i, b, t in zip(keep, chosen, toks):
+            results[b].token, results[b].exited, results[b].confidence = t, True, conf[i]
+        return set(chosen)
+
+    @torch.inference_mode()
+    def propagate(self, seq_id: str, hidden: torch.Tensor, position: int) -> None:
+        """Approximate fill of this (skipped) stage's KV from an exited state (n, d)."""
+        n = hidden.shape[0]
+        have = self.cache.length.get(seq_id, 0)
+        if have + n != position + 1:
+            raise KVMissing(f"stage {self.index}: propagate for {seq_id} expects {have} cached positions")
+        slot = self.cache.alloc(seq_id)
+        meta = StepMeta.build([slot], [have], [n], self.device, self.stage.spec.sliding_window)
+        if self.stage.spec.is_llama:
+            meta.cos, meta.sin = self.stage.rope.tables(meta.positions, self.stage.lm_dtype)
+        self.stage.propagate(hidden[None].to(self.device), meta, self.cache)
+        self.cache.length[seq_id] += n
