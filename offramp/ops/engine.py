@@ -28,6 +28,9 @@ from offramp.protocol import GenerationRequest, SamplingParams, TokenEvent
 def resolve_model_dir(model: str | Path | None) -> Path:
     """The user's checkpoint, or the embedded default model, or a clear error."""
     if model is not None:
+        if not Path(model).is_dir():
+            raise ConfigError(f"model directory {model} does not exist; pass --model with a local "
+                              "Hugging Face checkpoint directory (config.json + *.safetensors)")
         return Path(model)
     from offramp.models import default_model_dir
 

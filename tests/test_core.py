@@ -1,0 +1,255 @@
+"""Golden tests of the staged model core: split == whole == transformers, exact backfill."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from offramp.errors import BadRequest, ConfigError
+from offramp.ops import exits as ex
+from offramp.ops.engine import StagedModel
+from offramp.ops.partition import partition_layers
+from offramp.ops.presets import make_checkpoint
+from offramp.ops.worker import ExitPolicy
+from offramp.protocol import SamplingParams
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [20, 30, 40, 50, 60]]
+
+
+# -- partitioning -------------------------------------------------------------------------
+@pytest.mark.parametrize("layers,stages,expected", [
+    (8, 1, [(0, 8)]),
+    (8, 2, [(0, 4), (4, 8)]),
+    (8, 3, [(0, 3), (3, 6), (6, 8)]),
+    (10, 4, [(0, 2), (2, 5), (5, 8), (8, 10)]),
+    (12, 5, [(0, 2), (2, 5), (5, 8), (8, 10), (10, 12)]),
+    (4, 4, [(0, 1), (1, 2), (2, 3), (3, 4)]),
+    (5, 2, [(0, 3), (3, 5)]),
+])
+def test_partition_even_golden(layers, stages, expected):
+    assert partition_layers(layers, stages) == expected
+
+
+def test_partition_explicit_split():
+    assert partition_layers(12, split=[4, 8]) == [(0, 4), (4, 8), (8, 12)]
+    assert partition_layers(12, split=[1]) == [(0, 1), (1, 12)]
+    assert partition_layers(12, 3, [2, 11]) == [(0, 2), (2, 11), (11, 12)]
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(num_layers=8, num_stages=9), "at most 8 stages"),
+    (dict(num_layers=8, num_stages=0), "positive integer"),
+    (dict(num_layers=8, split=[4, 4]), "strictly increasing"),
+    (dict(num_layers=8, split=[6, 3]), "strictly increasing"),
+    (dict(num_layers=8, split=[0]), "out of range"),
+    (dict(num_layers=8, split=[8]), "out of range"),
+    (dict(num_layers=8, num_stages=2, split=[2, 4]), "give only one"),
+    (dict(num_layers=0, num_stages=1), "positive integer"),
+])
+def test_partition_invalid(kwargs, needle):
+    with pytest.raises(ConfigError, match=needle):
+        partition_layers(**kwargs)
+
+
+# -- golden against transformers ------------------------------------------------------------
+@pytest.fixture(scope="module", params=["llama", "qwen2", "gpt2"])
+def checkpoint(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    make_checkpoint(path, "tiny", family=request.param, seed=3)
+    return path
+
+
+def _hf(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path)).eval()
+
+
+@pytest.mark.parametrize("split", [dict(num_stages=1), dict(num_stages=2), dict(num_stages=4),
+                                   dict(split=[1]), dict(split=[3]), dict(split=[1, 2])])
+def test_exits_off_matches_transformers_greedy(checkpoint, split):
+    hf = _hf(checkpoint)
+    ref = []
+    for p in PROMPTS:
+        out = hf.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=2)
+        ref.append(out[0, len(p):].tolist())
+    model = StagedModel(checkpoint, **split)
+    seqs = model.generate(PROMPTS, SamplingParams(max_tokens=10, ignore_eos=True), ExitPolicy("off"))
+    assert [s.generated for s in seqs] == ref
+    assert all(st == model.num_stages - 1 for s in seqs for st in s.exit_stages)
+
+
+def test_prefill_logits_allclose(checkpoint):
+    hf = _hf(checkpoint)
+    model = StagedModel(checkpoint, num_stages=3)
+    from offramp.ops.worker import StepRow
+
+    for p in PROMPTS:
+        with torch.no_grad():
+            ref = hf(torch.tensor([p])).logits[0, -1]
+        rows = [StepRow("x", torch.tensor(p), len(p) - 1, policy=ExitPolicy("off"))]
+        for w in model.workers[:-1]:
+            rows = [StepRow("x", w.step(rows)[0].hidden, len(p) - 1)]
+        last = model.workers[-1]
+        from offramp.ops.layers import StepMeta
+
+        # Re-run the last stage by hand to read its logits (not just the sampled token).
+        last.release("x")
+        meta = StepMeta.build([last.cache.alloc("x")], [0], [len(p)], "cpu")
+        if last.stage.spec.is_llama:
+            meta.cos, meta.sin = last.stage.rope.tables(meta.positions, torch.float32)
+        with torch.no_grad():
+            h = last.stage(rows[0].inputs[None], meta, last.cache)
+            logits = last.stage.final_logits(h[:, -1])[0]
+        torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
+        for w in model.workers:
+            w.release("x")
+
+
+def test_ragged_batch_equals_one_at_a_time(checkpoint):
+    model = StagedModel(checkpoint, num_stages=2)
+    together = model.generate(PROMPTS, SamplingParams(max_tokens=6, ignore_eos=True), ExitPolicy("off"))
+    alone = [model.generate([p], SamplingParams(max_tokens=6, ignore_eos=True), ExitPolicy("off"))[0]
+             for p in PROMPTS]
+    assert [s.generated for s in together] == [s.generated for s in alone]
+
+
+def test_seeded_sampling_is_reproducible(checkpoint):
+    model = StagedModel(checkpoint, num_stages=2)
+    sp = SamplingParams(max_tokens=8, temperature=0.9, top_p=0.9, top_k=50, seed=7, ignore_eos=True)
+    a = model.generate([PROMPTS[0]], sp, ExitPolicy("off"))[0].generated
+    b = model.generate([PROMPTS[0]], sp, ExitPolicy("off"))[0].generated
+    assert a == b
+
+
+# -- exits and exact backfill -----------------------------------------------------------
+@pytest.fixture
+def mixed_exits(monkeypatch):
+    """Pseudo-random confidences (a pure function of the logits) make a mixed exit pattern
+    on a random model; everything else - gates, chunks, KV - is the real code path."""
+
+    def fake_confidence(logits, metric):
+        return (logits.float().sum(-1) * 1000).remainder(1.0)
+
+    monkeypatch.setattr(ex, "confidence", fake_confidence)
+
+
+@pytest.mark.parametrize("stages", [2, 4])
+def test_exact_backfill_kv_equals_full_prefill(checkpoint, mixed_exits, stages):
+    model = StagedModel(checkpoint, num_stages=stages)
+    seqs = model.generate(PROMPTS, SamplingParams(max_tokens=16, ignore_eos=True),
+                          ExitPolicy("threshold", 0.5), keep_kv=True)
+    stages_seen = {st for s in seqs for st in s.exit_stages}
+    assert len(stages_seen) > 1, "the test needs a mix of early and full-depth tokens"
+    ref = StagedModel(checkpoint, num_stages=stages)
+    for s in seqs:
+        final = s.tokens[:-1]  # the last token is output, never fed
+        ref.generate([final], SamplingParams(max_tokens=1, ignore_eos=True), ExitPolicy("off"), keep_kv=True)
+        ref_id = f"seq-{next(ref._ids) - 1}"
+        for w, rw in zip(model.workers, ref.workers):
+            assert w.cached_length(s.seq_id) == len(final)
+            for layer in range(len(w.stage.layers)):
+                k, v = w.cache.layer_kv(s.seq_id, layer)
+                rk, rv = rw.cache.layer_kv(ref_id, layer)
+                torch.testing.assert_close(k, rk, atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(v, rv, atol=1e-5, rtol=1e-4)
+
+
+def test_full_depth_tokens_after_exits_match_reference(checkpoint, mixed_exits):
+    """Exact KV means every token that went full depth is the full model's greedy token
+    for the (partly early-exited) prefix before it."""
+    hf = _hf(checkpoint)
+    model = StagedModel(checkpoint, num_stages=4)
+    (s,) = model.generate([PROMPTS[0]], SamplingParams(max_tokens=20, ignore_eos=True), ExitPolicy("threshold", 0.5))
+    with torch.no_grad():
+        greedy = hf(torch.tensor([s.tokens])).logits[0].argmax(-1).tolist()
+    deep = [i for i, st in enumerate(s.exit_stages) if st == model.num_stages - 1]
+    early = [i for i, st in enumerate(s.exit_stages) if st < model.num_stages - 1]
+    assert deep and early
+    for i in deep:
+        pos = s.prompt_len + i  # token at pos was predicted from tokens[:pos]
+        assert s.tokens[pos] == greedy[pos - 1]
+
+
+def test_propagate_mode_runs_and_is_labelled_approximate(checkpoint, mixed_exits):
+    model = StagedModel(checkpoint, num_stages=2, kv_fill="propagate")
+    seqs = model.generate(PROMPTS[:1], SamplingParams(max_tokens=12, ignore_eos=True), ExitPolicy("threshold", 0.5))
+    assert len(seqs[0].generated) == 12
+    assert not model.workers[0].pending  # nothing deferred: skipped layers got K/V at once
+    off = StagedModel(checkpoint, num_stages=2, kv_fill="propagate")
+    ref = StagedModel(checkpoint, num_stages=2)
+    sp = SamplingParams(max_tokens=8, ignore_eos=True)
+    assert off.generate(PROMPTS, sp, ExitPolicy("off"))[0].generated == ref.generate(PROMPTS, sp, ExitPolicy("off"))[0].generated
+
+
+def test_exits_file_thresholds_and_min_layers(checkpoint, tmp_path):
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(checkpoint, d)
+    cfg = ex.ExitsConfig(exit_layers=[1, 2, 3], thresholds={"2": {"default": 0.0}}, min_layers=2)
+    spec_h = json.loads((d / "config.json").read_text())
+    h = spec_h.get("hidden_size") or spec_h["n_embd"]
+    norm = {f"exits.{L}.norm.weight": torch.ones(h) for L in (1, 2, 3)}
+    if "n_embd" in spec_h:
+        norm.update({f"exits.{L}.norm.bias": torch.zeros(h) for L in (1, 2, 3)})
+    ex.save_exits(d, cfg, norm)
+    model = StagedModel(d, num_stages=4)
+    (s,) = model.generate([PROMPTS[0]], SamplingParams(max_tokens=5, ignore_eos=True), ExitPolicy("calibrated"))
+    assert s.exit_stages == [1] * 5  # layer 1 below min_layers; layer 2 threshold 0 always exits
+    (s,) = model.generate([PROMPTS[0]], SamplingParams(max_tokens=5, ignore_eos=True), ExitPolicy("off"))
+    assert s.exit_stages == [3] * 5
+
+
+# -- memory and bad input ----------------------------------------------------------------
+def test_stage_holds_its_share_of_layer_weights(tmp_path):
+    path = make_checkpoint(tmp_path / "m", "tiny", family="llama")
+    whole = StagedModel(path, num_stages=1).workers[0].stage.layer_bytes()
+    model = StagedModel(path, split=[1])
+    shares = [w.stage.layer_bytes() / whole for w in model.workers]
+    assert shares == pytest.approx([0.25, 0.75])
+    middle = StagedModel(path, num_stages=4).workers[1].stage
+    assert not hasattr(middle, "embed") and not hasattr(middle, "final_norm")
+
+
+def test_bad_inputs(checkpoint, tmp_path):
+    model = StagedModel(checkpoint, num_stages=2)
+    with pytest.raises(BadRequest, match="outside the vocabulary"):
+        model.generate([[1, 99999]])
+    with pytest.raises(BadRequest, match="exceeds the context"):
+        model.generate([[1] * 250], SamplingParams(max_tokens=10))
+    with pytest.raises(BadRequest, match="empty"):
+        model.generate([[]])
+    with pytest.raises(ConfigError, match="does not exist"):
+        StagedModel(tmp_path / "nope")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ConfigError, match="unsupported architecture"):
+        StagedModel(tmp_path / "bad")
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--model", "/nonexistent"], "does not exist"),
+    (["--prompt-ids", "1,2,100000"], "outside the vocabulary"),
+    (["--prompt-ids", "1", "--max-tokens", "100000"], "exceeds the context"),
+    (["--split", "99"], "out of range"),
+    (["--stages", "99"], "at most"),
+])
+def test_cli_errors_are_one_line(argv, needle, capsys, checkpoint):
+    from offramp.cli import main
+
+    if "--model" not in argv:
+        argv = ["--model", str(checkpoint), *argv]
+    assert main(["generate", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_cli_json_output(capsys, checkpoint):
+    from offramp.cli import main
+
+    assert main(["generate", "--model", str(checkpoint), "--prompt-ids", "5,6,7", "--max-tokens", "4",
+                 "--stages", "2", "--exit", "off", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["token_ids"]) == 4 and out["exit_stages"] == [1, 1, 1, 1] and isinstance(out["text"], str)
