@@ -1,0 +1,351 @@
+"""The OpenAI-compatible HTTP API as a FastAPI app, independent of Ray.
+
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (JSON or SSE streaming
+ending in ``data: [DONE]``), ``GET /v1/models``, ``GET /v1/models/{model}``, and the
+open health routes ``GET /healthz`` and ``GET /-/healthz``.
+
+Serve ingress (Ray Serve 2.60). ``serve.ingress`` accepts an app, a zero-argument builder
+function, or nothing: with nothing, the class must define ``__serve_build_asgi_app__``,
+which Serve calls on the replica *after* ``__init__`` — the pattern that lets the app
+close over what the constructor built (stage handles, tokenizer)::
+
+    from ray import serve
+    from offramp.api.app import create_app
+    from offramp.api.frontend import Frontend
+    from offramp.api.text import load_tokenizer
+
+    @serve.deployment(name="OfframpIngress")
+    @serve.ingress()                     # no app: built per replica, below
+    class OfframpIngress:                # must not define __call__
+        def __init__(self, args: AppArgs, *stage_handles):
+            backend = ServePipelineBackend(stage_handles, ...)   # implements offramp.protocol.Backend
+            self.frontend = Frontend.from_app_args(args, backend, load_tokenizer(model_dir),
+                                                   model_context=...)
+
+        def __serve_build_asgi_app__(self):
+            return create_app(self.frontend)
+
+A builder *function* passed as ``serve.ingress(build)`` is called with no arguments, so it
+cannot see the constructor's objects; a prebuilt app passed as ``serve.ingress(app)`` is
+cloudpickled at decoration time. Neither suits an app that holds handles and a tokenizer.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from typing import Any, AsyncIterator, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
+
+from offramp.api import errors as api_errors
+from offramp.api.auth import ApiKeyMiddleware
+from offramp.api.errors import ApiError
+from offramp.api.frontend import Frontend
+from offramp.api.generation import ChoiceDelta, Generation
+from offramp.api.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, check_limits
+from offramp.api.text import encode_chat, encode_prompt
+from offramp.errors import OfframpError
+from offramp.protocol import SamplingParams
+
+log = logging.getLogger("offramp.api")
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+class ClientGone(Exception):
+    """The client disconnected before the response was ready."""
+
+
+# --------------------------------------------------------------------------- body
+
+
+async def read_json_body(request: Request, limit: int) -> dict[str, Any]:
+    """Body as a JSON object: 413 above ``limit`` (header or actual bytes), 400 otherwise bad."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise ApiError(400, "Content-Length header is not a number")
+        if int(declared) > limit:
+            raise ApiError(413, f"request body is {declared} bytes; the limit is {limit}",
+                           code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ApiError(400, f"request body is not valid UTF-8 (byte {e.start})", code="invalid_encoding") from None
+    try:
+        data = json.loads(text, parse_constant=_reject_constant)
+    except ValueError as e:
+        raise ApiError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "request body must be a JSON object", code="invalid_json")
+    return data
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse(model: type[BaseModel], data: dict[str, Any], served: str) -> Any:
+    name = data.get("model")
+    if isinstance(name, str) and name != served:
+        raise api_errors.model_not_found(name, served)
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise api_errors.from_validation(e) from None
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+async def run_unless_disconnected(request: Request, coro: Any) -> Any:
+    """Await ``coro``; if the client disconnects first, cancel it and raise ClientGone."""
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    work = asyncio.ensure_future(coro)
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not work.done():
+            work.cancel()
+        await asyncio.gather(work, watcher, return_exceptions=True)
+    if work.cancelled():
+        raise ClientGone()
+    return work.result()
+
+
+class SSEResponse(StreamingResponse):
+    """Streams server-sent events; stops and closes the body iterator (which cancels the
+    backend requests) as soon as the client disconnects, whatever the ASGI spec version."""
+
+    media_type = "text/event-stream"
+
+    async def __call__(self, scope, receive, send) -> None:
+        async def stream() -> None:
+            try:
+                await self.stream_response(send)
+            except OSError:
+                pass  # client gone while sending
+
+        async def watch() -> None:
+            await self.listen_for_disconnect(receive)
+
+        streamer, watcher = asyncio.ensure_future(stream()), asyncio.ensure_future(watch())
+        try:
+            await asyncio.wait({streamer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            streamer.cancel()
+            watcher.cancel()
+            await asyncio.gather(streamer, watcher, return_exceptions=True)
+            await self.body_iterator.aclose()  # type: ignore[union-attr]
+
+
+def sse(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+DONE = b"data: [DONE]\n\n"
+
+
+def trace_context(request: Request) -> dict[str, str] | None:
+    carrier = {k: request.headers[k] for k in ("traceparent", "tracestate") if k in request.headers}
+    return carrier or None
+
+
+def offramp_block(gen: Generation, exit_stages: list[int]) -> dict[str, Any]:
+    return {"exit_stages": exit_stages, "stages_skipped": gen.stages_skipped(exit_stages)}
+
+
+# --------------------------------------------------------------------------- app
+
+
+def create_app(frontend: Frontend) -> FastAPI:
+    """The HTTP app for one served model. ``frontend`` holds backend, tokenizer and settings;
+    nothing is read from the environment here (see :meth:`Frontend.from_app_args`)."""
+    settings = frontend.settings
+    tokenizer = frontend.tokenizer
+    app = FastAPI(title="Offramp", docs_url=None, redoc_url=None, openapi_url=None)
+    api_errors.install_handlers(app)
+    key = settings.api_key.get_secret_value() if settings.api_key else None
+    app.add_middleware(ApiKeyMiddleware, api_key=key)
+    created = int(time.time())
+
+    def model_card() -> dict[str, Any]:
+        return {"id": settings.model_name, "object": "model", "created": created, "owned_by": "offramp",
+                "max_model_len": settings.max_context,
+                "offramp": {"num_stages": int(getattr(frontend.backend, "num_stages", 1))}}
+
+    @app.get("/healthz")
+    @app.get("/-/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def get_model(model: str) -> dict[str, Any]:
+        if model != settings.model_name:
+            raise api_errors.model_not_found(model, settings.model_name)
+        return model_card()
+
+    def start_generation(req: SamplingFields, prompt_ids: list[int], extra_stops: list[str], request_id: str,
+                         request: Request) -> Generation:
+        max_tokens = check_limits(
+            req, len(prompt_ids), max_context=settings.max_context, max_tokens_cap=settings.max_tokens_cap,
+            max_n=settings.max_n, max_stop=settings.max_stop, max_stop_chars=settings.max_stop_chars,
+            default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS if isinstance(req, CompletionRequest) else None,
+        )
+        sampling = SamplingParams(
+            max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=max(0, req.top_k),
+            seed=req.seed, stop_token_ids=() if req.ignore_eos else frontend.stop_token_ids(),
+            ignore_eos=req.ignore_eos,
+        )
+        return Generation(
+            frontend.backend, tokenizer, request_id=request_id, prompt_ids=prompt_ids, n=req.n,
+            sampling=sampling, stops=req.stop_list + extra_stops, exit_mode=req.offramp.exit,
+            task=req.offramp.task, timeout_s=settings.request_timeout_s, trace_context=trace_context(request),
+        )
+
+    async def respond(request: Request, gen: Generation, req: SamplingFields,
+                      chunk: Callable[[ChoiceDelta], dict[str, Any]], first_chunks: list[dict[str, Any]],
+                      final: Callable[[list], dict[str, Any]], envelope: Callable[[], dict[str, Any]]):
+        """Shared tail of both endpoints: JSON body or SSE stream."""
+        if not req.stream:
+            try:
+                async def work() -> list:
+                    await gen.start()
+                    return await gen.collect()
+                results = await run_unless_disconnected(request, work())
+            finally:
+                await gen.aclose()
+            return JSONResponse(final(results))
+        try:
+            await run_unless_disconnected(request, gen.start())  # admission errors -> HTTP status
+        except BaseException:
+            await gen.aclose()
+            raise
+
+        async def events() -> AsyncIterator[bytes]:
+            try:
+                for c in first_chunks:
+                    yield sse(c)
+                async for d in gen.deltas():
+                    yield sse(chunk(d))
+                if req.include_usage:
+                    all_stages = [s for c in gen.choices for s in c.exit_stages]
+                    yield sse({**envelope(), "choices": [], "usage": gen.usage(),
+                               "offramp": {"stages_skipped": gen.stages_skipped(all_stages)}})
+            except Exception as e:  # mid-stream: one error event, then [DONE]
+                err = api_errors.from_offramp(e) if isinstance(e, OfframpError) else api_errors.internal(e)
+                log.warning("request %s failed mid-stream: %s", gen.request_id, err.message)
+                yield sse(err.body())
+            finally:
+                await gen.aclose()
+            yield DONE
+
+        return SSEResponse(events(), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def guarded(handler: Callable, request: Request):
+        try:
+            return await handler(request)
+        except ApiError as e:
+            return e.response()
+        except OfframpError as e:
+            return api_errors.from_offramp(e).response()
+        except ClientGone:
+            log.info("client disconnected; request cancelled")
+            return JSONResponse({"error": None}, status_code=499)
+        except Exception as e:
+            return api_errors.internal(e).response()
+
+    # -- /v1/completions -----------------------------------------------------------
+
+    async def completions(request: Request):
+        req: CompletionRequest = parse(CompletionRequest, await read_json_body(request, settings.max_body_bytes),
+                                       settings.model_name)
+        prompt_ids = encode_prompt(tokenizer, req.prompt_input())
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        gen = start_generation(req, prompt_ids, [], rid, request)
+        now = int(time.time())
+
+        def envelope() -> dict[str, Any]:
+            return {"id": rid, "object": "text_completion", "created": now, "model": settings.model_name}
+
+        def chunk(d: ChoiceDelta) -> dict[str, Any]:
+            choice = {"index": d.index, "text": d.text, "logprobs": None, "finish_reason": d.finish_reason,
+                      "offramp": {"exit_stages": d.exit_stages}}
+            return {**envelope(), "choices": [choice], **({"usage": None} if req.include_usage else {})}
+
+        def final(results: list) -> dict[str, Any]:
+            choices = [{"index": r.index, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason,
+                        "offramp": offramp_block(gen, r.exit_stages)} for r in results]
+            all_stages = [s for r in results for s in r.exit_stages]
+            return {**envelope(), "choices": choices, "usage": gen.usage(),
+                    "offramp": {"num_stages": gen.num_stages, **offramp_block(gen, all_stages)}}
+
+        return await respond(request, gen, req, chunk, [], final, envelope)
+
+    # -- /v1/chat/completions ------------------------------------------------------
+
+    async def chat_completions(request: Request):
+        req: ChatCompletionRequest = parse(
+            ChatCompletionRequest, await read_json_body(request, settings.max_body_bytes), settings.model_name)
+        prompt_ids, implicit_stops = encode_chat(
+            tokenizer, [("system" if m.role == "developer" else m.role, m.text()) for m in req.messages])
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        gen = start_generation(req, prompt_ids, implicit_stops, rid, request)
+        now = int(time.time())
+
+        def envelope() -> dict[str, Any]:
+            return {"id": rid, "object": "chat.completion.chunk", "created": now, "model": settings.model_name,
+                    "system_fingerprint": None}
+
+        usage_null = {"usage": None} if req.include_usage else {}
+        first_chunks = [{**envelope(), "choices": [
+            {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+            for i in range(req.n)], **usage_null}]
+
+        def chunk(d: ChoiceDelta) -> dict[str, Any]:
+            delta = {"content": d.text} if d.text else {}
+            choice = {"index": d.index, "delta": delta, "logprobs": None, "finish_reason": d.finish_reason,
+                      "offramp": {"exit_stages": d.exit_stages}}
+            return {**envelope(), "choices": [choice], **usage_null}
+
+        def final(results: list) -> dict[str, Any]:
+            choices = [{"index": r.index, "message": {"role": "assistant", "content": r.text},
+                        "logprobs": None, "finish_reason": r.finish_reason,
+                        "offramp": offramp_block(gen, r.exit_stages)} for r in results]
+            all_stages = [s for r in results for s in r.exit_stages]
+            return {**envelope(), "object": "chat.completion", "choices": choices, "usage": gen.usage(),
+                    "offramp": {"num_stages": gen.num_stages, **offramp_block(gen, all_stages)}}
+
+        return await respond(request, gen, req, chunk, first_chunks, final, envelope)
+
+    @app.post("/v1/completions")
+    async def completions_route(request: Request):
+        return await guarded(completions, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions_route(request: Request):
+        return await guarded(chat_completions, request)
+
+    return app

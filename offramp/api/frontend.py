@@ -1,0 +1,76 @@
+"""What the HTTP app needs, bundled: the backend, the tokenizer and the API settings."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+
+from offramp.protocol import Backend
+
+
+class ApiSettings(BaseModel):
+    """Limits and identity of the OpenAI-compatible API (read once, at app creation)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_name: str = Field("offramp-default", min_length=1, description="Name clients pass as `model`.")
+    max_context: int = Field(ge=8, description="Cap on prompt + generated tokens.")
+    max_tokens_cap: int = Field(1024, ge=1, description="Largest `max_tokens` a request may ask for.")
+    api_key: SecretStr | None = Field(None, description="Required on every route but /healthz; None = no auth.")
+    max_body_bytes: int = Field(2 * 1024 * 1024, ge=1024, description="Largest request body (413 above).")
+    max_n: int = Field(4, ge=1, le=64, description="Largest `n`; each choice is its own backend request.")
+    max_stop: int = Field(4, ge=0, description="Most stop strings per request (OpenAI allows 4).")
+    max_stop_chars: int = Field(64, ge=1, description="Longest stop string; bounds the text held back while streaming.")
+    request_timeout_s: float = Field(60.0, gt=0, description="Deadline of one request end to end (504 after).")
+    stop_token_ids: tuple[int, ...] | None = Field(
+        None, description="Token ids that end generation (EOS, end-of-turn); None = the tokenizer's eos_token_id."
+    )
+
+    @model_validator(mode="after")
+    def _cap_within_context(self) -> "ApiSettings":
+        if self.max_tokens_cap >= self.max_context:
+            # Not an error: a cap above the context simply never binds; clamp for clear messages.
+            self.max_tokens_cap = self.max_context - 1
+        return self
+
+
+@dataclass
+class Frontend:
+    """Everything :func:`offramp.api.app.create_app` needs.
+
+    ``backend`` implements :class:`offramp.protocol.Backend`; ``tokenizer`` is a Hugging
+    Face fast tokenizer (see :func:`offramp.api.text.load_tokenizer`).
+    """
+
+    backend: Backend
+    tokenizer: Any
+    settings: ApiSettings
+
+    @classmethod
+    def from_app_args(cls, args: Any, backend: Backend, tokenizer: Any, *, model_context: int,
+                      environ: Mapping[str, str] | None = None, **overrides: Any) -> "Frontend":
+        """Build from :class:`offramp.deployments.config.AppArgs`.
+
+        ``model_context`` is the model's own context length (config.json); ``AppArgs.max_context``
+        may only lower it. The API key is read from ``environ[args.api_key_env]`` here, once.
+        """
+        env = os.environ if environ is None else environ
+        key = env.get(args.api_key_env, "") if args.api_key_env else ""
+        context = min(model_context, args.max_context) if args.max_context else model_context
+        settings = ApiSettings(
+            model_name=args.model_name,
+            max_context=context,
+            max_tokens_cap=args.max_tokens_cap,
+            api_key=key or None,
+            request_timeout_s=args.request_timeout_s,
+            **overrides,
+        )
+        return cls(backend=backend, tokenizer=tokenizer, settings=settings)
+
+    def stop_token_ids(self) -> tuple[int, ...]:
+        if self.settings.stop_token_ids is not None:
+            return self.settings.stop_token_ids
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        return (eos,) if isinstance(eos, int) else ()

@@ -1,0 +1,220 @@
+"""Request models of the OpenAI-compatible HTTP API, and the limits that depend on settings.
+
+Validation is strict: unknown fields, wrong JSON types (``"0.5"`` for a number, ``true``
+for an integer) and non-finite numbers are rejected with a 400 that names the field.
+OpenAI fields Offramp does not implement (logprobs, penalties, tools, ...) are accepted
+only at their "off" value, so a client never silently gets something it did not ask for.
+
+Limits that depend on the deployment (context, ``max_tokens`` cap, ``n`` cap, stop list
+caps) are checked by :func:`check_limits` after tokenization, since they need the prompt
+length.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import StrictInt, StrictStr
+
+from offramp.errors import BadRequest
+
+TaskName = Literal["qa", "math", "coding"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class OfframpRequestExtras(_Strict):
+    """Offramp's namespaced request field ``offramp``."""
+
+    exit: Union[Literal["off", "calibrated"], float] = Field(
+        "calibrated",
+        description="'off' = full depth for every token, 'calibrated' = the server's thresholds, "
+        "or a confidence threshold in [0, 1] used at every gate (lower = more exits).",
+    )
+    task: TaskName | None = Field(None, description="Task hint for the exit gates.")
+
+    @field_validator("exit")
+    @classmethod
+    def _exit_range(cls, v: Any) -> Any:
+        if isinstance(v, float) and not 0.0 <= v <= 1.0:
+            raise ValueError(f"offramp.exit threshold must be within [0, 1], got {v}")
+        return v
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = Field(False, description="Send a last chunk with `usage` before [DONE].")
+
+
+class SamplingFields(_Strict):
+    """Fields shared by both endpoints."""
+
+    model: StrictStr = Field(description="Must equal the served model name (see GET /v1/models).")
+    max_tokens: StrictInt | None = Field(None, ge=1, description="Most tokens to generate.")
+    temperature: float = Field(1.0, ge=0.0, description="0 = greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: StrictInt = Field(-1, ge=-1, description="-1 or 0 = off.")
+    n: StrictInt = Field(1, ge=1, description="Choices per request; each is its own backend request.")
+    stop: Union[StrictStr, list[StrictStr], None] = Field(None, description="Stop strings; not included in the output.")
+    seed: StrictInt | None = Field(None, ge=0, le=2**63 - 1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: StrictStr | None = Field(None, max_length=256, description="Accepted and ignored (logged nowhere).")
+    ignore_eos: bool = Field(False, description="vLLM extension: keep generating past end-of-sequence.")
+    offramp: OfframpRequestExtras = Field(default_factory=OfframpRequestExtras)
+    # Accepted only at their neutral value (checked in _unsupported).
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+
+    @model_validator(mode="after")
+    def _common_rules(self):
+        if self.stream_options is not None and not self.stream:
+            raise BadRequestValue("stream_options", "stream_options is only allowed when stream is true")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) not in (None, 0.0):
+                raise BadRequestValue(name, f"{name} is not supported by Offramp; omit it or set it to 0")
+        if self.logit_bias:
+            raise BadRequestValue("logit_bias", "logit_bias is not supported by Offramp; omit it")
+        return self
+
+    @property
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class BadRequestValue(ValueError):
+    """Raised inside validators: carries the parameter name to the OpenAI error's ``param``."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+class CompletionRequest(SamplingFields):
+    """Body of ``POST /v1/completions``."""
+
+    prompt: Union[StrictStr, list[StrictStr], list[StrictInt], list[list[StrictInt]]] = Field(
+        description="A string, a list holding one string, token ids, or a list holding one list of token ids."
+    )
+    logprobs: StrictInt | None = Field(None, description="Not supported: must be null.")
+    echo: bool = Field(False, description="Not supported: must be false.")
+    best_of: StrictInt | None = Field(None, description="Not supported beyond 1.")
+    suffix: StrictStr | None = Field(None, description="Not supported: must be null.")
+
+    @model_validator(mode="after")
+    def _completion_rules(self):
+        p = self.prompt
+        if isinstance(p, list):
+            if len(p) == 0:
+                raise BadRequestValue("prompt", "prompt is empty")
+            if isinstance(p[0], (str, list)) and len(p) != 1:
+                raise BadRequestValue("prompt", f"batched prompts are not supported: got {len(p)} prompts, send one per request")
+        if self.logprobs is not None:
+            raise BadRequestValue("logprobs", "logprobs are not supported by Offramp yet; omit the field")
+        if self.echo:
+            raise BadRequestValue("echo", "echo is not supported by Offramp; omit it or set it to false")
+        if self.best_of not in (None, 1):
+            raise BadRequestValue("best_of", "best_of > 1 is not supported; use n for several choices")
+        if self.suffix is not None:
+            raise BadRequestValue("suffix", "suffix (insertion) is not supported by Offramp")
+        return self
+
+    def prompt_input(self) -> str | list[int]:
+        """The single prompt: text, or token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return p
+        if isinstance(p[0], str):
+            return p[0]
+        if isinstance(p[0], list):
+            return list(p[0])
+        return list(p)  # type: ignore[arg-type]
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[StrictStr, list[TextPart]]
+    name: StrictStr | None = Field(None, max_length=64)
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(SamplingFields):
+    """Body of ``POST /v1/chat/completions``."""
+
+    messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1, description="Newer name of max_tokens.")
+    logprobs: bool = Field(False, description="Not supported: must be false.")
+    top_logprobs: StrictInt | None = Field(None, description="Not supported: must be null.")
+    response_format: dict[str, Any] | None = Field(None, description="Only {'type': 'text'}.")
+    tools: list[Any] | None = None
+    tool_choice: Any | None = None
+
+    @model_validator(mode="after")
+    def _chat_rules(self):
+        if self.max_completion_tokens is not None:
+            if self.max_tokens is not None and self.max_tokens != self.max_completion_tokens:
+                raise BadRequestValue(
+                    "max_completion_tokens",
+                    f"max_tokens={self.max_tokens} and max_completion_tokens={self.max_completion_tokens} disagree; give one",
+                )
+            self.max_tokens = self.max_completion_tokens
+        if self.logprobs or self.top_logprobs is not None:
+            raise BadRequestValue("logprobs", "logprobs are not supported by Offramp yet; omit logprobs/top_logprobs")
+        if self.response_format not in (None, {"type": "text"}):
+            raise BadRequestValue("response_format", "only response_format {'type': 'text'} is supported")
+        if self.tools or self.tool_choice not in (None, "none"):
+            raise BadRequestValue("tools", "tool calling is not supported by Offramp")
+        return self
+
+
+def check_limits(req: SamplingFields, prompt_len: int, *, max_context: int, max_tokens_cap: int,
+                 max_n: int, max_stop: int, max_stop_chars: int, default_max_tokens: int | None) -> int:
+    """Check the settings-dependent limits; return the effective ``max_tokens``.
+
+    ``default_max_tokens`` None means "as much as fits" (chat); completions pass 16 as OpenAI does.
+    """
+    if prompt_len == 0:
+        raise BadRequest("prompt is empty after tokenization", param="prompt")
+    if prompt_len >= max_context:
+        raise BadRequest(
+            f"prompt is {prompt_len} tokens but the model's context is {max_context}; shorten the prompt",
+            param="prompt",
+        )
+    if req.n > max_n:
+        raise BadRequest(f"n={req.n} is above this server's cap of {max_n}", param="n")
+    stops = req.stop_list
+    if len(stops) > max_stop:
+        raise BadRequest(f"stop has {len(stops)} strings; at most {max_stop} are allowed", param="stop")
+    for s in stops:
+        if not s or len(s) > max_stop_chars:
+            raise BadRequest(f"each stop string must be 1..{max_stop_chars} characters, got {len(s)}", param="stop")
+    room = max_context - prompt_len
+    if req.max_tokens is None:
+        want = default_max_tokens if default_max_tokens is not None else max_tokens_cap
+        return max(1, min(want, max_tokens_cap, room))
+    if req.max_tokens > max_tokens_cap:
+        raise BadRequest(f"max_tokens={req.max_tokens} is above this server's cap of {max_tokens_cap}", param="max_tokens")
+    if req.max_tokens > room:
+        raise BadRequest(
+            f"prompt ({prompt_len} tokens) + max_tokens ({req.max_tokens}) = {prompt_len + req.max_tokens} "
+            f"exceeds the model's context of {max_context} tokens; lower max_tokens or shorten the prompt",
+            param="max_tokens",
+        )
+    return req.max_tokens

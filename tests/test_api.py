@@ -1,0 +1,443 @@
+"""The OpenAI-compatible HTTP API end to end: real app under uvicorn, fake backend, real
+tokenizer, real `openai` client. No Ray."""
+from __future__ import annotations
+
+import json
+import threading
+
+import httpx
+import openai
+import pytest
+
+from offramp.api.app import create_app
+from offramp.api.frontend import ApiSettings, Frontend
+from offramp.api.text import load_tokenizer
+from offramp.errors import BadRequest, DeadlineExceeded, Overloaded, StageUnavailable
+
+from test_api_helpers import FakeBackend, LiveServer, build_tokenizer, byte_tokens, wait_for
+
+KEY = "sk-test-0123456789"
+MODEL = "tiny-offramp"
+TEXT = "the quick brown fox jumps over the lazy dog "
+CONTEXT = 64
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    tok = load_tokenizer(build_tokenizer(tmp_path_factory.mktemp("tok")))
+    backend = FakeBackend(tokens=tok.encode(TEXT, add_special_tokens=False), eos_id=tok.eos_token_id)
+    settings = ApiSettings(model_name=MODEL, max_context=CONTEXT, max_tokens_cap=40, api_key=KEY,
+                           max_body_bytes=4096, request_timeout_s=1.5)
+    app = create_app(Frontend(backend=backend, tokenizer=tok, settings=settings))
+    with LiveServer(app) as server:
+        yield server, backend, tok
+
+
+@pytest.fixture
+def server(env):
+    server, backend, tok = env
+    backend.reset(tok.encode(TEXT, add_special_tokens=False))
+    return env
+
+
+def oai(url: str, key: str = KEY, timeout: float = 10.0) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=timeout)
+
+
+def post(url: str, path: str, body, key: str | None = KEY, **kw) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    headers.update(kw.pop("headers", {}))
+    if isinstance(body, (bytes, str)):
+        return httpx.post(url + path, content=body, headers={"content-type": "application/json", **headers}, **kw)
+    return httpx.post(url + path, json=body, headers=headers, **kw)
+
+
+def assert_openai_error(r: httpx.Response, status: int, param: str | None = "?", code: str | None = "?") -> dict:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert "Traceback" not in r.text and 'File "' not in r.text
+    if param != "?":
+        assert body["error"]["param"] == param, body
+    if code != "?":
+        assert body["error"]["code"] == code, body
+    return body["error"]
+
+
+def sse_events(r: httpx.Response) -> list:
+    events = []
+    for block in r.text.split("\n\n"):
+        if block.strip():
+            assert block.startswith("data: "), block
+            data = block[len("data: "):]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+# --------------------------------------------------------------------------- happy paths
+
+
+def test_completion_with_openai_client(server):
+    url, backend, tok = server[0].url, server[1], server[2]
+    resp = oai(url).completions.create(model=MODEL, prompt="hello world", max_tokens=9,
+                                       extra_body={"offramp": {"exit": 0.7, "task": "qa"}})
+    assert resp.id.startswith("cmpl-") and resp.object == "text_completion"
+    choice = resp.choices[0]
+    assert choice.text == tok.decode(backend.tokens[:9])
+    assert choice.finish_reason == "length"
+    prompt_len = len(tok.encode("hello world"))
+    assert (resp.usage.prompt_tokens, resp.usage.completion_tokens, resp.usage.total_tokens) == (
+        prompt_len, 9, prompt_len + 9)
+    stages = [0, 3, 1, 2, 0, 3, 1, 2, 0]
+    assert resp.offramp == {"num_stages": 4, "exit_stages": stages, "stages_skipped": sum(3 - s for s in stages)}
+    assert choice.model_extra["offramp"]["exit_stages"] == stages
+    req = backend.requests[-1]
+    assert req.exit_mode == 0.7 and req.task == "qa" and req.sampling.max_tokens == 9
+    assert req.sampling.stop_token_ids == (tok.eos_token_id,)
+
+
+def test_completion_token_id_prompt_and_default_max_tokens(server):
+    url, backend = server[0].url, server[1]
+    resp = oai(url).completions.create(model=MODEL, prompt=[5, 6, 7])
+    assert resp.usage.prompt_tokens == 3 and resp.usage.completion_tokens == 16  # OpenAI's default
+    assert backend.requests[-1].prompt_ids == (5, 6, 7)
+
+
+def test_chat_with_template_and_eos(server):
+    url, backend, tok = server[0].url, server[1], server[2]
+    backend.eos_at = 4
+    resp = oai(url).chat.completions.create(
+        model=MODEL, messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+        max_tokens=20, temperature=0.5, top_p=0.9, seed=3)
+    assert resp.id.startswith("chatcmpl-") and resp.object == "chat.completion"
+    msg = resp.choices[0].message
+    assert msg.role == "assistant" and msg.content == tok.decode(backend.tokens[:4])  # EOS not rendered
+    assert resp.choices[0].finish_reason == "stop"
+    expected = tok.encode("<|system|>be brief\n<|user|>hi\n<|assistant|>", add_special_tokens=False)
+    assert list(backend.requests[-1].prompt_ids) == expected
+    s = backend.requests[-1].sampling
+    assert (s.temperature, s.top_p, s.seed) == (0.5, 0.9, 3)
+
+
+def test_chat_stream_with_usage(server):
+    url, backend, tok = server[0].url, server[1], server[2]
+    chunks = list(oai(url).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=7, stream=True,
+        stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == tok.decode(backend.tokens[:7])
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1 and finals[0].choices[0].finish_reason == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 7
+    assert all(c.id == chunks[0].id and c.id.startswith("chatcmpl-") for c in chunks)
+    streamed_stages = [s for c in chunks if c.choices for s in c.choices[0].model_extra.get("offramp", {}).get("exit_stages", [])]
+    assert streamed_stages == [0, 3, 1, 2, 0, 3, 1]
+
+
+def test_completion_stream_raw_sse_ends_with_done(server):
+    url = server[0].url
+    r = post(url, "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 5, "stream": True})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r)
+    assert events[-1] == "[DONE]" and events.count("[DONE]") == 1
+    assert all(e["object"] == "text_completion" and "usage" not in e for e in events[:-1])
+    assert events[-2]["choices"][0]["finish_reason"] == "length"
+
+
+def test_multibyte_text_is_emitted_only_when_complete(server):
+    url, backend, tok = server[0].url, server[1], server[2]
+    text = "café 🙂 漢字!"
+    backend.tokens = byte_tokens(tok, text)
+    n = len(backend.tokens)
+    r = post(url, "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": n, "stream": True})
+    pieces = [e["choices"][0]["text"] for e in sse_events(r)[:-1]]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
+    resp = oai(url).completions.create(model=MODEL, prompt="hi", max_tokens=n)
+    assert resp.choices[0].text == text
+
+
+def test_n_choices_run_as_separate_backend_requests(server):
+    url, backend = server[0].url, server[1]
+    resp = oai(url).completions.create(model=MODEL, prompt="hi", max_tokens=3, n=3, seed=10)
+    assert sorted(c.index for c in resp.choices) == [0, 1, 2]
+    assert resp.usage.completion_tokens == 9
+    assert sorted(r.sampling.seed for r in backend.requests) == [10, 11, 12]
+    assert len({r.request_id for r in backend.requests}) == 3
+    events = sse_events(post(url, "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 3, "n": 2,
+                                                      "stream": True}))
+    finished = sorted(e["choices"][0]["index"] for e in events[:-1] if e["choices"][0]["finish_reason"])
+    assert finished == [0, 1] and events[-1] == "[DONE]"
+
+
+def test_models_and_health(server):
+    url = server[0].url
+    models = oai(url).models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert httpx.get(url + "/healthz").json() == {"status": "ok"}  # no key needed
+    assert httpx.get(url + "/-/healthz").status_code == 200
+    assert_openai_error(httpx.get(url + "/v1/models/nope", headers={"Authorization": f"Bearer {KEY}"}),
+                        404, code="model_not_found")
+
+
+# --------------------------------------------------------------------------- stop strings
+
+
+def test_stop_string_cuts_text_and_cancels_backend(server):
+    url, backend, tok = server[0].url, server[1], server[2]
+    backend.delay_s = 0.01
+    resp = oai(url).completions.create(model=MODEL, prompt="hi", max_tokens=40, stop=["fox", "zzz"])
+    assert resp.choices[0].text == "the quick brown "
+    assert resp.choices[0].finish_reason == "stop"
+    out = backend.outcomes[backend.requests[-1].request_id]
+    assert out.closed and out.emitted < 10
+    assert resp.usage.completion_tokens == out.emitted
+
+
+def test_stop_string_streaming_never_leaks_partial_stop(server):
+    url, backend = server[0].url, server[1]
+    events = sse_events(post(url, "/v1/chat/completions", {
+        "model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 40, "stop": "lazy dog",
+        "stream": True}))
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1])
+    assert text == "the quick brown fox jumps over the "
+    assert events[-2]["choices"][0]["finish_reason"] == "stop" and events[-1] == "[DONE]"
+    assert wait_for(lambda: backend.outcomes[backend.requests[-1].request_id].closed)
+
+
+# --------------------------------------------------------------------------- auth
+
+
+def test_api_key_required_except_health(server):
+    url = server[0].url
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+    assert_openai_error(post(url, "/v1/completions", body, key=None), 401, code="invalid_api_key")
+    assert_openai_error(post(url, "/v1/completions", body, key="sk-wrong"), 401, code="invalid_api_key")
+    assert_openai_error(httpx.get(url + "/v1/models"), 401)
+    assert_openai_error(httpx.get(url + "/nowhere"), 401)  # unknown routes don't leak without a key
+    assert post(url, "/v1/completions", body, key=None, headers={"x-api-key": KEY}).status_code == 200
+    with pytest.raises(openai.AuthenticationError):
+        oai(url, key="sk-wrong").completions.create(model=MODEL, prompt="hi", max_tokens=2)
+
+
+# --------------------------------------------------------------------------- bad input
+
+BAD_COMPLETIONS = [
+    # (body, param)
+    ({"model": MODEL, "prompt": "hi", "max_tokens": 0}, "max_tokens"),
+    ({"model": MODEL, "prompt": "hi", "max_tokens": 41}, "max_tokens"),  # over the cap
+    ({"model": MODEL, "prompt": "hi " * 30, "max_tokens": 40}, "max_tokens"),  # prompt + max_tokens > context
+    ({"model": MODEL, "prompt": "hi " * 80}, "prompt"),  # prompt alone fills the context
+    ({"model": MODEL, "prompt": "hi", "max_tokens": "5"}, "max_tokens"),
+    ({"model": MODEL, "prompt": "hi", "max_tokens": True}, "max_tokens"),
+    ({"model": MODEL, "prompt": "hi", "temperature": -0.1}, "temperature"),
+    (b'{"model": "%s", "prompt": "hi", "temperature": 1e999}' % MODEL.encode(), "temperature"),  # parses as inf
+    ({"model": MODEL, "prompt": "hi", "top_p": 0}, "top_p"),
+    ({"model": MODEL, "prompt": "hi", "top_p": 1.5}, "top_p"),
+    ({"model": MODEL, "prompt": "hi", "top_k": -2}, "top_k"),
+    ({"model": MODEL, "prompt": "hi", "top_k": 2.5}, "top_k"),
+    ({"model": MODEL, "prompt": "hi", "n": 5}, "n"),
+    ({"model": MODEL, "prompt": "hi", "n": 0}, "n"),
+    ({"model": MODEL, "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"model": MODEL, "prompt": "hi", "stop": "x" * 65}, "stop"),
+    ({"model": MODEL, "prompt": "hi", "stop": [""]}, "stop"),
+    ({"model": MODEL, "prompt": "hi", "logprobs": 2}, "logprobs"),
+    ({"model": MODEL, "prompt": "hi", "echo": True}, "echo"),
+    ({"model": MODEL, "prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options"),
+    ({"model": MODEL, "prompt": "hi", "presence_penalty": 0.5}, "presence_penalty"),
+    ({"model": MODEL, "prompt": ["a", "b"]}, "prompt"),
+    ({"model": MODEL, "prompt": []}, "prompt"),
+    ({"model": MODEL, "prompt": [1, 99999]}, "prompt"),
+    ({"model": MODEL, "prompt": [1, -1]}, "prompt"),
+    ({"model": MODEL, "prompt": {"text": "hi"}}, "prompt"),
+    ({"model": MODEL}, "prompt"),
+    ({"prompt": "hi"}, "model"),
+    ({"model": MODEL, "prompt": "hi", "frobnicate": 1}, "frobnicate"),
+    ({"model": MODEL, "prompt": "hi", "offramp": {"exit": 1.5}}, "offramp.exit"),
+    ({"model": MODEL, "prompt": "hi", "offramp": {"exit": "sometimes"}}, "offramp.exit"),
+    ({"model": MODEL, "prompt": "hi", "offramp": {"task": "poetry"}}, "offramp.task"),
+    ({"model": MODEL, "prompt": "hi", "offramp": {"exits": "off"}}, "offramp.exits"),
+    ({"model": MODEL, "prompt": "hi", "seed": -1}, "seed"),
+]
+
+
+@pytest.mark.parametrize("body,param", BAD_COMPLETIONS, ids=[p for _, p in BAD_COMPLETIONS])
+def test_bad_completion_requests(server, body, param):
+    err = assert_openai_error(post(server[0].url, "/v1/completions", body), 400, param=param)
+    assert err["type"] == "invalid_request_error" and err["message"]
+    assert not server[1].requests  # nothing reached the backend
+
+
+BAD_CHATS = [
+    ({"model": MODEL, "messages": []}, "messages"),
+    ({"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+    ({"model": MODEL, "messages": [{"role": "user"}]}, "messages.0.content"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     "messages.0.content"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logprobs": True}, "logprobs"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+      "max_completion_tokens": 4}, "max_completion_tokens"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 99}, "max_tokens"),
+    ({"model": MODEL, "messages": "hi"}, "messages"),
+]
+
+
+@pytest.mark.parametrize("body,param", BAD_CHATS, ids=[p for _, p in BAD_CHATS])
+def test_bad_chat_requests(server, body, param):
+    assert_openai_error(post(server[0].url, "/v1/chat/completions", body), 400, param=param)
+    assert not server[1].requests
+
+
+def test_malformed_bodies(server):
+    url = server[0].url
+    assert_openai_error(post(url, "/v1/completions", b"{not json"), 400, code="invalid_json")
+    assert_openai_error(post(url, "/v1/completions", b'{"model": "x", "prompt": "\xff\xfe"}'), 400,
+                        code="invalid_encoding")
+    assert_openai_error(post(url, "/v1/completions", b'{"model": "%s", "prompt": "hi", "temperature": NaN}'
+                             % MODEL.encode()), 400, code="invalid_json")
+    assert_openai_error(post(url, "/v1/completions", b"[1, 2]"), 400, code="invalid_json")
+    assert_openai_error(post(url, "/v1/completions", b""), 400, code="invalid_json")
+
+
+def test_unknown_model_route_and_method(server):
+    url = server[0].url
+    auth = {"Authorization": f"Bearer {KEY}"}
+    assert_openai_error(post(url, "/v1/completions", {"model": "gpt-9", "prompt": "hi"}), 404,
+                        param="model", code="model_not_found")
+    with pytest.raises(openai.NotFoundError):
+        oai(url).chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "hi"}])
+    assert_openai_error(httpx.get(url + "/v1/nothing", headers=auth), 404)
+    r = httpx.get(url + "/v1/completions", headers=auth)
+    assert_openai_error(r, 405)
+    assert "POST" in r.headers.get("allow", "")
+
+
+def test_body_too_large(server):
+    url = server[0].url
+    big = json.dumps({"model": MODEL, "prompt": "x" * 5000}).encode()
+    assert_openai_error(post(url, "/v1/completions", big), 413, code="request_too_large")
+
+    def chunks():  # no Content-Length: the streamed size is what counts
+        for i in range(0, len(big), 1000):
+            yield big[i:i + 1000]
+
+    r = httpx.post(url + "/v1/completions", content=chunks(),
+                   headers={"Authorization": f"Bearer {KEY}", "content-type": "application/json"})
+    assert "content-length" not in r.request.headers
+    assert_openai_error(r, 413, code="request_too_large")
+
+
+# --------------------------------------------------------------------------- backend failures
+
+
+@pytest.mark.parametrize("exc,status,retry_after", [
+    (Overloaded("all queues full; retry later"), 429, "1"),
+    (StageUnavailable("stage 2 has no live replica"), 503, "2"),
+    (DeadlineExceeded("too slow"), 504, None),
+    (BadRequest("exit threshold not calibrated", param="offramp.exit"), 400, None),
+    (RuntimeError("secret internal detail /home/x"), 500, None),
+])
+@pytest.mark.parametrize("stream", [False, True])
+def test_backend_errors_map_to_status(server, exc, status, retry_after, stream):
+    url, backend = server[0].url, server[1]
+    backend.fail = exc
+    r = post(url, "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 4, "stream": stream})
+    err = assert_openai_error(r, status)
+    assert r.headers.get("retry-after") == retry_after
+    if status == 500:
+        assert "secret" not in r.text and err["type"] == "server_error"
+
+
+def test_openai_client_sees_rate_limit(server):
+    server[1].fail = Overloaded("busy")
+    with pytest.raises(openai.RateLimitError) as info:
+        oai(server[0].url).completions.create(model=MODEL, prompt="hi", max_tokens=3)
+    assert info.value.response.headers["retry-after"] == "1"
+
+
+@pytest.mark.parametrize("exc,code", [(StageUnavailable("stage 1 died"), "stage_unavailable"),
+                                      (ValueError("boom /secret/path"), "internal_error")])
+def test_mid_stream_failure_sends_error_event_then_done(server, exc, code):
+    url, backend = server[0].url, server[1]
+    backend.fail, backend.fail_at = exc, 3
+    r = post(url, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                                           "max_tokens": 10, "stream": True})
+    assert r.status_code == 200
+    events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    assert set(events[-2]) == {"error"} and events[-2]["error"]["code"] == code
+    assert all("error" not in e for e in events[:-2])
+    assert "secret" not in r.text and "Traceback" not in r.text
+    with pytest.raises(openai.APIError):
+        for _ in oai(url).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                                  max_tokens=10, stream=True):
+            pass
+
+
+def test_front_end_deadline(server):
+    url, backend = server[0].url, server[1]
+    backend.delay_s = 3.0  # slower than the app's 1.5 s deadline
+    r = post(url, "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2}, timeout=10)
+    assert_openai_error(r, 504, code="deadline_exceeded")
+    assert backend.requests[-1].deadline_s == 1.5
+    assert wait_for(lambda: backend.outcomes[backend.requests[-1].request_id].closed)
+
+
+# --------------------------------------------------------------------------- cancellation & concurrency
+
+
+def test_client_disconnect_cancels_stream(server):
+    url, backend = server[0].url, server[1]
+    backend.delay_s = 0.05
+    with httpx.stream("POST", url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"model": MODEL, "prompt": "hi", "max_tokens": 40, "stream": True}) as r:
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))
+    rid = backend.requests[-1].request_id
+    assert wait_for(lambda: backend.outcomes[rid].closed)
+    assert backend.outcomes[rid].emitted < 40
+
+
+def test_client_disconnect_cancels_non_streaming(server):
+    url, backend = server[0].url, server[1]
+    backend.delay_s = 0.05
+    with pytest.raises(httpx.ReadTimeout):
+        post(url, "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 40}, timeout=0.4)
+    rid = backend.requests[-1].request_id
+    assert wait_for(lambda: backend.outcomes[rid].closed)
+    assert backend.outcomes[rid].emitted < 40
+
+
+def test_concurrent_good_requests_survive_bad_ones(server):
+    url, backend, tok = server[0].url, server[1], server[2]
+    backend.delay_s = 0.01
+    expected = tok.decode(backend.tokens[:8])
+    results: dict[str, object] = {}
+
+    def good(i: int) -> None:
+        client = oai(url)
+        if i % 2:
+            text = "".join(c.choices[0].text for c in client.completions.create(
+                model=MODEL, prompt="hi", max_tokens=8, stream=True))
+        else:
+            text = client.completions.create(model=MODEL, prompt="hi", max_tokens=8).choices[0].text
+        results[f"good{i}"] = text
+
+    def bad(i: int) -> None:
+        body = [{"model": MODEL, "prompt": "hi", "top_p": 2}, b"{oops", {"model": "nope", "prompt": "hi"},
+                {"model": MODEL, "prompt": "hi", "max_tokens": 10_000}][i % 4]
+        results[f"bad{i}"] = post(url, "/v1/completions", body).status_code
+
+    threads = [threading.Thread(target=good, args=(i,)) for i in range(6)]
+    threads += [threading.Thread(target=bad, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert [results[f"good{i}"] for i in range(6)] == [expected] * 6
+    assert [results[f"bad{i}"] for i in range(8)] == [400, 400, 404, 400] * 2
+    assert len(backend.requests) == 6
+    assert all(o.finished and not o.error for o in backend.outcomes.values())
