@@ -121,26 +121,27 @@ class Attention(nn.Module):
         super().__init__()
         d, hd = spec.hidden_size, spec.head_dim
         self.nh, self.nkv, self.hd = spec.num_heads, spec.num_kv_heads, hd
-        self.q_proj = nn.Linear(d, self.nh * hd, bias=spec.qkv_bias)
-        self.k_proj = nn.Linear(d, self.nkv * hd, bias=spec.qkv_bias)
-        self.v_proj = nn.Linear(d, self.nkv * hd, bias=spec.qkv_bias)
+        # q, k and v in one matmul (the loader concatenates the checkpoint's three).
+        self.qkv_proj = nn.Linear(d, (self.nh + 2 * self.nkv) * hd, bias=spec.qkv_bias)
         self.o_proj = nn.Linear(self.nh * hd, d, bias=spec.out_bias)
         self.rope = spec.is_llama
 
-    def kv(self, x: torch.Tensor, meta: StepMeta) -> tuple[torch.Tensor, torch.Tensor]:
+    def _split(self, x: torch.Tensor):
         B, T, _ = x.shape
-        k = self.k_proj(x).view(B, T, self.nkv, self.hd)
-        v = self.v_proj(x).view(B, T, self.nkv, self.hd)
+        q, k, v = self.qkv_proj(x).split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
+        return q.view(B, T, self.nh, self.hd), k.view(B, T, self.nkv, self.hd), v.view(B, T, self.nkv, self.hd)
+
+    def kv(self, x: torch.Tensor, meta: StepMeta) -> tuple[torch.Tensor, torch.Tensor]:
+        _, k, v = self._split(x)
         if self.rope:
             k = apply_rope(k, meta.cos, meta.sin)
         return k, v
 
     def forward(self, x: torch.Tensor, meta: StepMeta, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.nh, self.hd)
+        q, k, v = self._split(x)  # (B, T, nh|nkv, hd)
         if self.rope:
-            q = apply_rope(q, meta.cos, meta.sin)
-        k, v = self.kv(x, meta)
+            q, k = apply_rope(q, meta.cos, meta.sin), apply_rope(k, meta.cos, meta.sin)
         write_kv(k_cache, v_cache, k, v, meta)
         L = meta.kv_len
         if meta.slot_range is not None:
@@ -165,15 +166,17 @@ class MLP(nn.Module):
         super().__init__()
         d, f = spec.hidden_size, spec.intermediate_size
         self.gated = spec.is_llama
-        if self.gated:
-            self.gate_proj = nn.Linear(d, f, bias=spec.mlp_bias)
-        self.up_proj = nn.Linear(d, f, bias=spec.mlp_bias)
+        if self.gated:  # gate and up in one matmul (concatenated at load)
+            self.gate_up_proj = nn.Linear(d, 2 * f, bias=spec.mlp_bias)
+        else:
+            self.up_proj = nn.Linear(d, f, bias=spec.mlp_bias)
         self.down_proj = nn.Linear(f, d, bias=spec.mlp_bias)
         self.act = spec.act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         h = self.up_proj(x)
         h = F.gelu(h, approximate="tanh") if self.act == "gelu_tanh" else F.gelu(h)
         return self.down_proj(h)

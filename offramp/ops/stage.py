@@ -97,7 +97,7 @@ def _layer_tensors(spec: ModelSpec, reader: WeightReader, i: int, j: int) -> dic
         for s, dst in names.items():
             if src + s in reader:
                 out[p + dst] = reader.get(src + s)
-        return out
+        return _fuse(out, p)
     pre = "transformer." if "transformer.wte.weight" in reader else ""
     src = f"{pre}h.{i}."
     d = spec.hidden_size
@@ -111,7 +111,19 @@ def _layer_tensors(spec: ModelSpec, reader: WeightReader, i: int, j: int) -> dic
     for s, dst in (("attn.c_proj", "attn.o_proj"), ("mlp.c_fc", "mlp.up_proj"), ("mlp.c_proj", "mlp.down_proj")):
         out[p + dst + ".weight"] = reader.get(src + s + ".weight").t().contiguous()
         out[p + dst + ".bias"] = reader.get(src + s + ".bias")
-    return out
+    return _fuse(out, p)
+
+
+def _fuse(sd: dict[str, torch.Tensor], p: str) -> dict[str, torch.Tensor]:
+    """Concatenate q/k/v (and gate/up) along the output dim: one matmul instead of three."""
+    for kind in ("weight", "bias"):
+        parts = [sd.pop(f"{p}attn.{n}_proj.{kind}", None) for n in ("q", "k", "v")]
+        if parts[0] is not None:
+            sd[f"{p}attn.qkv_proj.{kind}"] = torch.cat(parts)
+        gate = sd.pop(f"{p}mlp.gate_proj.{kind}", None)
+        if gate is not None:
+            sd[f"{p}mlp.gate_up_proj.{kind}"] = torch.cat([gate, sd.pop(f"{p}mlp.up_proj.{kind}")])
+    return sd
 
 
 def _norm_tensors(spec: ModelSpec, reader: WeightReader, dst: str) -> dict[str, torch.Tensor]:

@@ -1,0 +1,119 @@
+"""``offramp bench``: speed measured side by side in one run, printed as ratios.
+
+Machines here are noisy, so every contender runs in the same process, interleaved over
+repeats, and the targets are ratios between them rather than absolute times.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import sys
+import tempfile
+import time
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks (ratios measured side by side)",
+                       description="Benchmarks that print ratios measured side by side in one run.")
+    bsub = p.add_subparsers(dest="bench", metavar="WHICH", required=True)
+    c = bsub.add_parser("core", help="transformers generate vs Offramp staged in-process (1 and 4 stages)")
+    c.add_argument("--model", help="checkpoint dir (default: a random ~20M-parameter Llama-style model)")
+    c.add_argument("--prompt-len", type=int, default=32)
+    c.add_argument("--new-tokens", type=int, default=64)
+    c.add_argument("--batches", default="1,16", help="batch sizes, comma separated")
+    c.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the median is reported")
+    c.add_argument("--json", action="store_true", help="machine-readable output")
+    c.set_defaults(func=run_core)
+    import importlib.util
+
+    if importlib.util.find_spec("offramp.deployments.bench_serve"):
+        from offramp.deployments import bench_serve
+
+        bench_serve.register(bsub)
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_core(args) -> int:
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM
+
+    from offramp.ops.engine import StagedModel
+    from offramp.ops.presets import make_checkpoint
+    from offramp.ops.worker import ExitPolicy
+    from offramp.protocol import SamplingParams
+
+    model_dir = args.model or make_checkpoint(tempfile.mkdtemp(prefix="offramp-bench-"), "bench-20m",
+                                              with_tokenizer=False, tie_word_embeddings=True)
+    batches = [int(b) for b in args.batches.split(",")]
+    n_new, plen = args.new_tokens, args.prompt_len
+    rss0 = _rss_mb()
+    hf = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    n_params = sum(p.numel() for p in hf.parameters())
+    vocab = hf.config.vocab_size
+    rss_hf = _rss_mb()
+    staged = {n: StagedModel(model_dir, num_stages=n, max_slots=max(batches), max_seq=plen + n_new + 1)
+              for n in (1, 4)}
+    rss_staged = _rss_mb()
+    stage_mb = {n: [round((w.stage.layer_bytes() + sum(p.numel() * p.element_size() for name, p in
+                w.stage.named_parameters() if not name.startswith("layers.")) + w.cache.bytes) / 2**20, 1)
+                    for w in m.workers] for n, m in staged.items()}
+
+    g = torch.Generator().manual_seed(0)
+    sp = SamplingParams(max_tokens=n_new, ignore_eos=True)
+    times: dict[tuple[str, int], list[float]] = {}
+
+    def run_hf(prompts):
+        hf.generate(prompts, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
+                    pad_token_id=0, eos_token_id=None)
+
+    contenders = {"transformers": None, "offramp-1stage": staged[1], "offramp-4stage": staged[4]}
+    total = args.repeats * len(batches) * len(contenders)
+    with tqdm(total=total, desc="bench core", file=sys.stderr, disable=args.json) as bar, torch.inference_mode():
+        for _ in range(args.repeats):
+            for b in batches:
+                prompts = torch.randint(3, vocab, (b, plen), generator=g)
+                for name, m in contenders.items():
+                    t0 = time.perf_counter()
+                    if m is None:
+                        run_hf(prompts)
+                    else:
+                        m.generate(prompts.tolist(), sp, ExitPolicy("off"))
+                    times.setdefault((name, b), []).append(time.perf_counter() - t0)
+                    bar.update()
+
+    rows = []
+    for (name, b), ts in times.items():
+        t = statistics.median(ts)
+        rows.append({"contender": name, "batch": b, "tokens_per_s": round(b * n_new / t, 1),
+                     "ms_per_token": round(1000 * t / n_new, 2)})
+    tps = {(r["contender"], r["batch"]): r["tokens_per_s"] for r in rows}
+    ratios = {}
+    for b in batches:
+        ratios[f"offramp_1stage_vs_transformers_b{b}"] = round(tps[("offramp-1stage", b)] / tps[("transformers", b)], 2)
+        ratios[f"offramp_4stage_vs_1stage_b{b}"] = round(tps[("offramp-4stage", b)] / tps[("offramp-1stage", b)], 2)
+    report = {
+        "model": str(model_dir) if args.model else "random Llama-style (bench-20m preset)",
+        "params_m": round(n_params / 1e6, 1), "prompt_len": plen, "new_tokens": n_new,
+        "threads": torch.get_num_threads(), "results": rows, "ratios": ratios,
+        "memory_mb": {"process_peak_rss_before": round(rss0), "after_transformers": round(rss_hf),
+                      "after_offramp_models": round(rss_staged), "per_stage_weights_plus_kv": stage_mb},
+        "targets": {"offramp_1stage_vs_transformers_b1": ">= 1.2", "offramp_1stage_vs_transformers_b16": ">= 1.5",
+                    "offramp_4stage_vs_1stage": ">= 0.9"},
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"model: {report['model']}, {report['params_m']}M params, prompt {plen}, {n_new} new tokens, "
+          f"{report['threads']} threads")
+    print(f"{'contender':<18}{'batch':>6}{'tok/s':>10}{'ms/token':>10}")
+    for r in sorted(rows, key=lambda r: (r["batch"], r["contender"])):
+        print(f"{r['contender']:<18}{r['batch']:>6}{r['tokens_per_s']:>10}{r['ms_per_token']:>10}")
+    for k, v in ratios.items():
+        print(f"{k}: {v}x")
+    print(f"memory (MB): {report['memory_mb']}")
+    return 0
