@@ -1,0 +1,130 @@
+"""Pure pieces of the HTTP front end: bind check, key parsing, detokenizer, stop matcher,
+chat rendering, settings. No server, no Ray."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from offramp.api.auth import check_bind, key_matches, presented_key
+from offramp.api.frontend import ApiSettings, Frontend
+from offramp.api.generation import Generation
+from offramp.api.text import (FALLBACK_STOP, IncrementalDetokenizer, StopMatcher, encode_chat,
+                              load_tokenizer, render_fallback_chat)
+from offramp.deployments.config import AppArgs
+from offramp.errors import BadRequest, ConfigError
+from offramp.protocol import SamplingParams
+
+from test_api_helpers import FakeBackend, build_tokenizer, byte_tokens
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory):
+    with_tpl = load_tokenizer(build_tokenizer(tmp_path_factory.mktemp("a"), chat_template=True))
+    without = load_tokenizer(build_tokenizer(tmp_path_factory.mktemp("b"), chat_template=False))
+    return with_tpl, without
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.3.4.5", "::1", "[::1]", "localhost"])
+def test_loopback_bind_without_key_is_fine(host):
+    check_bind(host, None)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.0.0.7", "example.internal"])
+def test_public_bind_needs_a_key(host):
+    with pytest.raises(ConfigError, match="OFFRAMP_API_KEY"):
+        check_bind(host, None)
+    with pytest.raises(ConfigError, match="MY_KEY"):
+        check_bind(host, "", key_env="MY_KEY")
+    check_bind(host, "sk-123")
+
+
+def test_presented_key_sources():
+    assert presented_key([(b"authorization", b"Bearer sk-1")]) == b"sk-1"
+    assert presented_key([(b"authorization", b"bearer  sk-1 ")]) == b"sk-1"
+    assert presented_key([(b"x-api-key", b"sk-2")]) == b"sk-2"
+    assert presented_key([(b"authorization", b"Basic abc")]) is None
+    assert presented_key([]) is None
+    assert key_matches(b"sk-1", b"sk-1") and not key_matches(b"sk-1x", b"sk-1") and not key_matches(None, b"k")
+
+
+def test_detokenizer_matches_full_decode_and_never_emits_partial_chars(tokenizers):
+    tok = tokenizers[0]
+    text = "naive café 🙂 漢字 the quick brown fox"
+    for ids in (tok.encode(text, add_special_tokens=False), byte_tokens(tok, text)):
+        d = IncrementalDetokenizer(tok, tok.encode("hi there", add_special_tokens=False))
+        pieces = [d.add(i) for i in ids] + [d.flush()]
+        assert "".join(pieces) == text
+        assert not any("\ufffd" in p for p in pieces)
+
+
+def test_detokenizer_flushes_incomplete_tail(tokenizers):
+    tok = tokenizers[0]
+    d = IncrementalDetokenizer(tok, [])
+    ids = byte_tokens(tok, "a🙂")[:-1]  # emoji cut short
+    assert "".join(d.add(i) for i in ids) == "a"
+    assert d.flush() == "\ufffd"
+
+
+@pytest.mark.parametrize("chunks,stops,out,stopped", [
+    (["hello wor", "ld STOP more"], ["STOP"], "hello world ", True),
+    (["abc S", "T", "OP"], ["STOP"], "abc ", True),
+    (["a", "b", "c"], ["xyz"], "abc", False),
+    (["one two"], ["two", "one"], "", True),  # earliest match wins
+    (["no stops"], [], "no stops", False),
+])
+def test_stop_matcher(chunks, stops, out, stopped):
+    m = StopMatcher(stops)
+    emitted, hit = [], False
+    for c in chunks:
+        text, hit = m.feed(c)
+        emitted.append(text)
+        if hit:
+            break
+    if not hit:
+        emitted.append(m.flush())
+    assert ("".join(emitted), hit) == (out, stopped)
+
+
+def test_chat_template_and_fallback(tokenizers):
+    with_tpl, without = tokenizers
+    ids, stops = encode_chat(with_tpl, [("user", "hi")])
+    assert with_tpl.decode(ids) == "<|user|>hi\n<|assistant|>" and stops == []
+    ids, stops = encode_chat(without, [("system", "be brief"), ("user", "hi")])
+    assert without.decode(ids) == "system: be brief\nuser: hi\nassistant:" == render_fallback_chat(
+        [("system", "be brief"), ("user", "hi")])
+    assert stops == [FALLBACK_STOP]
+
+
+def test_chat_template_error_is_bad_request(tokenizers, tmp_path):
+    tok = tokenizers[0]
+    tok2 = type(tok).from_pretrained(str(build_tokenizer(tmp_path)))
+    tok2.chat_template = "{{ raise_exception('roles must alternate user/assistant') }}"
+    with pytest.raises(BadRequest, match="roles must alternate"):
+        encode_chat(tok2, [("user", "hi")])
+
+
+def test_frontend_from_app_args_reads_key_once(tokenizers):
+    args = AppArgs(model_name="m", max_context=128, max_tokens_cap=500, api_key_env="K")
+    fe = Frontend.from_app_args(args, FakeBackend(tokens=[1]), tokenizers[0], model_context=2048, environ={"K": "s"})
+    s = fe.settings
+    assert (s.model_name, s.max_context, s.max_tokens_cap, s.api_key.get_secret_value()) == ("m", 128, 127, "s")
+    fe = Frontend.from_app_args(AppArgs(), FakeBackend(tokens=[1]), tokenizers[0], model_context=256, environ={})
+    assert fe.settings.api_key is None and fe.settings.max_context == 256
+    assert fe.stop_token_ids() == (tokenizers[0].eos_token_id,)
+    assert "s" not in repr(ApiSettings(max_context=64, api_key="s").api_key)
+
+
+def test_generation_close_before_start_closes_backend(tokenizers):
+    """A request abandoned before its first token still closes every backend iterator."""
+    backend = FakeBackend(tokens=[5, 6])
+
+    async def main():
+        gen = Generation(backend, tokenizers[0], request_id="r", prompt_ids=[1], n=2,
+                         sampling=SamplingParams(max_tokens=4), stops=[], exit_mode="off", task=None, timeout_s=5)
+        await gen.start()
+        await gen.aclose()
+
+    asyncio.run(main())
+    assert sorted(backend.outcomes) == ["r-0", "r-1"]
+    assert all(o.closed and o.emitted == 1 for o in backend.outcomes.values())
