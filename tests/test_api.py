@@ -27,7 +27,7 @@ def env(tmp_path_factory):
     tok = load_tokenizer(build_tokenizer(tmp_path_factory.mktemp("tok")))
     backend = FakeBackend(tokens=tok.encode(TEXT, add_special_tokens=False), eos_id=tok.eos_token_id)
     settings = ApiSettings(model_name=MODEL, max_context=CONTEXT, max_tokens_cap=40, api_key=KEY,
-                           max_body_bytes=4096, request_timeout_s=1.5)
+                           max_body_bytes=4096, request_timeout_s=10.0)
     app = create_app(Frontend(backend=backend, tokenizer=tok, settings=settings))
     with LiveServer(app) as server:
         yield server, backend, tok
@@ -378,12 +378,14 @@ def test_mid_stream_failure_sends_error_event_then_done(server, exc, code):
 
 
 def test_front_end_deadline(server):
-    url, backend = server[0].url, server[1]
-    backend.delay_s = 3.0  # slower than the app's 1.5 s deadline
-    r = post(url, "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2}, timeout=10)
-    assert_openai_error(r, 504, code="deadline_exceeded")
-    assert backend.requests[-1].deadline_s == 1.5
-    assert wait_for(lambda: backend.outcomes[backend.requests[-1].request_id].closed)
+    _, backend, tok = server
+    backend.delay_s = 2.0  # slower than this app's 0.5 s deadline
+    settings = ApiSettings(model_name=MODEL, max_context=CONTEXT, request_timeout_s=0.5)
+    with LiveServer(create_app(Frontend(backend=backend, tokenizer=tok, settings=settings))) as fast:
+        r = post(fast.url, "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2}, timeout=10)
+        assert_openai_error(r, 504, code="deadline_exceeded")
+        assert backend.requests[-1].deadline_s == 0.5
+        assert wait_for(lambda: backend.outcomes[backend.requests[-1].request_id].closed)
 
 
 # --------------------------------------------------------------------------- cancellation & concurrency
