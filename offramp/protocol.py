@@ -48,3 +48,13 @@ class Backend(Protocol):
     num_stages: int
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]: ...
+
+
+def finish_reason(sampling: SamplingParams, token: int, generated: int, total: int,
+                  eos_token_ids: tuple[int, ...], max_seq: int) -> FinishReason | None:
+    """Why a sequence stops after emitting ``token`` (its ``generated``-th), or None."""
+    if token in sampling.stop_token_ids or (not sampling.ignore_eos and token in eos_token_ids):
+        return "stop"
+    if generated >= sampling.max_tokens or total >= max_seq:
+        return "length"
+    return None

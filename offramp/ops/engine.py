@@ -22,7 +22,7 @@ from offramp.ops.checkpoint import ModelSpec, WeightReader, load_spec
 from offramp.ops.partition import partition_layers
 from offramp.ops.stage import load_stage
 from offramp.ops.worker import ExitPolicy, StageWorker, StepRow
-from offramp.protocol import GenerationRequest, SamplingParams, TokenEvent
+from offramp.protocol import GenerationRequest, SamplingParams, TokenEvent, finish_reason
 
 
 def resolve_model_dir(model: str | Path | None) -> Path:
@@ -146,12 +146,7 @@ class StagedModel:
         return Sequence(seq_id or f"seq-{next(self._ids)}", list(prompt_ids), len(prompt_ids), sampling, policy)
 
     def finished(self, s: Sequence, token: int) -> str | None:
-        p = s.sampling
-        if token in p.stop_token_ids or (not p.ignore_eos and token in self.spec.eos_token_ids):
-            return "stop"
-        if len(s.generated) >= p.max_tokens or len(s.tokens) >= self.max_seq:
-            return "length"
-        return None
+        return finish_reason(s.sampling, token, len(s.generated), len(s.tokens), self.spec.eos_token_ids, self.max_seq)
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams = SamplingParams(),
                  policy: ExitPolicy = ExitPolicy("off"), keep_kv: bool = False) -> list[Sequence]:

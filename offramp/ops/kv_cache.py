@@ -29,6 +29,9 @@ class KVCache:
     def bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
+    def free_slots(self) -> int:
+        return len(self._free)
+
     def occupancy(self) -> float:
         return len(self.slot_of) / self.max_slots
 

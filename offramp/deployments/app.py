@@ -1,0 +1,170 @@
+"""The Serve application: ``import_path: offramp.deployments.app:build_app``.
+
+Deployments: ``OfframpIngress`` (HTTP, OpenAI API) and ``Stage0`` … ``Stage{N-1}``, one per
+pipeline stage. Each stage replica loads only its layers, owns their KV cache and its
+exit gate, and serves rows over the stage channel (:mod:`offramp.deployments.channel`).
+Replicas, pools (``ray_actor_options.resources: {pool_gpu: 1}`` / ``{pool_cpu: 1}``) and
+autoscaling are per deployment in the Serve config YAML; re-applying a config with one
+stage's ``num_replicas`` changed scales that stage alone (arguments here are
+deterministic, so nothing else changes).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+from ray import serve
+from ray.serve import Application
+
+from offramp.cluster import rayops
+from offramp.deployments.config import AppArgs, StageArgs
+
+log = logging.getLogger("offramp")
+
+
+def _model_facts(args: AppArgs):
+    from offramp.ops import exits as ex
+    from offramp.ops.checkpoint import load_spec
+    from offramp.ops.engine import resolve_model_dir
+    from offramp.ops.partition import partition_layers
+
+    model_dir = resolve_model_dir(args.model)
+    spec = load_spec(model_dir)
+    ranges = partition_layers(spec.num_layers, args.num_stages, args.split)
+    exits = ex.load_exits_config(model_dir) if ex.exits_present(model_dir) else None
+    return model_dir, spec, ranges, exits
+
+
+def _stage_args(args: AppArgs, index: int) -> StageArgs:
+    return args.stages[index] if index < len(args.stages) else StageArgs()
+
+
+@serve.deployment(max_ongoing_requests=64, max_queued_requests=256, health_check_period_s=5)
+class StageDeployment:
+    """One pipeline stage. Serve calls are control only (info, ping); data goes over the channel."""
+
+    def __init__(self, index: int, args: dict):
+        import torch
+
+        from offramp.deployments.channel import StageServer
+        from offramp.ops.stage import load_stage
+        from offramp.ops.worker import StageWorker
+
+        args = AppArgs.model_validate(args)
+        model_dir, spec, ranges, exits = _model_facts(args)
+        if index >= len(ranges):
+            raise ValueError(f"Stage{index} exists but the split makes {len(ranges)} stages; "
+                             "remove the extra deployment from the config")
+        sa = _stage_args(args, index)
+        device = "cuda" if sa.pool == "gpu" and torch.cuda.is_available() else "cpu"
+        threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+        if threads > 0:
+            torch.set_num_threads(threads)
+        stage = load_stage(model_dir, spec, ranges[index], first=index == 0, last=index == len(ranges) - 1,
+                           exits=exits, dtype=sa.dtype, device=device)
+        max_seq = min(args.max_context or spec.max_position, spec.max_position)
+        self.worker = StageWorker(stage, index, len(ranges), exits, max_slots=sa.max_sequences, max_seq=max_seq,
+                                  kv_fill=args.exit.kv_fill, device=device)
+        self.app_name, self.replica = rayops.replica_context()
+        self.registry = rayops.registry(self.app_name)
+        token = rayops.get(self.registry.token.remote())
+        self.server = StageServer(self.worker, token, host=rayops.node_ip(), max_batch_size=sa.max_batch_size,
+                                  batch_wait_timeout_s=sa.batch_wait_timeout_s, stats=self._record)
+        self.entry = {"stage": index, "replica": self.replica, "host": self.server.host, "port": self.server.port,
+                      "layers": list(ranges[index]), "pool": sa.pool, "device": device, "dtype": sa.dtype}
+        self.steps = {"batches": 0, "rows": 0, "positions": 0, "busy_s": 0.0}
+        rayops.get(self.registry.register.remote(self.entry))
+        self._stop = threading.Event()
+        threading.Thread(target=self._heartbeat, daemon=True, name="offramp-heartbeat").start()
+        log.info("stage %d (layers %s) serving on %s:%d, %s %s", index, ranges[index], self.server.host,
+                 self.server.port, device, sa.dtype)
+
+    def _record(self, rows: int, positions: int, seconds: float) -> None:
+        self.steps["batches"] += 1
+        self.steps["rows"] += rows
+        self.steps["positions"] += positions
+        self.steps["busy_s"] += seconds
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(rayops.HEARTBEAT_S):
+            try:
+                known = rayops.get(self.registry.heartbeat.remote(self.replica, self.stats()), timeout=10)
+                if not known:
+                    rayops.get(self.registry.register.remote(self.entry), timeout=10)
+            except Exception as e:  # noqa: BLE001 - registry restarting; try again next beat
+                log.warning("registry heartbeat failed: %s", e)
+                self.registry = rayops.registry(self.app_name)
+
+    def stats(self) -> dict:
+        return {**self.steps, **self.server.info()}
+
+    def info(self) -> dict:
+        return {**self.entry, **self.stats()}
+
+    def ping(self, payload: bytes) -> bytes:
+        """Echo for measuring the Serve handle hop against the channel hop."""
+        return payload
+
+    def check_health(self) -> None:
+        if not self.server._thread.is_alive():
+            raise RuntimeError("stage channel server thread died")
+
+    def __del__(self):
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()
+            try:
+                self.registry.deregister.remote(self.replica)
+                self.server.close()
+            except Exception:  # noqa: BLE001 - shutting down
+                pass
+
+
+@serve.deployment(name="OfframpIngress", max_ongoing_requests=256, max_queued_requests=512)
+@serve.ingress()
+class OfframpIngress:
+    def __init__(self, args: dict, *stages):
+        from offramp.api.frontend import Frontend
+        from offramp.api.text import load_tokenizer
+        from offramp.deployments.pipeline import PipelineBackend, Router
+
+        args = AppArgs.model_validate(args)
+        model_dir, spec, ranges, _ = _model_facts(args)
+        self.stages = stages  # Serve handles: control calls and the hop benchmark
+        app_name, _ = rayops.replica_context()
+        registry = rayops.registry(app_name)
+        token = rayops.get(registry.token.remote())
+
+        async def lookup():
+            return await registry.endpoints.remote()
+
+        max_seq = min(args.max_context or spec.max_position, spec.max_position)
+        self.backend = PipelineBackend(
+            len(ranges), Router(len(ranges), token, lookup), eos_token_ids=spec.eos_token_ids, max_seq=max_seq,
+            vocab_size=spec.vocab_size, kv_fill=args.exit.kv_fill, request_timeout_s=args.request_timeout_s,
+            default_exit=args.exit.mode, default_threshold=args.exit.threshold)
+        self.frontend = Frontend.from_app_args(args, self.backend, load_tokenizer(model_dir),
+                                               model_context=spec.max_position)
+
+    def __serve_build_asgi_app__(self):
+        from offramp.api.app import create_app
+
+        app = create_app(self.frontend)
+
+        @app.get("/v1/offramp/stats")
+        async def stats():
+            return {"stage_calls": list(self.backend.calls), "num_stages": self.backend.num_stages}
+
+        return app
+
+
+def build_app(args: AppArgs) -> Application:
+    """Typed Serve app builder: ``serve run offramp.deployments.app:build_app model=...`` or a config YAML."""
+    if isinstance(args, dict):
+        args = AppArgs.model_validate(args)
+    _, spec, ranges, _ = _model_facts(args)  # fail fast, in the caller, with a clear message
+    raw = args.model_dump(mode="json")
+    stages = [StageDeployment.options(name=f"Stage{i}").bind(i, raw) for i in range(len(ranges))]
+    return OfframpIngress.bind(raw, *stages)
+

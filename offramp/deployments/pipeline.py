@@ -1,0 +1,227 @@
+"""The ingress side of the pipeline: drives each request through the stage replicas.
+
+One coroutine per request walks a token through stage 0, 1, … and stops at the first
+stage whose gate lets it exit: no call is made to later stages on that token's path.
+Rows of concurrent requests meet in each stage replica's batcher (continuous batching).
+
+Session affinity: a sequence's KV lives in the replicas it went through, so the first
+token picks the least-loaded replica per stage and the sequence keeps that route. When
+a replica disappears or answers "KV missing" (a scale-down, a crash, a re-route), the
+sequence is replayed under a new session id - one prefill over its tokens so far - on
+live replicas; no computation ever runs on missing KV. Tokens already streamed stay
+valid (greedy and seeded sampling are reproducible).
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+import torch
+
+from offramp import errors
+from offramp.deployments.channel import StageClient
+from offramp.ops.worker import ExitPolicy, KVMissing, StepRow
+from offramp.protocol import GenerationRequest, TokenEvent, finish_reason
+
+log = logging.getLogger(__name__)
+RETRYABLE = (errors.StageUnavailable, errors.DeadlineExceeded, KVMissing)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    stage: int
+    replica: str
+    host: str
+    port: int
+
+
+@dataclass
+class _Seq:
+    request: GenerationRequest
+    policy: ExitPolicy
+    tokens: list[int]
+    prompt_len: int
+    session: str = ""
+    fed: int = 0
+    route: dict[int, Endpoint] = field(default_factory=dict)
+
+    @property
+    def generated(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+
+class Router:
+    """Live endpoints per stage (from the registry), one client per endpoint, and the
+    number of sequences routed to each (least-loaded choice for new sequences)."""
+
+    def __init__(self, num_stages: int, token: str, lookup: Callable[[], Awaitable[list[dict]]]):
+        self.num_stages, self.token, self.lookup = num_stages, token, lookup
+        self.endpoints: dict[int, list[Endpoint]] = {k: [] for k in range(num_stages)}
+        self.clients: dict[Endpoint, StageClient] = {}
+        self.load: dict[Endpoint, int] = {}
+        self.dead: dict[str, float] = {}  # replica -> banned until
+        self._refreshed = 0.0
+
+    async def refresh(self, force: bool = False) -> None:
+        if not force and time.monotonic() - self._refreshed < 1.0:
+            return
+        entries = await self.lookup()
+        self._refreshed = time.monotonic()
+        fresh: dict[int, list[Endpoint]] = {k: [] for k in range(self.num_stages)}
+        for e in entries:
+            if 0 <= e["stage"] < self.num_stages:
+                fresh[e["stage"]].append(Endpoint(e["stage"], e["replica"], e["host"], e["port"]))
+        self.endpoints = fresh
+
+    def pick(self, stage: int) -> Endpoint:
+        now = time.monotonic()
+        live = [ep for ep in self.endpoints[stage] if self.dead.get(ep.replica, 0) < now]
+        if not live:
+            raise errors.StageUnavailable(f"no live replica of stage {stage}; Serve is starting or replacing it - retry shortly")
+        return min(live, key=lambda ep: (self.load.get(ep, 0), ep.replica))
+
+    def client(self, ep: Endpoint) -> StageClient:
+        c = self.clients.get(ep)
+        if c is None or c.broken:
+            c = self.clients[ep] = StageClient(ep.host, ep.port, self.token)
+        return c
+
+    def ban(self, ep: Endpoint, seconds: float = 5.0) -> None:
+        self.dead[ep.replica] = time.monotonic() + seconds
+        c = self.clients.pop(ep, None)
+        if c is not None:
+            c.close()
+
+
+class PipelineBackend:
+    """:class:`~offramp.protocol.Backend` over stage replicas reached through the channel."""
+
+    def __init__(self, num_stages: int, router: Router, *, eos_token_ids: tuple[int, ...], max_seq: int,
+                 vocab_size: int, kv_fill: str = "exact", call_timeout_s: float = 30.0,
+                 request_timeout_s: float = 60.0, max_replays: int = 4, default_exit: str = "calibrated",
+                 default_threshold: float | None = None):
+        self.num_stages, self.router = num_stages, router
+        self.eos_token_ids, self.max_seq, self.vocab_size = eos_token_ids, max_seq, vocab_size
+        self.kv_fill, self.call_timeout, self.request_timeout = kv_fill, call_timeout_s, request_timeout_s
+        self.max_replays = max_replays
+        self.default_exit, self.default_threshold = default_exit, default_threshold
+        self._ids = itertools.count()
+        self.calls = [0] * num_stages  # stage visits on this ingress (exit skipping is visible here)
+        self._background: set[asyncio.Task] = set()
+
+    async def generate(self, request: GenerationRequest):
+        prompt = list(request.prompt_ids)
+        if not prompt:
+            raise errors.BadRequest("the prompt is empty", param="prompt")
+        if any(not 0 <= t < self.vocab_size for t in prompt):
+            raise errors.BadRequest(f"prompt token ids must be in [0, {self.vocab_size})", param="prompt")
+        if len(prompt) + request.sampling.max_tokens > self.max_seq:
+            raise errors.BadRequest(f"prompt ({len(prompt)} tokens) + max_tokens ({request.sampling.max_tokens}) "
+                                    f"exceeds the context of {self.max_seq}", param="max_tokens")
+        seq = _Seq(request, self._policy(request), prompt, len(prompt))
+        self._new_session(seq)
+        deadline = time.monotonic() + (request.deadline_s or self.request_timeout)
+        try:
+            while True:
+                token, stage = await self._next_token(seq, deadline)
+                seq.tokens.append(token)
+                reason = finish_reason(request.sampling, token, seq.generated, len(seq.tokens),
+                                       self.eos_token_ids, self.max_seq)
+                yield TokenEvent(token, stage, reason)
+                if reason:
+                    return
+        finally:
+            self._release(seq)
+
+    def _policy(self, request: GenerationRequest) -> ExitPolicy:
+        mode = request.exit_mode
+        if mode == "calibrated" and self.default_exit == "off":
+            mode = "off"
+        elif mode == "calibrated" and self.default_exit == "threshold":
+            mode = self.default_threshold
+        return ExitPolicy.from_request(mode, request.task)
+
+    def _new_session(self, seq: _Seq) -> None:
+        seq.session = f"{seq.request.request_id}/{uuid.uuid4().hex[:8]}"
+        seq.fed = 0
+        seq.route = {}
+
+    async def _next_token(self, seq: _Seq, deadline: float) -> tuple[int, int]:
+        for attempt in range(self.max_replays + 1):
+            try:
+                return await self._walk(seq, deadline)
+            except RETRYABLE as e:
+                if time.monotonic() >= deadline:
+                    raise errors.DeadlineExceeded("the request ran past its deadline") from None
+                if attempt == self.max_replays:
+                    raise errors.StageUnavailable(f"stage replicas kept failing ({e}); retry later") from None
+                log.warning("replaying %s after: %s", seq.request.request_id, e)
+                for ep in seq.route.values():
+                    if isinstance(e, (errors.StageUnavailable, errors.DeadlineExceeded)) and not isinstance(e, KVMissing):
+                        if self.router.client(ep).broken:
+                            self.router.ban(ep)
+                self._release(seq)
+                self._new_session(seq)
+                await asyncio.sleep(min(2.0, 0.2 * 2**attempt))
+                await self.router.refresh(force=True)
+        raise AssertionError("unreachable")
+
+    async def _walk(self, seq: _Seq, deadline: float) -> tuple[int, int]:
+        """One token: stage 0 onwards until a gate exits or the last stage answers."""
+        await self.router.refresh()
+        req = seq.request
+        new = seq.tokens[seq.fed:]
+        position = len(seq.tokens) - 1
+        row = StepRow(seq.session, torch.tensor(new, dtype=torch.long), position, req.sampling, seq.policy,
+                      step=seq.generated)
+        for k in range(self.num_stages):
+            ep = seq.route.get(k)
+            if ep is None:
+                ep = seq.route[k] = self.router.pick(k)
+                self.router.load[ep] = self.router.load.get(ep, 0) + 1
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise errors.DeadlineExceeded("the request ran past its deadline")
+            self.calls[k] += 1
+            (res,) = await self.router.client(ep).step([row], timeout=min(left, self.call_timeout))
+            if k == 0:
+                seq.fed = len(seq.tokens)
+            if res["token"] is not None:
+                if res["exited"] and self.kv_fill == "propagate":
+                    self._propagate(seq, k, res["h"], position)
+                return int(res["token"]), k
+            row = StepRow(seq.session, res["h"], position, req.sampling, seq.policy, step=seq.generated)
+        raise errors.StageUnavailable("the last stage returned no token")
+
+    def _propagate(self, seq: _Seq, k: int, hidden: torch.Tensor, position: int) -> None:
+        """Approximate K/V for skipped stages, off the critical path (same ordered connection)."""
+        for j in range(k + 1, self.num_stages):
+            ep = seq.route.get(j)
+            if ep is None:
+                ep = seq.route[j] = self.router.pick(j)
+                self.router.load[ep] = self.router.load.get(ep, 0) + 1
+            self._spawn(self.router.client(ep).propagate(seq.session, hidden, position, self.call_timeout))
+
+    def _release(self, seq: _Seq) -> None:
+        for ep in seq.route.values():
+            self.router.load[ep] = max(0, self.router.load.get(ep, 1) - 1)
+            c = self.router.clients.get(ep)
+            if c is not None and not c.broken:
+                self._spawn(c.release([seq.session]))
+        seq.route = {}
+
+    def _spawn(self, coro) -> None:
+        async def quiet():
+            try:
+                await coro
+            except errors.OfframpError as e:
+                log.debug("background stage call failed: %s", e)
+
+        task = asyncio.get_running_loop().create_task(quiet())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
