@@ -297,7 +297,7 @@ def create_app(frontend: Frontend) -> FastAPI:
 
         def final(results: list) -> dict[str, Any]:
             choices = [{"index": r.index, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason,
-                        "offramp": offramp_block(gen, r.exit_stages)} for r in results]
+                        "offramp": {**offramp_block(gen, r.exit_stages), "token_ids": r.token_ids}} for r in results]
             all_stages = [s for r in results for s in r.exit_stages]
             return {**envelope(), "choices": choices, "usage": gen.usage(),
                     "offramp": {"num_stages": gen.num_stages, **offramp_block(gen, all_stages)}}
@@ -333,7 +333,7 @@ def create_app(frontend: Frontend) -> FastAPI:
         def final(results: list) -> dict[str, Any]:
             choices = [{"index": r.index, "message": {"role": "assistant", "content": r.text},
                         "logprobs": None, "finish_reason": r.finish_reason,
-                        "offramp": offramp_block(gen, r.exit_stages)} for r in results]
+                        "offramp": {**offramp_block(gen, r.exit_stages), "token_ids": r.token_ids}} for r in results]
             all_stages = [s for r in results for s in r.exit_stages]
             return {**envelope(), "object": "chat.completion", "choices": choices, "usage": gen.usage(),
                     "offramp": {"num_stages": gen.num_stages, **offramp_block(gen, all_stages)}}

@@ -34,6 +34,7 @@ class ChoiceResult:
     text: str = ""
     exit_stages: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    token_ids: list[int] = field(default_factory=list)
 
 
 async def _close(it: Any) -> None:
@@ -55,6 +56,7 @@ class _Choice:
         self.deadline = deadline
         self.timeout_s = timeout_s
         self.exit_stages: list[int] = []
+        self.token_ids: list[int] = []
         self.ended = False
 
     async def _next(self) -> TokenEvent | None:
@@ -88,6 +90,7 @@ class _Choice:
                     yield self._final("", pending, "stop")
                     return
                 self.exit_stages.append(ev.exit_stage)
+                self.token_ids.append(ev.token_id)
                 pending.append(ev.exit_stage)
                 text, stopped = self.stopper.feed(self.detok.add(ev.token_id))
                 if stopped:
@@ -196,6 +199,7 @@ class Generation:
         for r, c, p in zip(results, self.choices, parts):
             r.text = "".join(p)
             r.exit_stages = list(c.exit_stages)
+            r.token_ids = list(c.token_ids)
         return results
 
     async def aclose(self) -> None:

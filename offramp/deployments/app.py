@@ -40,7 +40,8 @@ def _stage_args(args: AppArgs, index: int) -> StageArgs:
     return args.stages[index] if index < len(args.stages) else StageArgs()
 
 
-@serve.deployment(max_ongoing_requests=64, max_queued_requests=256, health_check_period_s=5)
+@serve.deployment(max_ongoing_requests=64, max_queued_requests=256, health_check_period_s=5,
+                  ray_actor_options={"num_cpus": 0.5})
 class StageDeployment:
     """One pipeline stage. Serve calls are control only (info, ping); data goes over the channel."""
 
@@ -121,7 +122,8 @@ class StageDeployment:
                 pass
 
 
-@serve.deployment(name="OfframpIngress", max_ongoing_requests=256, max_queued_requests=512)
+@serve.deployment(name="OfframpIngress", max_ongoing_requests=256, max_queued_requests=512,
+                  ray_actor_options={"num_cpus": 0.25})
 @serve.ingress()
 class OfframpIngress:
     def __init__(self, args: dict, *stages):
