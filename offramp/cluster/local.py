@@ -1,0 +1,110 @@
+"""A local heterogeneous Ray cluster on one machine: a head, GPU-pool and CPU-pool nodes.
+
+Pools are Ray custom resources (``pool_gpu`` / ``pool_cpu``) plus node labels
+(``offramp.io/pool``); a stage is put on a pool by asking for the resource in its
+``ray_actor_options``. GPU-pool nodes get the machine's real GPUs when there are any
+(otherwise they simulate the pool on CPU). Everything binds to 127.0.0.1.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from offramp.errors import ConfigError
+
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # makes Ray use 127.0.0.1 as the node IP
+
+
+def state_file() -> Path:
+    root = Path(os.environ.get("OFFRAMP_CACHE", Path.home() / ".cache" / "offramp"))
+    return root / "cluster.json"
+
+
+@dataclass
+class ClusterInfo:
+    address: str
+    gpu_nodes: int
+    cpu_nodes: int
+    cpus_per_node: int
+    real_gpus: int
+    pids: list[int]
+
+
+def _gpu_count() -> int:
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
+        return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU"))
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+
+
+def node_options(pool: str, cpus: int, gpus: int = 0) -> dict:
+    """Arguments of one pool node for ``ray.cluster_utils.Cluster.add_node``."""
+    if pool not in ("gpu", "cpu"):
+        raise ConfigError(f"pool {pool!r}: use 'gpu' or 'cpu'")
+    return {"num_cpus": cpus, "num_gpus": gpus, "node_ip_address": "127.0.0.1",
+            "resources": {f"pool_{pool}": 100}, "labels": {"offramp.io/pool": pool}}
+
+
+def up(gpu_nodes: int = 1, cpu_nodes: int = 2, cpus_per_node: int = 4) -> ClusterInfo:
+    if gpu_nodes < 0 or cpu_nodes < 0 or gpu_nodes + cpu_nodes < 1:
+        raise ConfigError("a cluster needs at least one GPU-pool or CPU-pool node")
+    if state_file().is_file():
+        raise ConfigError(f"a local cluster is already recorded in {state_file()}; run `offramp cluster down` first")
+    os.environ.update(LOOPBACK_ENV)
+    from ray.cluster_utils import Cluster
+
+    gpus = _gpu_count()
+    cluster = Cluster(initialize_head=True, shutdown_at_exit=False,
+                      head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": True,
+                                      "dashboard_host": "127.0.0.1"})
+    for i in range(gpu_nodes):
+        per = gpus // gpu_nodes if gpus else 0
+        cluster.add_node(**node_options("gpu", cpus_per_node, per))
+    for _ in range(cpu_nodes):
+        cluster.add_node(**node_options("cpu", cpus_per_node))
+    pids = [p.process.pid for node in [cluster.head_node, *cluster.worker_nodes]
+            for procs in node.all_processes.values() for p in procs]
+    info = ClusterInfo(cluster.address, gpu_nodes, cpu_nodes, cpus_per_node, gpus, pids)
+    state_file().parent.mkdir(parents=True, exist_ok=True)
+    state_file().write_text(json.dumps(asdict(info)))
+    return info
+
+
+def status() -> dict:
+    if not state_file().is_file():
+        return {"running": False}
+    info = json.loads(state_file().read_text())
+    os.environ.update(LOOPBACK_ENV)
+    import ray
+
+    try:
+        ray.init(address=info["address"], logging_level="ERROR", log_to_driver=False)
+    except Exception as e:  # noqa: BLE001 - report, don't crash
+        return {"running": False, "recorded": info, "error": str(e)}
+    nodes = [{"alive": n["Alive"], "pool": next((k.removeprefix("pool_") for k in n["Resources"]
+                                                 if k.startswith("pool_")), "head"),
+              "cpus": n["Resources"].get("CPU", 0), "gpus": n["Resources"].get("GPU", 0)} for n in ray.nodes()]
+    ray.shutdown()
+    return {"running": True, **info, "nodes": nodes}
+
+
+def down() -> None:
+    """Stop the recorded cluster's processes (only ours: other Ray instances keep running)."""
+    import signal
+    import time
+
+    if not state_file().is_file():
+        return
+    pids = json.loads(state_file().read_text()).get("pids", [])
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        time.sleep(2)
+    state_file().unlink(missing_ok=True)
