@@ -1,0 +1,259 @@
+"""Hysteresis policy: turn (current placement, new plan) into a few safe moves (pure).
+
+Rules (ARCHITECTURE.md, "Placement controller"):
+
+* act only on a breach sustained for ``sustain_intervals`` intervals, or a predicted
+  gain (device cost or TPOT) of at least ``min_gain``;
+* knobs in order of cost: routing < replicas < pool < split points; ``escalating_plan``
+  prefers the cheapest knob whose plan is within ``min_gain`` of the best;
+* per-stage (per-layer) cool-down, at most ``max_moves_per_interval`` moves per interval;
+* make before break: new deployments are added before old ones are removed, and a move
+  that would leave any layer without a replica is never emitted;
+* dry-run logs the decisions without updating the policy's state.
+
+Finishing a transition (removing a deployment whose layers are already served by live
+target deployments) skips the trigger and the cool-down: holding both costs devices.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal, Mapping, Sequence
+
+from pydantic import BaseModel, Field
+
+from offramp.placement.cost_model import CostModel, ModelSpec, PoolSpec
+from offramp.placement.planner import Constraints, Pin, Plan, StageDeployment, Workload, plan
+from offramp.placement.signals import StageSignals
+
+Knob = Literal["routing", "replicas", "pool", "split"]
+KNOB_RANK: dict[str, int] = {"routing": 0, "replicas": 1, "pool": 2, "split": 3}
+
+
+class Move(BaseModel):
+    """One action for the mover. Apply one at a time, waiting for new replicas to warm."""
+
+    action: Literal["rebalance", "set_replicas", "add", "remove"] = Field(..., description="What to do.")
+    knob: Knob = Field(..., description="Which knob this turns (cost order routing < replicas < pool < split).")
+    deployment: StageDeployment = Field(..., description="Target deployment (for set_replicas: the new count).")
+    replicas_from: int = Field(0, description="Replicas before the move.")
+    replicas_to: int = Field(0, description="Replicas after the move.")
+    reason: str = Field("", description="Why, for people reading the log.")
+
+
+class Decision(BaseModel):
+    """One log record of the policy (JSON via ``model_dump_json``)."""
+
+    time: float = Field(..., description="Controller clock, seconds.")
+    outcome: Literal["apply", "dry_run", "hold"] = Field(..., description="Emitted, logged only, or held back.")
+    move: Move | None = Field(None, description="The move (None for a plain hold).")
+    reason: str = Field(..., description="Human-readable explanation.")
+    gain: float = Field(0.0, description="Predicted relative gain of the target plan.")
+    breach_intervals: int = Field(0, description="Longest sustained breach among stages, in intervals.")
+
+
+class PolicyConfig(BaseModel):
+    """Hysteresis settings."""
+
+    sustain_intervals: int = Field(3, ge=1, description="Consecutive breached intervals before acting.")
+    min_gain: float = Field(0.25, ge=0, description="Predicted relative gain that justifies a move.")
+    cooldown_s: float = Field(300.0, ge=0, description="Seconds a layer range rests after a move.")
+    max_moves_per_interval: int = Field(1, ge=1, description="Moves emitted per interval.")
+    dry_run: bool = Field(False, description="Log decisions, change nothing.")
+    max_oldest_wait_s: float = Field(1.0, gt=0, description="Queue age counted as a breach.")
+    max_busy_fraction: float = Field(0.9, gt=0, le=1, description="Replica busy fraction counted as a breach.")
+
+
+# --- placement algebra ------------------------------------------------------------
+def covered_layers(placement: Sequence[StageDeployment], num_layers: int) -> list[bool]:
+    cov = [False] * num_layers
+    for d in placement:
+        if d.replicas >= 1:
+            for l in range(d.start, min(d.end, num_layers)):
+                cov[l] = True
+    return cov
+
+
+def apply_move(placement: Sequence[StageDeployment], move: Move) -> list[StageDeployment]:
+    """The placement after ``move`` (pure; the mover's dry-run)."""
+    out = [d for d in placement if d.key != move.deployment.key]
+    if move.action in ("add", "set_replicas"):
+        out.append(move.deployment.model_copy(update={"replicas": move.replicas_to}))
+    elif move.action == "rebalance":
+        return list(placement)
+    return sorted(out, key=lambda d: d.key)
+
+
+def is_safe(placement: Sequence[StageDeployment], move: Move, num_layers: int) -> bool:
+    """True when every layer keeps a replica after ``move``."""
+    before = covered_layers(placement, num_layers)
+    after = covered_layers(apply_move(placement, move), num_layers)
+    return all(a or not b for a, b in zip(after, before))
+
+
+def diff(current: Sequence[StageDeployment], target: Sequence[StageDeployment],
+         num_layers: int) -> list[Move]:
+    """Moves from ``current`` to ``target``, cheapest knob first, adds before removes.
+
+    Each remove is emitted only if, after the earlier moves in the list, every layer
+    still has a replica (make before break).
+    """
+    cur = {d.key: d for d in current}
+    ranges = {(d.start, d.end) for d in current}
+    tkeys = {d.key for d in target}
+    grow: list[Move] = []
+    for t in sorted(target, key=lambda d: d.key):
+        if t.key in cur:
+            c = cur[t.key]
+            if c.replicas != t.replicas:
+                grow.append(Move(action="set_replicas", knob="replicas", deployment=t, replicas_from=c.replicas,
+                                 replicas_to=t.replicas, reason=f"layers {t.start}-{t.end - 1} on {t.pool}: "
+                                 f"{c.replicas} -> {t.replicas} replicas for the offered load"))
+        else:
+            knob: Knob = "pool" if (t.start, t.end) in ranges else "split"
+            what = (f"move layers {t.start}-{t.end - 1} to {t.pool}/{t.precision}" if knob == "pool"
+                    else f"new split: layers {t.start}-{t.end - 1} on {t.pool}/{t.precision}")
+            grow.append(Move(action="add", knob=knob, deployment=t, replicas_from=0, replicas_to=t.replicas,
+                             reason=f"{what} x{t.replicas} (added before the old one is removed)"))
+    grow.sort(key=lambda m: (KNOB_RANK[m.knob], m.replicas_to < m.replicas_from, m.deployment.key))
+    shrink: list[Move] = []
+    tranges = {(d.start, d.end) for d in target}
+    for c in sorted(current, key=lambda d: d.key):
+        if c.key not in tkeys:
+            knob = "pool" if (c.start, c.end) in tranges else "split"
+            shrink.append(Move(action="remove", knob=knob, deployment=c, replicas_from=c.replicas, replicas_to=0,
+                               reason=f"retire layers {c.start}-{c.end - 1} on {c.pool}/{c.precision}: "
+                               "replaced by the target placement"))
+    out, state = [], list(current)
+    for m in grow + shrink:
+        if m.action == "remove" and not is_safe(state, m, num_layers):
+            continue
+        out.append(m)
+        state = apply_move(state, m)
+    return out
+
+
+def _is_completion(current: Sequence[StageDeployment], target: Sequence[StageDeployment], m: Move) -> bool:
+    """A remove whose layers are already served by live deployments of the target."""
+    if m.action != "remove":
+        return False
+    tkeys = {d.key for d in target}
+    live = [d for d in current if d.key in tkeys and d.replicas >= 1]
+    return all(any(d.start <= l < d.end for d in live) for l in range(m.deployment.start, m.deployment.end))
+
+
+def predicted_gain(current: Plan, target: Plan) -> float:
+    """Relative improvement of ``target`` over ``current`` in device cost or TPOT (the larger)."""
+    g_cost = (current.cost - target.cost) / current.cost if current.cost > 0 else 0.0
+    g_lat = (current.tpot_s - target.tpot_s) / current.tpot_s if current.tpot_s > 0 else 0.0
+    if not math.isfinite(g_lat):
+        g_lat = 1.0
+    return max(g_cost, g_lat)
+
+
+def detect_breaches(signals: Mapping[tuple[int, int], Sequence[StageSignals]], cfg: PolicyConfig,
+                    tpot_slo_s: float | None = None, measured_tpot_s: float | None = None) -> dict[tuple[int, int], str]:
+    """Stages (by layer range) whose measured signals breach the targets this interval."""
+    out: dict[tuple[int, int], str] = {}
+    for rng, sigs in sorted(signals.items()):
+        for s in sigs:
+            if s.oldest_wait_s > cfg.max_oldest_wait_s:
+                out[rng] = f"replica {s.replica} oldest wait {s.oldest_wait_s:.2f}s > {cfg.max_oldest_wait_s}s"
+                break
+            if s.busy_fraction > cfg.max_busy_fraction:
+                out[rng] = f"replica {s.replica} busy {s.busy_fraction:.0%} > {cfg.max_busy_fraction:.0%}"
+                break
+    if tpot_slo_s is not None and measured_tpot_s is not None and measured_tpot_s > tpot_slo_s:
+        for rng in signals:
+            out.setdefault(rng, f"TPOT {measured_tpot_s * 1e3:.1f} ms > SLO {tpot_slo_s * 1e3:.1f} ms")
+    return out
+
+
+class Policy:
+    """Stateful hysteresis between intervals. Call :meth:`step` once per control interval."""
+
+    def __init__(self, num_layers: int, config: PolicyConfig | None = None):
+        self.num_layers = num_layers
+        self.cfg = config or PolicyConfig()
+        self._breach: dict[tuple[int, int], int] = {}
+        self._last_move: list[float] = [-math.inf] * num_layers
+
+    def step(self, now: float, current: Sequence[StageDeployment], target: Plan, current_eval: Plan,
+             breaches: Mapping[tuple[int, int], str] | None = None,
+             routing: Sequence[Move] = ()) -> list[Decision]:
+        """Decisions for this interval; those with outcome 'apply' are the moves to make, in order."""
+        cfg, breaches = self.cfg, dict(breaches or {})
+        counts = {r: self._breach.get(r, 0) + 1 for r in breaches}
+        if not cfg.dry_run:
+            self._breach = counts
+        sustained = max(counts.values(), default=0)
+        gain = predicted_gain(current_eval, target)
+        tdeps = target.deployments()
+        moves = list(routing) + diff(current, tdeps, self.num_layers)
+        if not moves:
+            return [Decision(time=now, outcome="hold", reason="placement already matches the plan",
+                             gain=gain, breach_intervals=sustained)]
+        triggered = sustained >= cfg.sustain_intervals or gain >= cfg.min_gain
+        why = (f"breach sustained {sustained} intervals ({'; '.join(f'{a}-{b - 1}: {t}' for (a, b), t in sorted(breaches.items()))})"
+               if sustained >= cfg.sustain_intervals else f"predicted gain {gain:.0%} >= {cfg.min_gain:.0%}")
+        out: list[Decision] = []
+        emitted, state = 0, list(current)
+        for m in moves:
+            if emitted >= cfg.max_moves_per_interval:
+                break
+            completion = _is_completion(state, tdeps, m)
+            if not (triggered or completion):
+                out.append(Decision(time=now, outcome="hold", move=m, gain=gain, breach_intervals=sustained,
+                                    reason=f"held: breach {sustained}/{cfg.sustain_intervals} intervals and "
+                                    f"gain {gain:.0%} < {cfg.min_gain:.0%}"))
+                break
+            layers = range(m.deployment.start, m.deployment.end)
+            rest = max(self._last_move[l] for l in layers) + cfg.cooldown_s - now
+            if rest > 0 and not completion:
+                out.append(Decision(time=now, outcome="hold", move=m, gain=gain, breach_intervals=sustained,
+                                    reason=f"held: layers {layers.start}-{layers.stop - 1} cooling down "
+                                    f"{rest:.0f}s more"))
+                continue
+            if m.action == "remove" and not is_safe(state, m, self.num_layers):
+                continue  # never leave a layer without a replica
+            reason = m.reason + ("; finishing a transition" if completion else f"; {why}")
+            out.append(Decision(time=now, outcome="dry_run" if cfg.dry_run else "apply",
+                                move=m.model_copy(update={"reason": reason}), reason=reason,
+                                gain=gain, breach_intervals=sustained))
+            emitted += 1
+            state = apply_move(state, m)
+            if not cfg.dry_run:
+                for l in layers:
+                    self._last_move[l] = now
+                if m.action != "remove":
+                    self._breach = {r: 0 for r in self._breach}  # measure the new placement afresh
+        return out
+
+
+def current_constraints(current: Sequence[StageDeployment], base: Constraints, knob: Knob) -> Constraints:
+    """Constraints that let ``plan`` turn only knobs up to ``knob`` from ``current``."""
+    cur = sorted(current, key=lambda d: d.start)
+    if knob == "split":
+        return base
+    split = [d.start for d in cur[1:]]
+    pins = [] if knob == "pool" else [Pin(stage=i, pool=d.pool, precision=d.precision) for i, d in enumerate(cur)]
+    return base.model_copy(update={"split": split, "num_stages": len(cur), "pins": pins})
+
+
+def escalating_plan(model: ModelSpec, pools: Sequence[PoolSpec], workload: Workload, constraints: Constraints,
+                    current: Sequence[StageDeployment], min_gain: float = 0.25,
+                    cost_model: CostModel | None = None) -> tuple[Knob, Plan]:
+    """Plan with the cheapest knob that does nearly as well as turning them all.
+
+    Tries replicas only, then pool (split fixed), then split; returns the first whose
+    plan meets the SLO and whose cost is within ``min_gain`` of the unrestricted best.
+    ``current`` must be a contiguous placement (one deployment per layer range).
+    """
+    best = plan(model, pools, workload, constraints, cost_model)
+    for knob in ("replicas", "pool"):
+        try:
+            p = plan(model, pools, workload, current_constraints(current, constraints, knob), cost_model)  # type: ignore[arg-type]
+        except ValueError:
+            continue
+        if p.meets_slo >= best.meets_slo and (best.cost <= 0 or (p.cost - best.cost) / max(p.cost, 1e-12) < min_gain):
+            return knob, p  # type: ignore[return-value]
+    return "split", best
