@@ -193,6 +193,10 @@ class StageServer:
                     for seq in header["seqs"]:
                         self.worker.release(str(seq))
                     await self._reply(writer, lock, {"id": header["id"], "ok": True})
+                elif op == "echo":  # hop benchmark: the payload goes there and back
+                    packer = _Packer()
+                    ref = packer.tensor(unpack_tensor(payload, header["x"]))
+                    await self._reply(writer, lock, {"id": header["id"], "ok": True, "x": ref}, packer)
                 elif op == "info":
                     await self._reply(writer, lock, {"id": header["id"], "ok": True, **self.info()})
                 else:
@@ -339,6 +343,11 @@ class StageClient:
     async def propagate(self, seq: str, hidden: torch.Tensor, position: int, timeout: float) -> None:
         packer = _Packer()
         await self.call({"op": "propagate", "seq": seq, "pos": position, "x": packer.tensor(hidden)}, packer, timeout)
+
+    async def echo(self, x: torch.Tensor, timeout: float = 10.0) -> torch.Tensor:
+        packer = _Packer()
+        reply, payload = await self.call({"op": "echo", "x": packer.tensor(x)}, packer, timeout)
+        return unpack_tensor(payload, reply["x"])
 
     async def release(self, seqs: list[str], timeout: float = 5.0) -> None:
         await self.call({"op": "release", "seqs": seqs}, None, timeout)
