@@ -350,7 +350,8 @@ def fit_profile(model: ModelSpec, samples: Iterable[ProfileSample], precision: s
     The memory/compute regime is monotone in arithmetic intensity (flops/bytes), so the
     samples are sorted by intensity and every cut point is tried: samples below the cut
     are memory-bound (t = c + bytes*a), above compute-bound (t = c + flops*b); each cut is
-    one linear least-squares problem, and the cut with the least residual wins.  A regime
+    one linear least-squares problem, and the cut with the least residual wins (a
+    single-regime fit within 1% of it wins instead: fewer parameters).  A regime
     without samples cannot be identified and keeps ``prior``'s value.
     """
     pts = [(*_sample_work(model, s, precision), s.seconds) for s in samples]
@@ -359,6 +360,7 @@ def fit_profile(model: ModelSpec, samples: Iterable[ProfileSample], precision: s
     pts.sort(key=lambda p: (p[1] / p[0], p[0], p[1]))
     y = np.array([p[2] for p in pts])
     best: tuple[float, int, np.ndarray] | None = None
+    fits: list[tuple[float, int, np.ndarray]] = []
     for cut in range(len(pts) + 1):
         cols = [np.ones(len(pts))]
         cols.append(np.array([p[0] if i < cut else 0.0 for i, p in enumerate(pts)]))
@@ -374,9 +376,11 @@ def fit_profile(model: ModelSpec, samples: Iterable[ProfileSample], precision: s
             for i, p in enumerate(pts)
         ):
             continue
-        rss = float(np.sum((a @ coef - y) ** 2))
-        if best is None or rss < best[0] - 1e-18:
-            best = (rss, cut, coef)
+        fits.append((float(np.sum((a @ coef - y) ** 2)), cut, coef))
+    if fits:
+        # Occam: a single-regime fit that is as good (within 1%) beats a two-regime one
+        floor = min(f[0] for f in fits) * 1.01 + 1e-24 * len(pts)
+        best = min((f for f in fits if f[0] <= floor), key=lambda f: (0 < f[1] < len(pts), f[0], f[1]))
     if best is None:
         raise PlacementError("fit_profile found no consistent fit (times fall as work grows?); "
                              "check the samples' batch/layers/seconds.")

@@ -1,0 +1,128 @@
+"""Cost model, profile fitting, online calibration and signal windows (pure, no Ray)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from offramp.placement.cost_model import (
+    Calibration, CostModel, ModelSpec, PlacementError, PoolSpec, ProfileSample, _sample_work, fit_profile,
+    reach_from_exit_rates,
+)
+from offramp.placement.signals import SlidingWindow, StageRecorder, stage_arrival_rates
+
+M = ModelSpec.tiny()
+CPU = PoolSpec(name="cpu", kind="cpu", count=2, memory_bytes=8e9, mem_bandwidth=2e10, flops=5e10,
+               fixed_overhead_s=0.0005, precisions=["fp32", "int8"])
+GPU = PoolSpec(name="gpu", kind="gpu", count=1, memory_bytes=80e9, mem_bandwidth=2e12, flops=3e14,
+               fixed_overhead_s=0.002, precisions=["bf16"])
+
+
+def test_weight_bytes_end_stages_and_exit_heads():
+    cm = CostModel(M)
+    layer = M.weight_bytes(M.layer_params(), "fp32")
+    emb = M.vocab * M.hidden * 4
+    head = M.head_params() * 4
+    assert cm.weight_bytes(0, 8, "fp32") == pytest.approx(8 * layer + emb + 3 * 2 * M.hidden * 4)  # tied head
+    assert cm.weight_bytes(0, 1, "fp32") == pytest.approx(layer + emb)  # no tap in layer 0
+    assert cm.weight_bytes(2, 3, "fp32") == pytest.approx(layer)  # tap 2 belongs to the stage ending at 2
+    assert cm.weight_bytes(1, 2, "fp32") == pytest.approx(layer + head + 2 * M.hidden * 4)  # owns tap 2
+    assert cm.weight_bytes(4, 6, "fp32") == pytest.approx(2 * layer + head + 2 * M.hidden * 4)  # tap 6
+    assert cm.weight_bytes(6, 8, "fp32") == pytest.approx(2 * layer + head)  # last: head, no tap
+    assert cm.weight_bytes(6, 8, "int8") < 0.3 * cm.weight_bytes(6, 8, "fp32")
+
+
+def test_decode_regimes_gpu_memory_cpu_compute():
+    cm = CostModel(M)
+    assert cm.decode_step(0, 8, GPU, "bf16", 16, 128).bound == "memory"
+    assert cm.decode_step(0, 8, CPU, "fp32", 1, 128).bound == "memory"
+    assert cm.decode_step(0, 8, CPU, "fp32", 8, 128).bound == "compute"
+
+
+def test_exits_cut_deep_work_only_in_propagate_mode():
+    cm = CostModel(M)
+    reach = reach_from_exit_rates(8, {2: 0.5, 4: 0.5, 6: 0.5})
+    assert reach == [1, 1, 0.5, 0.5, 0.25, 0.25, 0.125, 0.125]
+    exact = cm.decode_step(4, 8, CPU, "fp32", 8, 128, reach, "exact")
+    prop = cm.decode_step(4, 8, CPU, "fp32", 8, 128, reach, "propagate")
+    none = cm.decode_step(4, 8, CPU, "fp32", 8, 128)
+    # work per second at one arrival rate: steps/s scale with reach at the stage's start
+    fill_rows = sum(8 * (1 - reach[l]) for l in range(4, 8))  # exited tokens needing KV here, per 8 tokens
+    saved = (exact.flops - prop.flops) * reach[4]
+    assert saved == pytest.approx(fill_rows * (M.layer_flops(128) - M.kv_projection_flops()))
+    assert exact.flops * reach[4] > none.flops - 8 * M.head_flops()  # exact: no layer FLOPs saved  # exact backfill: every token's KV is computed here
+
+
+def test_hop_and_precision_checks():
+    cm = CostModel(M)
+    assert cm.hop_s(GPU, CPU, 16) == pytest.approx(max(GPU.hop_fixed_s, CPU.hop_fixed_s) + 16 * 384 * 4 / 1.25e9)
+    with pytest.raises(PlacementError, match="does not support"):
+        cm.decode_step(0, 8, GPU, "int8", 1, 0)
+
+
+def _samples(pool, batches, layers, context=64):
+    out = []
+    for b in batches:
+        for n in layers:
+            s = ProfileSample(batch=b, layers=n, seconds=1.0, context=context)
+            nbytes, flops = _sample_work(M, s, "fp32")
+            t = pool.fixed_overhead_s + max(nbytes / pool.mem_bandwidth, flops / pool.flops)
+            out.append(s.model_copy(update={"seconds": t}))
+    return out
+
+
+def test_fit_profile_recovers_known_parameters():
+    fit = fit_profile(M, _samples(CPU, [1, 2, 4, 8, 16, 32], [1, 2, 4]))
+    assert fit.fixed_overhead_s == pytest.approx(CPU.fixed_overhead_s, rel=1e-3)
+    assert fit.mem_bandwidth == pytest.approx(CPU.mem_bandwidth, rel=1e-3)
+    assert fit.flops == pytest.approx(CPU.flops, rel=1e-3)
+    assert fit.memory_bound_samples > 0 and fit.compute_bound_samples > 0
+    assert fit.apply(CPU.model_copy(update={"flops": 1.0})).flops == pytest.approx(CPU.flops, rel=1e-3)
+
+
+def test_fit_profile_single_regime_keeps_prior_and_rejects_too_few():
+    fit = fit_profile(M, _samples(GPU, [1, 2, 4], [1, 2]), prior=GPU.model_copy(update={"flops": 7e14}))
+    assert fit.compute_bound_samples == 0  # decode on a GPU: memory-bound at small batch
+    assert fit.flops == 7e14 and fit.mem_bandwidth == pytest.approx(GPU.mem_bandwidth, rel=1e-3)
+    with pytest.raises(PlacementError, match="measure a few"):
+        fit_profile(M, _samples(CPU, [1], [1]))
+
+
+def test_online_correction_converges():
+    cm = CostModel(M, Calibration(alpha=0.2))
+    pred = cm.decode_step(0, 4, CPU, "fp32", 4, 64, calibrated=False).seconds
+    for i in range(60):
+        noise = 1.0 + 0.05 * (1 if i % 2 else -1)
+        cm.calibration.observe("cpu", "decode", 0, 4, 1.7 * pred * noise, pred)
+    assert cm.decode_step(0, 4, CPU, "fp32", 4, 64).seconds == pytest.approx(1.7 * pred, rel=0.06)
+    # an unmeasured range on the same pool borrows the pool-wide factor
+    other = cm.decode_step(4, 8, CPU, "fp32", 4, 64)
+    raw = cm.decode_step(4, 8, CPU, "fp32", 4, 64, calibrated=False)
+    assert other.seconds / raw.seconds == pytest.approx(1.7, rel=0.06)
+    assert cm.calibration.factor("gpu", "decode") == 1.0
+
+
+def test_sliding_window_expires_and_rates():
+    w = SlidingWindow(window_s=10, buckets=10)
+    for t in range(10):
+        w.add(t + 0.5, 2.0)
+    assert w.count(9.9) == 10 and w.rate(9.9) == pytest.approx(2.0) and w.max(9.9) == 2.0
+    assert w.count(15.0) == 4  # buckets 6..9 still live at t=15 (bucket 15 current)
+    assert w.count(100.0) == 0 and math.isnan(w.mean(100.0))
+
+
+def test_stage_recorder_snapshot():
+    r = StageRecorder(stage=1, replica="r0", window_s=10, buckets=5)
+    for i in range(20):
+        t = i * 0.5
+        r.record_step(t, "decode", 0.01, rows=8)
+        r.record_arrival(t, 8)
+        r.record_hop(t, 0.002)
+    r.record_step(9.0, "prefill", 0.05, rows=128)
+    r.set_gauges(queue_len=3, oldest_wait_s=0.2, kv_occupancy=0.5, memory_headroom_bytes=1e9)
+    s = r.snapshot(9.9)
+    assert s.steps == 20 and s.batch_size == 8 and s.tokens_per_s == pytest.approx(16.0)
+    assert s.arrival_tokens_per_s == pytest.approx(16.0) and s.prefill_tokens_per_s == pytest.approx(12.8)
+    assert s.busy_fraction == pytest.approx((20 * 0.01 + 0.05) / 10)
+    assert s.queue_len == 3 and s.hop_s == pytest.approx(0.002) and s.to_dict()["replica"] == "r0"
+    assert stage_arrival_rates([s, s]) == {1: pytest.approx(32.0)}
