@@ -1,0 +1,60 @@
+"""Shared fixtures. Integration tests (``@pytest.mark.integration``) get one real local
+multi-node Ray cluster with the Offramp app per session (``serve_cluster``).
+
+Skipping policy: integration tests are skipped only when Ray itself cannot start on this
+machine (the reason says so). Any failure after Ray is up - the app not deploying, a
+replica not placing - is an error, never a skip.
+"""
+from __future__ import annotations
+
+import pytest
+
+_RAY_START_ERROR: list[str] = []  # set once if Ray could not start; later tests skip at once
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama checkpoint (4 layers, vocab 512, byte tokenizer)."""
+    from offramp.ops.presets import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("tiny-serve"), "tiny", seed=11)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster: head + GPU-pool node + two CPU-pool nodes, loopback only."""
+    if _RAY_START_ERROR:
+        pytest.skip(_RAY_START_ERROR[0])
+    from serve_fixtures import start_ray_cluster
+
+    try:
+        cluster = start_ray_cluster()
+    except Exception as e:  # noqa: BLE001 - the one case where skipping is right
+        _RAY_START_ERROR.append(f"Ray cannot start a local cluster on this machine: {type(e).__name__}: {e}")
+        pytest.skip(_RAY_START_ERROR[0])
+    yield cluster
+    import ray
+
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_cluster(ray_cluster, tiny_model_dir):
+    """The Offramp app (4 stages: 0-1 on the GPU pool, 2-3 on CPU pools) applied from a Serve
+    config on the session's cluster. Returns a :class:`tests.serve_fixtures.ServeCluster`."""
+    from ray import serve
+
+    from serve_fixtures import ServeCluster, apply_config, free_port, serve_config
+
+    port = free_port()
+    config = serve_config(tiny_model_dir, port)
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+    try:
+        apply_config(config, wait_s=180)
+        root = f"http://127.0.0.1:{port}"
+        yield ServeCluster(base_url=f"{root}/v1", root_url=root, model_dir=tiny_model_dir, port=port,
+                           config=config, cluster=ray_cluster)
+    finally:
+        serve.shutdown()
+

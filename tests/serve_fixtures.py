@@ -1,0 +1,157 @@
+"""Helpers for integration tests on a real local multi-node Ray cluster (loopback only).
+
+The cluster mirrors ``offramp cluster up``: a head, one GPU-pool node (custom resource
+``pool_gpu``) and two CPU-pool nodes (``pool_cpu``). The Offramp app is applied from a
+Serve config dict the way ``serve deploy`` / ``serve run config.yaml`` do it: the dict is
+validated as a ``ServeDeploySchema`` and handed to the Serve client's ``deploy_apps``, so
+re-applying it with one deployment's ``num_replicas`` changed is exactly a config update.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+APP = "offramp"
+MODEL_NAME = "offramp-default"
+NUM_STAGES = 4
+GPU_STAGES = (0, 1)  # stages pinned to the GPU pool; the rest go to the CPU pool
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_config(model_dir: Path, port: int, stage1_replicas: int = 1) -> dict[str, Any]:
+    """The dict form of a YAML like configs/gpu-cpu.yaml, for the tiny test model."""
+    pools = ["gpu" if k in GPU_STAGES else "cpu" for k in range(NUM_STAGES)]
+    deployments = [{"name": "OfframpIngress", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}}]
+    for k, pool in enumerate(pools):
+        deployments.append({"name": f"Stage{k}", "num_replicas": stage1_replicas if k == 1 else 1,
+                            "ray_actor_options": {"num_cpus": 0.5, "resources": {f"pool_{pool}": 1}}})
+    return {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": "127.0.0.1", "port": port},
+        "applications": [{
+            "name": APP,
+            "route_prefix": "/",
+            "import_path": "offramp.deployments.app:build_app",
+            "args": {
+                "model": str(model_dir),
+                "num_stages": NUM_STAGES,
+                "stages": [{"pool": p, "dtype": "fp32"} for p in pools],
+                "exit": {"mode": "calibrated", "kv_fill": "exact"},  # no exits file: calibrated = no exits
+                "api_key_env": "",  # never pick up a key from the test machine's environment
+                "request_timeout_s": 30.0,
+            },
+            "deployments": deployments,
+        }],
+    }
+
+
+def apply_config(config: dict[str, Any], wait_s: float | None = 120.0) -> None:
+    """Apply a Serve config in-process: what ``serve deploy`` does through the dashboard."""
+    from ray.serve._private.api import serve_start  # the same call `serve run config.yaml` makes
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(copy.deepcopy(config))
+    client = serve_start(http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location)
+    client.deploy_apps(schema, _blocking=False)
+    if wait_s is not None:
+        wait_running(wait_s)
+
+
+def wait_running(wait_s: float = 120.0, want: dict[str, int] | None = None) -> None:
+    """Until the app is RUNNING (and each deployment in ``want`` has that many running replicas)."""
+    from ray import serve
+
+    deadline = time.monotonic() + wait_s
+    last = None
+    while time.monotonic() < deadline:
+        st = serve.status().applications.get(APP)
+        last = st
+        if st is not None and st.status == "RUNNING":
+            if not want or all(st.deployments[d].replica_states.get("RUNNING", 0) == n
+                               and sum(st.deployments[d].replica_states.values()) == n for d, n in want.items()):
+                return
+        if st is not None and st.status == "DEPLOY_FAILED":
+            raise RuntimeError(f"Serve app failed to deploy: {st.message}")
+        time.sleep(0.5)
+    raise TimeoutError(f"app not running with {want} after {wait_s}s: {last}")
+
+
+def replica_actors(deployment: str | None = None) -> list[Any]:
+    """Alive replica actors of the app (``ray.util.state`` ActorState), optionally of one deployment."""
+    from ray.util.state import list_actors
+
+    cls = f"ServeReplica:{APP}:{deployment}" if deployment else None
+    filters = [("state", "=", "ALIVE")] + ([("class_name", "=", cls)] if cls else [])
+    actors = list_actors(filters=filters, limit=1000, raise_on_missing_output=False)
+    return [a for a in actors if a.class_name.startswith(f"ServeReplica:{APP}:")]
+
+
+def node_pools() -> dict[str, str]:
+    """node id -> 'gpu' / 'cpu' / 'head', from each node's custom pool resource."""
+    import ray
+
+    out = {}
+    for n in ray.nodes():
+        pool = next((k.removeprefix("pool_") for k in n["Resources"] if k.startswith("pool_")), "head")
+        out[n["NodeID"]] = pool
+    return out
+
+
+@dataclass
+class ServeCluster:
+    """What the session-scoped ``serve_cluster`` fixture hands to tests."""
+
+    base_url: str  # http://127.0.0.1:<port>/v1
+    root_url: str  # http://127.0.0.1:<port>
+    model_dir: Path
+    port: int
+    config: dict[str, Any]
+    cluster: Any = field(repr=False, default=None)
+
+    def openai(self, **kw):
+        from openai import OpenAI
+
+        return OpenAI(base_url=self.base_url, api_key="unused", max_retries=0, timeout=kw.pop("timeout", 60), **kw)
+
+    def async_openai(self, **kw):
+        from openai import AsyncOpenAI
+
+        return AsyncOpenAI(base_url=self.base_url, api_key="unused", max_retries=0,
+                           timeout=kw.pop("timeout", 60), **kw)
+
+    def stats(self) -> list[int]:
+        import httpx
+
+        r = httpx.get(f"{self.root_url}/v1/offramp/stats", timeout=10)
+        r.raise_for_status()
+        return list(r.json()["stage_calls"])
+
+
+def start_ray_cluster():
+    """Head + one GPU-pool node + two CPU-pool nodes, all on 127.0.0.1. Returns the Cluster."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # makes Ray use 127.0.0.1 as the node IP
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, shutdown_at_exit=True,
+                      head_node_args={"num_cpus": 2, "node_ip_address": "127.0.0.1", "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=4, node_ip_address="127.0.0.1", resources={"pool_gpu": 100})
+        for _ in range(2):
+            cluster.add_node(num_cpus=4, node_ip_address="127.0.0.1", resources={"pool_cpu": 100})
+        ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
+        cluster.wait_for_nodes()
+    except BaseException:
+        cluster.shutdown()
+        raise
+    return cluster

@@ -1,0 +1,405 @@
+"""The served pipeline on a real local multi-node Ray cluster, through real HTTP and the
+real ``openai`` client. One cluster and app for the whole module (``serve_cluster``);
+tests run in file order, and the two that change the deployment (scaling, replica kill)
+come last.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from serve_fixtures import (GPU_STAGES, MODEL_NAME, NUM_STAGES, apply_config, node_pools, replica_actors,
+                            serve_config, wait_running)
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+PROMPTS = [[5, 17, 99, 250, 42, 7], [3, 4, 5, 6], [200, 100, 300, 77, 12, 9, 44, 31, 8]]
+MAX_TOKENS = 16
+
+
+# ------------------------------------------------------------------ in-process references
+
+
+@pytest.fixture(scope="module")
+def staged(serve_cluster):
+    """The in-process reference: the same checkpoint, same 4-stage split, no Ray."""
+    import torch
+
+    from offramp.ops.engine import StagedModel
+
+    torch.set_num_threads(1)  # 2 shared cores: leave room for the cluster
+    return StagedModel(serve_cluster.model_dir, num_stages=NUM_STAGES)
+
+
+def reference(staged, prompt, max_tokens, policy):
+    from offramp.protocol import SamplingParams
+
+    (s,) = staged.generate([list(prompt)], SamplingParams(max_tokens=max_tokens, ignore_eos=True), policy)
+    return s
+
+
+@pytest.fixture(scope="module")
+def mixed_threshold(staged):
+    """A threshold that gives this prompt both early and full-depth tokens, chosen so that
+    nudging it by ±0.5% changes nothing (no confidence sits on the edge)."""
+    from offramp.ops.worker import ExitPolicy
+
+    prompt = PROMPTS[0]
+
+    def run(thr):
+        s = reference(staged, prompt, 24, ExitPolicy("threshold", float(thr)))
+        return s.generated, s.exit_stages
+
+    best = None
+    for thr in np.linspace(0.0022, 0.004, 37):
+        toks, stages = run(thr)
+        deep = sum(st == NUM_STAGES - 1 for st in stages)
+        early = len(stages) - deep
+        if not (deep >= 3 and early >= 3):
+            continue
+        if run(thr * 0.995) != (toks, stages) or run(thr * 1.005) != (toks, stages):
+            continue
+        score = min(deep, early) + len(set(stages))
+        if best is None or score > best[0]:
+            best = (score, float(thr))
+    assert best is not None, "no threshold in the scanned range gives a robust mix of early and full-depth exits"
+    return best[1]
+
+
+def offramp_of(choice):
+    return choice.model_extra["offramp"]
+
+
+def completion(client, prompt, max_tokens=MAX_TOKENS, exit="off", **kw):
+    return client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                     extra_body={"offramp": {"exit": exit}, "ignore_eos": True}, **kw)
+
+
+# ------------------------------------------------------------------ 1. placement
+
+
+def test_stages_land_on_their_pools(serve_cluster):
+    pools = node_pools()
+    assert sorted(pools.values()) == ["cpu", "cpu", "gpu", "head"]
+    for k in range(NUM_STAGES):
+        actors = replica_actors(f"Stage{k}")
+        assert len(actors) == 1, f"Stage{k}: {actors}"
+        want = "gpu" if k in GPU_STAGES else "cpu"
+        assert {pools[a.node_id] for a in actors} == {want}, f"Stage{k} placed off its {want} pool"
+
+
+# ------------------------------------------------------------------ 2. OpenAI surface
+
+
+def test_completions_chat_and_streaming_with_openai_client(serve_cluster):
+    client = serve_cluster.openai()
+    assert [m.id for m in client.models.list().data] == [MODEL_NAME]
+
+    r = client.completions.create(model=MODEL_NAME, prompt="Hello there", max_tokens=8, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    (c,) = r.choices
+    assert c.text and c.finish_reason == "length"
+    assert r.usage.completion_tokens == 8 == len(offramp_of(c)["token_ids"])
+    assert r.usage.prompt_tokens == len("Hello there")  # byte tokenizer, no BOS added by this tokenizer
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert len(offramp_of(c)["exit_stages"]) == 8
+
+    msgs = [{"role": "user", "content": "Say something"}]
+    r = client.chat.completions.create(model=MODEL_NAME, messages=msgs, max_tokens=6, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    (c,) = r.choices
+    assert r.object == "chat.completion" and c.message.role == "assistant"
+    assert c.message.content and c.finish_reason == "length"
+    assert r.usage.completion_tokens == 6 == len(offramp_of(c)["token_ids"])
+    assert r.usage.prompt_tokens > len("Say something")  # the chat template adds role markers
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    chat_ids = offramp_of(c)["token_ids"]
+
+    stream = client.chat.completions.create(model=MODEL_NAME, messages=msgs, max_tokens=6, temperature=0,
+                                            stream=True, stream_options={"include_usage": True},
+                                            extra_body={"ignore_eos": True})
+    chunks = list(stream)  # the client stops at `data: [DONE]`; an error event would raise here
+    content = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    finishes = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert content == c.message.content  # greedy: the stream says what the JSON said
+    assert finishes == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
+    assert chunks[-1].usage.prompt_tokens == r.usage.prompt_tokens
+    streamed_stages = [s for ch in chunks if ch.choices for s in offramp_of(ch.choices[0])["exit_stages"]]
+    assert len(streamed_stages) == len(chat_ids)
+
+
+# ------------------------------------------------------------------ 3. exits off == in-process
+
+
+def test_exits_off_equals_in_process_greedy(serve_cluster, staged):
+    from offramp.ops.worker import ExitPolicy
+
+    client = serve_cluster.openai()
+    for p in PROMPTS:
+        ref = reference(staged, p, MAX_TOKENS, ExitPolicy("off"))
+        r = completion(client, p, exit="off")
+        extra = offramp_of(r.choices[0])
+        assert extra["token_ids"] == ref.generated, f"prompt {p}"
+        assert extra["exit_stages"] == [NUM_STAGES - 1] * MAX_TOKENS
+        assert extra["stages_skipped"] == 0
+
+
+# ------------------------------------------------------------------ 4. exits on: distributed == in-process
+
+
+def test_exits_on_matches_in_process_and_skips_stages(serve_cluster, staged, mixed_threshold):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from offramp.ops.worker import ExitPolicy
+
+    prompt, n = PROMPTS[0], 24
+    ref = reference(staged, prompt, n, ExitPolicy("threshold", mixed_threshold))
+    client = serve_cluster.openai()
+    before = serve_cluster.stats()
+    r = completion(client, prompt, max_tokens=n, exit=mixed_threshold)
+    after = serve_cluster.stats()
+    extra = offramp_of(r.choices[0])
+    ids, stages = extra["token_ids"], extra["exit_stages"]
+
+    assert ids == ref.generated
+    assert stages == ref.exit_stages
+    assert 0 < sum(s < NUM_STAGES - 1 for s in stages) < n, "the threshold must give a mix of exits"
+    assert extra["stages_skipped"] == sum(NUM_STAGES - 1 - s for s in stages)
+
+    # Stage k was visited once per token whose exit stage is >= k, never for tokens that exited before it.
+    calls = [a - b for a, b in zip(after, before)]
+    assert calls == [sum(s >= k for s in stages) for k in range(NUM_STAGES)]
+
+    # Exact deferred backfill: every full-depth token is the full model's greedy token for its prefix.
+    hf = AutoModelForCausalLM.from_pretrained(str(serve_cluster.model_dir)).eval()
+    tokens = list(prompt) + ids
+    with torch.no_grad():
+        greedy = hf(torch.tensor([tokens])).logits[0].argmax(-1).tolist()
+    deep = [i for i, s in enumerate(stages) if s == NUM_STAGES - 1]
+    assert any(i > min(j for j, s in enumerate(stages) if s < NUM_STAGES - 1) for i in deep), \
+        "need a full-depth token after an early exit to test the backfill"
+    for i in deep:
+        pos = len(prompt) + i
+        assert tokens[pos] == greedy[pos - 1], f"full-depth token {i} differs from the full model's greedy token"
+
+
+# ------------------------------------------------------------------ 5. concurrency
+
+
+def test_concurrent_greedy_requests_match_references(serve_cluster, staged):
+    from offramp.ops.worker import ExitPolicy
+
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 512, size=int(rng.integers(3, 12))).tolist() for _ in range(8)]
+    refs = [reference(staged, p, 12, ExitPolicy("off")).generated for p in prompts]
+
+    async def run():
+        client = serve_cluster.async_openai()
+        try:
+            return await asyncio.gather(*[
+                client.completions.create(model=MODEL_NAME, prompt=p, max_tokens=12, temperature=0,
+                                          extra_body={"offramp": {"exit": "off"}, "ignore_eos": True})
+                for p in prompts])
+        finally:
+            await client.close()
+
+    results = asyncio.run(run())
+    assert [offramp_of(r.choices[0])["token_ids"] for r in results] == refs
+
+
+# ------------------------------------------------------------------ 7. bad input beside good traffic
+
+
+def _assert_openai_error(resp: httpx.Response, status: int):
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    err = body["error"]
+    assert isinstance(err["message"], str) and err["message"]
+    assert "type" in err
+    assert "Traceback" not in resp.text and 'File "' not in resp.text
+
+
+def test_bad_requests_during_a_long_stream(serve_cluster, staged):
+    from offramp.ops.worker import ExitPolicy
+
+    client = serve_cluster.openai(timeout=120)
+    prompt, n = PROMPTS[1], 200
+    ref = reference(staged, prompt, n, ExitPolicy("off")).generated
+    got: dict = {}
+
+    def long_stream():
+        try:
+            chunks = list(client.completions.create(
+                model=MODEL_NAME, prompt=prompt, max_tokens=n, temperature=0, stream=True,
+                extra_body={"offramp": {"exit": "off"}, "ignore_eos": True}))
+            got["stages"] = [s for ch in chunks for s in offramp_of(ch.choices[0])["exit_stages"]]
+            got["finish"] = [ch.choices[0].finish_reason for ch in chunks if ch.choices[0].finish_reason]
+            got["text"] = "".join(ch.choices[0].text for ch in chunks)
+        except Exception as e:  # noqa: BLE001 - reported below
+            got["error"] = e
+
+    t = threading.Thread(target=long_stream)
+    t.start()
+    url = f"{serve_cluster.base_url}/completions"
+    good = {"model": MODEL_NAME, "prompt": [5, 6, 7], "temperature": 0}
+    bad = [
+        ({**good, "max_tokens": 0}, 400),
+        ({**good, "prompt": [5] * 300, "max_tokens": 4}, 400),  # longer than the 256-token context
+        ({**good, "model": "no-such-model", "max_tokens": 4}, 404),
+        ({**good, "temperature": -1, "max_tokens": 4}, 400),
+        ({**good, "top_p": 0, "max_tokens": 4}, 400),
+    ]
+    with httpx.Client(timeout=30) as http:
+        for body, status in bad:
+            _assert_openai_error(http.post(url, json=body), status)
+        _assert_openai_error(http.post(url, content=b'{"model": "offramp-default", "prompt": [5,',
+                                       headers={"content-type": "application/json"}), 400)
+        chat = http.post(f"{serve_cluster.base_url}/chat/completions",
+                         json={"model": MODEL_NAME, "messages": [{"role": "user", "content": "x"}], "max_tokens": 0})
+        _assert_openai_error(chat, 400)
+        still_streaming = t.is_alive()
+    t.join(120)
+    assert not t.is_alive()
+    assert "error" not in got, got.get("error")
+    assert got["finish"] == ["length"] and len(got["stages"]) == n
+    assert got["text"] == staged_text(serve_cluster, ref)
+    assert still_streaming, "the long stream ended before the bad requests; lengthen it to test overlap"
+
+
+def staged_text(serve_cluster, ids):
+    from offramp.api.text import load_tokenizer
+
+    return load_tokenizer(serve_cluster.model_dir).decode(ids)
+
+
+# ------------------------------------------------------------------ 6. scale one stage by config
+
+
+def _replica_ids() -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for a in replica_actors():
+        out.setdefault(a.class_name.rsplit(":", 1)[1], set()).add(a.actor_id)
+    return out
+
+
+def test_scale_one_stage_by_reapplying_config(serve_cluster, staged):
+    from offramp.ops.worker import ExitPolicy
+
+    before = _replica_ids()
+    assert {d: len(v) for d, v in before.items()} == {"OfframpIngress": 1, **{f"Stage{k}": 1 for k in range(4)}}
+    client = serve_cluster.openai()
+    prompt = PROMPTS[2]
+    ref = reference(staged, prompt, 8, ExitPolicy("off")).generated
+    failures, done = [], [0]
+    stop = threading.Event()
+
+    def traffic():
+        while not stop.is_set():
+            try:
+                ids = offramp_of(completion(client, prompt, max_tokens=8).choices[0])["token_ids"]
+                if ids != ref:
+                    failures.append(f"wrong ids {ids}")
+                done[0] += 1
+            except Exception as e:  # noqa: BLE001 - collected and asserted below
+                failures.append(repr(e))
+
+    t = threading.Thread(target=traffic)
+    t.start()
+    try:
+        scaled = serve_config(serve_cluster.model_dir, serve_cluster.port, stage1_replicas=2)
+        apply_config(scaled, wait_s=None)
+        wait_running(120, want={"Stage1": 2})
+        during = done[0]
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        t.join(60)
+    serve_cluster.config = scaled
+    assert not failures, failures[:3]
+    assert during >= 1
+    after = _replica_ids()
+    assert len(after["Stage1"]) == 2 and before["Stage1"] < after["Stage1"]
+    for d in ["OfframpIngress", "Stage0", "Stage2", "Stage3"]:
+        assert after[d] == before[d], f"{d} was restarted by a config change that did not touch it"
+    pools = node_pools()
+    assert {pools[a.node_id] for a in replica_actors("Stage1")} == {"gpu"}
+    for p in PROMPTS:  # after the change, both Stage1 replicas serve correct tokens
+        assert offramp_of(completion(client, p).choices[0])["token_ids"] == \
+            reference(staged, p, MAX_TOKENS, ExitPolicy("off")).generated
+
+
+# ------------------------------------------------------------------ 8. replica kill (destructive: last)
+
+
+def test_killing_a_stage_replica_mid_request(serve_cluster, staged):
+    import ray
+
+    from offramp.ops.worker import ExitPolicy
+
+    client = serve_cluster.openai(timeout=90)
+    long_prompt, n = PROMPTS[0], 150
+    long_ref = reference(staged, long_prompt, n, ExitPolicy("off")).generated
+    short_ref = reference(staged, PROMPTS[1], 8, ExitPolicy("off")).generated
+    results: dict[str, object] = {}
+
+    def in_flight():
+        t0 = time.monotonic()
+        try:
+            r = completion(client, long_prompt, max_tokens=n)
+            results["in_flight"] = offramp_of(r.choices[0])["token_ids"]
+        except Exception as e:  # noqa: BLE001 - examined below
+            results["in_flight"] = e
+        results["in_flight_s"] = time.monotonic() - t0
+
+    (victim,) = replica_actors("Stage2")
+    t = threading.Thread(target=in_flight)
+    t.start()
+    time.sleep(1.0)  # the request is well into decoding
+    assert t.is_alive(), "the in-flight request finished before the kill; lengthen it"
+    ray.kill(ray.get_actor(victim.name, namespace="serve"), no_restart=True)
+
+    # Another request concurrent with the failure: same contract as the in-flight one.
+    other = None
+    try:
+        other = offramp_of(completion(client, PROMPTS[1], max_tokens=8).choices[0])["token_ids"]
+    except Exception as e:  # noqa: BLE001
+        other = e
+    t.join(90)
+    assert not t.is_alive(), "the in-flight request hung past its timeout"
+
+    for name, res, ref in [("in_flight", results["in_flight"], long_ref), ("concurrent", other, short_ref)]:
+        if isinstance(res, list):
+            assert res == ref, f"{name}: a replayed request returned different tokens"
+        else:
+            import openai
+
+            assert isinstance(res, openai.APIStatusError), f"{name}: {res!r}"
+            assert 500 <= res.status_code < 600, f"{name}: {res.status_code}"
+            assert isinstance(res.body, dict) and res.body.get("message"), f"{name}: not an OpenAI error: {res.body}"
+            assert "Traceback" not in str(res.response.text)
+
+    # Serve replaces the replica; requests succeed again within a bounded wait.
+    deadline = time.monotonic() + 60
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            ids = offramp_of(completion(client, PROMPTS[1], max_tokens=8).choices[0])["token_ids"]
+            if ids == short_ref and any(a.actor_id != victim.actor_id for a in replica_actors("Stage2")):
+                break
+            last = f"ids {ids}"
+        except Exception as e:  # noqa: BLE001
+            last = repr(e)
+        time.sleep(1.0)
+    else:
+        pytest.fail(f"requests did not recover within 60 s of the kill; last: {last}")
+    for p in PROMPTS:
+        assert offramp_of(completion(client, p).choices[0])["token_ids"] == \
+            reference(staged, p, MAX_TOKENS, ExitPolicy("off")).generated
+    wait_running(60, want={"Stage2": 1})
