@@ -69,7 +69,7 @@ class SlidingWindow:
         if value > self._max[i]:
             self._max[i] = value
 
-    def _live(self, now: float) -> range | list[int]:
+    def _live(self, now: float) -> list[int]:
         e = int(now // self.width)
         return [i for i in range(self.n) if e - self.n < self._epoch[i] <= e]
 
