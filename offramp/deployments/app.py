@@ -155,8 +155,9 @@ class OfframpIngress:
         app = create_app(self.frontend)
 
         @app.get("/v1/offramp/stats")
-        async def stats():
-            return {"stage_calls": list(self.backend.calls), "num_stages": self.backend.num_stages}
+        async def stats(reset: bool = False):
+            """Stage calls on this ingress replica and server-side TTFT/TPOT since the last reset."""
+            return self.backend.stats(reset)
 
         return app
 

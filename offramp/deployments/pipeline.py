@@ -112,6 +112,8 @@ class PipelineBackend:
         self.default_exit, self.default_threshold = default_exit, default_threshold
         self._ids = itertools.count()
         self.calls = [0] * num_stages  # stage visits on this ingress (exit skipping is visible here)
+        self.ttft_s: list[float] = []  # server-side latencies since the last stats reset
+        self.tpot_s: list[float] = []
         self._background: set[asyncio.Task] = set()
 
     async def generate(self, request: GenerationRequest):
@@ -125,10 +127,14 @@ class PipelineBackend:
                                     f"exceeds the context of {self.max_seq}", param="max_tokens")
         seq = _Seq(request, self._policy(request), prompt, len(prompt))
         self._new_session(seq)
-        deadline = time.monotonic() + (request.deadline_s or self.request_timeout)
+        start = last = time.monotonic()
+        deadline = start + (request.deadline_s or self.request_timeout)
         try:
             while True:
                 token, stage = await self._next_token(seq, deadline)
+                now = time.monotonic()
+                (self.tpot_s if seq.generated else self.ttft_s).append(now - last)
+                last = now
                 seq.tokens.append(token)
                 reason = finish_reason(request.sampling, token, seq.generated, len(seq.tokens),
                                        self.eos_token_ids, self.max_seq)
@@ -137,6 +143,17 @@ class PipelineBackend:
                     return
         finally:
             self._release(seq)
+
+    def stats(self, reset: bool = False) -> dict:
+        def pct(xs, q):
+            return round(1000 * sorted(xs)[min(len(xs) - 1, int(q * len(xs)))], 3) if xs else None
+
+        out = {"stage_calls": list(self.calls), "num_stages": self.num_stages, "tokens": len(self.tpot_s) + len(self.ttft_s),
+               "ttft_ms_p50": pct(self.ttft_s, 0.5), "ttft_ms_p99": pct(self.ttft_s, 0.99),
+               "tpot_ms_p50": pct(self.tpot_s, 0.5), "tpot_ms_p99": pct(self.tpot_s, 0.99)}
+        if reset:
+            self.ttft_s, self.tpot_s = [], []
+        return out
 
     def _policy(self, request: GenerationRequest) -> ExitPolicy:
         mode = request.exit_mode
