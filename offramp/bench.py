@@ -58,6 +58,7 @@ def run_core(args) -> int:
     rss_hf = _rss_mb()
     staged = {n: StagedModel(model_dir, num_stages=n, max_slots=max(batches), max_seq=plen + n_new + 1)
               for n in (1, 4)}
+    bf16 = StagedModel(model_dir, num_stages=1, dtypes="bf16", max_slots=max(batches), max_seq=plen + n_new + 1)
     rss_staged = _rss_mb()
     stage_mb = {n: [round((w.stage.layer_bytes() + sum(p.numel() * p.element_size() for name, p in
                 w.stage.named_parameters() if not name.startswith("layers.")) + w.cache.bytes) / 2**20, 1)
@@ -71,7 +72,8 @@ def run_core(args) -> int:
         hf.generate(prompts, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
                     pad_token_id=0, eos_token_id=None)
 
-    contenders = {"transformers": None, "offramp-1stage": staged[1], "offramp-4stage": staged[4]}
+    contenders = {"transformers": None, "offramp-1stage": staged[1], "offramp-4stage": staged[4],
+                  "offramp-1stage-bf16": bf16}
     total = args.repeats * len(batches) * len(contenders)
     with tqdm(total=total, desc="bench core", file=sys.stderr, disable=args.json) as bar, torch.inference_mode():
         for _ in range(args.repeats):
@@ -96,6 +98,8 @@ def run_core(args) -> int:
     for b in batches:
         ratios[f"offramp_1stage_vs_transformers_b{b}"] = round(tps[("offramp-1stage", b)] / tps[("transformers", b)], 2)
         ratios[f"offramp_4stage_vs_1stage_b{b}"] = round(tps[("offramp-4stage", b)] / tps[("offramp-1stage", b)], 2)
+        ratios[f"offramp_1stage_bf16_vs_transformers_fp32_b{b}"] = round(
+            tps[("offramp-1stage-bf16", b)] / tps[("transformers", b)], 2)
     report = {
         "model": str(model_dir) if args.model else "random Llama-style (bench-20m preset)",
         "params_m": round(n_params / 1e6, 1), "prompt_len": plen, "new_tokens": n_new,

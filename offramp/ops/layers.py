@@ -156,9 +156,14 @@ class Attention(nn.Module):
 
 
 def write_kv(k_cache, v_cache, k: torch.Tensor, v: torch.Tensor, meta: StepMeta) -> None:
-    """Scatter the valid new positions' K/V into the cache (slots, nkv, max_seq, hd)."""
-    k_cache[meta.write_slots, :, meta.write_pos] = k[meta.write_rows, meta.write_cols].to(k_cache.dtype)
-    v_cache[meta.write_slots, :, meta.write_pos] = v[meta.write_rows, meta.write_cols].to(v_cache.dtype)
+    """Scatter the valid new positions' K/V into the cache (slots, nkv, max_seq, hd).
+
+    All three indices are advanced and broadcast ((N,1), (1,nkv), (N,1)), so this is one
+    direct scatter; mixing a slice between advanced indices would copy the whole cache."""
+    heads = torch.arange(k_cache.shape[1], device=k_cache.device)[None, :]  # (1, nkv)
+    idx = (meta.write_slots[:, None], heads, meta.write_pos[:, None])
+    k_cache.index_put_(idx, k[meta.write_rows, meta.write_cols].to(k_cache.dtype))  # values (N, nkv, hd)
+    v_cache.index_put_(idx, v[meta.write_rows, meta.write_cols].to(v_cache.dtype))
 
 
 class MLP(nn.Module):
