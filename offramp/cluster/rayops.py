@@ -73,3 +73,13 @@ def replica_context() -> tuple[str, str]:
 
 def cluster_has_gpus() -> bool:
     return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+
+
+def http_host() -> str | None:
+    """The host Serve's HTTP proxies bind, as configured (None if it cannot be read)."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        return _get_global_client().http_config.host
+    except Exception:  # noqa: BLE001 - the bind check is then left to the operator
+        return None

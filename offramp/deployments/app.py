@@ -145,9 +145,16 @@ class OfframpIngress:
         self.backend = PipelineBackend(
             len(ranges), Router(len(ranges), token, lookup), eos_token_ids=spec.eos_token_ids, max_seq=max_seq,
             vocab_size=spec.vocab_size, kv_fill=args.exit.kv_fill, request_timeout_s=args.request_timeout_s,
-            default_exit=args.exit.mode, default_threshold=args.exit.threshold)
+            default_exit=args.exit.mode, default_threshold=args.exit.threshold,
+            max_active=args.max_active_requests)
         self.frontend = Frontend.from_app_args(args, self.backend, load_tokenizer(model_dir),
                                                model_context=spec.max_position)
+        host = rayops.http_host()
+        if host is not None:
+            from offramp.api.auth import check_bind
+
+            key = self.frontend.settings.api_key
+            check_bind(host, key.get_secret_value() if key else None, args.api_key_env)
 
     def __serve_build_asgi_app__(self):
         from offramp.api.app import create_app

@@ -62,6 +62,7 @@ class AppArgs(BaseModel):
     max_tokens_cap: int = Field(1024, ge=1, description="Largest `max_tokens` a request may ask for.")
     api_key_env: str = Field("OFFRAMP_API_KEY", description="Environment variable holding the API key (empty = no key).")
     request_timeout_s: float = Field(60.0, gt=0, description="Deadline for one request end to end.")
+    max_active_requests: int = Field(256, ge=1, description="Requests one ingress replica runs at once; more get 429.")
 
     @model_validator(mode="after")
     def _split_xor_stages(self) -> "AppArgs":

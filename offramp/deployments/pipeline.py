@@ -104,7 +104,7 @@ class PipelineBackend:
     def __init__(self, num_stages: int, router: Router, *, eos_token_ids: tuple[int, ...], max_seq: int,
                  vocab_size: int, kv_fill: str = "exact", call_timeout_s: float = 30.0,
                  request_timeout_s: float = 60.0, max_replays: int = 4, default_exit: str = "calibrated",
-                 default_threshold: float | None = None):
+                 default_threshold: float | None = None, max_active: int = 256):
         self.num_stages, self.router = num_stages, router
         self.eos_token_ids, self.max_seq, self.vocab_size = eos_token_ids, max_seq, vocab_size
         self.kv_fill, self.call_timeout, self.request_timeout = kv_fill, call_timeout_s, request_timeout_s
@@ -115,6 +115,7 @@ class PipelineBackend:
         self.ttft_s: list[float] = []  # server-side latencies since the last stats reset
         self.tpot_s: list[float] = []
         self._background: set[asyncio.Task] = set()
+        self.max_active, self.active = max_active, 0
 
     async def generate(self, request: GenerationRequest):
         prompt = list(request.prompt_ids)
@@ -125,6 +126,10 @@ class PipelineBackend:
         if len(prompt) + request.sampling.max_tokens > self.max_seq:
             raise errors.BadRequest(f"prompt ({len(prompt)} tokens) + max_tokens ({request.sampling.max_tokens}) "
                                     f"exceeds the context of {self.max_seq}", param="max_tokens")
+        if self.active >= self.max_active:
+            raise errors.Overloaded(f"this ingress replica already runs {self.max_active} requests; retry shortly "
+                                    "or add OfframpIngress replicas")
+        self.active += 1
         seq = _Seq(request, self._policy(request), prompt, len(prompt))
         self._new_session(seq)
         start = last = time.monotonic()
@@ -142,6 +147,7 @@ class PipelineBackend:
                 if reason:
                     return
         finally:
+            self.active -= 1
             self._release(seq)
 
     def stats(self, reset: bool = False) -> dict:
