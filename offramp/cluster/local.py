@@ -99,7 +99,7 @@ def down() -> None:
 
     if not state_file().is_file():
         return
-    pids = json.loads(state_file().read_text()).get("pids", [])
+    pids = _descendants(json.loads(state_file().read_text()).get("pids", []))
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
             try:
@@ -108,3 +108,21 @@ def down() -> None:
                 pass
         time.sleep(2)
     state_file().unlink(missing_ok=True)
+
+
+def _descendants(roots: list[int]) -> set[int]:
+    """The roots and every process below them (Ray workers run as children of raylets)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    out, todo = set(), list(roots)
+    while todo:
+        pid = todo.pop()
+        if pid not in out:
+            out.add(pid)
+            todo.extend(children.get(pid, []))
+    return out
