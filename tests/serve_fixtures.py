@@ -138,13 +138,17 @@ class ServeCluster:
 
 
 def start_ray_cluster():
-    """Head + one GPU-pool node + two CPU-pool nodes, all on 127.0.0.1. Returns the Cluster."""
+    """Head + one GPU-pool node + two CPU-pool nodes, all on 127.0.0.1. Returns the Cluster.
+
+    The dashboard (loopback, a free port: other engineers' clusters may hold 8265) is on
+    because ``ray.util.state`` - where replicas' nodes are read - is served by it."""
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # makes Ray use 127.0.0.1 as the node IP
     import ray
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, shutdown_at_exit=True,
-                      head_node_args={"num_cpus": 2, "node_ip_address": "127.0.0.1", "include_dashboard": False})
+                      head_node_args={"num_cpus": 2, "node_ip_address": "127.0.0.1", "include_dashboard": True,
+                                      "dashboard_host": "127.0.0.1", "dashboard_port": free_port()})
     try:
         cluster.add_node(num_cpus=4, node_ip_address="127.0.0.1", resources={"pool_gpu": 100})
         for _ in range(2):

@@ -18,7 +18,8 @@ from serve_fixtures import (GPU_STAGES, MODEL_NAME, NUM_STAGES, apply_config, no
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
-PROMPTS = [[5, 17, 99, 250, 42, 7], [3, 4, 5, 6], [200, 100, 300, 77, 12, 9, 44, 31, 8]]
+# Token ids below 259: the byte tokenizer's size (the server rejects ids it cannot decode).
+PROMPTS = [[5, 17, 99, 250, 42, 7], [3, 4, 5, 6], [200, 100, 30, 77, 12, 9, 44, 31, 8]]
 MAX_TOKENS = 16
 
 
@@ -45,30 +46,33 @@ def reference(staged, prompt, max_tokens, policy):
 
 @pytest.fixture(scope="module")
 def mixed_threshold(staged):
-    """A threshold that gives this prompt both early and full-depth tokens, chosen so that
-    nudging it by ±0.5% changes nothing (no confidence sits on the edge)."""
+    """(prompt, threshold) giving both early and full-depth tokens. A random model's exit
+    confidences all sit near 1/vocab, so the scan is fine-grained, and the threshold is kept
+    only if nudging it by ±0.1% changes nothing (no confidence sits on the edge, so float
+    noise between the distributed and in-process runs cannot flip a decision)."""
     from offramp.ops.worker import ExitPolicy
 
-    prompt = PROMPTS[0]
-
-    def run(thr):
+    def run(prompt, thr):
         s = reference(staged, prompt, 24, ExitPolicy("threshold", float(thr)))
         return s.generated, s.exit_stages
 
     best = None
-    for thr in np.linspace(0.0022, 0.004, 37):
-        toks, stages = run(thr)
-        deep = sum(st == NUM_STAGES - 1 for st in stages)
-        early = len(stages) - deep
-        if not (deep >= 3 and early >= 3):
-            continue
-        if run(thr * 0.995) != (toks, stages) or run(thr * 1.005) != (toks, stages):
-            continue
-        score = min(deep, early) + len(set(stages))
-        if best is None or score > best[0]:
-            best = (score, float(thr))
+    for prompt in PROMPTS:
+        for thr in np.linspace(0.0029, 0.0037, 33):
+            toks, stages = run(prompt, thr)
+            deep = sum(st == NUM_STAGES - 1 for st in stages)
+            early = len(stages) - deep
+            if not (deep >= 3 and early >= 3):
+                continue
+            if run(prompt, thr * 0.999) != (toks, stages) or run(prompt, thr * 1.001) != (toks, stages):
+                continue
+            score = min(deep, early) + len(set(stages))
+            if best is None or score > best[0]:
+                best = (score, prompt, float(thr))
+        if best is not None and best[0] >= 10:
+            break
     assert best is not None, "no threshold in the scanned range gives a robust mix of early and full-depth exits"
-    return best[1]
+    return best[1], best[2]
 
 
 def offramp_of(choice):
@@ -130,7 +134,9 @@ def test_completions_chat_and_streaming_with_openai_client(serve_cluster):
     assert finishes == ["length"]
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
     assert chunks[-1].usage.prompt_tokens == r.usage.prompt_tokens
-    streamed_stages = [s for ch in chunks if ch.choices for s in offramp_of(ch.choices[0])["exit_stages"]]
+    with_choices = [ch for ch in chunks if ch.choices]
+    assert with_choices[0].choices[0].delta.role == "assistant"  # the role chunk carries no tokens
+    streamed_stages = [s for ch in with_choices[1:] for s in offramp_of(ch.choices[0])["exit_stages"]]
     assert len(streamed_stages) == len(chat_ids)
 
 
@@ -159,11 +165,11 @@ def test_exits_on_matches_in_process_and_skips_stages(serve_cluster, staged, mix
 
     from offramp.ops.worker import ExitPolicy
 
-    prompt, n = PROMPTS[0], 24
-    ref = reference(staged, prompt, n, ExitPolicy("threshold", mixed_threshold))
+    (prompt, threshold), n = mixed_threshold, 24
+    ref = reference(staged, prompt, n, ExitPolicy("threshold", threshold))
     client = serve_cluster.openai()
     before = serve_cluster.stats()
-    r = completion(client, prompt, max_tokens=n, exit=mixed_threshold)
+    r = completion(client, prompt, max_tokens=n, exit=threshold)
     after = serve_cluster.stats()
     extra = offramp_of(r.choices[0])
     ids, stages = extra["token_ids"], extra["exit_stages"]
@@ -197,7 +203,7 @@ def test_concurrent_greedy_requests_match_references(serve_cluster, staged):
     from offramp.ops.worker import ExitPolicy
 
     rng = np.random.default_rng(0)
-    prompts = [rng.integers(3, 512, size=int(rng.integers(3, 12))).tolist() for _ in range(8)]
+    prompts = [rng.integers(3, 259, size=int(rng.integers(3, 12))).tolist() for _ in range(8)]
     refs = [reference(staged, p, 12, ExitPolicy("off")).generated for p in prompts]
 
     async def run():
