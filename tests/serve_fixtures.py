@@ -159,3 +159,19 @@ def start_ray_cluster():
         cluster.shutdown()
         raise
     return cluster
+
+
+def registry_endpoints() -> list[dict[str, Any]]:
+    """Live stage endpoints as the ingress sees them (the app's registry actor), with each
+    replica's last heartbeat stats (``rows`` served, ...)."""
+    import ray
+
+    reg = ray.get_actor(f"registry-{APP}", namespace="offramp")
+    return ray.get(reg.endpoints.remote(), timeout=10)
+
+
+def actor_of_replica(deployment: str, replica_id: str):
+    """The alive replica actor (ActorState) of ``deployment`` whose Serve replica id is ``replica_id``."""
+    found = [a for a in replica_actors(deployment) if a.name.endswith(f"#{replica_id}")]
+    assert len(found) == 1, f"{deployment} replica {replica_id}: {[a.name for a in replica_actors(deployment)]}"
+    return found[0]
