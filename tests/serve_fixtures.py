@@ -137,29 +137,41 @@ class ServeCluster:
         return list(r.json()["stage_calls"])
 
 
+class RayCannotStart(RuntimeError):
+    """The Ray head could not start or be joined on this machine (the only reason to skip)."""
+
+
 def start_ray_cluster():
     """Head + one GPU-pool node + two CPU-pool nodes, all on 127.0.0.1. Returns the Cluster.
 
     The dashboard (loopback, a free port: other engineers' clusters may hold 8265) is on
-    because ``ray.util.state`` - where replicas' nodes are read - is served by it."""
+    because ``ray.util.state`` - where replicas' nodes are read - is served by it.
+    Raises :class:`RayCannotStart` only if the head cannot start or be joined; a pool node
+    that fails to join is an ordinary error."""
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # makes Ray use 127.0.0.1 as the node IP
     import ray
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, shutdown_at_exit=True,
-                      head_node_args={"num_cpus": 2, "node_ip_address": "127.0.0.1", "include_dashboard": True,
-                                      "dashboard_host": "127.0.0.1", "dashboard_port": free_port()})
     try:
+        cluster = Cluster(initialize_head=True, shutdown_at_exit=True,
+                          head_node_args={"num_cpus": 2, "node_ip_address": "127.0.0.1", "include_dashboard": True,
+                                          "dashboard_host": "127.0.0.1", "dashboard_port": free_port()})
+    except Exception as e:  # noqa: BLE001 - reported as the skip reason
+        raise RayCannotStart(f"the Ray head did not start: {type(e).__name__}: {e}") from e
+    try:
+        try:
+            ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
+        except Exception as e:  # noqa: BLE001
+            raise RayCannotStart(f"cannot join the local Ray head at {cluster.address}: {type(e).__name__}: {e}") from e
         cluster.add_node(num_cpus=4, node_ip_address="127.0.0.1", resources={"pool_gpu": 100})
         for _ in range(2):
             cluster.add_node(num_cpus=4, node_ip_address="127.0.0.1", resources={"pool_cpu": 100})
-        ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
         cluster.wait_for_nodes()
     except BaseException:
+        ray.shutdown()
         cluster.shutdown()
         raise
     return cluster
-
 
 def registry_endpoints() -> list[dict[str, Any]]:
     """Live stage endpoints as the ingress sees them (the app's registry actor), with each
