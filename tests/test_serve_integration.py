@@ -154,6 +154,9 @@ def test_exits_off_equals_in_process_greedy(serve_cluster, staged):
         assert extra["token_ids"] == ref.generated, f"prompt {p}"
         assert extra["exit_stages"] == [NUM_STAGES - 1] * MAX_TOKENS
         assert extra["stages_skipped"] == 0
+    before = serve_cluster.stats()
+    completion(client, PROMPTS[0], exit="off")
+    assert [a - b for a, b in zip(serve_cluster.stats(), before)] == [MAX_TOKENS] * NUM_STAGES
 
 
 # ------------------------------------------------------------------ 4. exits on: distributed == in-process
@@ -182,6 +185,12 @@ def test_exits_on_matches_in_process_and_skips_stages(serve_cluster, staged, mix
     # Stage k was visited once per token whose exit stage is >= k, never for tokens that exited before it.
     calls = [a - b for a, b in zip(after, before)]
     assert calls == [sum(s >= k for s in stages) for k in range(NUM_STAGES)]
+
+    # The stream reports the same exit stage per token as the JSON response.
+    chunks = list(client.completions.create(
+        model=MODEL_NAME, prompt=prompt, max_tokens=n, temperature=0, stream=True,
+        extra_body={"offramp": {"exit": threshold}, "ignore_eos": True}))
+    assert [s for ch in chunks for s in offramp_of(ch.choices[0])["exit_stages"]] == stages
 
     # Exact deferred backfill: every full-depth token is the full model's greedy token for its prefix.
     hf = AutoModelForCausalLM.from_pretrained(str(serve_cluster.model_dir)).eval()
@@ -319,10 +328,12 @@ def test_scale_one_stage_by_reapplying_config(serve_cluster, staged):
     t = threading.Thread(target=traffic)
     t.start()
     try:
+        time.sleep(0.5)
+        at_apply = done[0]
         scaled = serve_config(serve_cluster.model_dir, serve_cluster.port, stage1_replicas=2)
         apply_config(scaled, wait_s=None)
         wait_running(120, want={"Stage1": 2})
-        during = done[0]
+        during = done[0] - at_apply  # requests that completed while the new replica started
         time.sleep(1.0)
     finally:
         stop.set()
