@@ -83,3 +83,150 @@ def http_host() -> str | None:
         return _get_global_client().http_config.host
     except Exception:  # noqa: BLE001 - the bind check is then left to the operator
         return None
+
+
+# -- placement controller: Serve config, deployment state, durable intent ----------------
+# (Everything below is used by offramp.placement; callers see plain dicts.)
+PLACEMENT_KV_NAMESPACE = "offramp-placement"
+
+
+def _serve_client():
+    from ray.serve.context import _get_global_client
+
+    return _get_global_client()
+
+
+def serve_details() -> dict:
+    """``ServeInstanceDetails`` as a dict (what ``serve status``/``serve config`` read)."""
+    return _serve_client().get_serve_details()
+
+
+def deployed_app_config(app_name: str) -> dict | None:
+    """The config the Serve controller last applied for ``app_name`` (``serve config``), or None
+    when the app was deployed imperatively (``serve.run``) or does not exist."""
+    app = serve_details().get("applications", {}).get(app_name)
+    return None if app is None else app.get("deployed_app_config")
+
+
+def deploy_app_config(app_name: str, app_config: dict) -> None:
+    """Apply ``app_config`` for one application - the in-process ``serve deploy``. The other
+    applications' last applied configs and the instance options are re-sent unchanged
+    (a ServeDeploySchema replaces the whole set of declarative apps)."""
+    import copy
+
+    from ray.serve.schema import ServeDeploySchema
+
+    details = serve_details()
+    apps = []
+    for name, app in details.get("applications", {}).items():
+        if name == app_name:
+            continue
+        if app.get("deployed_app_config") is None:
+            raise RuntimeError(f"application {name!r} was deployed with serve.run, not a config; the placement "
+                               "controller can only re-apply configs when every app is config-deployed")
+        apps.append(app["deployed_app_config"])
+    apps.append(copy.deepcopy(app_config))
+    schema = {"applications": apps}
+    if details.get("proxy_location"):
+        schema["proxy_location"] = details["proxy_location"]
+    http = details.get("http_options") or {}
+    if http:
+        schema["http_options"] = {k: http[k] for k in ("host", "port", "root_path", "request_timeout_s",
+                                                        "keep_alive_timeout_s") if http.get(k) is not None}
+    _serve_client().deploy_apps(ServeDeploySchema.model_validate(schema), _blocking=False)
+
+
+def deployment_states(app_name: str) -> dict[str, dict]:
+    """Per deployment of ``app_name``: ``{"status", "target", "running": [replica ids], "replicas":
+    {state: n}}`` from the Serve controller."""
+    app = serve_details().get("applications", {}).get(app_name)
+    if app is None:
+        return {}
+    out = {}
+    for name, d in app.get("deployments", {}).items():
+        states: dict[str, int] = {}
+        for r in d.get("replicas", []):
+            states[str(r["state"])] = states.get(str(r["state"]), 0) + 1
+        out[name] = {"status": str(d.get("status")), "target": d.get("target_num_replicas"),
+                     "running": sorted(r["replica_id"] for r in d.get("replicas", []) if str(r["state"]) == "RUNNING"),
+                     "replicas": states}
+    return out
+
+
+def app_status(app_name: str) -> str | None:
+    app = serve_details().get("applications", {}).get(app_name)
+    return None if app is None else str(app.get("status"))
+
+
+def http_root(app_name: str) -> str | None:
+    """``http://host:port<route_prefix>`` of the app's HTTP ingress (None when not on HTTP)."""
+    details = serve_details()
+    app = details.get("applications", {}).get(app_name)
+    http = details.get("http_options") or {}
+    if app is None or app.get("route_prefix") is None or not http.get("port"):
+        return None
+    host = http.get("host") or "127.0.0.1"
+    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    return f"http://{host}:{http['port']}{app['route_prefix'].rstrip('/')}"
+
+
+def registry_endpoints(app_name: str, timeout: float = 10.0) -> list[dict]:
+    """Live stage endpoints of the app's registry (with each replica's last heartbeat stats)."""
+    try:
+        reg = ray.get_actor(f"registry-{app_name}", namespace=NAMESPACE)
+    except ValueError:
+        return []
+    return ray.get(reg.endpoints.remote(), timeout=timeout)
+
+
+def pool_capacity() -> dict[str, int]:
+    """Units of each ``pool_<name>`` custom resource in the cluster."""
+    return {k.removeprefix("pool_"): int(v) for k, v in ray.cluster_resources().items() if k.startswith("pool_")}
+
+
+def kv_get(key: str) -> bytes | None:
+    """Ray's internal KV (kept by the GCS: outlives any actor)."""
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    return _internal_kv_get(key, namespace=PLACEMENT_KV_NAMESPACE)
+
+
+def kv_put(key: str, value: bytes) -> None:
+    from ray.experimental.internal_kv import _internal_kv_put
+
+    _internal_kv_put(key, value, overwrite=True, namespace=PLACEMENT_KV_NAMESPACE)
+
+
+def kv_del(key: str) -> None:
+    from ray.experimental.internal_kv import _internal_kv_del
+
+    _internal_kv_del(key, namespace=PLACEMENT_KV_NAMESPACE)
+
+
+def start_detached(cls, name: str, *args, num_cpus: float = 0, max_concurrency: int = 4):
+    """A detached, restarting actor of plain class ``cls`` named ``name`` (the existing one if alive)."""
+    remote = ray.remote(num_cpus=num_cpus, max_restarts=-1, max_task_retries=0, max_concurrency=max_concurrency)(cls)
+    return remote.options(name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True).remote(*args)
+
+
+def get_actor(name: str):
+    """The named actor in Offramp's namespace, or None."""
+    try:
+        return ray.get_actor(name, namespace=NAMESPACE)
+    except ValueError:
+        return None
+
+
+def kill_actor(handle, restart: bool = False) -> None:
+    """Kill an actor; ``restart=True`` lets Ray restart it (a crash, as far as the actor knows)."""
+    ray.kill(handle, no_restart=not restart)
+
+
+def call(handle, method: str, *args, timeout: float = 30.0):
+    return ray.get(getattr(handle, method).remote(*args), timeout=timeout)
+
+
+def connect(address: str | None = None) -> None:
+    """Join a running cluster from a CLI process (no-op when already connected)."""
+    if not ray.is_initialized():
+        ray.init(address=address or "auto", namespace=NAMESPACE, logging_level="ERROR", log_to_driver=False)

@@ -1,0 +1,431 @@
+"""The placement controller: signals -> plan -> policy -> mover, once per interval.
+
+Signals come from what the system already publishes, so nothing is added to the data
+path: each stage replica's heartbeat stats in the registry (cumulative ``batches``,
+``rows``, ``busy_s``; gauges ``queue``, ``kv_occupancy``, ``sequences``) and the
+ingress's ``stage_calls`` (post-exit arrivals per stage). Rates are differences of the
+cumulative counters between two samples. From them:
+
+* arrival rate at stage k = d(stage_calls[k])/dt (falls back to the stage's summed
+  ``rows`` rate when the ingress cannot be read or its counters moved backwards, e.g.
+  a different ingress replica answered);
+* ``reach`` of every layer of stage k = arrival[k] / arrival[0] (exits between stages);
+* per-replica utilisation = d(busy_s)/dt, step time = d(busy_s)/d(batches), batch =
+  d(rows)/d(batches); these also calibrate the cost model online
+  (:class:`~offramp.placement.cost_model.Calibration`).
+
+The plan turns only the knobs the mover makes (``max_knob``: replicas, or replicas and
+pools; split points stay as deployed), respects pins, and never gives a stage fewer
+replicas than its *measured* busy time needs at the target utilisation (the measured
+floor: when the cost model and the meters disagree, the meters win). The
+:class:`~offramp.placement.policy.Policy` adds hysteresis, per-layer cool-down, bounded
+moves and dry-run; the :class:`~offramp.placement.mover.Mover` applies moves with a
+durable intent. Every decision is kept as a JSON-able dict (the last ``decisions_kept``,
+also persisted so a restarted controller still shows them).
+
+:class:`ControllerActor` runs it inside the cluster as a detached, restarting actor
+(``offramp placement start``); on (re)start it reconciles a move left half done.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from offramp.placement.cost_model import CostModel, ModelSpec, PlacementError, PoolSpec, reach_from_exit_rates
+from offramp.placement.mover import MoveDeferred, MoveFailed, Mover, Ops, RayOps, stage_placement
+from offramp.placement.planner import Constraints, Pin, Plan, StageDeployment, Workload, evaluate, plan
+from offramp.placement.policy import Decision, Policy, PolicyConfig, detect_breaches
+from offramp.placement.signals import StageSignals
+
+log = logging.getLogger("offramp.placement")
+
+DEFAULT_POOLS = {  # per-device figures used when the config names none (docs/placement.md)
+    "gpu": dict(kind="gpu", memory_bytes=24e9, mem_bandwidth=600e9, flops=60e12, fixed_overhead_s=0.003,
+                device_cost=1.0),
+    "cpu": dict(kind="cpu", memory_bytes=64e9, mem_bandwidth=40e9, flops=1e12, fixed_overhead_s=0.001,
+                device_cost=0.05),
+}
+
+
+class ControllerConfig(BaseModel):
+    """Settings of the placement controller (``offramp placement start --config``)."""
+
+    app: str = Field("offramp", description="Serve application to manage.")
+    interval_s: float = Field(10.0, gt=0, description="Seconds between control intervals (signal samples).")
+    policy: PolicyConfig = Field(default_factory=PolicyConfig, description="Hysteresis, cool-down, dry-run.")
+    pools: list[PoolSpec] | None = Field(None, description="Device pools; None = defaults sized from the "
+                                         "cluster's pool_<name> resources.")
+    pins: list[Pin] = Field(default_factory=list, description="Operator pins (also read from the app's "
+                            "args.placement.pins when present).")
+    max_knob: Literal["replicas", "pool"] = Field("replicas", description="Most expensive knob turned "
+                                                  "automatically (split moves are deferred).")
+    target_utilisation: float = Field(0.75, gt=0, le=1, description="Busy fraction per replica to plan for.")
+    max_replicas_per_stage: int = Field(4, ge=1, description="Upper bound on one stage's replicas.")
+    context_len: int = Field(512, ge=1, description="Average attended context assumed by the cost model.")
+    tpot_slo_s: float | None = Field(None, gt=0, description="TPOT target (also a breach when the ingress "
+                                     "p99 exceeds it).")
+    move_deadline_s: float = Field(120.0, gt=0, description="Time a move step has to become healthy.")
+    decisions_kept: int = Field(200, ge=1, description="Decision records kept (and returned by status).")
+
+
+@dataclass
+class AppFacts:
+    """What the controller needs to know about the served model."""
+
+    ranges: list[tuple[int, int]]  # layers [start, end) per stage
+    model: ModelSpec  # the planner's view of the model
+    max_context: int
+    kv_fill: str = "exact"
+
+
+def app_facts(app_config: dict) -> AppFacts:
+    """Model facts of a deployed Offramp app (reads the checkpoint's config, no weights)."""
+    from offramp.deployments.app import _model_facts
+    from offramp.deployments.config import AppArgs
+
+    args = AppArgs.model_validate(app_config.get("args") or {})
+    _, spec, ranges, exits = _model_facts(args)
+    model = ModelSpec(name=spec.model_type, num_layers=spec.num_layers, hidden=spec.hidden_size,
+                      intermediate=spec.intermediate_size, heads=spec.num_heads, kv_heads=spec.num_kv_heads,
+                      vocab=spec.vocab_size, tied_embeddings=spec.tie_word_embeddings,
+                      exit_layers=[e for e in (exits.exit_layers if exits else []) if 1 <= e < spec.num_layers])
+    return AppFacts([(r.start, r.stop) if hasattr(r, "start") else tuple(r) for r in ranges], model,
+                    min(args.max_context or spec.max_position, spec.max_position), args.exit.kv_fill)
+
+
+# -- signals -----------------------------------------------------------------------------
+@dataclass
+class StageLoad:
+    """One stage over the last interval (all replicas)."""
+
+    stage: int
+    layers: tuple[int, int]
+    replicas: int  # registered replicas
+    arrival_per_s: float  # post-exit rows arriving per second
+    busy: dict[str, float]  # replica -> busy fraction
+    step_s: float  # mean step time (nan: no steps)
+    batch: float  # mean rows per step (nan: no steps)
+    queue: int
+    kv_occupancy: float  # highest replica
+    sequences: int
+
+
+@dataclass
+class Observation:
+    time: float
+    window_s: float
+    stages: list[StageLoad]
+    source: str  # "ingress" or "stages": where arrival rates came from
+    tpot_ms_p99: float | None = None
+    signals: dict[tuple[int, int], list[StageSignals]] = field(default_factory=dict, repr=False)
+
+    def to_dict(self) -> dict:
+        return {"time": self.time, "window_s": round(self.window_s, 3), "source": self.source,
+                "tpot_ms_p99": self.tpot_ms_p99,
+                "stages": [{**asdict(s), "busy": {k: round(v, 4) for k, v in s.busy.items()},
+                            "arrival_per_s": round(s.arrival_per_s, 3)} for s in self.stages]}
+
+
+class SignalCollector:
+    """Turns successive samples of cumulative counters into rates (pure; time is given)."""
+
+    def __init__(self, ranges: list[tuple[int, int]]):
+        self.ranges = ranges
+        self._prev: tuple[float, dict[str, dict], list[int] | None] | None = None
+
+    def sample(self, now: float, endpoints: list[dict], ingress: dict | None) -> Observation | None:
+        """None on the first sample (rates need two)."""
+        stats = {e["replica"]: {**(e.get("stats") or {}), "stage": e["stage"]} for e in endpoints}
+        calls = list(ingress["stage_calls"]) if ingress and "stage_calls" in ingress else None
+        prev, self._prev = self._prev, (now, stats, calls)
+        if prev is None or now <= prev[0]:
+            return None
+        t0, s0, c0 = prev
+        dt = now - t0
+        stages, signals = [], {}
+        use_ingress = (calls is not None and c0 is not None and len(calls) == len(c0) == len(self.ranges)
+                       and all(b >= a for a, b in zip(c0, calls)))
+        for k, rng in enumerate(self.ranges):
+            busy, batches, rows, busy_s, queue, kv, seqs, n = {}, 0, 0, 0.0, 0, 0.0, 0, 0
+            for rep, st in sorted(stats.items()):
+                if st["stage"] != k:
+                    continue
+                n += 1
+                queue += int(st.get("queue", 0) or 0)
+                kv = max(kv, float(st.get("kv_occupancy", 0.0) or 0.0))
+                seqs += int(st.get("sequences", 0) or 0)
+                old = s0.get(rep)
+                if old is None or "busy_s" not in st or "busy_s" not in old or st["busy_s"] < old["busy_s"]:
+                    busy[rep] = 0.0  # new replica (or restarted counters): no rate yet
+                    continue
+                db = st["busy_s"] - old["busy_s"]
+                busy[rep] = min(1.0, db / dt)
+                busy_s += db
+                batches += st.get("batches", 0) - old.get("batches", 0)
+                rows += st.get("rows", 0) - old.get("rows", 0)
+            arrival = (calls[k] - c0[k]) / dt if use_ingress else rows / dt
+            step = busy_s / batches if batches > 0 else math.nan
+            batch = rows / batches if batches > 0 else math.nan
+            stages.append(StageLoad(k, rng, n, arrival, busy, step, batch, queue, kv, seqs))
+            signals[rng] = [StageSignals(
+                stage=k, replica=rep, window_s=dt, prefill_step_s=math.nan, decode_step_s=step,
+                batch_size=batch, tokens_per_s=rows / dt, arrival_tokens_per_s=arrival / max(n, 1),
+                prefill_tokens_per_s=math.nan, busy_fraction=b, queue_len=float(stats[rep].get("queue", 0) or 0),
+                oldest_wait_s=math.nan, kv_occupancy=float(stats[rep].get("kv_occupancy", math.nan)),
+                memory_headroom_bytes=math.nan, hop_s=math.nan, steps=batches) for rep, b in busy.items()]
+        tpot = ingress.get("tpot_ms_p99") if ingress else None
+        return Observation(now, dt, stages, "ingress" if use_ingress else "stages", tpot, signals)
+
+
+def workload_from(obs: Observation, facts: AppFacts, context_len: int) -> Workload:
+    """The planner's :class:`Workload` from one observation (reach from measured exits)."""
+    arrivals = [s.arrival_per_s for s in obs.stages]
+    a0 = arrivals[0] if arrivals else 0.0
+    reach = None
+    if a0 > 0 and len(arrivals) > 1:
+        rates, alive = {}, 1.0
+        for k in range(1, len(obs.stages)):
+            frac = min(1.0, max(0.0, arrivals[k] / a0))
+            frac = min(frac, alive)  # tokens only leave
+            rates[obs.stages[k].layers[0]] = 0.0 if alive <= 0 else 1.0 - frac / alive
+            alive = frac
+        reach = reach_from_exit_rates(facts.model.num_layers, rates)
+    seqs = obs.stages[0].sequences if obs.stages else 0
+    return Workload(decode_tokens_per_s=max(0.0, a0), reach=reach, context_len=min(context_len, facts.max_context),
+                    max_context=facts.max_context, concurrent_sequences=max(1, seqs), kv_fill=facts.kv_fill)
+
+
+# -- the controller ----------------------------------------------------------------------
+class PlacementController:
+    """One control loop's state; :meth:`tick` is one interval. Uses only :class:`Ops`."""
+
+    def __init__(self, config: ControllerConfig, ops: Ops, facts: AppFacts | None = None):
+        self.cfg, self.ops = config, ops
+        app_cfg = ops.deployed_app_config(config.app)
+        if app_cfg is None:
+            raise MoveDeferred(f"application {config.app!r} has no applied Serve config; deploy it from a config "
+                               "file so the controller can read and re-apply it")
+        self.facts = facts or app_facts(app_cfg)
+        self.collector = SignalCollector(self.facts.ranges)
+        # Dry-run lives here, not in the policy: the policy's own dry-run freezes its breach
+        # counters, so a dry-run controller would never show what a sustained breach does.
+        self.dry_run = config.policy.dry_run
+        self.policy = Policy(self.facts.model.num_layers, config.policy.model_copy(update={"dry_run": False}))
+        self.costs = CostModel(self.facts.model)
+        self.decisions: deque[dict] = deque(maxlen=config.decisions_kept)
+        self.mover = Mover(config.app, ops, self.facts.ranges, deadline_s=config.move_deadline_s,
+                           on_event=self._event)
+        self.last_obs: Observation | None = None
+        self.last_plan: Plan | None = None
+        self.moves_made = 0
+        self._restore_state()
+
+    # persistence of what must outlive a restart (intent is the mover's) --------------
+    def _key(self, what: str) -> str:
+        return f"{what}/{self.cfg.app}"
+
+    def _restore_state(self) -> None:
+        raw = self.ops.kv_get(self._key("state"))
+        if raw:
+            st = json.loads(raw)
+            for l, t in enumerate(st.get("last_move", [])[: self.facts.model.num_layers]):
+                self.policy._last_move[l] = -math.inf if t is None else t  # cool-down survives restarts
+            self.decisions.extend(st.get("decisions", []))
+            self.moves_made = st.get("moves_made", 0)
+
+    def _persist(self) -> None:
+        lm = [None if not math.isfinite(t) else t for t in self.policy._last_move]
+        self.ops.kv_put(self._key("state"), json.dumps(
+            {"last_move": lm, "decisions": list(self.decisions)[-50:], "moves_made": self.moves_made}).encode())
+
+    def _event(self, e: dict) -> None:
+        self._log({"time": self.ops.clock(), "outcome": "event", **e})
+
+    def _log(self, rec: dict) -> None:
+        self.decisions.append(rec)
+        log.info("placement %s", json.dumps(rec, default=str))
+
+    # control ---------------------------------------------------------------------------
+    def recover(self) -> dict | None:
+        """Finish or undo a move a previous controller left half done (call before ticking)."""
+        report = self.mover.reconcile()
+        if report is not None:
+            self._persist()
+        return report
+
+    def current(self) -> list[StageDeployment]:
+        return stage_placement(self.ops.deployed_app_config(self.cfg.app) or {}, self.facts.ranges)
+
+    def pools(self, current: list[StageDeployment]) -> list[PoolSpec]:
+        if self.cfg.pools:
+            return list(self.cfg.pools)
+        cap = self.ops.pool_capacity()
+        names = sorted(set(cap) | {d.pool for d in current})
+        out = []
+        for n in names:
+            base = DEFAULT_POOLS.get(n, DEFAULT_POOLS["cpu"])
+            out.append(PoolSpec(name=n, count=max(cap.get(n, 0), sum(d.replicas for d in current if d.pool == n)),
+                                **base))
+        return out
+
+    def pins(self) -> list[Pin]:
+        app_cfg = self.ops.deployed_app_config(self.cfg.app) or {}
+        extra = ((app_cfg.get("args") or {}).get("placement") or {}).get("pins") or []
+        return list(self.cfg.pins) + [Pin.model_validate(p) for p in extra]
+
+    def observe(self) -> Observation | None:
+        obs = self.collector.sample(self.ops.clock(), self.ops.registry_endpoints(self.cfg.app),
+                                    self.ops.ingress_stats(self.cfg.app))
+        if obs is not None:
+            self.last_obs = obs
+        return obs
+
+    def _calibrate(self, obs: Observation, current: list[StageDeployment], pools: dict[str, PoolSpec],
+                   w: Workload) -> None:
+        for s, d in zip(obs.stages, current):
+            if math.isfinite(s.step_s) and s.step_s > 0 and d.pool in pools:
+                pred = self.costs.decode_step(d.start, d.end, pools[d.pool], d.precision, max(s.batch, 1.0),
+                                              w.context_len, w.reach, w.kv_fill, calibrated=False).seconds
+                self.costs.calibration.observe(d.pool, "decode", d.start, d.end, s.step_s, pred)
+
+    def make_plan(self, obs: Observation) -> tuple[list[StageDeployment], Plan, Plan, Workload]:
+        """(current placement, target plan, current placement's evaluation, workload)."""
+        current = self.current()
+        pools = self.pools(current)
+        w = workload_from(obs, self.facts, self.cfg.context_len)
+        self._calibrate(obs, current, {p.name: p for p in pools}, w)
+        batches = [s.batch for s in obs.stages if math.isfinite(s.batch)]
+        user = {p.stage: p for p in self.pins()}
+        pins = []
+        for k, d in enumerate(current):
+            u = user.get(k)
+            pool = (u.pool if u and u.pool else None) or (d.pool if self.cfg.max_knob == "replicas" else None)
+            pins.append(Pin(stage=k, pool=pool, precision=d.precision, replicas=u.replicas if u else None))
+        c = Constraints(num_stages=len(current), split=[d.start for d in current[1:]], pins=pins,
+                        tpot_slo_s=self.cfg.tpot_slo_s, target_utilisation=self.cfg.target_utilisation,
+                        batch_size=max(1, round(max(batches))) if batches else 16,
+                        max_replicas_per_stage=self.cfg.max_replicas_per_stage)
+        target = plan(self.facts.model, pools, w, c, self.costs)
+        # measured floor: never fewer replicas than the measured busy time needs
+        stages = []
+        for k, st in enumerate(target.stages):
+            s = obs.stages[k]
+            need = math.ceil(sum(s.busy.values()) / self.cfg.target_utilisation - 1e-9) if s.busy else 1
+            pinned = user.get(k) and user[k].replicas
+            n = st.replicas if pinned else min(self.cfg.max_replicas_per_stage, max(st.replicas, need))
+            stages.append(st.model_copy(update={"replicas": n}))
+        target = target.model_copy(update={"stages": stages})
+        try:
+            cur_eval = evaluate(self.facts.model, pools, w, current, c, self.costs)
+        except PlacementError:
+            cur_eval = target
+        self.last_plan = target
+        return current, target, cur_eval, w
+
+    def tick(self) -> list[dict]:
+        """One interval: observe, plan, decide, apply at most the policy's bounded moves."""
+        now = self.ops.clock()
+        obs = self.observe()
+        if obs is None:
+            rec = {"time": now, "outcome": "hold", "reason": "first sample: rates need two intervals"}
+            self._log(rec)
+            return [rec]
+        try:
+            current, target, cur_eval, _ = self.make_plan(obs)
+        except (PlacementError, ValueError) as e:
+            rec = {"time": now, "outcome": "hold", "reason": f"no plan: {e}"}
+            self._log(rec)
+            return [rec]
+        breaches = detect_breaches(obs.signals, self.policy.cfg, self.cfg.tpot_slo_s,
+                                   obs.tpot_ms_p99 / 1e3 if obs.tpot_ms_p99 and self.cfg.tpot_slo_s else None)
+        out = []
+        for d in self.policy.step(now, current, target, cur_eval, breaches):
+            rec = json.loads(d.model_dump_json())
+            if d.outcome == "apply" and d.move is not None and self.dry_run:
+                rec.update(outcome="dry_run", result="dry run: not applied")
+                self._undo_cooldown(d)
+            elif d.outcome == "apply" and d.move is not None:
+                try:
+                    res = self.mover.apply(d.move)
+                    rec["result"] = f"{res.outcome} in {res.seconds:.1f}s ({len(res.steps)} step(s))"
+                    self.moves_made += res.outcome == "applied"
+                except MoveDeferred as e:
+                    rec.update(outcome="hold", result=f"deferred: {e}")
+                    self._undo_cooldown(d)
+                except MoveFailed as e:
+                    rec.update(outcome="failed", result=str(e))
+            out.append(rec)
+            self._log(rec)
+        self._persist()
+        return out
+
+    def _undo_cooldown(self, d: Decision) -> None:
+        """A move the mover does not make must not start a cool-down (nothing changed)."""
+        if d.move is not None:
+            for l in range(d.move.deployment.start, d.move.deployment.end):
+                self.policy._last_move[l] = -math.inf
+
+    def status(self, last: int = 20) -> dict:
+        cur = self.current()
+        return {
+            "app": self.cfg.app, "dry_run": self.dry_run, "interval_s": self.cfg.interval_s,
+            "placement": [{"stage": k, "layers": [d.start, d.end - 1], "pool": d.pool, "replicas": d.replicas,
+                           "precision": d.precision} for k, d in enumerate(cur)],
+            "signals": self.last_obs.to_dict() if self.last_obs else None,
+            "plan": None if self.last_plan is None else {
+                "stages": [{"layers": [s.start, s.end - 1], "pool": s.pool, "replicas": s.replicas,
+                            "precision": s.precision, "utilisation": round(s.utilisation, 3)}
+                           for s in self.last_plan.stages],
+                "tpot_ms": round(self.last_plan.tpot_s * 1e3, 3), "cost": self.last_plan.cost},
+            "moves_made": self.moves_made,
+            "intent": self.mover.intent(),
+            "decisions": list(self.decisions)[-last:],
+        }
+
+
+# -- the in-cluster actor ----------------------------------------------------------------
+class ControllerActor:
+    """The controller as a detached, restarting Ray actor (started by ``offramp placement
+    start`` through :func:`offramp.cluster.rayops.start_detached`). Its loop runs on a
+    thread; on every (re)start it first reconciles a half-done move."""
+
+    def __init__(self, config: dict, run: bool = True):
+        logging.basicConfig(level=logging.INFO)
+        self.cfg = ControllerConfig.model_validate(config)
+        self.ctl = PlacementController(self.cfg, RayOps())
+        self._tick_lock = threading.Lock()
+        self._stop = threading.Event()
+        self.recovered = self.ctl.recover()
+        if run:
+            threading.Thread(target=self._loop, daemon=True, name="offramp-placement").start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.cfg.interval_s):
+            try:
+                self.tick()
+            except Exception as e:  # noqa: BLE001 - keep controlling; the record says what broke
+                self.ctl._log({"time": self.ctl.ops.clock(), "outcome": "error", "reason": f"{type(e).__name__}: {e}"})
+
+    def tick(self) -> list[dict]:
+        with self._tick_lock:
+            return self.ctl.tick()
+
+    def status(self, last: int = 20) -> dict:
+        return {**self.ctl.status(last), "recovered": self.recovered, "running": not self._stop.is_set()}
+
+    def set_dry_run(self, dry_run: bool) -> None:
+        self.ctl.dry_run = dry_run
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def controller_name(app: str) -> str:
+    return f"placement-{app}"

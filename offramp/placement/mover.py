@@ -1,0 +1,357 @@
+"""Apply the policy's moves to a running Serve application, one knob at a time.
+
+A move becomes one or more *steps*; a step changes one field of one stage deployment in
+the application's Serve config (``num_replicas``, or the ``pool_<name>`` resource in
+``ray_actor_options``) and re-applies the config - the in-process ``serve deploy``. Serve
+updates that deployment alone because the application's ``args`` never change. After
+each step the mover waits until the deployment is HEALTHY with exactly the new replica
+set RUNNING and every one of those replicas registered (so the ingress routes to it)
+before the next step (make before break), with a deadline; on failure it restores the
+deployment's previous entry and raises :class:`MoveFailed`.
+
+Crash safety: before a step is applied, the intent (the move, the config before it, the
+config the step leads to, the step index) is written to Ray's internal KV, and deleted
+when the move is complete. :meth:`Mover.reconcile` runs when the controller starts: if an
+intent is left, the deployment's live entry is compared with the intent's ``before`` and
+``target`` entries - applied and it was the last step: wait for it to become healthy and
+finish; never applied: drop it (the next interval re-plans from the live state); anything
+else (half-applied, or a multi-step move stopped between steps): restore ``before``.
+So a move is never applied twice and never left half done.
+
+Knobs:
+
+* ``set_replicas`` (knob ``replicas``): one step. Never to 0 - the last replica holding a
+  layer is never removed.
+* ``add`` on a new pool for the same layers (knob ``pool``): Serve replaces replicas on a
+  resource change by a rolling update, stopping old ones while starting new ones. With
+  one replica that leaves the stage empty for a replica start, so the mover first scales
+  the deployment to at least 2 on the old pool, then switches the pool (the rolling
+  update then always keeps a live replica), then sets the target count. The matching
+  ``remove`` of the old pool is then a no-op (the deployment is already on the new pool).
+* split points (knob ``split``): deferred - :class:`MoveDeferred`. A split move changes
+  the app ``args`` (so every deployment restarts) or needs new deployments with new
+  names that the ingress does not know; see docs/placement.md, "Split moves".
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Literal, Protocol
+
+from offramp.errors import OfframpError
+from offramp.placement.planner import StageDeployment
+from offramp.placement.policy import Move
+
+log = logging.getLogger("offramp.placement")
+
+INTENT_KEY = "intent/{app}"
+
+
+class MoveFailed(OfframpError):
+    """A move did not reach a healthy state before its deadline; it was rolled back."""
+
+
+class MoveDeferred(OfframpError):
+    """A move this mover does not make (split points, autoscaled deployments)."""
+
+
+class Ops(Protocol):
+    """What the controller and the mover need from the cluster. Production:
+    :class:`RayOps` (every call through :mod:`offramp.cluster.rayops`); tests: a fake."""
+
+    def deployed_app_config(self, app: str) -> dict | None: ...
+    def deploy_app_config(self, app: str, config: dict) -> None: ...
+    def deployment_states(self, app: str) -> dict[str, dict]: ...
+    def registry_endpoints(self, app: str) -> list[dict]: ...
+    def ingress_stats(self, app: str) -> dict | None: ...
+    def pool_capacity(self) -> dict[str, int]: ...
+    def kv_get(self, key: str) -> bytes | None: ...
+    def kv_put(self, key: str, value: bytes) -> None: ...
+    def kv_del(self, key: str) -> None: ...
+    def clock(self) -> float: ...
+    def sleep(self, seconds: float) -> None: ...
+
+
+class RayOps:
+    """:class:`Ops` on a live cluster."""
+
+    def __init__(self):
+        from offramp.cluster import rayops
+
+        self.r = rayops
+
+    def deployed_app_config(self, app):
+        return self.r.deployed_app_config(app)
+
+    def deploy_app_config(self, app, config):
+        self.r.deploy_app_config(app, config)
+
+    def deployment_states(self, app):
+        return self.r.deployment_states(app)
+
+    def registry_endpoints(self, app):
+        return self.r.registry_endpoints(app)
+
+    def ingress_stats(self, app):
+        """Stage calls and TPOT of one ingress replica (GET /v1/offramp/stats, no reset)."""
+        import httpx
+
+        root = self.r.http_root(app)
+        if root is None:
+            return None
+        try:
+            r = httpx.get(f"{root}/v1/offramp/stats", timeout=5)
+            return r.json() if r.status_code == 200 else None
+        except httpx.HTTPError:
+            return None
+
+    def pool_capacity(self):
+        return self.r.pool_capacity()
+
+    def kv_get(self, key):
+        return self.r.kv_get(key)
+
+    def kv_put(self, key, value):
+        self.r.kv_put(key, value)
+
+    def kv_del(self, key):
+        self.r.kv_del(key)
+
+    def clock(self):
+        return time.time()
+
+    def sleep(self, seconds):
+        time.sleep(seconds)
+
+
+# -- Serve config editing (pure) ---------------------------------------------------------
+def deployment_entry(app_config: dict, name: str) -> dict:
+    """The ``deployments:`` entry of ``name`` (an empty one when the config lists none)."""
+    for d in app_config.get("deployments", []) or []:
+        if d.get("name") == name:
+            return d
+    return {"name": name}
+
+
+def entry_replicas(entry: dict) -> int:
+    n = entry.get("num_replicas", 1)
+    return 1 if n is None else n if isinstance(n, int) else -1  # -1: "auto" (autoscaled)
+
+
+def entry_pool(entry: dict, default: str = "any") -> str:
+    res = (entry.get("ray_actor_options") or {}).get("resources") or {}
+    return next((k.removeprefix("pool_") for k in sorted(res) if k.startswith("pool_")), default)
+
+
+def with_entry(app_config: dict, entry: dict) -> dict:
+    """A copy of ``app_config`` whose deployment ``entry["name"]`` is ``entry``."""
+    cfg = copy.deepcopy(app_config)
+    deps = cfg.setdefault("deployments", [])
+    for i, d in enumerate(deps):
+        if d.get("name") == entry["name"]:
+            deps[i] = copy.deepcopy(entry)
+            return cfg
+    deps.append(copy.deepcopy(entry))
+    return cfg
+
+
+@dataclass(frozen=True)
+class Step:
+    """One Serve apply: one knob of one deployment."""
+
+    deployment: str  # e.g. "Stage2"
+    stage: int
+    knob: Literal["num_replicas", "pool"]
+    value: Any
+
+    def apply_to(self, app_config: dict) -> dict:
+        e = copy.deepcopy(deployment_entry(app_config, self.deployment))
+        if self.knob == "num_replicas":
+            if not isinstance(self.value, int) or self.value < 1:
+                raise MoveDeferred(f"{self.deployment}: num_replicas={self.value}; the mover never scales a stage "
+                                   "below 1 (its layers would have no replica)")
+            e["num_replicas"] = self.value
+        else:
+            opts = e.setdefault("ray_actor_options", {})
+            res = {k: v for k, v in (opts.get("resources") or {}).items() if not k.startswith("pool_")}
+            res[f"pool_{self.value}"] = 1
+            opts["resources"] = res
+        return with_entry(app_config, e)
+
+
+def stage_placement(app_config: dict, ranges: list[tuple[int, int]]) -> list[StageDeployment]:
+    """Current placement (stage k -> layers, pool, precision, replicas) from the applied config."""
+    args = app_config.get("args") or {}
+    stage_args = args.get("stages") or []
+    out = []
+    for k, (start, end) in enumerate(ranges):
+        e = deployment_entry(app_config, f"Stage{k}")
+        sa = stage_args[k] if k < len(stage_args) else {}
+        out.append(StageDeployment(start=start, end=end, pool=entry_pool(e, sa.get("pool", "any")),
+                                   precision=sa.get("dtype", "fp32"), replicas=max(entry_replicas(e), 1)))
+    return out
+
+
+def plan_steps(app_config: dict, ranges: list[tuple[int, int]], move: Move) -> list[Step]:
+    """The Serve steps that make ``move`` (empty: nothing to do)."""
+    d = move.deployment
+    if move.action == "rebalance":
+        return []
+    if move.knob == "split" or (d.start, d.end) not in ranges:
+        raise MoveDeferred(f"layers {d.start}-{d.end - 1}: split-point moves are not made by the mover yet "
+                           "(they restart every stage); change `split` in the config and redeploy")
+    k = ranges.index((d.start, d.end))
+    name = f"Stage{k}"
+    e = deployment_entry(app_config, name)
+    if e.get("autoscaling_config") or entry_replicas(e) < 0:
+        raise MoveDeferred(f"{name} is autoscaled by Serve; remove its autoscaling_config to let the "
+                           "placement controller manage its replicas")
+    cur_n, cur_pool = entry_replicas(e), entry_pool(e, "")
+    if move.action == "set_replicas":
+        if d.pool != cur_pool and cur_pool:
+            raise MoveDeferred(f"{name} runs on pool {cur_pool}, the move is for {d.pool}; re-plan")
+        return [] if move.replicas_to == cur_n else [Step(name, k, "num_replicas", move.replicas_to)]
+    if move.action == "add":  # same layers, another pool (or precision: deferred, it changes args)
+        if d.pool == cur_pool:
+            raise MoveDeferred(f"{name}: a precision change ({d.precision}) changes the app args and restarts "
+                               "every stage; change stages[].dtype in the config and redeploy")
+        steps = []
+        if cur_n < 2:
+            steps.append(Step(name, k, "num_replicas", 2))
+        steps.append(Step(name, k, "pool", d.pool))
+        if move.replicas_to != max(cur_n, 2):
+            steps.append(Step(name, k, "num_replicas", move.replicas_to))
+        return steps
+    if move.action == "remove":
+        if d.pool != cur_pool:
+            return []  # the pool move already replaced these replicas
+        raise MoveDeferred(f"{name}: removing the only deployment of layers {d.start}-{d.end - 1} is never done")
+    raise MoveDeferred(f"unknown move action {move.action}")
+
+
+# -- the mover ---------------------------------------------------------------------------
+@dataclass
+class MoveResult:
+    move: dict
+    steps: list[dict]
+    seconds: float
+    outcome: str  # "applied" | "noop"
+
+
+class Mover:
+    """Applies moves through :class:`Ops`, one step at a time, with a durable intent."""
+
+    def __init__(self, app: str, ops: Ops, ranges: list[tuple[int, int]], deadline_s: float = 120.0,
+                 poll_s: float = 0.5, on_event: Callable[[dict], None] | None = None):
+        self.app, self.ops, self.ranges = app, ops, list(ranges)
+        self.deadline_s, self.poll_s = deadline_s, poll_s
+        self.on_event = on_event or (lambda e: None)
+        self.key = INTENT_KEY.format(app=app)
+
+    # intent ----------------------------------------------------------------------------
+    def intent(self) -> dict | None:
+        raw = self.ops.kv_get(self.key)
+        return None if raw is None else json.loads(raw)
+
+    def _save(self, intent: dict) -> None:
+        self.ops.kv_put(self.key, json.dumps(intent).encode())
+
+    def _config(self) -> dict:
+        cfg = self.ops.deployed_app_config(self.app)
+        if cfg is None:
+            raise MoveDeferred(f"application {self.app!r} has no applied Serve config (deployed with serve.run?); "
+                               "deploy it from a config (serve deploy / offramp serve) to let the controller move it")
+        return cfg
+
+    # apply -----------------------------------------------------------------------------
+    def apply(self, move: Move) -> MoveResult:
+        t0 = self.ops.clock()
+        before = self._config()
+        steps = plan_steps(before, self.ranges, move)
+        if not steps:
+            return MoveResult(move.model_dump(mode="json"), [], 0.0, "noop")
+        intent = {"id": uuid.uuid4().hex[:12], "move": move.model_dump(mode="json"), "before": before,
+                  "steps": [asdict(s) for s in steps], "step": -1, "target": before, "time": t0}
+        cfg = before
+        for i, step in enumerate(steps):
+            cfg = step.apply_to(cfg)
+            intent.update(step=i, target=cfg)
+            self._save(intent)  # written before the apply: a crash from here on is reconciled
+            self.on_event({"event": "step", "intent": intent["id"], "step": asdict(step)})
+            try:
+                self.ops.deploy_app_config(self.app, cfg)
+                self.wait(step.deployment, step.stage, entry_replicas(deployment_entry(cfg, step.deployment)))
+            except Exception as e:  # noqa: BLE001 - any failure: restore, then report
+                self._restore(step.deployment, step.stage, before)
+                self.ops.kv_del(self.key)
+                raise MoveFailed(f"{step.deployment}: step {i + 1}/{len(steps)} ({step.knob}={step.value}) failed: "
+                                 f"{e}; restored its previous settings") from e
+        self.ops.kv_del(self.key)
+        return MoveResult(move.model_dump(mode="json"), [asdict(s) for s in steps], self.ops.clock() - t0, "applied")
+
+    def wait(self, deployment: str, stage: int, replicas: int, deadline_s: float | None = None) -> None:
+        """Until ``deployment`` is HEALTHY with exactly ``replicas`` RUNNING (no old ones left)
+        and all of them heartbeating in the registry. Raises TimeoutError / RuntimeError."""
+        end = self.ops.clock() + (deadline_s or self.deadline_s)
+        last: Any = None
+        while True:
+            st = self.ops.deployment_states(self.app).get(deployment)
+            last = st
+            if st is not None:
+                if st["status"] in ("DEPLOY_FAILED",):
+                    raise RuntimeError(f"Serve reports {deployment} {st['status']}")
+                running = set(st["running"])
+                if (st["status"] == "HEALTHY" and len(running) == replicas
+                        and sum(st["replicas"].values()) == replicas):
+                    registered = {e["replica"] for e in self.ops.registry_endpoints(self.app) if e["stage"] == stage}
+                    if running <= registered:
+                        return
+                    last = {**st, "registered": sorted(registered)}
+            if self.ops.clock() >= end:
+                raise TimeoutError(f"{deployment} not healthy with {replicas} registered replicas after "
+                                   f"{deadline_s or self.deadline_s:.0f}s (last state: {last})")
+            self.ops.sleep(self.poll_s)
+
+    def _restore(self, deployment: str, stage: int, before: dict) -> None:
+        """Put ``deployment``'s entry back as in ``before`` (other deployments as they are now)."""
+        entry = deployment_entry(before, deployment)
+        try:
+            cfg = with_entry(self._config(), entry)
+            self.ops.deploy_app_config(self.app, cfg)
+            self.wait(deployment, stage, entry_replicas(entry))
+        except Exception as e:  # noqa: BLE001 - the operator must look; the intent log says what
+            log.error("restoring %s failed: %s", deployment, e)
+            self.on_event({"event": "restore_failed", "deployment": deployment, "error": str(e)})
+
+    # recovery --------------------------------------------------------------------------
+    def reconcile(self) -> dict | None:
+        """Bring a move left by a crashed controller to a consistent end. Returns what was done."""
+        intent = self.intent()
+        if intent is None:
+            return None
+        step = Step(**intent["steps"][max(intent["step"], 0)])
+        name = step.deployment
+        live = deployment_entry(self._config(), name)
+        target = deployment_entry(intent["target"], name)
+        before = deployment_entry(intent["before"], name)
+        last = intent["step"] == len(intent["steps"]) - 1
+        if live == target and last:
+            try:
+                self.wait(name, step.stage, entry_replicas(target))
+                outcome = "completed"
+            except Exception as e:  # noqa: BLE001
+                self._restore(name, step.stage, intent["before"])
+                outcome = f"rolled back: the applied move did not become healthy ({e})"
+        elif live == before:
+            outcome = "dropped: the move was never applied"
+        else:
+            self._restore(name, step.stage, intent["before"])
+            outcome = f"rolled back: stopped at step {intent['step'] + 1}/{len(intent['steps'])}"
+        self.ops.kv_del(self.key)
+        report = {"intent": intent["id"], "move": intent["move"], "outcome": outcome}
+        self.on_event({"event": "reconcile", **report})
+        return report

@@ -1,0 +1,373 @@
+"""Placement controller and mover without Ray: a fake Serve + registry + KV (FakeOps)."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+
+from offramp.placement.controller import (
+    AppFacts, ControllerConfig, Observation, PlacementController, SignalCollector, StageLoad, workload_from,
+)
+from offramp.placement.cost_model import ModelSpec, PoolSpec
+from offramp.placement.mover import (
+    MoveDeferred, MoveFailed, Mover, Step, deployment_entry, entry_pool, plan_steps, stage_placement,
+)
+from offramp.placement.planner import StageDeployment
+from offramp.placement.policy import Move, PolicyConfig
+
+APP = "offramp"
+RANGES = [(0, 1), (1, 2), (2, 3), (3, 4)]
+MODEL = ModelSpec(name="tiny4", num_layers=4, hidden=64, intermediate=128, heads=4, kv_heads=4, vocab=512)
+FACTS = AppFacts(RANGES, MODEL, max_context=256)
+POOLS = [PoolSpec(name="gpu", kind="gpu", count=8, memory_bytes=24e9, mem_bandwidth=600e9, flops=60e12,
+                  fixed_overhead_s=0.003, device_cost=1.0),
+         PoolSpec(name="cpu", kind="cpu", count=8, memory_bytes=64e9, mem_bandwidth=40e9, flops=1e12,
+                  fixed_overhead_s=0.001, device_cost=0.05)]
+
+
+def app_config(replicas=(1, 1, 1, 1), pools=("gpu", "gpu", "cpu", "cpu")):
+    deps = [{"name": "OfframpIngress", "num_replicas": 1}]
+    for k, (n, p) in enumerate(zip(replicas, pools)):
+        deps.append({"name": f"Stage{k}", "num_replicas": n,
+                     "ray_actor_options": {"num_cpus": 0.5, "resources": {f"pool_{p}": 1}}})
+    return {"name": APP, "import_path": "offramp.deployments.app:build_app",
+            "args": {"model": "/m", "num_stages": 4, "stages": [{"pool": p, "dtype": "fp32"} for p in pools]},
+            "deployments": deps}
+
+
+class FakeOps:
+    """Serve applies a config after ``start_s`` of fake time; a replica registers at once and
+    reports the busy fraction the test sets for its stage."""
+
+    def __init__(self, config, start_s=2.0):
+        self.config = copy.deepcopy(config)
+        self.kv: dict[str, bytes] = {}
+        self.t = 1000.0
+        self.start_s = start_s
+        self.applied: list[dict] = []
+        self.busy = {k: 0.1 for k in range(4)}  # busy fraction per replica, by stage
+        self.rows_per_s = 20.0
+        self.calls = [0, 0, 0, 0]
+        self.exit_frac = [1.0, 1.0, 1.0, 1.0]  # fraction of tokens reaching each stage
+        self.fail_deployment: str | None = None  # its new replicas never become healthy
+        self._replicas: dict[str, list[dict]] = {}  # deployment -> [{"id", "ready_at", "pool", "stats"}]
+        self._seq = 0
+        self._sync(ready_at=0.0)
+
+    # Serve --------------------------------------------------------------------------
+    def _sync(self, ready_at):
+        for k in range(4):
+            name = f"Stage{k}"
+            e = deployment_entry(self.config, name)
+            want, pool = e.get("num_replicas", 1), entry_pool(e)
+            reps = self._replicas.setdefault(name, [])
+            keep = [r for r in reps if r["pool"] == pool][:want]  # resource change: all replaced
+            while len(keep) < want:
+                self._seq += 1
+                ready = math.inf if name == self.fail_deployment else ready_at
+                keep.append({"id": f"r{self._seq}", "ready_at": ready, "pool": pool,
+                             "stats": {"batches": 0, "rows": 0, "busy_s": 0.0, "queue": 0, "kv_occupancy": 0.1,
+                                       "sequences": 2}})
+            self._replicas[name] = keep
+
+    def deployed_app_config(self, app):
+        return copy.deepcopy(self.config)
+
+    def deploy_app_config(self, app, config):
+        self.applied.append(copy.deepcopy(config))
+        self.config = copy.deepcopy(config)
+        self._sync(ready_at=self.t + self.start_s)
+
+    def _ready(self, name):
+        return [r for r in self._replicas[name] if r["ready_at"] <= self.t]
+
+    def deployment_states(self, app):
+        out = {}
+        for name, reps in self._replicas.items():
+            ready = self._ready(name)
+            out[name] = {"status": "HEALTHY" if len(ready) == len(reps) else "UPDATING", "target": len(reps),
+                         "running": [r["id"] for r in ready],
+                         "replicas": {"RUNNING": len(ready), "STARTING": len(reps) - len(ready)}}
+        return out
+
+    def registry_endpoints(self, app):
+        return [{"stage": int(name[5:]), "replica": r["id"], "stats": dict(r["stats"])}
+                for name in self._replicas for r in self._ready(name)]
+
+    def ingress_stats(self, app):
+        return {"stage_calls": list(self.calls), "tpot_ms_p99": 20.0}
+
+    def pool_capacity(self):
+        return {"gpu": 8, "cpu": 8}
+
+    # KV / time -----------------------------------------------------------------------
+    def kv_get(self, key):
+        return self.kv.get(key)
+
+    def kv_put(self, key, value):
+        self.kv[key] = value
+
+    def kv_del(self, key):
+        self.kv.pop(key, None)
+
+    def clock(self):
+        return self.t
+
+    def sleep(self, s):
+        self.advance(s)
+
+    def advance(self, s):
+        """Time passes under load: counters grow."""
+        self.t += s
+        for k in range(4):
+            arrivals = self.rows_per_s * self.exit_frac[k] * s
+            self.calls[k] += int(round(arrivals))
+            reps = self._ready(f"Stage{k}")
+            for r in reps:
+                st = r["stats"]
+                st["batches"] += 10 * s
+                st["rows"] += arrivals / len(reps)
+                st["busy_s"] += self.busy[k] * s
+
+
+def controller(ops, **kw):
+    pol = kw.pop("policy", {})
+    cfg = ControllerConfig(app=APP, interval_s=5, pools=POOLS, target_utilisation=0.5,
+                           policy=PolicyConfig(sustain_intervals=2, cooldown_s=60, **pol), **kw)
+    return PlacementController(cfg, ops, FACTS)
+
+
+def run(ctl, ops, intervals, dt=5.0):
+    out = []
+    for _ in range(intervals):
+        ops.advance(dt)
+        out.append(ctl.tick())
+    return out
+
+
+def replicas(ops):
+    return [deployment_entry(ops.config, f"Stage{k}")["num_replicas"] for k in range(4)]
+
+
+# -- signals -> workload ------------------------------------------------------------------
+def test_signals_rates_and_reach_from_exits():
+    col = SignalCollector(RANGES)
+    eps = lambda busy: [{"stage": k, "replica": f"r{k}", "stats": {"batches": 10 * b, "rows": 40 * b,
+                                                                    "busy_s": b, "queue": k, "kv_occupancy": 0.2,
+                                                                    "sequences": 3}}
+                        for k, b in enumerate(busy)]
+    assert col.sample(0.0, eps([0, 0, 0, 0]), {"stage_calls": [0, 0, 0, 0]}) is None
+    obs = col.sample(10.0, eps([5, 4, 2, 1]), {"stage_calls": [1000, 500, 250, 250], "tpot_ms_p99": 12.0})
+    assert obs.source == "ingress" and obs.window_s == 10.0
+    assert [s.arrival_per_s for s in obs.stages] == [100, 50, 25, 25]
+    assert [s.busy["r%d" % k] for k, s in enumerate(obs.stages)] == [0.5, 0.4, 0.2, 0.1]
+    assert obs.stages[0].step_s == pytest.approx(0.1) and obs.stages[0].batch == pytest.approx(4.0)
+    assert obs.stages[3].queue == 3 and obs.tpot_ms_p99 == 12.0
+    w = workload_from(obs, FACTS, 512)
+    assert w.decode_tokens_per_s == 100
+    assert w.reach == pytest.approx([1.0, 0.5, 0.25, 0.25])
+    assert w.context_len == 256 and w.concurrent_sequences == 3
+
+
+def test_signals_fall_back_to_stage_rows_when_ingress_counters_reset():
+    col = SignalCollector(RANGES)
+    eps = lambda rows: [{"stage": k, "replica": f"r{k}", "stats": {"batches": rows, "rows": rows, "busy_s": 0.0}}
+                        for k in range(4)]
+    col.sample(0.0, eps(0), {"stage_calls": [900, 900, 900, 900]})
+    obs = col.sample(2.0, eps(40), {"stage_calls": [10, 10, 10, 10]})  # another ingress replica answered
+    assert obs.source == "stages" and [s.arrival_per_s for s in obs.stages] == [20] * 4
+
+
+def test_new_replica_has_no_rate_yet():
+    col = SignalCollector(RANGES[:1])
+    col.sample(0.0, [{"stage": 0, "replica": "a", "stats": {"busy_s": 0.0, "batches": 0, "rows": 0}}], None)
+    obs = col.sample(1.0, [{"stage": 0, "replica": "a", "stats": {"busy_s": 0.9, "batches": 9, "rows": 9}},
+                           {"stage": 0, "replica": "b", "stats": {"busy_s": 5.0, "batches": 9, "rows": 9}}], None)
+    assert obs.stages[0].busy == {"a": pytest.approx(0.9), "b": 0.0} and obs.stages[0].replicas == 2
+
+
+# -- pure config editing -------------------------------------------------------------------
+def test_placement_from_config_and_steps():
+    cfg = app_config(replicas=(1, 2, 1, 1))
+    cur = stage_placement(cfg, RANGES)
+    assert [(d.pool, d.replicas) for d in cur] == [("gpu", 1), ("gpu", 2), ("cpu", 1), ("cpu", 1)]
+    up = Move(action="set_replicas", knob="replicas", deployment=cur[2].model_copy(update={"replicas": 2}),
+              replicas_from=1, replicas_to=2)
+    (s,) = plan_steps(cfg, RANGES, up)
+    new = s.apply_to(cfg)
+    assert deployment_entry(new, "Stage2")["num_replicas"] == 2 and deployment_entry(cfg, "Stage2")["num_replicas"] == 1
+    assert new["args"] == cfg["args"]  # args never change: Serve restarts nothing else
+    with pytest.raises(MoveDeferred, match="never scales a stage below 1"):
+        Step("Stage2", 2, "num_replicas", 0).apply_to(cfg)
+    pool = Move(action="add", knob="pool", deployment=StageDeployment(start=2, end=3, pool="gpu", replicas=1),
+                replicas_to=1)
+    steps = plan_steps(cfg, RANGES, pool)  # make before break: 2 on the old pool, switch, back to 1
+    assert [(s.knob, s.value) for s in steps] == [("num_replicas", 2), ("pool", "gpu"), ("num_replicas", 1)]
+    moved = cfg
+    for s in steps:
+        moved = s.apply_to(moved)
+    e = deployment_entry(moved, "Stage2")
+    assert e["ray_actor_options"]["resources"] == {"pool_gpu": 1} and e["ray_actor_options"]["num_cpus"] == 0.5
+    remove_old = Move(action="remove", knob="pool", deployment=cur[2], replicas_from=1)
+    assert plan_steps(moved, RANGES, remove_old) == []
+    split = Move(action="add", knob="split", deployment=StageDeployment(start=0, end=2, pool="gpu"), replicas_to=1)
+    with pytest.raises(MoveDeferred, match="split"):
+        plan_steps(cfg, RANGES, split)
+    auto = copy.deepcopy(cfg)
+    deployment_entry(auto, "Stage2")["autoscaling_config"] = {"min_replicas": 1}
+    with pytest.raises(MoveDeferred, match="autoscaled"):
+        plan_steps(auto, RANGES, up)
+
+
+# -- controller decision sequences ----------------------------------------------------------
+def test_sustained_saturation_adds_a_replica_then_cools_down():
+    ops = FakeOps(app_config())
+    ctl = controller(ops, policy={"max_busy_fraction": 0.6})
+    run(ctl, ops, 3)  # light load: holds
+    assert replicas(ops) == [1, 1, 1, 1] and not ops.applied
+    ops.busy[2] = 0.95  # load shift: stage 2 saturates
+    recs = run(ctl, ops, 1)[0]
+    assert all(r["outcome"] == "hold" for r in recs) and "held" in recs[0]["reason"]  # 1 of 2 intervals
+    recs = run(ctl, ops, 1)[0]
+    (applied,) = [r for r in recs if r["outcome"] == "apply"]
+    assert applied["move"]["deployment"]["start"] == 2 and applied["move"]["replicas_to"] == 2
+    assert "busy" in applied["reason"] and applied["result"].startswith("applied")
+    assert replicas(ops) == [1, 1, 2, 1] and len(ops.applied) == 1
+    assert ops.kv.get("intent/offramp") is None  # intent cleared once healthy
+    # still saturated right after (each replica 0.95): the layers are cooling down
+    recs = run(ctl, ops, 2)[-1]
+    assert replicas(ops) == [1, 1, 2, 1] and any("cooling down" in r["reason"] for r in recs)
+    ops.busy[2] = 0.3
+    run(ctl, ops, 14)  # after cool-down the plan needs 2 x 0.3 / 0.5 -> 2: stays
+    assert replicas(ops) == [1, 1, 2, 1]
+    assert ctl.moves_made == 1 and all(isinstance(r, dict) for r in ctl.status()["decisions"])
+    json.dumps(ctl.status())  # the CLI prints it
+
+
+def test_dry_run_logs_but_changes_nothing():
+    ops = FakeOps(app_config())
+    ctl = controller(ops, policy={"max_busy_fraction": 0.6, "dry_run": True})
+    ops.busy[1] = 0.95
+    recs = [r for rs in run(ctl, ops, 5) for r in rs]
+    assert any(r["outcome"] == "dry_run" and r["move"]["deployment"]["start"] == 1 for r in recs)
+    assert not ops.applied and replicas(ops) == [1, 1, 1, 1] and not ops.kv.get("intent/offramp")
+
+
+def test_pins_hold_replicas():
+    ops = FakeOps(app_config())
+    ctl = controller(ops, policy={"max_busy_fraction": 0.6}, pins=[{"stage": 2, "replicas": 1}])
+    ops.busy[2] = 0.95
+    run(ctl, ops, 4)
+    assert replicas(ops) == [1, 1, 1, 1]
+
+
+def test_pins_from_app_args():
+    cfg = app_config()
+    cfg["args"]["placement"] = {"pins": [{"stage": 0, "replicas": 3}]}
+    ops = FakeOps(cfg)
+    ctl = controller(ops, policy={"min_gain": 0.0})
+    run(ctl, ops, 2)
+    assert replicas(ops)[0] == 3
+
+
+def test_failed_move_rolls_back():
+    ops = FakeOps(app_config())
+    ctl = controller(ops, policy={"max_busy_fraction": 0.6}, move_deadline_s=10)
+    ops.busy[3] = 0.95
+    ops.fail_deployment = "Stage3"
+    recs = [r for rs in run(ctl, ops, 3) for r in rs]
+    (failed,) = [r for r in recs if r["outcome"] == "failed"]
+    assert "restored" in failed["result"]
+    assert replicas(ops) == [1, 1, 1, 1] and ops.kv.get("intent/offramp") is None
+
+
+def test_split_move_is_deferred_not_applied():
+    ops = FakeOps(app_config())
+    mover = Mover(APP, ops, RANGES)
+    with pytest.raises(MoveDeferred):
+        mover.apply(Move(action="add", knob="split", deployment=StageDeployment(start=0, end=2, pool="gpu"),
+                         replicas_to=1))
+    assert not ops.applied
+
+
+# -- crash safety ---------------------------------------------------------------------------
+class Crash(BaseException):
+    pass
+
+
+def crashing_apply(ops, on_call):
+    """Make the ``on_call``-th deploy_app_config crash the controller before/after applying."""
+    real, n = ops.deploy_app_config, [0]
+
+    def deploy(app, cfg, when=on_call):
+        n[0] += 1
+        if n[0] == when[0]:
+            if when[1] == "after":
+                real(app, cfg)
+            raise Crash()
+        real(app, cfg)
+
+    ops.deploy_app_config = deploy
+    return real
+
+
+def move_stage(k, to, pool="gpu"):
+    return Move(action="set_replicas", knob="replicas",
+                deployment=StageDeployment(start=k, end=k + 1, pool=pool, replicas=to), replicas_from=1, replicas_to=to)
+
+
+@pytest.mark.parametrize("when,expect,reps", [
+    ((1, "after"), "completed", [1, 2, 1, 1]),  # applied, then the controller died: finish, don't re-apply
+    ((1, "before"), "dropped", [1, 1, 1, 1]),  # intent written, never applied: drop it
+])
+def test_recover_from_persisted_intent(when, expect, reps):
+    ops = FakeOps(app_config())
+    real = crashing_apply(ops, when)
+    with pytest.raises(Crash):
+        Mover(APP, ops, RANGES).apply(move_stage(1, 2))
+    assert json.loads(ops.kv["intent/offramp"])["move"]["replicas_to"] == 2
+    ops.deploy_app_config = real
+    applied_before = len(ops.applied)
+    ctl = controller(ops)  # the restarted controller
+    report = ctl.recover()
+    assert report["outcome"].startswith(expect) and ops.kv.get("intent/offramp") is None
+    assert replicas(ops) == reps and len(ops.applied) == applied_before  # nothing applied twice
+    assert any(r.get("event") == "reconcile" for r in ctl.decisions)
+    assert ctl.recover() is None
+
+
+def test_recover_rolls_back_half_applied_pool_move():
+    ops = FakeOps(app_config())
+    real = crashing_apply(ops, (2, "after"))  # step 1 (2 replicas) done, step 2 (pool switch) applied, then crash
+    pool_move = Move(action="add", knob="pool", deployment=StageDeployment(start=3, end=4, pool="gpu", replicas=1),
+                     replicas_to=1)
+    with pytest.raises(Crash):
+        Mover(APP, ops, RANGES).apply(pool_move)
+    assert entry_pool(deployment_entry(ops.config, "Stage3")) == "gpu"
+    ops.deploy_app_config = real
+    report = controller(ops).recover()
+    assert report["outcome"].startswith("rolled back")
+    e = deployment_entry(ops.config, "Stage3")
+    assert entry_pool(e) == "cpu" and e["num_replicas"] == 1
+
+
+def test_cooldown_survives_restart():
+    ops = FakeOps(app_config())
+    ctl = controller(ops, policy={"max_busy_fraction": 0.6})
+    ops.busy[2] = 0.95
+    run(ctl, ops, 3)
+    assert replicas(ops) == [1, 1, 2, 1]
+    ops.busy[2] = 2.0  # still saturated at 2 replicas: wants 3
+    ctl2 = controller(ops, policy={"max_busy_fraction": 0.6})  # restarted controller
+    recs = [r for rs in run(ctl2, ops, 4) for r in rs]
+    assert replicas(ops) == [1, 1, 2, 1] and any("cooling down" in r["reason"] for r in recs)
+    assert ctl2.moves_made == 1  # restored from the persisted state
+
+
+def test_workload_without_traffic_is_valid():
+    obs = Observation(0.0, 5.0, [StageLoad(k, r, 1, 0.0, {}, math.nan, math.nan, 0, 0.0, 0)
+                                 for k, r in enumerate(RANGES)], "stages")
+    w = workload_from(obs, FACTS, 512)
+    assert w.decode_tokens_per_s == 0 and w.reach is None
