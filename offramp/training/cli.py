@@ -1,0 +1,164 @@
+"""``offramp prepare-data | train | train-gates | calibrate | eval``."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from offramp.errors import ConfigError
+
+
+def _model_dir(path: str | None) -> Path:
+    if path is None:
+        from offramp.models import default_model_dir
+
+        d = default_model_dir()
+        if d is None:
+            raise ConfigError("no --model given and the embedded default model is not "
+                              "present; pass --model DIR (a Hugging Face checkpoint directory)")
+        return d
+    d = Path(path)
+    if not (d / "config.json").is_file():
+        raise ConfigError(f"model directory {d} has no config.json; pass --model DIR of a "
+                          "Hugging Face checkpoint (Llama, Qwen2 or GPT-2)")
+    return d
+
+
+def _data_dir(path: str) -> Path:
+    d = Path(path)
+    if not (d / "heldout.jsonl").is_file():
+        raise ConfigError(f"data directory {d} has no heldout.jsonl; run "
+                          f"`offramp prepare-data --out {d}` first or pass --data DIR")
+    return d
+
+
+def _tasks(s: str | None) -> list[str] | None:
+    return [t.strip() for t in s.split(",") if t.strip()] if s else None
+
+
+def cmd_prepare(args) -> int:
+    from offramp.training.data import DataSpec, prepare
+
+    spec = DataSpec(seed=args.seed, vocab_size=args.vocab_size,
+                    heldout_frac=args.heldout_frac, math_problems=args.math_problems,
+                    coding_max_bytes=args.coding_max_bytes, qa_max_bytes=args.qa_max_bytes)
+    cache = None if args.no_fetch else Path(args.cache)
+    m = prepare(args.out, spec, cache)
+    print(json.dumps({"out": args.out, "sources": m["sources"], "docs": m["docs"]}, indent=2))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from offramp.training.pretrain import TrainSpec, train
+
+    _data_dir(args.data)
+    spec = TrainSpec(hidden=args.hidden, layers=args.layers, intermediate=args.intermediate,
+                     heads=args.heads, kv_heads=args.heads, steps=args.steps,
+                     batch=args.batch, seq_len=args.seq_len, lr=args.lr, seed=args.seed,
+                     threads=args.threads)
+    print(json.dumps(train(args.data, args.out, spec), indent=2))
+    return 0
+
+
+def cmd_train_gates(args) -> int:
+    from offramp.training.gates import GateSpec, train_gates
+
+    model_dir = _model_dir(args.model)
+    spec = GateSpec(steps=args.steps, joint_steps=args.joint_steps if args.joint else 0,
+                    gate_lr=args.gate_lr, head_lr=args.head_lr, seed=args.seed,
+                    threads=args.threads, seq_len=args.seq_len, batch=args.batch)
+    layers = [int(x) for x in args.exit_layers.split(",")] if args.exit_layers else None
+    out = train_gates(model_dir, _data_dir(args.data), spec, exit_layers=layers,
+                      joint_out=Path(args.joint_out) if args.joint_out else None)
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from offramp.training.calibrate import CalibSpec, calibrate
+
+    model_dir = _model_dir(args.model)
+    spec = CalibSpec(target=args.target, delta=args.delta, max_tokens=args.max_tokens,
+                     metric=args.metric, threads=args.threads, seed=args.seed)
+    res = calibrate(model_dir, _data_dir(args.data), spec, plot=args.plot)
+    print(res["table"])
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from offramp.training.evaluate import evaluate, format_table
+
+    model_dir = _model_dir(args.model)
+    res = evaluate(model_dir, _data_dir(args.data), max_tokens=args.max_tokens,
+                   threads=args.threads, tasks=_tasks(args.tasks))
+    print(json.dumps(res, indent=2) if args.json else format_table(res))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prepare-data", help="build the offline corpus, held-out splits and tokenizer")
+    p.add_argument("--out", default="data/offramp", help="output directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--heldout-frac", type=float, default=0.05)
+    p.add_argument("--math-problems", type=int, default=60_000)
+    p.add_argument("--coding-max-bytes", type=int, default=4_000_000)
+    p.add_argument("--qa-max-bytes", type=int, default=4_500_000)
+    p.add_argument("--cache", default=str(Path.home() / ".cache" / "offramp"),
+                   help="where the Debian bible-kjv(-text) packages are unpacked (apt-get download)")
+    p.add_argument("--no-fetch", action="store_true",
+                   help="never call apt-get; prose falls back to pydoc topics if the Bible is not installed")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train the small default model from scratch (LayerSkip recipe)")
+    p.add_argument("--data", default="data/offramp")
+    p.add_argument("--out", required=True, help="output checkpoint directory (resumes from its ckpt.pt)")
+    p.add_argument("--hidden", type=int, default=192)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--intermediate", type=int, default=512)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--steps", type=int, default=1400)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--lr", type=float, default=2.5e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("train-gates", help="train exit heads and gates on a frozen backbone")
+    p.add_argument("--model", help="checkpoint directory (default: the embedded model)")
+    p.add_argument("--data", default="data/offramp")
+    p.add_argument("--exit-layers", help="comma list, e.g. 2,4,6 (default: every layer 1..n-1)")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--gate-lr", type=float, default=1e-3,
+                   help="gate learning rate (seed recipe 3e-5 barely moves a zero-init gate in a few hundred steps)")
+    p.add_argument("--head-lr", type=float, default=1e-3)
+    p.add_argument("--joint", action="store_true", help="stage 2: unfreeze the backbone (early-exit loss)")
+    p.add_argument("--joint-steps", type=int, default=200)
+    p.add_argument("--joint-out", help="where stage 2 writes the fine-tuned backbone (required with --joint)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=cmd_train_gates)
+
+    p = sub.add_parser("calibrate", help="choose exit thresholds with a Learn-then-Test guarantee")
+    p.add_argument("--model", help="checkpoint directory (default: the embedded model)")
+    p.add_argument("--data", default="data/offramp")
+    p.add_argument("--target", type=float, default=0.98, help="agreement of exited tokens with full depth")
+    p.add_argument("--delta", type=float, default=0.1, help="allowed failure probability of the guarantee")
+    p.add_argument("--metric", default="max_prob", choices=["max_prob", "margin", "entropy"])
+    p.add_argument("--max-tokens", type=int, default=20_000, help="held-out tokens per task")
+    p.add_argument("--plot", default=None, help="PNG path (default: calibration.png in the model dir)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("eval", help="held-out agreement, perplexity and exit histogram per task")
+    p.add_argument("--model", help="checkpoint directory (default: the embedded model)")
+    p.add_argument("--data", default="data/offramp")
+    p.add_argument("--max-tokens", type=int, default=20_000, help="held-out tokens per task")
+    p.add_argument("--tasks", help="comma list (default: all)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=cmd_eval)

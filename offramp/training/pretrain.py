@@ -1,0 +1,228 @@
+"""``offramp train``: the embedded default model, from scratch, trained for early exit.
+
+LayerSkip recipe, scaled down:
+
+* early-exit loss: besides the final cross-entropy, each step adds the cross-entropy of
+  a rotating subset of exit heads (``exits_per_step`` of layers 1..n-1), each exit
+  head being a per-layer copy of the final norm in front of the shared (tied) LM head;
+* layer dropout rising with depth: layer ``l`` (0-based) is skipped for a row with
+  probability ``p_max * l / (n - 1)`` (stochastic depth, residual kept).
+
+Resumable: ``ckpt.pt`` in the output directory is rewritten every ``ckpt_every`` steps
+and a rerun of the same command continues from it. Batches are a pure function of
+``(seed, step)``, so a resumed run sees the same data as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from offramp.training.data import TASKS, read_docs
+from offramp.training.heads import ExitHeads, backbone
+
+
+@dataclass
+class TrainSpec:
+    hidden: int = 192
+    layers: int = 8
+    heads: int = 4
+    kv_heads: int = 4
+    intermediate: int = 512
+    context: int = 512  # max_position_embeddings
+    seq_len: int = 256  # training window (shorter than context: cheaper on one core)
+    batch: int = 16
+    steps: int = 1400
+    lr: float = 2.5e-3
+    min_lr_frac: float = 0.1
+    warmup: int = 60
+    weight_decay: float = 0.1
+    exits_per_step: int = 2  # rotating subset of exit heads trained each step
+    exit_weight: float = 0.3  # loss weight of each exit head
+    layer_drop_max: float = 0.1  # p of skipping the last layer; rises linearly with depth
+    mix: dict = field(default_factory=lambda: {"qa": 0.35, "math": 0.3, "coding": 0.35})
+    seed: int = 0
+    ckpt_every: int = 100
+    threads: int = 1
+
+
+def build_model(spec: TrainSpec, vocab: int, bos: int, eos: int, pad: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads, max_position_embeddings=spec.context,
+        tie_word_embeddings=True, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad,
+        rms_norm_eps=1e-5, rope_theta=10000.0, attn_implementation="sdpa")
+    torch.manual_seed(spec.seed)
+    return LlamaForCausalLM(cfg)
+
+
+def token_streams(data_dir: Path, tok, cache: Path) -> dict[str, torch.Tensor]:
+    """Per task, every training document as ``bos text eos`` concatenated (int32)."""
+    if cache.is_file():
+        return torch.load(cache)
+    docs = read_docs(data_dir, "train")
+    streams = {}
+    for task in TASKS:
+        texts = [d["text"] for d in docs if d["task"] == task]
+        ids = tok(texts, add_special_tokens=True)["input_ids"]
+        flat = [t for seq in ids for t in (*seq, tok.eos_token_id)]
+        streams[task] = torch.tensor(flat, dtype=torch.int32)
+    torch.save(streams, cache)
+    return streams
+
+
+def sample_batch(streams: dict[str, torch.Tensor], spec: TrainSpec, step: int) -> torch.Tensor:
+    """(B, T+1) windows; a pure function of (seed, step)."""
+    g = torch.Generator().manual_seed(spec.seed * 1_000_003 + step)
+    tasks = list(spec.mix)
+    w = torch.tensor([spec.mix[t] for t in tasks])
+    rows = []
+    for i in torch.multinomial(w, spec.batch, replacement=True, generator=g).tolist():
+        s = streams[tasks[i]]
+        off = int(torch.randint(0, len(s) - spec.seq_len - 1, (1,), generator=g))
+        rows.append(s[off:off + spec.seq_len + 1])
+    return torch.stack(rows).long()
+
+
+def layer_states(model, ids: torch.Tensor, drop_max: float = 0.0,
+                 g: torch.Generator | None = None) -> list[torch.Tensor]:
+    """Raw hidden states [embeddings, after layer 1, ..., after layer n] (no final norm),
+    with depth-rising stochastic layer dropout when ``drop_max > 0``."""
+    from transformers.masking_utils import create_causal_mask
+
+    inner = model.model
+    B, T = ids.shape
+    h = inner.embed_tokens(ids)  # (B, T, H)
+    pos = torch.arange(T).unsqueeze(0)  # (1, T)
+    mask = create_causal_mask(config=model.config, inputs_embeds=h, attention_mask=None,
+                              past_key_values=None, position_ids=pos)
+    pe = inner.rotary_emb(h, position_ids=pos)
+    n = len(inner.layers)
+    out = [h]
+    for i, layer in enumerate(inner.layers):
+        nh = layer(h, attention_mask=mask, position_embeddings=pe, position_ids=pos)
+        nh = nh[0] if isinstance(nh, tuple) else nh
+        p = drop_max * i / max(n - 1, 1)
+        if p > 0:
+            keep = torch.rand(B, 1, 1, generator=g) >= p  # (B, 1, 1)
+            nh = torch.where(keep, nh, h)
+        h = nh
+        out.append(h)
+    return out
+
+
+def lr_at(spec: TrainSpec, step: int) -> float:
+    if step < spec.warmup:
+        return spec.lr * (step + 1) / spec.warmup
+    t = (step - spec.warmup) / max(spec.steps - spec.warmup, 1)
+    return spec.lr * (spec.min_lr_frac + (1 - spec.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def train(data_dir: str | Path, out_dir: str | Path, spec: TrainSpec,
+          progress: bool = True) -> dict:
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    from offramp.ops.exits import ExitsConfig, save_exits
+
+    data_dir, out = Path(data_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(spec.threads)
+    tok = AutoTokenizer.from_pretrained(str(data_dir / "tokenizer"))
+    streams = token_streams(data_dir, tok, data_dir / "train_tokens.pt")
+    model = build_model(spec, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    bb = backbone(model)
+    exit_layers = list(range(1, spec.layers))
+    heads = ExitHeads(bb, exit_layers)
+    params = list(model.parameters()) + list(heads.norms.parameters())
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": spec.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=spec.lr, betas=(0.9, 0.95))
+    ckpt_path = out / "ckpt.pt"
+    step, log = 0, []
+    if ckpt_path.is_file():
+        ck = torch.load(ckpt_path, weights_only=False)
+        if ck["spec"] != asdict(spec):
+            raise ValueError(f"{ckpt_path} was written with other settings; use the same "
+                             "flags to resume, or another --out to start over")
+        model.load_state_dict(ck["model"])
+        heads.norms.load_state_dict(ck["norms"])
+        opt.load_state_dict(ck["opt"])
+        step, log = ck["step"], ck["log"]
+    model.train()
+    bar = tqdm(total=spec.steps, initial=step, disable=not progress, desc="train",
+               dynamic_ncols=True, mininterval=5)
+    t0, tokens0 = time.time(), step
+    while step < spec.steps:
+        batch = sample_batch(streams, spec, step)
+        x, y = batch[:, :-1], batch[:, 1:]  # (B, T)
+        g = torch.Generator().manual_seed(spec.seed * 7919 + step)
+        hs = layer_states(model, x, spec.layer_drop_max, g)
+        final = bb.lm_head(bb.final_norm(hs[-1]))  # (B, T, V)
+        loss_final = F.cross_entropy(final.flatten(0, 1), y.flatten())
+        loss = loss_final
+        n_exit = len(exit_layers)
+        chosen = [exit_layers[(step * spec.exits_per_step + k) % n_exit]
+                  for k in range(spec.exits_per_step)]
+        exit_losses = {}
+        for L in chosen:
+            logits = bb.lm_head(heads.norms[str(L)](hs[L]))  # (B, T, V)
+            el = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+            exit_losses[L] = el.item()
+            loss = loss + spec.exit_weight * el
+        for group in opt.param_groups:
+            group["lr"] = lr_at(spec, step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        rec = {"step": step, "loss": round(loss_final.item(), 4),
+               **{f"exit{L}": round(v, 4) for L, v in exit_losses.items()}}
+        log.append(rec)
+        tps = (step - tokens0) * spec.batch * spec.seq_len / max(time.time() - t0, 1e-6)
+        bar.set_postfix(loss=f"{loss_final.item():.3f}", tok_s=f"{tps:.0f}", refresh=False)
+        bar.update(1)
+        if step % spec.ckpt_every == 0 or step == spec.steps:
+            tmp = out / "ckpt.pt.tmp"
+            torch.save({"spec": asdict(spec), "model": model.state_dict(),
+                        "norms": heads.norms.state_dict(), "opt": opt.state_dict(),
+                        "step": step, "log": log}, tmp)
+            tmp.replace(ckpt_path)
+    bar.close()
+    return export(model, heads, tok, out, spec, log)
+
+
+def export(model, heads: ExitHeads, tok, out: Path, spec: TrainSpec, log: list[dict]) -> dict:
+    """HF checkpoint (bf16 safetensors) + exits file holding the trained exit norms."""
+    from offramp.ops.exits import ExitsConfig, save_exits
+
+    model.eval()
+    model.config.use_cache = True
+    model.generation_config.bos_token_id = tok.bos_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.to(torch.bfloat16).save_pretrained(str(out), safe_serialization=True)
+    model.float()
+    tok.save_pretrained(str(out))
+    tail = log[-50:]
+    summary = {
+        "recipe": "layerskip: rotating early-exit loss + depth-rising layer dropout",
+        "spec": asdict(spec),
+        "final_loss_last50": round(sum(r["loss"] for r in tail) / max(len(tail), 1), 4),
+    }
+    cfg = ExitsConfig(exit_layers=heads.exit_layers, gate_enabled=False,
+                      training={"backbone": summary})
+    save_exits(out, cfg, heads.to_tensors(with_gates=False))
+    (out / "train_log.json").write_text(json.dumps(log) + "\n")
+    return summary
