@@ -91,7 +91,7 @@ class Router:
             c = self.clients[ep] = StageClient(ep.host, ep.port, self.token)
         return c
 
-    def ban(self, ep: Endpoint, seconds: float = 5.0) -> None:
+    def ban(self, ep: Endpoint, seconds: float = 12.0) -> None:
         self.dead[ep.replica] = time.monotonic() + seconds
         c = self.clients.pop(ep, None)
         if c is not None:
@@ -175,24 +175,30 @@ class PipelineBackend:
         seq.route = {}
 
     async def _next_token(self, seq: _Seq, deadline: float) -> tuple[int, int]:
-        for attempt in range(self.max_replays + 1):
+        """One token, replaying the sequence on live replicas after a failure. Failures of a
+        replica count against ``max_replays``; "no live replica yet" waits, with backoff,
+        until the request's deadline (Serve is starting a replacement)."""
+        failures, waits = 0, 0
+        while True:
             try:
                 return await self._walk(seq, deadline)
             except RETRYABLE as e:
                 if time.monotonic() >= deadline:
-                    raise errors.DeadlineExceeded("the request ran past its deadline") from None
-                if attempt == self.max_replays:
-                    raise errors.StageUnavailable(f"stage replicas kept failing ({e}); retry later") from None
-                log.warning("replaying %s after: %s", seq.request.request_id, e)
-                for ep in seq.route.values():
-                    if isinstance(e, (errors.StageUnavailable, errors.DeadlineExceeded)) and not isinstance(e, KVMissing):
-                        if self.router.client(ep).broken:
-                            self.router.ban(ep)
-                self._release(seq)
-                self._new_session(seq)
-                await asyncio.sleep(min(2.0, 0.2 * 2**attempt))
+                    raise errors.DeadlineExceeded("the request ran past its deadline while stage replicas "
+                                                  "were unavailable; retry later") from None
+                failed = getattr(e, "endpoint", None)
+                if failed is not None or isinstance(e, KVMissing):
+                    failures += 1
+                    if failures > self.max_replays:
+                        raise errors.StageUnavailable(f"stage replicas kept failing ({e}); retry later") from None
+                    if failed is not None and not isinstance(e, KVMissing):
+                        self.router.ban(failed)  # dead or hung: route around it until the registry drops it
+                    log.warning("replaying %s after: %s", seq.request.request_id, e)
+                    self._release(seq)
+                    self._new_session(seq)
+                waits += 1
+                await asyncio.sleep(min(2.0, 0.1 * 2**waits, max(0.0, deadline - time.monotonic())))
                 await self.router.refresh(force=True)
-        raise AssertionError("unreachable")
 
     async def _walk(self, seq: _Seq, deadline: float) -> tuple[int, int]:
         """One token: stage 0 onwards until a gate exits or the last stage answers."""
@@ -211,7 +217,11 @@ class PipelineBackend:
             if left <= 0:
                 raise errors.DeadlineExceeded("the request ran past its deadline")
             self.calls[k] += 1
-            (res,) = await self.router.client(ep).step([row], timeout=min(left, self.call_timeout))
+            try:
+                (res,) = await self.router.client(ep).step([row], timeout=min(left, self.call_timeout))
+            except RETRYABLE as e:
+                e.endpoint = ep
+                raise
             if k == 0:
                 seq.fed = len(seq.tokens)
             if res["token"] is not None:
