@@ -55,7 +55,7 @@ def cmd_train(args) -> int:
     spec = TrainSpec(hidden=args.hidden, layers=args.layers, intermediate=args.intermediate,
                      heads=args.heads, kv_heads=args.heads, steps=args.steps,
                      batch=args.batch, seq_len=args.seq_len, lr=args.lr, seed=args.seed,
-                     threads=args.threads)
+                     threads=args.threads, time_budget_min=args.time_budget_min)
     print(json.dumps(train(args.data, args.out, spec), indent=2))
     return 0
 
@@ -123,6 +123,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=2.5e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--time-budget-min", type=float, default=0.0,
+                   help="stop (and finish the lr schedule) after this much training wall time")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("train-gates", help="train exit heads and gates on a frozen backbone")

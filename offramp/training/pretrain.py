@@ -49,6 +49,7 @@ class TrainSpec:
     seed: int = 0
     ckpt_every: int = 100
     threads: int = 1
+    time_budget_min: float = 0.0  # >0: schedule on max(step/steps, time/budget); stop at 1
 
 
 def build_model(spec: TrainSpec, vocab: int, bos: int, eos: int, pad: int):
@@ -119,10 +120,20 @@ def layer_states(model, ids: torch.Tensor, drop_max: float = 0.0,
     return out
 
 
-def lr_at(spec: TrainSpec, step: int) -> float:
+def progress_at(spec: TrainSpec, step: int, elapsed_s: float) -> float:
+    """Share of the run done: steps, or wall time when a budget is set (one shared
+    machine's speed varies; the budget keeps the run's length, the schedule follows)."""
+    p = step / spec.steps
+    if spec.time_budget_min > 0:
+        p = max(p, elapsed_s / (60 * spec.time_budget_min))
+    return min(p, 1.0)
+
+
+def lr_at(spec: TrainSpec, step: int, progress: float) -> float:
     if step < spec.warmup:
         return spec.lr * (step + 1) / spec.warmup
-    t = (step - spec.warmup) / max(spec.steps - spec.warmup, 1)
+    w = spec.warmup / spec.steps
+    t = min(max((progress - w) / max(1 - w, 1e-6), 0.0), 1.0)
     return spec.lr * (spec.min_lr_frac + (1 - spec.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
@@ -149,7 +160,7 @@ def train(data_dir: str | Path, out_dir: str | Path, spec: TrainSpec,
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=spec.lr, betas=(0.9, 0.95))
     ckpt_path = out / "ckpt.pt"
-    step, log = 0, []
+    step, log, elapsed = 0, [], 0.0
     if ckpt_path.is_file():
         ck = torch.load(ckpt_path, weights_only=False)
         if ck["spec"] != asdict(spec):
@@ -158,12 +169,12 @@ def train(data_dir: str | Path, out_dir: str | Path, spec: TrainSpec,
         model.load_state_dict(ck["model"])
         heads.norms.load_state_dict(ck["norms"])
         opt.load_state_dict(ck["opt"])
-        step, log = ck["step"], ck["log"]
+        step, log, elapsed = ck["step"], ck["log"], ck.get("elapsed_s", 0.0)
     model.train()
     bar = tqdm(total=spec.steps, initial=step, disable=not progress, desc="train",
                dynamic_ncols=True, mininterval=5)
-    t0, tokens0 = time.time(), step
-    while step < spec.steps:
+    t0, tokens0, elapsed0 = time.time(), step, elapsed
+    while progress_at(spec, step, elapsed) < 1.0:
         batch = sample_batch(streams, spec, step)
         x, y = batch[:, :-1], batch[:, 1:]  # (B, T)
         g = torch.Generator().manual_seed(spec.seed * 7919 + step)
@@ -181,23 +192,25 @@ def train(data_dir: str | Path, out_dir: str | Path, spec: TrainSpec,
             exit_losses[L] = el.item()
             loss = loss + spec.exit_weight * el
         for group in opt.param_groups:
-            group["lr"] = lr_at(spec, step)
+            group["lr"] = lr_at(spec, step, progress_at(spec, step, elapsed))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
-        rec = {"step": step, "loss": round(loss_final.item(), 4),
+        elapsed = elapsed0 + time.time() - t0
+        rec = {"step": step, "elapsed_s": round(elapsed, 1), "loss": round(loss_final.item(), 4),
                **{f"exit{L}": round(v, 4) for L, v in exit_losses.items()}}
         log.append(rec)
         tps = (step - tokens0) * spec.batch * spec.seq_len / max(time.time() - t0, 1e-6)
         bar.set_postfix(loss=f"{loss_final.item():.3f}", tok_s=f"{tps:.0f}", refresh=False)
         bar.update(1)
-        if step % spec.ckpt_every == 0 or step == spec.steps:
+        done = progress_at(spec, step, elapsed) >= 1.0
+        if step % spec.ckpt_every == 0 or done:
             tmp = out / "ckpt.pt.tmp"
             torch.save({"spec": asdict(spec), "model": model.state_dict(),
                         "norms": heads.norms.state_dict(), "opt": opt.state_dict(),
-                        "step": step, "log": log}, tmp)
+                        "step": step, "log": log, "elapsed_s": elapsed}, tmp)
             tmp.replace(ckpt_path)
     bar.close()
     return export(model, heads, tok, out, spec, log)
@@ -219,6 +232,8 @@ def export(model, heads: ExitHeads, tok, out: Path, spec: TrainSpec, log: list[d
     summary = {
         "recipe": "layerskip: rotating early-exit loss + depth-rising layer dropout",
         "spec": asdict(spec),
+        "steps_done": len(log),
+        "wall_s": log[-1]["elapsed_s"] if log else 0.0,
         "final_loss_last50": round(sum(r["loss"] for r in tail) / max(len(tail), 1), 4),
     }
     cfg = ExitsConfig(exit_layers=heads.exit_layers, gate_enabled=False,
