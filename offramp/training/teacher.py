@@ -57,6 +57,7 @@ def load_model(model_dir: str | Path):
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     model.eval()
     tok = AutoTokenizer.from_pretrained(str(model_dir))
+    tok.model_max_length = 10**9  # we cut windows ourselves; silence the length warning
     if tok.eos_token_id is None:
         raise ValueError(f"tokenizer in {model_dir} has no eos token; set eos_token in "
                          "tokenizer_config.json")
