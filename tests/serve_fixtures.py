@@ -86,14 +86,28 @@ def wait_running(wait_s: float = 120.0, want: dict[str, int] | None = None) -> N
     raise TimeoutError(f"app not running with {want} after {wait_s}s: {last}")
 
 
-def replica_actors(deployment: str | None = None) -> list[Any]:
-    """Alive replica actors of the app (``ray.util.state`` ActorState), optionally of one deployment."""
+def replica_actors(deployment: str | None = None, expect: int | None = None, wait_s: float = 15.0) -> list[Any]:
+    """Alive replica actors of the app (``ray.util.state`` ActorState), optionally of one
+    deployment. The state API answers through the dashboard, which can time out or return a
+    partial list on a loaded 2-core machine: errors are retried, and with ``expect`` the call
+    waits (up to ``wait_s``) until that many replicas are listed."""
     from ray.util.state import list_actors
 
     cls = f"ServeReplica:{APP}:{deployment}" if deployment else None
     filters = [("state", "=", "ALIVE")] + ([("class_name", "=", cls)] if cls else [])
-    actors = list_actors(filters=filters, limit=1000, raise_on_missing_output=False)
-    return [a for a in actors if a.class_name.startswith(f"ServeReplica:{APP}:")]
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            actors = list_actors(filters=filters, limit=1000, timeout=10, raise_on_missing_output=True)
+            found = [a for a in actors if a.class_name.startswith(f"ServeReplica:{APP}:")]
+            if expect is None or len(found) == expect:
+                return found
+            problem = f"{len(found)} replicas listed, expected {expect}"
+        except Exception as e:  # noqa: BLE001 - state API hiccup; retried
+            problem = repr(e)
+        if time.monotonic() > deadline:
+            raise AssertionError(f"replica actors of {deployment or APP}: {problem}")
+        time.sleep(0.5)
 
 
 def node_pools() -> dict[str, str]:
