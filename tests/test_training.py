@@ -1,0 +1,133 @@
+"""prepare-data, the tokenizer, pretraining, train-gates: small and fast (tiny data/models)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from offramp.training.data import DataSpec, TASKS, prepare, read_docs
+
+TINY = DataSpec(seed=3, heldout_frac=0.3, math_problems=400, coding_max_bytes=60_000,
+                qa_max_bytes=60_000, vocab_size=400, tokenizer_sample_bytes=40_000)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("data")
+    prepare(out, TINY, cache=None)
+    return out
+
+
+def test_prepare_data_is_deterministic(data_dir, tmp_path):
+    prepare(tmp_path, TINY, cache=None)
+    for name in ("train.jsonl", "heldout.jsonl", "tokenizer/tokenizer.json", "manifest.json"):
+        assert (tmp_path / name).read_bytes() == (data_dir / name).read_bytes(), name
+
+
+def test_heldout_is_disjoint_and_covers_every_task(data_dir):
+    train, held = read_docs(data_dir, "train"), read_docs(data_dir, "heldout")
+    for task in TASKS:
+        assert any(d["task"] == task for d in held), task
+        assert any(d["task"] == task for d in train), task
+    # units: one problem (math), one file / chapter / topic (others)
+    def units(docs):
+        return {(d["task"], u) for d in docs
+                for u in (d["key"].split("|") if d["task"] == "math" else [d["key"]])}
+    assert not units(train) & units(held)
+    train_lines = {ln for d in train if d["task"] == "math" for ln in d["text"].splitlines()}
+    held_lines = {ln for d in held if d["task"] == "math" for ln in d["text"].splitlines()}
+    assert held_lines and not train_lines & held_lines
+    assert any("=" in ln and "*" in ln and ln.count("=") >= 2 for ln in train_lines)  # multi-step
+
+
+def test_tokenizer_round_trip(data_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(data_dir / "tokenizer"))
+    assert tok.bos_token == "<|bos|>" and tok.eos_token == "<|eos|>" and tok.pad_token_id is not None
+    for s in ["17+25=42", "(12+7)*3=19*3=57", "def f(x):\n    return {'a': x}  # é ✓\n",
+              "In the beginning was the Word.", "  trailing  spaces \n\n"]:
+        ids = tok(s).input_ids
+        assert ids[0] == tok.bos_token_id
+        assert tok.decode(ids, skip_special_tokens=True) == s
+    digits = tok.convert_ids_to_tokens(tok("12345", add_special_tokens=False).input_ids)
+    assert digits == list("12345")  # single-digit pre-split
+
+
+def test_layer_states_match_hf_hidden_states():
+    from offramp.training.pretrain import TrainSpec, build_model, layer_states
+
+    spec = TrainSpec(hidden=32, intermediate=64, layers=3, heads=4, kv_heads=4)
+    model = build_model(spec, 300, 0, 1, 2).eval()
+    ids = torch.randint(3, 300, (2, 12))
+    with torch.no_grad():
+        ours = layer_states(model, ids)
+        ref = model(input_ids=ids, output_hidden_states=True).hidden_states
+    for L in range(3):
+        torch.testing.assert_close(ours[L], ref[L])
+    torch.testing.assert_close(model.model.norm(ours[3]), ref[3])  # HF's last one is normed
+
+
+def test_train_tiny_resumes_and_exports(data_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from offramp.ops.exits import load_exits_config
+    from offramp.training.pretrain import TrainSpec, train
+
+    spec = TrainSpec(hidden=32, intermediate=64, layers=3, heads=4, kv_heads=4, batch=2,
+                     seq_len=16, steps=4, warmup=1, ckpt_every=2)
+    out = tmp_path / "m"
+    train(data_dir, out, spec, progress=False)
+    log1 = json.loads((out / "train_log.json").read_text())
+    train(data_dir, out, spec, progress=False)  # resumes at the end: nothing more to do
+    assert json.loads((out / "train_log.json").read_text()) == log1 and len(log1) == 4
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    tok = AutoTokenizer.from_pretrained(str(out))
+    assert model.config.tie_word_embeddings and model.config.num_hidden_layers == 3
+    gen = model.generate(**tok("1+1=", return_tensors="pt"), max_new_tokens=3, do_sample=False)
+    assert gen.shape[1] > 1
+    cfg = load_exits_config(out)
+    assert cfg.exit_layers == [1, 2] and not cfg.gate_enabled
+
+
+def _sha(d: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir())
+            if not p.name.startswith("offramp_exits")}
+
+
+def test_train_gates_writes_valid_exits_and_leaves_backbone(data_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from offramp.ops.exits import EXITS_TENSORS, exit_tensor_names, load_exits_config
+    from offramp.ops.presets import make_checkpoint
+    from offramp.training.gates import GateSpec, train_gates
+
+    model_dir = make_checkpoint(tmp_path / "tiny", "tiny", seed=5)
+    before = _sha(model_dir)
+    res = train_gates(model_dir, data_dir, GateSpec(steps=3, batch=3, seq_len=32))
+    assert _sha(model_dir) == before
+    cfg = load_exits_config(model_dir)
+    assert cfg.exit_layers == [1, 2, 3] and cfg.gate_enabled and cfg.thresholds == {}
+    assert 0 < cfg.gate_threshold <= 0.5 and res["stage1"]["steps"] == 3
+    t = load_file(str(model_dir / EXITS_TENSORS))
+    hidden = 64
+    for L in cfg.exit_layers:
+        names = [n for n in exit_tensor_names(L) if n in t]
+        assert f"exits.{L}.norm.weight" in names and t[f"exits.{L}.norm.weight"].shape == (hidden,)
+        assert t[f"exits.{L}.gate.fc.weight"].shape == (1, hidden + cfg.task_dim)
+        assert t[f"exits.{L}.gate.fc.bias"].shape == (1,)
+        assert t[f"exits.{L}.gate.task_embedding.weight"].shape == (len(cfg.task_types), cfg.task_dim)
+    assert set(t) <= {n for L in cfg.exit_layers for n in exit_tensor_names(L)}
+
+
+def test_cli_missing_model_dir_is_one_line(capsys, tmp_path):
+    from offramp.cli import main
+
+    for cmd in ("train-gates", "calibrate", "eval"):
+        rc = main([cmd, "--model", str(tmp_path / "nope"), "--data", str(tmp_path)])
+        err = capsys.readouterr().err.strip()
+        assert rc != 0 and len(err.splitlines()) == 1 and "config.json" in err, err
