@@ -136,6 +136,11 @@ def deploy_app_config(app_name: str, app_config: dict) -> None:
     _serve_client().deploy_apps(ServeDeploySchema.model_validate(schema), _blocking=False)
 
 
+def _enum_str(v) -> str:
+    """'HEALTHY' whether Serve hands back the enum or its value."""
+    return str(getattr(v, "value", v))
+
+
 def deployment_states(app_name: str) -> dict[str, dict]:
     """Per deployment of ``app_name``: ``{"status", "target", "running": [replica ids], "replicas":
     {state: n}}`` from the Serve controller."""
@@ -146,16 +151,17 @@ def deployment_states(app_name: str) -> dict[str, dict]:
     for name, d in app.get("deployments", {}).items():
         states: dict[str, int] = {}
         for r in d.get("replicas", []):
-            states[str(r["state"])] = states.get(str(r["state"]), 0) + 1
-        out[name] = {"status": str(d.get("status")), "target": d.get("target_num_replicas"),
-                     "running": sorted(r["replica_id"] for r in d.get("replicas", []) if str(r["state"]) == "RUNNING"),
+            states[_enum_str(r["state"])] = states.get(_enum_str(r["state"]), 0) + 1
+        out[name] = {"status": _enum_str(d.get("status")), "target": d.get("target_num_replicas"),
+                     "running": sorted(r["replica_id"] for r in d.get("replicas", [])
+                                       if _enum_str(r["state"]) == "RUNNING"),
                      "replicas": states}
     return out
 
 
 def app_status(app_name: str) -> str | None:
     app = serve_details().get("applications", {}).get(app_name)
-    return None if app is None else str(app.get("status"))
+    return None if app is None else _enum_str(app.get("status"))
 
 
 def http_root(app_name: str) -> str | None:

@@ -311,7 +311,7 @@ class PlacementController:
         c = Constraints(num_stages=len(current), split=[d.start for d in current[1:]], pins=pins,
                         tpot_slo_s=self.cfg.tpot_slo_s, target_utilisation=self.cfg.target_utilisation,
                         batch_size=max(1, round(max(batches))) if batches else 16,
-                        max_replicas_per_stage=self.cfg.max_replicas_per_stage)
+                        max_replicas_per_stage=64)  # capped below: an over-bound plan is still a plan
         target = plan(self.facts.model, pools, w, c, self.costs)
         # measured floor: never fewer replicas than the measured busy time needs
         stages = []
@@ -320,6 +320,7 @@ class PlacementController:
             need = math.ceil(sum(s.busy.values()) / self.cfg.target_utilisation - 1e-9) if s.busy else 1
             pinned = user.get(k) and user[k].replicas
             n = st.replicas if pinned else min(self.cfg.max_replicas_per_stage, max(st.replicas, need))
+            n = max(n, 1)
             stages.append(st.model_copy(update={"replicas": n}))
         target = target.model_copy(update={"stages": stages})
         try:

@@ -1,0 +1,148 @@
+"""The placement controller on a real local cluster (head + GPU-pool node + 2 CPU-pool nodes)
+serving the tiny 4-layer model in 4 stages, under continuous greedy load.
+
+One scenario, in order (it shares the session's app, so it restores it at the end):
+
+1. idle -> load shift: the controller (a detached actor, 2 s interval) sees stages 1 and 2
+   busy past the breach threshold for 2 intervals and adds a replica to stage 1; stages 0
+   and 3 are pinned to 1 replica (the escape hatch), so the moves are predictable;
+2. the next move (stage 2) is in flight when the controller actor is killed; Ray restarts
+   it, it reconciles the persisted intent (completes the applied move, or drops one never
+   applied) and ends with Serve, the registry and the config agreeing;
+3. throughout: zero failed requests, and every greedy output equals the one taken before
+   the load started.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from serve_fixtures import APP, MODEL_NAME, apply_config, registry_endpoints, wait_running
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+PROMPTS = ["The quick brown fox", "Pipeline stages exit early", "Hello there, general", "0 1 2 3 4 5"]
+MAX_TOKENS = 8
+
+
+def greedy(client, prompt):
+    r = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
+                                  extra_body={"offramp": {"exit": "off"}, "ignore_eos": True})
+    return r.choices[0].text
+
+
+class Load:
+    """Greedy requests from ``streams`` threads until stopped (bounded by ``max_s``)."""
+
+    def __init__(self, sc, streams=3, max_s=150.0):
+        self.sc, self.streams, self.max_s = sc, streams, max_s
+        self.stop = threading.Event()
+        self.ok, self.failed, self.mismatch = 0, [], []
+        self.expected: dict[str, str] = {}
+        self.threads = []
+
+    def _run(self, i):
+        client = self.sc.openai(timeout=60)
+        end = time.monotonic() + self.max_s
+        n = i
+        while not self.stop.is_set() and time.monotonic() < end:
+            p = PROMPTS[n % len(PROMPTS)]
+            n += 1
+            try:
+                out = greedy(client, p)
+            except Exception as e:  # noqa: BLE001 - every failure is counted, none hidden
+                self.failed.append(f"{type(e).__name__}: {e}")
+                continue
+            self.ok += 1
+            if out != self.expected[p]:
+                self.mismatch.append((p, out, self.expected[p]))
+
+    def start(self):
+        client = self.sc.openai(timeout=60)
+        self.expected = {p: greedy(client, p) for p in PROMPTS}
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(self.streams)]
+        for t in self.threads:
+            t.start()
+
+    def finish(self):
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=90)
+
+
+def _until(pred, timeout, what, every=0.3, info=lambda: ""):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = pred()
+        if v:
+            return v
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}: {info()}")
+
+
+def test_controller_scales_saturated_stage_and_survives_a_crash(serve_cluster):
+    from offramp.cluster import rayops
+    from offramp.placement.controller import ControllerActor, ControllerConfig, controller_name
+
+    for key in ("intent", "state"):
+        rayops.kv_del(f"{key}/{APP}")
+    cfg = ControllerConfig(
+        app=APP, interval_s=2.0, max_replicas_per_stage=2, target_utilisation=0.02, move_deadline_s=90,
+        pins=[{"stage": 0, "replicas": 1}, {"stage": 3, "replicas": 1}],
+        policy={"sustain_intervals": 2, "cooldown_s": 600, "max_busy_fraction": 0.01, "min_gain": 10.0})
+    load = Load(serve_cluster)
+    actor = None
+    try:
+        actor = rayops.start_detached(ControllerActor, controller_name(APP), cfg.model_dump(mode="json"))
+        st = rayops.call(actor, "status", 5)
+        assert [p["replicas"] for p in st["placement"]] == [1, 1, 1, 1]
+        assert [p["pool"] for p in st["placement"]] == ["gpu", "gpu", "cpu", "cpu"]
+        time.sleep(5)  # idle: no breach, no move
+        st = rayops.call(actor, "status", 50)
+        assert st["moves_made"] == 0 and not [d for d in st["decisions"] if d["outcome"] == "apply"]
+
+        load.start()  # the load shift
+        st = _until(lambda: (s := rayops.call(actor, "status", 50))["moves_made"] >= 1 and s, 60, "the first move",
+                    info=lambda: rayops.call(actor, "status", 8))
+        (first,) = [d for d in st["decisions"] if d["outcome"] == "apply"][:1]
+        assert first["move"]["deployment"]["start"] == 1 and first["move"]["replicas_to"] == 2, first
+        assert "busy" in first["reason"] and first["result"].startswith("applied"), first
+        assert [p["replicas"] for p in st["placement"]] == [1, 2, 1, 1]
+
+        # the second move (stage 2) in flight: kill the controller; Ray restarts it
+        _until(lambda: rayops.call(actor, "status", 1)["intent"], 60, "the second move's intent", every=0.1)
+        rayops.kill_actor(actor, restart=True)
+        st = _until(lambda: _status_or_none(rayops, actor), 90, "the restarted controller")
+        assert st["recovered"] is not None, st
+        assert st["recovered"]["outcome"].split(":")[0] in ("completed", "dropped"), st["recovered"]
+        assert st["intent"] is None
+        # consistent: config, Serve and registry agree (a dropped move is re-planned and made)
+        st = _until(lambda: (s := rayops.call(actor, "status", 50)) and
+                    [p["replicas"] for p in s["placement"]] == [1, 2, 2, 1] and s, 90, "stage 2 at 2 replicas")
+        wait_running(90, want={"Stage0": 1, "Stage1": 2, "Stage2": 2, "Stage3": 1})
+        regs = _until(lambda: (r := registry_endpoints()) and [sum(e["stage"] == k for e in r) for k in range(4)]
+                      == [1, 2, 2, 1] and r, 30, "the registry to list the new replicas")
+        assert len(regs) == 6
+        assert rayops.deployed_app_config(APP)["deployments"] is not None
+        time.sleep(3)  # traffic on the new placement
+    finally:
+        load.finish()
+        if actor is not None:
+            rayops.kill_actor(actor)
+        for key in ("intent", "state"):
+            rayops.kv_del(f"{key}/{APP}")
+    assert load.ok >= 20, f"only {load.ok} requests completed"
+    assert load.failed == [], load.failed[:5]
+    assert load.mismatch == [], load.mismatch[:3]
+    print(f"requests ok={load.ok} failed=0; moves: {[d['reason'] for d in st['decisions'] if d['outcome'] == 'apply']}")
+    apply_config(serve_cluster.config, wait_s=None)  # put the session's app back as it was
+    wait_running(120, want={"Stage1": 1, "Stage2": 1})
+
+
+def _status_or_none(rayops, actor):
+    try:
+        return rayops.call(actor, "status", 50, timeout=10)
+    except Exception:  # noqa: BLE001 - restarting
+        return None
