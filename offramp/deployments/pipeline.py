@@ -193,9 +193,11 @@ class PipelineBackend:
                         raise errors.StageUnavailable(f"stage replicas kept failing ({e}); retry later") from None
                     if failed is not None and not isinstance(e, KVMissing):
                         self.router.ban(failed)  # dead or hung: route around it until the registry drops it
-                    log.warning("replaying %s after: %s", seq.request.request_id, e)
-                    self._release(seq)
-                    self._new_session(seq)
+                # A walk that failed part-way left KV in some stages and not others: always
+                # replay under a new session (one prefill over the tokens so far).
+                log.warning("replaying %s after: %s", seq.request.request_id, e)
+                self._release(seq)
+                self._new_session(seq)
                 waits += 1
                 await asyncio.sleep(min(2.0, 0.1 * 2**waits, max(0.0, deadline - time.monotonic())))
                 await self.router.refresh(force=True)
