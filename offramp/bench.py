@@ -25,12 +25,11 @@ def register(sub) -> None:
     c.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the median is reported")
     c.add_argument("--json", action="store_true", help="machine-readable output")
     c.set_defaults(func=run_core)
-    import importlib.util
+    from offramp.deployments import bench_serve
+    from offramp.placement import bench as bench_placement
 
-    if importlib.util.find_spec("offramp.deployments.bench_serve"):
-        from offramp.deployments import bench_serve
-
-        bench_serve.register(bsub)
+    bench_serve.register(bsub)
+    bench_placement.register(bsub)
 
 
 def _rss_mb() -> float:
