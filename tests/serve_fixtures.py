@@ -98,7 +98,9 @@ def replica_actors(deployment: str | None = None, expect: int | None = None, wai
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            actors = list_actors(filters=filters, limit=1000, timeout=10, raise_on_missing_output=True)
+            # Explicit address: looked up from GCS it has come back as the default :8265 under load.
+            actors = list_actors(address=_STATE_API[0] if _STATE_API else None, filters=filters, limit=1000,
+                                 timeout=10, raise_on_missing_output=True)
             found = [a for a in actors if a.class_name.startswith(f"ServeReplica:{APP}:")]
             if expect is None or len(found) == expect:
                 return found
@@ -151,6 +153,9 @@ class ServeCluster:
         return list(r.json()["stage_calls"])
 
 
+_STATE_API: list[str] = []  # the dashboard URL of the cluster started here (state API calls go there)
+
+
 class RayCannotStart(RuntimeError):
     """The Ray head could not start or be joined on this machine (the only reason to skip)."""
 
@@ -167,11 +172,13 @@ def start_ray_cluster():
     from ray.cluster_utils import Cluster
 
     for attempt in range(2):  # a head can time out once on a loaded shared machine; a second failure is final
+        port = free_port()
         try:
             cluster = Cluster(initialize_head=True, shutdown_at_exit=True,
                               head_node_args={"num_cpus": 2, "node_ip_address": "127.0.0.1",
                                               "include_dashboard": True, "dashboard_host": "127.0.0.1",
-                                              "dashboard_port": free_port()})
+                                              "dashboard_port": port})
+            _STATE_API[:] = [f"http://127.0.0.1:{port}"]
             break
         except Exception as e:  # noqa: BLE001 - reported as the skip reason
             if attempt == 1:
