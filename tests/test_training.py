@@ -131,3 +131,23 @@ def test_cli_missing_model_dir_is_one_line(capsys, tmp_path):
         rc = main([cmd, "--model", str(tmp_path / "nope"), "--data", str(tmp_path)])
         err = capsys.readouterr().err.strip()
         assert rc != 0 and len(err.splitlines()) == 1 and "config.json" in err, err
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2"])
+def test_train_gates_other_families_and_joint_stage(data_dir, tmp_path, family):
+    from safetensors.torch import load_file
+
+    from offramp.ops.exits import EXITS_TENSORS, load_exits_config
+    from offramp.ops.presets import make_checkpoint
+    from offramp.training.gates import GateSpec, train_gates
+
+    model_dir = make_checkpoint(tmp_path / family, "tiny", seed=2, family=family)
+    before = _sha(model_dir)
+    joint = tmp_path / "joint"
+    train_gates(model_dir, data_dir, GateSpec(steps=1, joint_steps=1, batch=2, seq_len=16),
+                exit_layers=[2], joint_out=joint)
+    assert _sha(model_dir) == before and not (model_dir / EXITS_TENSORS).exists()
+    cfg = load_exits_config(joint)
+    assert cfg.exit_layers == [2] and "stage2" in cfg.training["gates"]
+    t = load_file(str(joint / EXITS_TENSORS))
+    assert ("exits.2.norm.bias" in t) == (family == "gpt2")

@@ -49,6 +49,7 @@ class TrainSpec:
     seed: int = 0
     ckpt_every: int = 100
     threads: int = 1
+    bf16: bool = True  # CPU autocast: ~1.5x faster steps on AVX512-BF16 cores; fp32 master weights
     time_budget_min: float = 0.0  # >0: schedule on max(step/steps, time/budget); stop at 1
 
 
@@ -178,8 +179,9 @@ def train(data_dir: str | Path, out_dir: str | Path, spec: TrainSpec,
         batch = sample_batch(streams, spec, step)
         x, y = batch[:, :-1], batch[:, 1:]  # (B, T)
         g = torch.Generator().manual_seed(spec.seed * 7919 + step)
-        hs = layer_states(model, x, spec.layer_drop_max, g)
-        final = bb.lm_head(bb.final_norm(hs[-1]))  # (B, T, V)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec.bf16):
+            hs = layer_states(model, x, spec.layer_drop_max, g)
+            final = bb.lm_head(bb.final_norm(hs[-1])).float()  # (B, T, V)
         loss_final = F.cross_entropy(final.flatten(0, 1), y.flatten())
         loss = loss_final
         n_exit = len(exit_layers)
@@ -187,7 +189,8 @@ def train(data_dir: str | Path, out_dir: str | Path, spec: TrainSpec,
                   for k in range(spec.exits_per_step)]
         exit_losses = {}
         for L in chosen:
-            logits = bb.lm_head(heads.norms[str(L)](hs[L]))  # (B, T, V)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec.bf16):
+                logits = bb.lm_head(heads.norms[str(L)](hs[L])).float()  # (B, T, V)
             el = F.cross_entropy(logits.flatten(0, 1), y.flatten())
             exit_losses[L] = el.item()
             loss = loss + spec.exit_weight * el
