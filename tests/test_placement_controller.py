@@ -335,6 +335,7 @@ def test_recover_from_persisted_intent(when, expect, reps):
     assert report["outcome"].startswith(expect) and ops.kv.get("intent/offramp") is None
     assert replicas(ops) == reps and len(ops.applied) == applied_before  # nothing applied twice
     assert any(r.get("event") == "reconcile" for r in ctl.decisions)
+    assert ctl.moves_made == (expect == "completed")
     assert ctl.recover() is None
 
 
@@ -371,3 +372,20 @@ def test_workload_without_traffic_is_valid():
                                  for k, r in enumerate(RANGES)], "stages")
     w = workload_from(obs, FACTS, 512)
     assert w.decode_tokens_per_s == 0 and w.reach is None
+
+
+def test_controller_crash_mid_tick_keeps_decision_and_cooldown():
+    ops = FakeOps(app_config())
+    ctl = controller(ops, policy={"max_busy_fraction": 0.6})
+    ops.busy[2] = 0.95
+    real = crashing_apply(ops, (1, "after"))
+    with pytest.raises(Crash):
+        run(ctl, ops, 3)
+    ops.deploy_app_config = real
+    ctl2 = controller(ops, policy={"max_busy_fraction": 0.6})
+    assert ctl2.recover()["outcome"] == "completed" and ctl2.moves_made == 1
+    (rec,) = [d for d in ctl2.decisions if d["outcome"] == "apply"]
+    assert rec["result"] == "in progress" and rec["move"]["deployment"]["start"] == 2
+    ops.busy[2] = 2.0  # wants a third replica, but the layer is cooling down since the crashed move
+    run(ctl2, ops, 4)
+    assert replicas(ops) == [1, 1, 2, 1] and len(ops.applied) == 1

@@ -257,6 +257,7 @@ class PlacementController:
         """Finish or undo a move a previous controller left half done (call before ticking)."""
         report = self.mover.reconcile()
         if report is not None:
+            self.moves_made += report["outcome"] == "completed"
             self._persist()
         return report
 
@@ -353,6 +354,9 @@ class PlacementController:
                 rec.update(outcome="dry_run", result="dry run: not applied")
                 self._undo_cooldown(d)
             elif d.outcome == "apply" and d.move is not None:
+                rec["result"] = "in progress"
+                self._log(rec)  # logged and persisted before the move: a crash keeps the record
+                self._persist()
                 try:
                     res = self.mover.apply(d.move)
                     rec["result"] = f"{res.outcome} in {res.seconds:.1f}s ({len(res.steps)} step(s))"
@@ -362,6 +366,9 @@ class PlacementController:
                     self._undo_cooldown(d)
                 except MoveFailed as e:
                     rec.update(outcome="failed", result=str(e))
+                log.info("placement result %s", json.dumps(rec, default=str))
+                out.append(rec)
+                continue
             out.append(rec)
             self._log(rec)
         self._persist()

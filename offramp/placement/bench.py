@@ -1,0 +1,275 @@
+"""``offramp bench placement``: the controller under a load shift, end to end.
+
+Starts its own small local cluster (head + one GPU-pool node + two CPU-pool nodes, all on
+127.0.0.1), serves the tiny 4-layer model in 4 stages from a Serve config, starts the
+placement controller (detached actor, short interval, low breach threshold so a laptop's
+load counts as saturation), then drives greedy streaming requests:
+
+* ``before``: 1 stream for ``--before-s`` seconds;
+* ``shift``: ``--streams`` streams until the controller has acted and ``--after-s`` more.
+
+TPOT is measured client-side (gaps between streamed tokens). Reported: p99 TPOT before the
+shift, during it (before the first move completed), after the last move; time from the
+shift to the first completed move (``time_to_act_s``) and to the first 5-s window whose p99
+is back within 1.25x the ``before`` p99 and stays there (``time_to_recover_s``, None if
+never); moves made; failed requests. A timeline PNG shows per-token TPOT, rolling p99 and
+the moves. On one machine an extra replica adds no cores, so recovery is not expected
+here: the figure shows the mechanism (act, no failures), not a speed-up.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+APP = "offramp"
+
+
+def register(bsub) -> None:
+    p = bsub.add_parser("placement", help="placement controller under a load shift (own local cluster)")
+    p.add_argument("--streams", type=int, default=4, help="concurrent greedy streams after the shift")
+    p.add_argument("--before-s", type=float, default=15.0, help="seconds of light load before the shift")
+    p.add_argument("--after-s", type=float, default=20.0, help="seconds of load after the controller acted")
+    p.add_argument("--max-shift-s", type=float, default=90.0, help="give up waiting for a move after this")
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--busy-threshold", type=float, default=0.2,
+                   help="replica busy fraction counted as saturation (between the light and heavy load's)")
+    p.add_argument("--png", type=Path, default=Path("placement-timeline.png"), help="timeline figure")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=run)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _config(model_dir: Path, port: int) -> dict:
+    pools = ["gpu", "gpu", "cpu", "cpu"]
+    deps = [{"name": "OfframpIngress", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}}]
+    deps += [{"name": f"Stage{k}", "num_replicas": 1,
+              "ray_actor_options": {"num_cpus": 0.5, "resources": {f"pool_{p}": 1}}} for k, p in enumerate(pools)]
+    return {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": port},
+            "applications": [{"name": APP, "route_prefix": "/", "import_path": "offramp.deployments.app:build_app",
+                              "args": {"model": str(model_dir), "num_stages": 4,
+                                       "stages": [{"pool": p, "dtype": "fp32"} for p in pools],
+                                       "exit": {"mode": "off"}, "api_key_env": "", "request_timeout_s": 30.0},
+                              "deployments": deps}]}
+
+
+class _Load:
+    def __init__(self, base_url: str, max_tokens: int):
+        self.base_url, self.max_tokens = base_url, max_tokens
+        self.tokens: list[tuple[float, float]] = []  # (time, gap seconds)
+        self.ok, self.failed = 0, []
+        self.threads: list[tuple[threading.Thread, threading.Event]] = []
+
+    def add_stream(self, seed: int) -> None:
+        stop = threading.Event()
+        t = threading.Thread(target=self._run, args=(seed, stop), daemon=True)
+        self.threads.append((t, stop))
+        t.start()
+
+    def _run(self, seed: int, stop: threading.Event) -> None:
+        from openai import OpenAI
+
+        client = OpenAI(base_url=self.base_url, api_key="unused", max_retries=0, timeout=60)
+        prompts = ["The quick brown fox", "Pipeline stages", "Hello there", "0 1 2 3"]
+        n = seed
+        while not stop.is_set():
+            try:
+                last = None
+                for _ in client.completions.create(model="offramp-default", prompt=prompts[n % 4], stream=True,
+                                                   max_tokens=self.max_tokens, temperature=0,
+                                                   extra_body={"ignore_eos": True}):
+                    now = time.monotonic()
+                    if last is not None:
+                        self.tokens.append((now, now - last))
+                    last = now
+                self.ok += 1
+            except Exception as e:  # noqa: BLE001 - counted and reported
+                self.failed.append(f"{type(e).__name__}: {e}")
+            n += 1
+
+    def stop(self) -> None:
+        for _, ev in self.threads:
+            ev.set()
+        for t, _ in self.threads:
+            t.join(timeout=60)
+
+
+def _p99(xs: list[float]) -> float | None:
+    return round(1000 * sorted(xs)[min(len(xs) - 1, int(0.99 * len(xs)))], 2) if xs else None
+
+
+def run(args) -> int:
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import ray
+    from ray import serve
+    from ray.cluster_utils import Cluster
+
+    from offramp.cluster import rayops
+    from offramp.cluster.local import node_options
+    from offramp.ops.presets import make_checkpoint
+    from offramp.placement.controller import ControllerActor, ControllerConfig, controller_name
+
+    t_start = time.monotonic()
+    model_dir = make_checkpoint(tempfile.mkdtemp(prefix="offramp-bench-placement-"), "tiny", seed=11)
+    port = _free_port()
+    cluster = Cluster(initialize_head=True, shutdown_at_exit=True,
+                      head_node_args={"num_cpus": 2, "node_ip_address": "127.0.0.1", "include_dashboard": False})
+    load = None
+    try:
+        cluster.add_node(**node_options("gpu", 4))
+        for _ in range(2):
+            cluster.add_node(**node_options("cpu", 4))
+        ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
+        cluster.wait_for_nodes()
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+        from ray.serve.schema import ServeDeploySchema
+        from ray.serve._private.api import serve_start
+
+        cfg = _config(model_dir, port)
+        client = serve_start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+        client.deploy_apps(ServeDeploySchema.model_validate(cfg), _blocking=False)
+        deadline = time.monotonic() + 180
+        while rayops.app_status(APP) != "RUNNING":
+            if time.monotonic() > deadline:
+                raise TimeoutError("the app did not start in 180 s")
+            time.sleep(1)
+        ccfg = ControllerConfig(app=APP, interval_s=2.0, max_replicas_per_stage=2,
+                                target_utilisation=args.busy_threshold / 2,
+                                pins=[{"stage": 0, "replicas": 1}, {"stage": 3, "replicas": 1}],
+                                policy={"sustain_intervals": 2, "cooldown_s": 600,
+                                        "max_busy_fraction": args.busy_threshold, "min_gain": 10.0})
+        load = _Load(f"http://127.0.0.1:{port}/v1", args.max_tokens)
+        load.add_stream(0)
+        time.sleep(2)  # first tokens, then start the controller on a warm app
+        actor = rayops.start_detached(ControllerActor, controller_name(APP), ccfg.model_dump(mode="json"))
+        t0 = time.monotonic()
+        time.sleep(args.before_s)
+        busy = {"before": _busy(rayops.call(actor, "status", 1))}
+        t_shift = time.monotonic()
+        for i in range(1, args.streams):
+            load.add_stream(i)
+        first_move = None
+        while time.monotonic() - t_shift < args.max_shift_s:
+            st = rayops.call(actor, "status", 200)
+            if first_move is None:
+                busy["during"] = _busy(st)
+            if st["moves_made"] >= 1 and first_move is None:
+                first_move = time.monotonic()
+            if st["moves_made"] >= 2 or (first_move and time.monotonic() - first_move > 20):
+                break
+            time.sleep(1)
+        t_acted = time.monotonic()
+        time.sleep(args.after_s)
+        t_end = time.monotonic()
+        st = rayops.call(actor, "status", 200)
+        busy["after"] = _busy(st)
+        load.stop()
+        rayops.kill_actor(actor)
+    finally:
+        if load is not None:
+            load.stop()
+        try:
+            serve.shutdown()
+        except Exception:  # noqa: BLE001 - tearing down anyway
+            pass
+        ray.shutdown()
+        cluster.shutdown()
+
+    wall_off = time.time() - time.monotonic()  # decision times are wall clock
+    moves = [(d["time"] - wall_off, d) for d in st["decisions"] if d["outcome"] == "apply"]
+    toks = load.tokens
+    before = [g for t, g in toks if t0 <= t < t_shift]
+    during = [g for t, g in toks if t_shift <= t < (first_move or t_acted)]
+    last_move_end = max([t + _secs(d) for t, d in moves], default=t_acted)
+    after = [g for t, g in toks if last_move_end + 2 <= t <= t_end]
+    base = _p99(before)
+    recover = None
+    if base:
+        windows = [(w, _p99([g for t, g in toks if w <= t < w + 5])) for w in _frange(t_shift, t_end - 5, 1.0)]
+        ok = [w for w, p in windows if p is not None and p <= 1.25 * base]
+        for w, _ in windows:  # first window from which every later one is within bound
+            if all(x in ok for x, _ in windows if x >= w):
+                recover = round(w - t_shift, 1)
+                break
+    out = {
+        "tpot_ms_p99_before": base, "tpot_ms_p99_during": _p99(during), "tpot_ms_p99_after": _p99(after),
+        "tokens": {"before": len(before), "during": len(during), "after": len(after)},
+        "time_to_act_s": None if first_move is None else round(first_move - t_shift, 1),
+        "time_to_recover_s": recover,
+        "moves": [{"at_s": round(t - t_shift, 1), "reason": d["reason"], "result": d.get("result")} for t, d in moves],
+        "busy_by_stage": busy, "busy_threshold": args.busy_threshold,
+        "moves_made": st["moves_made"], "requests_ok": load.ok, "requests_failed": len(load.failed),
+        "failures": load.failed[:5], "final_placement": st["placement"], "png": str(args.png),
+        "wall_s": round(time.monotonic() - t_start, 1),
+    }
+    _plot(args.png, toks, t_shift, moves, t0)
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        for k, v in out.items():
+            print(f"{k}: {v}")
+    return 0 if not load.failed else 1
+
+
+def _busy(st: dict) -> list[list[float]] | None:
+    """Busy fraction of each replica of each stage in the controller's last interval."""
+    sig = st.get("signals")
+    return None if not sig else [[round(v, 2) for v in s["busy"].values()] for s in sig["stages"]]
+
+
+def _secs(d: dict) -> float:
+    try:
+        return float(d.get("result", "").split(" in ")[1].split("s")[0])
+    except (IndexError, ValueError):
+        return 0.0
+
+
+def _frange(a: float, b: float, step: float):
+    while a <= b:
+        yield a
+        a += step
+
+
+def _plot(path: Path, toks, t_shift, moves, t0) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4))
+    xs = [t - t_shift for t, _ in toks if t >= t0]
+    ys = [g * 1000 for t, g in toks if t >= t0]
+    ax.scatter(xs, ys, s=2, alpha=0.3, label="TPOT per token")
+    roll = [(w - t_shift, _p99([g for t, g in toks if w <= t < w + 5])) for w in _frange(t0, max(xs, default=0) + t_shift - 5, 1.0)]
+    ax.plot([w + 2.5 for w, p in roll if p], [p for w, p in roll if p], color="k", label="rolling p99 (5 s)")
+    ax.axvline(0, color="tab:orange", ls="--", label="load shift")
+    for i, (t, d) in enumerate(moves):
+        ax.axvspan(t - t_shift, t - t_shift + _secs(d), color="tab:green", alpha=0.3,
+                   label="move (start..healthy)" if i == 0 else None)
+    ax.set_xlabel("seconds from the load shift")
+    ax.set_ylabel("ms")
+    ax.set_yscale("log")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title("placement controller: TPOT under a load shift (client side)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    register(ap.add_subparsers())
+    a = ap.parse_args(["placement", *sys.argv[1:]])
+    sys.exit(a.func(a))
