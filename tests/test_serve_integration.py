@@ -455,16 +455,12 @@ def test_request_after_killing_one_of_two_replicas_succeeds(serve_cluster, stage
 _KILLED: dict[str, object] = {}  # the kill test's victim, for the recovery test after it
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pipeline.py _next_token/_walk (after 9e016f4): a replay walks stages 0-1 (seq.fed set at line 226) and "
-    "then finds no live Stage2 replica yet; that StageUnavailable has no endpoint, so _next_token waits "
-    "WITHOUT _release/_new_session, and the next _walk sends stage 0 an empty row (tokens[fed:] == []) -> "
-    "BadRequest 'a stage row carries no positions' -> HTTP 400 to the client (stages 0-1 also hold KV "
-    "the rest of the pipeline lacks)"))
 def test_killing_a_stage_replica_mid_request(serve_cluster, staged):
     """Kill the only Stage2 replica while a request decodes: the in-flight request and one sent
     right after either complete with the right tokens (replay) or fail with a clean 5xx
-    OpenAI error within their timeout - never a 4xx blaming the client, never a hang."""
+    OpenAI error within their timeout - never a 4xx blaming the client, never a hang.
+    (Regression: before b76891e a replay that walked stages 0-1 and then found no live Stage2
+    sent stage 0 an empty row on the next try, and the client got a 400.)"""
     import openai
     import ray
 
