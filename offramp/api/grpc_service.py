@@ -1,0 +1,374 @@
+"""The gRPC API (``offramp.v1.Offramp``) over the same :class:`~offramp.api.frontend.Frontend`
+as the HTTP API: same validation, limits, detokenizer, stop strings and deadline.
+
+Two ways to serve it:
+
+* **Ray Serve.** Mix :class:`GrpcIngressMixin` into the ingress deployment (it has
+  ``self.frontend``) and register the servicer in the Serve config::
+
+      grpc_options:
+        port: 9000
+        grpc_servicer_functions:
+          - offramp.api.proto.offramp_pb2_grpc.add_OfframpServicer_to_server
+
+  Serve's gRPC proxy calls the deployment method named like the RPC with the request
+  message and, because the methods declare it, ``grpc_context=`` (a
+  ``ray.serve.grpc_util.RayServegRPCContext``). A status code is reported by setting it
+  on that context and raising: Serve 2.60 wraps the exception in ``gRPCStatusError`` and
+  the proxy answers with the code and details that were set.
+* **Plain grpcio.** :func:`serve_standalone` runs the same methods on a ``grpc.aio``
+  server (tests, a deployment without Ray).
+
+Status codes: bad arguments -> INVALID_ARGUMENT; missing/wrong key -> UNAUTHENTICATED;
+unknown model -> NOT_FOUND; Overloaded -> RESOURCE_EXHAUSTED; StageUnavailable ->
+UNAVAILABLE; past the request timeout or the client's deadline -> DEADLINE_EXCEEDED;
+anything else -> INTERNAL with a generic message (details in the server log).
+"""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+import grpc
+
+from offramp.api.auth import key_matches, presented_key
+from offramp.api.frontend import Frontend
+from offramp.api.proto import offramp_pb2 as pb
+from offramp.api.proto import offramp_pb2_grpc as pb_grpc
+from offramp.errors import OfframpError
+from offramp.observability import tracing
+
+log = logging.getLogger("offramp.api.grpc")
+
+DEFAULT_MAX_TOKENS = 16  # as /v1/completions
+INTERNAL_MESSAGE = "The server had an error while processing your request; it has been logged."
+
+
+class GrpcError(Exception):
+    """Ends an RPC with ``code`` and ``details`` (after setting them on the context)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, retry_after_s: float | None = None):
+        super().__init__(details)
+        self.code = code
+        self.details = details
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self):  # crosses Ray process boundaries inside RayTaskError
+        return (GrpcError, (self.code, self.details, self.retry_after_s))
+
+
+def status_of(e: BaseException) -> GrpcError:
+    """The gRPC status for an exception raised while serving a request."""
+    from offramp.api.errors import ApiError
+
+    if isinstance(e, GrpcError):
+        return e
+    if isinstance(e, ApiError):
+        code = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
+                404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.INVALID_ARGUMENT}.get(e.status)
+        if code is not None:
+            return GrpcError(code, e.message)
+    if isinstance(e, OfframpError):
+        code = getattr(grpc.StatusCode, e.grpc_code, grpc.StatusCode.INTERNAL)
+        if code is not grpc.StatusCode.INTERNAL:
+            return GrpcError(code, str(e) or type(e).__name__, e.retry_after_s)
+    if isinstance(e, TimeoutError):
+        return GrpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "request ran past its deadline")
+    log.error("unhandled error in the gRPC API", exc_info=e)
+    return GrpcError(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+
+
+def _fail(grpc_context: Any, e: BaseException) -> GrpcError:
+    """Set the status on the (Serve or standalone) context; return the exception to raise."""
+    err = status_of(e)
+    if grpc_context is not None:
+        grpc_context.set_code(err.code)
+        grpc_context.set_details(err.details)
+        if err.retry_after_s is not None:
+            grpc_context.set_trailing_metadata([("retry-after-ms", str(int(err.retry_after_s * 1000)))])
+    return err
+
+
+def _metadata(grpc_context: Any) -> list[tuple[str, str]]:
+    if grpc_context is None:
+        return []
+    return [(k.lower(), v if isinstance(v, str) else v.decode("latin-1"))
+            for k, v in grpc_context.invocation_metadata()]
+
+
+class GrpcIngressMixin:
+    """The ``offramp.v1.Offramp`` RPCs as methods using ``self.frontend``.
+
+    ``grpc_context`` is Serve's ``RayServegRPCContext`` or the standalone adapter's; both
+    offer ``invocation_metadata``, ``set_code``, ``set_details``, ``set_trailing_metadata``;
+    the standalone one also ``time_remaining`` (the client's deadline; Serve's proxy does
+    not forward it, so there the request timeout and the proxy's cancellation apply).
+    """
+
+    frontend: Frontend
+
+    # -- RPCs ----------------------------------------------------------------------------
+    async def Health(self, request: pb.HealthRequest, grpc_context: Any = None) -> pb.HealthResponse:
+        s = self.frontend.settings
+        return pb.HealthResponse(status=pb.HealthResponse.SERVING, model=s.model_name,
+                                 num_stages=int(getattr(self.frontend.backend, "num_stages", 1)),
+                                 max_context=s.max_context)
+
+    async def Generate(self, request: pb.GenerateRequest, grpc_context: Any = None) -> pb.GenerateResponse:
+        try:
+            self._authorize(grpc_context)
+            gen, rid, carrier, span_cm = self._start(request, grpc_context)
+        except Exception as e:
+            raise _fail(grpc_context, e) from None
+        try:
+            with span_cm as span:
+                gen.trace_carrier = tracing.inject(span, carrier)  # stage spans become its children
+                try:
+                    await gen.start()
+                    (result,) = await gen.collect()
+                finally:
+                    await gen.aclose()
+                usage = self._usage(gen, result.exit_stages)
+                tracing.set_response(span, response_id=rid, input_tokens=usage.prompt_tokens,
+                                     output_tokens=usage.completion_tokens, finish_reasons=[result.finish_reason],
+                                     stages_skipped=usage.stages_skipped)
+        except Exception as e:
+            raise _fail(grpc_context, e) from None
+        return pb.GenerateResponse(id=rid, model=self.frontend.settings.model_name, text=result.text,
+                                   token_ids=result.token_ids, exit_stages=result.exit_stages,
+                                   finish_reason=result.finish_reason or "stop", usage=usage,
+                                   num_stages=gen.num_stages)
+
+    async def GenerateStream(self, request: pb.GenerateRequest,
+                             grpc_context: Any = None) -> AsyncIterator[pb.GenerateStreamResponse]:
+        try:
+            self._authorize(grpc_context)
+            gen, rid, carrier, span_cm = self._start(request, grpc_context)
+        except Exception as e:
+            raise _fail(grpc_context, e) from None
+        try:
+            with span_cm as span:
+                gen.trace_carrier = tracing.inject(span, carrier)
+                try:
+                    await gen.start()
+                    choice = gen.choices[0]
+                    sent = 0
+                    async for d in gen.deltas():
+                        ids = choice.token_ids[sent:sent + len(d.exit_stages)]
+                        sent += len(ids)
+                        msg = pb.GenerateStreamResponse(id=rid, text=d.text, token_ids=ids,
+                                                        exit_stages=d.exit_stages)
+                        if d.finish_reason:
+                            msg.finish_reason = d.finish_reason
+                            msg.usage.CopyFrom(self._usage(gen, choice.exit_stages))
+                            tracing.set_response(span, response_id=rid, input_tokens=gen.prompt_tokens,
+                                                 output_tokens=gen.completion_tokens,
+                                                 finish_reasons=[d.finish_reason])
+                        yield msg
+                finally:
+                    await gen.aclose()
+        except Exception as e:
+            raise _fail(grpc_context, e) from None
+
+    # -- pieces ----------------------------------------------------------------------------
+    def _authorize(self, grpc_context: Any) -> None:
+        key = self.frontend.settings.api_key
+        if key is None:
+            return
+        headers = [(k.encode("latin-1"), v.encode("latin-1", "replace")) for k, v in _metadata(grpc_context)]
+        presented = presented_key(headers)
+        if not key_matches(presented, key.get_secret_value().encode()):
+            raise GrpcError(grpc.StatusCode.UNAUTHENTICATED,
+                            "Missing API key: send metadata 'authorization: Bearer <key>'" if presented is None
+                            else "Incorrect API key provided")
+
+    def _start(self, request: pb.GenerateRequest, grpc_context: Any):
+        """Validate exactly as POST /v1/completions does; return an unstarted Generation."""
+        from offramp.api.app import parse
+        from offramp.api.generation import Generation
+        from offramp.api.protocol import CompletionRequest, check_limits
+        from offramp.api.text import encode_prompt
+        from offramp.protocol import SamplingParams
+
+        fe, settings = self.frontend, self.frontend.settings
+        body = _completion_body(request, settings.model_name)
+        req: CompletionRequest = parse(CompletionRequest, body, settings.model_name)
+        prompt_ids = encode_prompt(fe.tokenizer, req.prompt_input())
+        max_tokens = check_limits(req, len(prompt_ids), max_context=settings.max_context,
+                                  max_tokens_cap=settings.max_tokens_cap, max_n=1, max_stop=settings.max_stop,
+                                  max_stop_chars=settings.max_stop_chars, default_max_tokens=DEFAULT_MAX_TOKENS)
+        sampling = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                                  top_k=max(0, req.top_k), seed=req.seed,
+                                  stop_token_ids=() if req.ignore_eos else fe.stop_token_ids(),
+                                  ignore_eos=req.ignore_eos)
+        timeout = settings.request_timeout_s
+        remaining = getattr(grpc_context, "time_remaining", None)
+        if callable(remaining):
+            left = remaining()
+            if left is not None:
+                timeout = max(0.001, min(timeout, left))
+        md = dict(_metadata(grpc_context))
+        carrier = {k: md[k] for k in ("traceparent", "tracestate") if k in md} or None
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        span_cm = tracing.request_span("text_completion", carrier, {
+            "gen_ai.request.model": settings.model_name, "gen_ai.request.max_tokens": max_tokens,
+            "gen_ai.request.temperature": req.temperature, "gen_ai.request.top_p": req.top_p,
+            "gen_ai.request.seed": req.seed, "offramp.rpc": "grpc",
+            "offramp.exit_mode": str(req.offramp.exit), "offramp.task": req.offramp.task})
+        gen = _LazyGeneration(lambda trace_context: Generation(
+            fe.backend, fe.tokenizer, request_id=rid, prompt_ids=prompt_ids, n=1, sampling=sampling,
+            stops=req.stop_list, exit_mode=req.offramp.exit, task=req.offramp.task, timeout_s=timeout,
+            trace_context=trace_context), len(prompt_ids), int(getattr(fe.backend, "num_stages", 1)))
+        return gen, rid, carrier, span_cm
+
+    def _usage(self, gen: Any, exit_stages: list[int]) -> pb.Usage:
+        p, c = gen.prompt_tokens, len(exit_stages)
+        return pb.Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c,
+                        stages_skipped=gen.stages_skipped(exit_stages))
+
+
+class _LazyGeneration:
+    """A Generation built on :meth:`start`, once the request span's carrier is known
+    (building it starts the backend iterator, which reads ``trace_context``)."""
+
+    def __init__(self, build, prompt_tokens: int, num_stages: int):
+        self._build = build
+        self._gen = None
+        self.trace_carrier: dict[str, str] | None = None
+        self.prompt_tokens = prompt_tokens
+        self.num_stages = num_stages
+
+    async def start(self) -> None:
+        self._gen = self._build(self.trace_carrier or None)
+        self.num_stages = self._gen.num_stages
+        await self._gen.start()
+
+    def __getattr__(self, name: str) -> Any:  # choices, deltas, collect, stages_skipped, ...
+        if self._gen is None:
+            raise AttributeError(name)
+        return getattr(self._gen, name)
+
+    async def aclose(self) -> None:
+        if self._gen is not None:
+            await self._gen.aclose()
+
+
+def _completion_body(request: pb.GenerateRequest, served: str) -> dict[str, Any]:
+    """The proto request as a /v1/completions body, so one validator serves both APIs."""
+    from offramp.errors import BadRequest
+
+    has_text, has_ids = bool(request.prompt), len(request.prompt_token_ids) > 0
+    if has_text == has_ids:
+        raise BadRequest("set exactly one of prompt (text) and prompt_token_ids", param="prompt")
+    body: dict[str, Any] = {"model": request.model or served,
+                            "prompt": request.prompt if has_text else list(request.prompt_token_ids)}
+    for name in ("max_tokens", "temperature", "top_p", "top_k", "seed"):
+        if request.HasField(name):
+            body[name] = getattr(request, name)
+    if request.stop:
+        body["stop"] = list(request.stop)
+    if request.ignore_eos:
+        body["ignore_eos"] = True
+    extras: dict[str, Any] = {}
+    which = request.WhichOneof("exit")
+    if which == "exit_threshold":
+        extras["exit"] = float(request.exit_threshold)
+    elif which == "exit_mode" and request.exit_mode != pb.EXIT_MODE_UNSPECIFIED:
+        extras["exit"] = "off" if request.exit_mode == pb.EXIT_MODE_OFF else "calibrated"
+    if request.task:
+        extras["task"] = request.task
+    if extras:
+        body["offramp"] = extras
+    return body
+
+
+# --------------------------------------------------------------------------- standalone
+
+
+class _ContextAdapter:
+    """A grpc.aio ServicerContext seen through RayServegRPCContext's interface."""
+
+    def __init__(self, context: grpc.aio.ServicerContext):
+        self._context = context
+        self._code: grpc.StatusCode | None = None
+        self._details = ""
+
+    def invocation_metadata(self):
+        return self._context.invocation_metadata() or ()
+
+    def time_remaining(self) -> float | None:
+        return self._context.time_remaining()
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self._code = code
+
+    def set_details(self, details: str) -> None:
+        self._details = details
+
+    def set_trailing_metadata(self, md) -> None:
+        self._context.set_trailing_metadata(tuple(md))
+
+    async def abort(self, e: BaseException):
+        err = e if isinstance(e, GrpcError) else status_of(e)
+        await self._context.abort(self._code or err.code, self._details or err.details)
+
+
+class StandaloneServicer(pb_grpc.OfframpServicer):
+    """Runs a :class:`GrpcIngressMixin` on a plain ``grpc.aio`` server."""
+
+    def __init__(self, ingress: GrpcIngressMixin):
+        self.ingress = ingress
+
+    async def Health(self, request, context):
+        return await self.ingress.Health(request, grpc_context=_ContextAdapter(context))
+
+    async def Generate(self, request, context):
+        ctx = _ContextAdapter(context)
+        try:
+            return await self.ingress.Generate(request, grpc_context=ctx)
+        except GrpcError as e:
+            await ctx.abort(e)
+
+    async def GenerateStream(self, request, context):
+        ctx = _ContextAdapter(context)
+        try:
+            async for msg in self.ingress.GenerateStream(request, grpc_context=ctx):
+                yield msg
+        except GrpcError as e:
+            await ctx.abort(e)
+
+
+class _FrontendIngress(GrpcIngressMixin):
+    def __init__(self, frontend: Frontend):
+        self.frontend = frontend
+
+
+async def serve_standalone(frontend: Frontend, port: int = 0, host: str = "127.0.0.1", *,
+                           reflection: bool = True) -> tuple[grpc.aio.Server, int]:
+    """Start a ``grpc.aio`` server for ``frontend`` on ``host:port`` (0 = any free port).
+
+    Returns ``(server, bound_port)``; stop it with ``await server.stop(grace)``. Binding
+    beyond loopback requires an API key, as for HTTP (:func:`offramp.api.auth.check_bind`).
+    Server reflection is on by default so ``grpcurl`` works without the .proto.
+    """
+    from offramp.api.auth import check_bind
+
+    key = frontend.settings.api_key
+    check_bind(host, key.get_secret_value() if key else None)
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", frontend.settings.max_body_bytes)])
+    pb_grpc.add_OfframpServicer_to_server(StandaloneServicer(_FrontendIngress(frontend)), server)
+    if reflection:
+        try:
+            from grpc_reflection.v1alpha import reflection as refl
+
+            names = (pb.DESCRIPTOR.services_by_name["Offramp"].full_name, refl.SERVICE_NAME)
+            refl.enable_server_reflection(names, server)
+        except ImportError:
+            log.info("grpcio-reflection not installed; serving without reflection")
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"could not bind the gRPC server to {host}:{port}")
+    await server.start()
+    return server, bound

@@ -1,0 +1,1 @@
+"""Tracing (OpenTelemetry, :mod:`.tracing`) and Prometheus metrics (Ray, :mod:`.metrics`)."""
