@@ -211,3 +211,45 @@ def test_backend_errors_reach_the_client(model):
                 assert ei.value.code() == code
         finally:
             srv.close()
+
+
+def test_traceparent_metadata_starts_request_span_and_reaches_backend(model, monkeypatch):
+    """The gRPC front end opens the request span under the caller's traceparent and hands
+    the backend a carrier naming that span (so stage spans become its children)."""
+    from offramp.observability import tracing
+    from otlp_receiver import OtlpReceiver
+
+    backend, tok, staged = model
+    seen: list = []
+
+    class Recording:
+        num_stages = backend.num_stages
+
+        async def generate(self, request):
+            seen.append(request.trace_context)
+            async for ev in backend.generate(request):
+                yield ev
+
+    receiver = OtlpReceiver().start()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+    monkeypatch.delenv("OTEL_TRACES_EXPORTER", raising=False)
+    tracing.setup_tracing(force=True)
+    s = ApiSettings(model_name="tiny", max_context=staged.max_seq)
+    srv = Server(Frontend(backend=Recording(), tokenizer=tok, settings=s))
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+            md = (("traceparent", f"00-{trace_id}-00f067aa0ba902b7-01"),)
+            r = pb_grpc.OfframpStub(ch).Generate(greedy(max_tokens=3), metadata=md, timeout=30)
+        tracing.force_flush()
+        (span,) = receiver.wait_for(lambda sp: len(sp) >= 1)
+        assert span.trace_id == trace_id and span.parent_span_id == "00f067aa0ba902b7"
+        assert span.attributes["gen_ai.response.id"] == r.id
+        assert span.attributes["gen_ai.usage.output_tokens"] == r.usage.completion_tokens
+        assert span.attributes["gen_ai.request.max_tokens"] == 3
+        assert seen[0]["traceparent"] == f"00-{trace_id}-{span.span_id}-01"
+    finally:
+        srv.close()
+        receiver.stop()
+        tracing.shutdown_tracing()
