@@ -39,6 +39,8 @@ def register(bsub) -> None:
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--busy-threshold", type=float, default=0.2,
                    help="replica busy fraction counted as saturation (between the light and heavy load's)")
+    p.add_argument("--pool-move", action="store_true",
+                   help="then move Stage3 from the CPU pool to the GPU pool under the same load (mover, 3 steps)")
     p.add_argument("--png", type=Path, default=Path("placement-timeline.png"), help="timeline figure")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run)
@@ -173,8 +175,11 @@ def run(args) -> int:
         t_end = time.monotonic()
         st = rayops.call(actor, "status", 200)
         busy["after"] = _busy(st)
+        rayops.kill_actor(actor)  # no controller racing the operator's pool move
+        pool_move = None
+        if args.pool_move:
+            pool_move = _pool_move(load)
         load.stop()
-        rayops.kill_actor(actor)
     finally:
         if load is not None:
             load.stop()
@@ -208,11 +213,12 @@ def run(args) -> int:
         "time_to_recover_s": recover,
         "moves": [{"at_s": round(t - t_shift, 1), "reason": d["reason"], "result": d.get("result")} for t, d in moves],
         "busy_by_stage": busy, "busy_threshold": args.busy_threshold,
-        "moves_made": st["moves_made"], "requests_ok": load.ok, "requests_failed": len(load.failed),
+        "moves_made": st["moves_made"],
+        "pool_move": None if pool_move is None else {k: v for k, v in pool_move.items() if k != "t"}, "requests_ok": load.ok, "requests_failed": len(load.failed),
         "failures": load.failed[:5], "final_placement": st["placement"], "png": str(args.png),
         "wall_s": round(time.monotonic() - t_start, 1),
     }
-    _plot(args.png, toks, t_shift, moves, t0)
+    _plot(args.png, toks, t_shift, moves, t0, pool_move)
     if args.json:
         print(json.dumps(out, indent=2))
     else:
@@ -240,7 +246,26 @@ def _frange(a: float, b: float, step: float):
         a += step
 
 
-def _plot(path: Path, toks, t_shift, moves, t0) -> None:
+def _pool_move(load: _Load) -> dict:
+    """Stage3 (layers 3-3) from the CPU pool to the GPU pool through the mover, under load."""
+    from offramp.placement.mover import Mover, MoveFailed, RayOps
+    from offramp.placement.planner import StageDeployment
+    from offramp.placement.policy import Move
+
+    failed0, t = len(load.failed), time.monotonic()
+    move = Move(action="add", knob="pool", deployment=StageDeployment(start=3, end=4, pool="gpu", replicas=1),
+                replicas_to=1, reason="bench: pool move under load")
+    try:
+        res = Mover(APP, RayOps(), [(0, 1), (1, 2), (2, 3), (3, 4)], deadline_s=120).apply(move)
+        outcome = f"{res.outcome} ({len(res.steps)} steps)"
+    except MoveFailed as e:
+        outcome = f"failed: {e}"
+    time.sleep(3)
+    return {"t": t, "seconds": round(time.monotonic() - 3 - t, 1), "outcome": outcome,
+            "requests_failed_during": len(load.failed) - failed0}
+
+
+def _plot(path: Path, toks, t_shift, moves, t0, pool_move=None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -253,6 +278,9 @@ def _plot(path: Path, toks, t_shift, moves, t0) -> None:
     roll = [(w - t_shift, _p99([g for t, g in toks if w <= t < w + 5])) for w in _frange(t0, max(xs, default=0) + t_shift - 5, 1.0)]
     ax.plot([w + 2.5 for w, p in roll if p], [p for w, p in roll if p], color="k", label="rolling p99 (5 s)")
     ax.axvline(0, color="tab:orange", ls="--", label="load shift")
+    if pool_move:
+        a = pool_move["t"] - t_shift
+        ax.axvspan(a, a + pool_move["seconds"], color="tab:purple", alpha=0.25, label="pool move Stage3 cpu->gpu")
     for i, (t, d) in enumerate(moves):
         ax.axvspan(t - t_shift, t - t_shift + _secs(d), color="tab:green", alpha=0.3,
                    label="move (start..healthy)" if i == 0 else None)
