@@ -151,6 +151,7 @@ def _plot(curves: dict[str, list[tuple[float, float, float]]], chosen: dict[str,
 
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for task, pts in curves.items():
+        pts = sorted(pts, key=lambda p: (p[1], p[2]))
         ax.plot([p[1] for p in pts], [p[2] for p in pts], marker="o", ms=3, label=task)
         c = chosen[task]
         ax.scatter([c["frac_layers"]], [c["agreement"]], marker="*", s=140, zorder=3)
