@@ -37,6 +37,7 @@ class GateSpec:
     gate_recall: float = 0.95  # gate threshold keeps this share of agreeing tokens
     joint_steps: int = 0
     joint_lr: float = 3e-4
+    bf16: bool = True  # CPU autocast for the matmuls (1.5x faster on AVX512-BF16); fp32 params
     seed: int = 0
     threads: int = 1
 
@@ -68,7 +69,8 @@ def _batch(wins: dict[str, torch.Tensor], task_types: list[str], spec: GateSpec,
 def _step_losses(model, heads: ExitHeads, x, y, tasks, spec: GateSpec, frozen: bool):
     """Sum of head and gate losses over every exit; also the gate (prob, target) pairs."""
     bb = backbone(model)
-    with torch.set_grad_enabled(not frozen):
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec.bf16)
+    with torch.set_grad_enabled(not frozen), amp:
         out = model(input_ids=x, output_hidden_states=True)
     final = out.logits.float().flatten(0, 1)  # (B*T, V)
     teacher = F.log_softmax(final.detach(), -1)
@@ -80,7 +82,8 @@ def _step_losses(model, heads: ExitHeads, x, y, tasks, spec: GateSpec, frozen: b
     pairs = []
     for L in heads.exit_layers:
         normed = heads.norms[str(L)](out.hidden_states[L].float().flatten(0, 1))  # (B*T, H)
-        logits = bb.lm_head(normed).float()  # (B*T, V)
+        with amp:
+            logits = bb.lm_head(normed).float()  # (B*T, V)
         logp = F.log_softmax(logits, -1)
         kl = F.kl_div(logp, teacher, log_target=True, reduction="batchmean")
         ce = F.nll_loss(logp, yflat)
