@@ -61,7 +61,9 @@ def apply_config(config: dict[str, Any], wait_s: float | None = 120.0) -> None:
     from ray.serve.schema import ServeDeploySchema
 
     schema = ServeDeploySchema.model_validate(copy.deepcopy(config))
-    client = serve_start(http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location)
+    grpc = schema.grpc_options.model_dump() if schema.grpc_options and schema.grpc_options.grpc_servicer_functions else None
+    client = serve_start(http_options=schema.http_options.model_dump(), grpc_options=grpc,
+                         proxy_location=schema.proxy_location)
     client.deploy_apps(schema, _blocking=False)
     if wait_s is not None:
         wait_running(wait_s)

@@ -68,7 +68,8 @@ def test_helm_lint(values):
 def test_template_renders_expected_objects(values):
     docs = render(values)
     by_kind = sorted(d["kind"] for d in docs)
-    assert by_kind == ["NetworkPolicy", "RayService", "Secret", "Service"], by_kind
+    dashboards = ["ConfigMap"] if list((CHART / "dashboards").glob("*.json")) else []
+    assert by_kind == sorted(["NetworkPolicy", "RayService", "Secret", "Service", *dashboards]), by_kind
     # No dashboard ConfigMap while the chart ships no dashboards/*.json.
     if not list((CHART / "dashboards").glob("*.json")):
         assert not kinds(docs, "ConfigMap")

@@ -32,6 +32,7 @@ cloudpickled at decoration time. Neither suits an app that holds handles and a t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -50,6 +51,7 @@ from offramp.api.generation import ChoiceDelta, Generation
 from offramp.api.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, check_limits
 from offramp.api.text import encode_chat, encode_prompt
 from offramp.errors import OfframpError
+from offramp.observability import tracing
 from offramp.protocol import SamplingParams
 
 log = logging.getLogger("offramp.api")
@@ -219,11 +221,33 @@ def create_app(frontend: Frontend) -> FastAPI:
             seed=req.seed, stop_token_ids=() if req.ignore_eos else frontend.stop_token_ids(),
             ignore_eos=req.ignore_eos,
         )
-        return Generation(
+        # One trace per request: this span continues the caller's traceparent; stage spans
+        # become its children through the carrier handed to the backend.
+        spans = contextlib.ExitStack()
+        span = spans.enter_context(tracing.request_span(
+            "text_completion" if isinstance(req, CompletionRequest) else "chat", trace_context(request),
+            {"gen_ai.request.model": settings.model_name, "gen_ai.request.max_tokens": max_tokens,
+             "gen_ai.request.temperature": req.temperature, "gen_ai.request.top_p": req.top_p,
+             "offramp.exit": str(req.offramp.exit), "offramp.task": req.offramp.task}))
+        gen = Generation(
             frontend.backend, tokenizer, request_id=request_id, prompt_ids=prompt_ids, n=req.n,
             sampling=sampling, stops=req.stop_list + extra_stops, exit_mode=req.offramp.exit,
-            task=req.offramp.task, timeout_s=settings.request_timeout_s, trace_context=trace_context(request),
+            task=req.offramp.task, timeout_s=settings.request_timeout_s,
+            trace_context=tracing.inject(span, trace_context(request)) if span.is_recording() else trace_context(request),
         )
+        gen.span, gen.span_stack = span, spans
+        return gen
+
+    def end_span(gen: Generation, error: BaseException | None = None) -> None:
+        if error is None:
+            stages = [s for c in gen.choices for s in c.exit_stages]
+            tracing.set_response(gen.span, response_id=gen.request_id, input_tokens=gen.prompt_tokens,
+                                 output_tokens=gen.completion_tokens,
+                                 finish_reasons=[c.finish_reason for c in gen.choices if c.finish_reason] or None,
+                                 stages_skipped=gen.stages_skipped(stages))
+            gen.span_stack.close()
+        else:
+            gen.span_stack.__exit__(type(error), error, error.__traceback__)
 
     async def respond(request: Request, gen: Generation, req: SamplingFields,
                       chunk: Callable[[ChoiceDelta], dict[str, Any]], first_chunks: list[dict[str, Any]],
@@ -235,13 +259,18 @@ def create_app(frontend: Frontend) -> FastAPI:
                     await gen.start()
                     return await gen.collect()
                 results = await run_unless_disconnected(request, work())
+            except BaseException as e:
+                end_span(gen, e)
+                raise
             finally:
                 await gen.aclose()
+            end_span(gen)
             return JSONResponse(final(results))
         try:
             await run_unless_disconnected(request, gen.start())  # admission errors -> HTTP status
-        except BaseException:
+        except BaseException as e:
             await gen.aclose()
+            end_span(gen, e)
             raise
 
         async def events() -> AsyncIterator[bytes]:
@@ -257,9 +286,12 @@ def create_app(frontend: Frontend) -> FastAPI:
             except Exception as e:  # mid-stream: one error event, then [DONE]
                 err = api_errors.from_offramp(e) if isinstance(e, OfframpError) else api_errors.internal(e)
                 log.warning("request %s failed mid-stream: %s", gen.request_id, err.message)
+                end_span(gen, e)
+                gen.span_stack = contextlib.ExitStack()  # ended
                 yield sse(err.body())
             finally:
                 await gen.aclose()
+                end_span(gen)
             yield DONE
 
         return SSEResponse(events(), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

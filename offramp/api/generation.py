@@ -57,6 +57,7 @@ class _Choice:
         self.timeout_s = timeout_s
         self.exit_stages: list[int] = []
         self.token_ids: list[int] = []
+        self.finish_reason: str | None = None
         self.ended = False
 
     async def _next(self) -> TokenEvent | None:
@@ -95,6 +96,7 @@ class _Choice:
                 text, stopped = self.stopper.feed(self.detok.add(ev.token_id))
                 if stopped:
                     await self._end()  # cancel the backend request before the client hears "stop"
+                    self.finish_reason = "stop"
                     yield ChoiceDelta(self.index, text, pending, "stop")
                     return
                 finish = ev.finish_reason
@@ -122,6 +124,7 @@ class _Choice:
             finish = "stop"
         else:
             text += self.stopper.flush()
+        self.finish_reason = finish
         return ChoiceDelta(self.index, text, pending, finish)
 
 

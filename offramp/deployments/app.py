@@ -17,6 +17,7 @@ import threading
 from ray import serve
 from ray.serve import Application
 
+from offramp.api.grpc_service import GrpcIngressMixin
 from offramp.cluster import rayops
 from offramp.deployments.config import AppArgs, StageArgs
 
@@ -71,7 +72,8 @@ class StageDeployment:
         self.registry = rayops.registry(self.app_name)
         token = rayops.get(self.registry.token.remote())
         self.server = StageServer(self.worker, token, host=rayops.node_ip(), max_batch_size=sa.max_batch_size,
-                                  batch_wait_timeout_s=sa.batch_wait_timeout_s, stats=self._record)
+                                  batch_wait_timeout_s=sa.batch_wait_timeout_s, stats=self._record,
+                                  labels={"pool": sa.pool, "replica": self.replica, "precision": sa.dtype})
         self.entry = {"stage": index, "replica": self.replica, "host": self.server.host, "port": self.server.port,
                       "layers": list(ranges[index]), "pool": sa.pool, "device": device, "dtype": sa.dtype}
         self.steps = {"batches": 0, "rows": 0, "positions": 0, "busy_s": 0.0}
@@ -125,7 +127,10 @@ class StageDeployment:
 @serve.deployment(name="OfframpIngress", max_ongoing_requests=256, max_queued_requests=512,
                   ray_actor_options={"num_cpus": 0.25})
 @serve.ingress()
-class OfframpIngress:
+class OfframpIngress(GrpcIngressMixin):
+    """HTTP (OpenAI API, from ``__serve_build_asgi_app__``) and gRPC (``Generate``,
+    ``GenerateStream``, ``Health`` from the mixin) over the same frontend and pipeline."""
+
     def __init__(self, args: dict, *stages):
         from offramp.api.frontend import Frontend
         from offramp.api.text import load_tokenizer
@@ -146,7 +151,7 @@ class OfframpIngress:
             len(ranges), Router(len(ranges), token, lookup), eos_token_ids=spec.eos_token_ids, max_seq=max_seq,
             vocab_size=spec.vocab_size, kv_fill=args.exit.kv_fill, request_timeout_s=args.request_timeout_s,
             default_exit=args.exit.mode, default_threshold=args.exit.threshold,
-            max_active=args.max_active_requests)
+            max_active=args.max_active_requests, model_name=args.model_name)
         self.frontend = Frontend.from_app_args(args, self.backend, load_tokenizer(model_dir),
                                                model_context=spec.max_position)
         host = rayops.http_host()

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from offramp import errors
+from offramp.observability import metrics, tracing
 from offramp.ops.worker import ExitPolicy, KVMissing, StageWorker, StepRow
 from offramp.protocol import SamplingParams
 
@@ -85,9 +86,12 @@ async def read_frame(reader: asyncio.StreamReader) -> tuple[dict, memoryview]:
     return json.loads(bytes(body[:hlen])), body[hlen:]
 
 
-def row_header(row: StepRow, packer: _Packer) -> dict:
-    return {"seq": row.seq_id, "x": packer.tensor(row.inputs), "pos": row.position, "step": row.step,
-            "flush": row.flush, "sampling": asdict(row.sampling), "policy": asdict(row.policy)}
+def row_header(row: StepRow, packer: _Packer, trace: dict[str, str] | None = None) -> dict:
+    h = {"seq": row.seq_id, "x": packer.tensor(row.inputs), "pos": row.position, "step": row.step,
+         "flush": row.flush, "sampling": asdict(row.sampling), "policy": asdict(row.policy)}
+    if trace:
+        h["trace"] = trace  # W3C carrier: the stage span becomes a child of the request span
+    return h
 
 
 def row_from_header(h: dict, payload: memoryview) -> StepRow:
@@ -102,8 +106,10 @@ class StageServer:
     """Serves one :class:`StageWorker` on ``host:port`` from a background thread."""
 
     def __init__(self, worker: StageWorker, token: str, host: str = "127.0.0.1", port: int = 0,
-                 max_batch_size: int = 16, batch_wait_timeout_s: float = 0.002, stats=None):
+                 max_batch_size: int = 16, batch_wait_timeout_s: float = 0.002, stats=None,
+                 labels: dict | None = None):
         self.worker, self.token = worker, token
+        self.labels = {"pool": "any", "replica": None, "precision": None, **(labels or {})}
         self.max_batch_size, self.batch_wait = max_batch_size, batch_wait_timeout_s
         self.stats = stats  # optional callback(batch_rows, n_positions, seconds)
         self.host, self.port = host, port
@@ -178,13 +184,14 @@ class StageServer:
         return sum(len(h.get("rows", ())) for h, *_ in items)
 
     async def _serve_batch(self, items) -> None:
-        steps: list[tuple] = []  # (item, rows)
+        steps: list[tuple] = []  # (item, rows, carriers)
         for item in items:
             header, payload, writer, lock = item
             op = header.get("op")
             try:
                 if op == "step":
-                    steps.append((item, [row_from_header(r, payload) for r in header["rows"]]))
+                    steps.append((item, [row_from_header(r, payload) for r in header["rows"]],
+                                  [r.get("trace") for r in header["rows"]]))
                 elif op == "propagate":
                     x = unpack_tensor(payload, header["x"])
                     await self.loop.run_in_executor(None, self.worker.propagate, header["seq"], x, int(header["pos"]))
@@ -206,27 +213,39 @@ class StageServer:
         if not steps:
             return
         good, seen = [], set()
-        for item, rows in steps:
+        for item, rows, carriers in steps:
             err = self._check(rows, seen, new_slots=sum(1 for s in seen if s not in self.worker.cache.slot_of))
             if err is not None:
                 await self._reply(item[2], item[3], _error_header(item[0].get("id"), err))
             else:
-                good.append((item, rows))
+                good.append((item, rows, carriers))
         if not good:
             return
-        flat = [r for _, rows in good for r in rows]
+        flat = [r for _, rows, _ in good for r in rows]
+        carriers = [c for _, _, cs in good for c in cs]
         t0 = time.perf_counter()
-        try:
-            results = await self.loop.run_in_executor(None, self.worker.step, flat)
-        except Exception as e:  # noqa: BLE001
-            log.exception("stage %d forward failed", self.worker.index)
-            for item, _ in good:
-                await self._reply(item[2], item[3], _error_header(item[0].get("id"), e))
-            return
+        w, lb = self.worker, self.labels
+        with tracing.stage_spans(carriers, w.index, list(w.stage.layer_range), lb["pool"], lb["replica"],
+                                 lb["precision"], [r.inputs.shape[0] for r in flat]) as spans:
+            try:
+                results = await self.loop.run_in_executor(None, w.step, flat)
+            except Exception as e:  # noqa: BLE001
+                log.exception("stage %d forward failed", w.index)
+                for item, _, _ in good:
+                    await self._reply(item[2], item[3], _error_header(item[0].get("id"), e))
+                return
+            for span, row, res in zip(spans, flat, results):
+                if res.exited:
+                    tracing.exit_event(span, w.index, res.confidence, w.threshold(row.policy), row.policy.task)
+        seconds = time.perf_counter() - t0
         if self.stats:
-            self.stats(len(flat), sum(r.inputs.shape[0] for r in flat), time.perf_counter() - t0)
+            self.stats(len(flat), sum(r.inputs.shape[0] for r in flat), seconds)
+        metrics.record_step(w.index, lb["pool"], seconds, len(flat), queue_depth=self.queue.qsize())
+        if not w.stage.last:
+            live = [(row, res) for row, res in zip(flat, results) if not row.flush]
+            metrics.record_gate(w.index, evaluated=len(live), exited=sum(res.exited for _, res in live))
         i = 0
-        for (header, _, writer, lock), rows in good:
+        for (header, _, writer, lock), rows, _ in good:
             packer = _Packer()
             out = []
             for res in results[i: i + len(rows)]:
@@ -332,9 +351,10 @@ class StageClient:
             raise ERRORS.get(err.get("type"), errors.StageUnavailable)(err.get("message", "stage error"))
         return reply, payload
 
-    async def step(self, rows: list[StepRow], timeout: float) -> list[dict[str, Any]]:
+    async def step(self, rows: list[StepRow], timeout: float, trace: dict[str, str] | None = None) -> list[dict[str, Any]]:
         packer = _Packer()
-        reply, payload = await self.call({"op": "step", "rows": [row_header(r, packer) for r in rows]}, packer, timeout)
+        reply, payload = await self.call({"op": "step", "rows": [row_header(r, packer, trace) for r in rows]},
+                                         packer, timeout)
         out = reply["results"]
         for r in out:
             r["h"] = unpack_tensor(payload, r["h"]) if r["h"] is not None else None

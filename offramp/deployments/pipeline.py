@@ -25,6 +25,7 @@ import torch
 
 from offramp import errors
 from offramp.deployments.channel import StageClient
+from offramp.observability import metrics
 from offramp.ops.worker import ExitPolicy, KVMissing, StepRow
 from offramp.protocol import GenerationRequest, TokenEvent, finish_reason
 
@@ -104,7 +105,7 @@ class PipelineBackend:
     def __init__(self, num_stages: int, router: Router, *, eos_token_ids: tuple[int, ...], max_seq: int,
                  vocab_size: int, kv_fill: str = "exact", call_timeout_s: float = 30.0,
                  request_timeout_s: float = 60.0, max_replays: int = 4, default_exit: str = "calibrated",
-                 default_threshold: float | None = None, max_active: int = 256):
+                 default_threshold: float | None = None, max_active: int = 256, model_name: str = "offramp"):
         self.num_stages, self.router = num_stages, router
         self.eos_token_ids, self.max_seq, self.vocab_size = eos_token_ids, max_seq, vocab_size
         self.kv_fill, self.call_timeout, self.request_timeout = kv_fill, call_timeout_s, request_timeout_s
@@ -116,6 +117,7 @@ class PipelineBackend:
         self.tpot_s: list[float] = []
         self._background: set[asyncio.Task] = set()
         self.max_active, self.active = max_active, 0
+        self.model_name = model_name
 
     async def generate(self, request: GenerationRequest):
         prompt = list(request.prompt_ids)
@@ -139,6 +141,8 @@ class PipelineBackend:
                 token, stage = await self._next_token(seq, deadline)
                 now = time.monotonic()
                 (self.tpot_s if seq.generated else self.ttft_s).append(now - last)
+                (metrics.record_tpot if seq.generated else metrics.record_ttft)(self.model_name, now - last)
+                metrics.record_tokens(self.model_name, [stage], self.num_stages)
                 last = now
                 seq.tokens.append(token)
                 reason = finish_reason(request.sampling, token, seq.generated, len(seq.tokens),
@@ -220,7 +224,8 @@ class PipelineBackend:
                 raise errors.DeadlineExceeded("the request ran past its deadline")
             self.calls[k] += 1
             try:
-                (res,) = await self.router.client(ep).step([row], timeout=min(left, self.call_timeout))
+                (res,) = await self.router.client(ep).step([row], timeout=min(left, self.call_timeout),
+                                                           trace=req.trace_context)
             except RETRYABLE as e:
                 e.endpoint = ep
                 raise

@@ -92,6 +92,10 @@ class StageWorker:
     def pending_length(self, seq_id: str) -> int:
         return sum(t.shape[0] for t in self.pending.get(seq_id, ()))
 
+    def threshold(self, policy: ExitPolicy) -> float:
+        """The confidence a token needs to exit at this stage's gate (inf: never)."""
+        return self._threshold(policy)
+
     def _threshold(self, policy: ExitPolicy) -> float:
         if policy.mode == "off" or not self.stage.has_exit or self.end_layer < self.min_layers:
             return float("inf")
