@@ -7,10 +7,15 @@ replica not placing - is an error, never a skip.
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
+
+# Ray reads this once, when it is first imported (by whichever test imports it first):
+# it makes local clusters use 127.0.0.1 as the node address, so nothing binds beyond loopback.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 if str(Path(__file__).parent) not in sys.path:  # `from serve_fixtures import ...` under any import mode
     sys.path.insert(0, str(Path(__file__).parent))

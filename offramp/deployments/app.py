@@ -176,10 +176,23 @@ class OfframpIngress(GrpcIngressMixin):
 
 def build_app(args: AppArgs) -> Application:
     """Typed Serve app builder: ``serve run offramp.deployments.app:build_app model=...`` or a config YAML."""
+    return build_app_with_env(args)
+
+
+def build_app_with_env(args: AppArgs, env_vars: dict[str, str] | None = None) -> Application:
+    """:func:`build_app` with ``env_vars`` set in every replica's environment (e.g. the
+    ``OTEL_*`` variables); a config YAML does the same with the app's ``runtime_env``."""
     if isinstance(args, dict):
         args = AppArgs.model_validate(args)
     _, spec, ranges, _ = _model_facts(args)  # fail fast, in the caller, with a clear message
     raw = args.model_dump(mode="json")
-    stages = [StageDeployment.options(name=f"Stage{i}").bind(i, raw) for i in range(len(ranges))]
-    return OfframpIngress.bind(raw, *stages)
+
+    def opts(deployment, **kw):
+        if env_vars:
+            actor = {**deployment.ray_actor_options, "runtime_env": {"env_vars": dict(env_vars)}}
+            kw["ray_actor_options"] = actor
+        return deployment.options(**kw)
+
+    stages = [opts(StageDeployment, name=f"Stage{i}").bind(i, raw) for i in range(len(ranges))]
+    return opts(OfframpIngress).bind(raw, *stages)
 

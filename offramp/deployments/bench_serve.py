@@ -206,6 +206,7 @@ def run_serve(args) -> int:
             return await _hops(handle, ep, ray.get(registry.token.remote()), staged.spec.hidden_size)
 
         report["hop"] = asyncio.run(hops())
+        report["tracing"] = _tracing_overhead(base, prompts, args, name, model_dir)
         steps.update()
         r = report["results"]
         c = args.concurrency
@@ -216,8 +217,10 @@ def run_serve(args) -> int:
             "exits_on_vs_off_tpot_c1": round(pipeline_tpot / r["offramp_exits_on_c1"]["server_tpot_p50_ms"], 2),
             f"offramp_c{c}_vs_transformers_tokens_per_s": round(r[f"offramp_exits_on_c{c}"]["tokens_per_s"] / hf_tps, 2),
             f"offramp_exits_off_c{c}_vs_transformers": round(r[f"offramp_exits_off_c{c}"]["tokens_per_s"] / hf_tps, 2),
+            "tracing_100pct_vs_off_tokens_per_s": report["tracing"]["ratio"],
         }
         report["targets"] = {"per_hop_overhead_ms": "<= 1", "exits_on_vs_off_tpot_c1": ">= 2",
+                             "tracing_100pct_vs_off_tokens_per_s": ">= 0.95",
                              f"offramp_c{c}_vs_transformers_tokens_per_s": ">= 4"}
         steps.update()
         steps.close()
@@ -229,11 +232,61 @@ def run_serve(args) -> int:
     return 0
 
 
+def _otlp_sink():
+    """A local OTLP/HTTP endpoint that accepts and drops spans (the exporter's work is real)."""
+    import http.server
+    import threading
+
+    class Sink(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server API
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def _tracing_overhead(base: str, prompts, args, name: str, model_dir) -> dict:
+    """The same app with every request traced (100% sampling, OTLP export to a local sink)
+    beside the untraced one; loaded runs interleaved, throughput ratio reported."""
+    from ray import serve
+
+    from offramp.deployments.app import build_app_with_env
+    from offramp.deployments.config import AppArgs
+
+    sink = _otlp_sink()
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink.server_address[1]}",
+           "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf", "OTEL_TRACES_SAMPLER": "always_on",
+           "OTEL_SERVICE_NAME": "offramp-bench"}
+    serve.run(build_app_with_env(AppArgs(model=str(model_dir), num_stages=args.stages), env), name="traced",
+              route_prefix="/traced")
+    try:
+        asyncio.run(_load(base + "/traced", prompts[:2], "off", 1, 8, name))  # warm-up
+        runs: dict[str, list[float]] = {"off": [], "on": []}
+        for _ in range(2):
+            for label, url in (("off", base), ("on", base + "/traced")):
+                res = asyncio.run(_load(url, prompts, "off", args.concurrency, args.max_tokens, name))
+                runs[label].append(res["tokens_per_s"])
+        off, on = statistics.median(runs["off"]), statistics.median(runs["on"])
+        return {"tokens_per_s_untraced": off, "tokens_per_s_traced": on, "ratio": round(on / off, 3)}
+    finally:
+        serve.delete("traced")
+        sink.shutdown()
+
+
 def _table(report: dict) -> str:
     lines = [f"model {report['model']}, {report['stages']} stages, {report['max_tokens']} tokens/request"]
     for k, v in report["results"].items():
         lines.append(f"  {k:<32} " + ", ".join(f"{a}={b}" for a, b in v.items()))
     lines.append(f"  exits: {report['exits']}")
     lines.append(f"  hop:   {report['hop']}")
+    lines.append(f"  tracing: {report['tracing']}")
     lines += [f"  {k}: {v}" for k, v in report["ratios"].items()]
     return "\n".join(lines)
