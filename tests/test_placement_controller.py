@@ -389,3 +389,22 @@ def test_controller_crash_mid_tick_keeps_decision_and_cooldown():
     ops.busy[2] = 2.0  # wants a third replica, but the layer is cooling down since the crashed move
     run(ctl2, ops, 4)
     assert replicas(ops) == [1, 1, 2, 1] and len(ops.applied) == 1
+
+
+def test_registry_combines_every_ingress_replica(monkeypatch):
+    from offramp.cluster import rayops
+
+    clock = [1000.0]
+    monkeypatch.setattr(rayops.time, "time", lambda: clock[0])
+    reg = rayops.RegistryCore()
+    assert reg.ingress_totals() is None
+    reg.ingress_heartbeat("a", {"stage_calls": [10, 6, 2], "tokens": 8, "tpot_ms_p99": 40.0, "ttft_ms_p99": None})
+    reg.ingress_heartbeat("b", {"stage_calls": [5, 5, 5], "tokens": 3, "tpot_ms_p99": 90.0, "ttft_ms_p99": 120.0})
+    tot = reg.ingress_totals()
+    assert tot["stage_calls"] == [15, 11, 7] and tot["tokens"] == 11 and tot["replicas"] == 2
+    assert tot["tpot_ms_p99"] == 90.0 and tot["ttft_ms_p99"] == 120.0  # the worst replica's
+    clock[0] += rayops.STALE_S + 1  # "b" stops beating, "a" goes on
+    reg.ingress_heartbeat("a", {"stage_calls": [12, 7, 2], "tokens": 9, "tpot_ms_p99": 41.0})
+    assert reg.ingress_totals()["stage_calls"] == [12, 7, 2]
+    reg.deregister("a")
+    assert reg.ingress_totals() is None

@@ -18,11 +18,14 @@ HEARTBEAT_S = 2.0
 STALE_S = 8.0
 
 
-@ray.remote(num_cpus=0, max_restarts=-1)
-class Registry:
+class RegistryCore:
+    """Who serves which stage, and each replica's latest stats; one detached actor per app
+    (:data:`Registry`). Plain class so it can be tested without Ray."""
+
     def __init__(self):
         self._token = secrets.token_hex(16)
         self._entries: dict[str, dict] = {}
+        self._ingress: dict[str, dict] = {}  # ingress replica -> {"stats", "seen"}
 
     def token(self) -> str:
         return self._token
@@ -41,12 +44,38 @@ class Registry:
 
     def deregister(self, replica: str) -> None:
         self._entries.pop(replica, None)
+        self._ingress.pop(replica, None)
+
+    def ingress_heartbeat(self, replica: str, stats: dict) -> None:
+        """An ingress replica's counters (cumulative ``stage_calls``) and recent TPOT."""
+        self._ingress[replica] = {"stats": stats, "seen": time.time()}
+
+    def ingress_totals(self) -> dict | None:
+        """Every live ingress replica's stats combined: ``stage_calls`` and ``tokens``
+        summed, latency percentiles the worst replica's (a conservative p99), ``replicas``."""
+        now = time.time()
+        for k in [k for k, e in self._ingress.items() if now - e["seen"] > STALE_S * 4]:
+            del self._ingress[k]
+        live = [e["stats"] for e in self._ingress.values() if now - e["seen"] <= STALE_S]
+        if not live:
+            return None
+        n = max(len(s.get("stage_calls", ())) for s in live)
+        out = {"stage_calls": [sum(s["stage_calls"][k] for s in live if len(s.get("stage_calls", ())) == n)
+                               for k in range(n)],
+               "num_stages": n, "tokens": sum(s.get("tokens", 0) for s in live), "replicas": len(live)}
+        for key in ("ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50", "tpot_ms_p99"):
+            vals = [s[key] for s in live if s.get(key) is not None]
+            out[key] = max(vals) if vals else None
+        return out
 
     def endpoints(self) -> list[dict]:
         now = time.time()
         for k in [k for k, e in self._entries.items() if now - e["seen"] > STALE_S * 4]:
             del self._entries[k]
         return [e for e in self._entries.values() if now - e["seen"] <= STALE_S]
+
+
+Registry = ray.remote(num_cpus=0, max_restarts=-1)(RegistryCore)
 
 
 def registry(app_name: str):
@@ -174,6 +203,15 @@ def http_root(app_name: str) -> str | None:
     host = http.get("host") or "127.0.0.1"
     host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     return f"http://{host}:{http['port']}{app['route_prefix'].rstrip('/')}"
+
+
+def registry_ingress(app_name: str, timeout: float = 10.0) -> dict | None:
+    """Combined stats of every live ingress replica of the app (None: none reported)."""
+    try:
+        reg = ray.get_actor(f"registry-{app_name}", namespace=NAMESPACE)
+    except ValueError:
+        return None
+    return ray.get(reg.ingress_totals.remote(), timeout=timeout)
 
 
 def registry_endpoints(app_name: str, timeout: float = 10.0) -> list[dict]:

@@ -22,6 +22,7 @@ from offramp.cluster import rayops
 from offramp.deployments.config import AppArgs, StageArgs
 
 log = logging.getLogger("offramp")
+INGRESS_TPOT_WINDOW_S = 30.0  # the TPOT percentiles an ingress replica reports to the registry cover this
 
 
 def _model_facts(args: AppArgs):
@@ -73,7 +74,8 @@ class StageDeployment:
         token = rayops.get(self.registry.token.remote())
         self.server = StageServer(self.worker, token, host=rayops.node_ip(), max_batch_size=sa.max_batch_size,
                                   batch_wait_timeout_s=sa.batch_wait_timeout_s, stats=self._record,
-                                  labels={"pool": sa.pool, "replica": self.replica, "precision": sa.dtype})
+                                  labels={"pool": sa.pool, "replica": self.replica, "precision": sa.dtype},
+                                  emulate=args.emulate_pools.get(sa.pool))
         self.entry = {"stage": index, "replica": self.replica, "host": self.server.host, "port": self.server.port,
                       "layers": list(ranges[index]), "pool": sa.pool, "device": device, "dtype": sa.dtype}
         self.steps = {"batches": 0, "rows": 0, "positions": 0, "busy_s": 0.0}
@@ -154,12 +156,35 @@ class OfframpIngress(GrpcIngressMixin):
             max_active=args.max_active_requests, model_name=args.model_name)
         self.frontend = Frontend.from_app_args(args, self.backend, load_tokenizer(model_dir),
                                                model_context=spec.max_position)
+        # Publish this replica's counters to the registry, so the placement controller
+        # sees every ingress replica's traffic, not whichever one answers an HTTP GET.
+        self._replica, self._registry = rayops.replica_context()[1], registry
+        self._stop = threading.Event()
+        threading.Thread(target=self._heartbeat, args=(app_name,), daemon=True, name="offramp-ingress-beat").start()
         host = rayops.http_host()
         if host is not None:
             from offramp.api.auth import check_bind
 
             key = self.frontend.settings.api_key
             check_bind(host, key.get_secret_value() if key else None, args.api_key_env)
+
+    def _heartbeat(self, app_name: str) -> None:
+        while not self._stop.wait(rayops.HEARTBEAT_S):
+            try:
+                stats = self.backend.stats(window_s=INGRESS_TPOT_WINDOW_S)
+                rayops.get(self._registry.ingress_heartbeat.remote(self._replica, stats), timeout=10)
+            except Exception as e:  # noqa: BLE001 - registry restarting; try again next beat
+                log.warning("ingress registry heartbeat failed: %s", e)
+                self._registry = rayops.registry(app_name)
+
+    def __del__(self):
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()
+            try:
+                self._registry.deregister.remote(self._replica)
+            except Exception:  # noqa: BLE001 - shutting down
+                pass
 
     def __serve_build_asgi_app__(self):
         from offramp.api.app import create_app

@@ -107,8 +107,9 @@ class StageServer:
 
     def __init__(self, worker: StageWorker, token: str, host: str = "127.0.0.1", port: int = 0,
                  max_batch_size: int = 16, batch_wait_timeout_s: float = 0.002, stats=None,
-                 labels: dict | None = None):
+                 labels: dict | None = None, emulate=None):
         self.worker, self.token = worker, token
+        self.emulate = emulate  # optional EmulatedDevice: modelled minimum step time
         self.labels = {"pool": "any", "replica": None, "precision": None, **(labels or {})}
         self.max_batch_size, self.batch_wait = max_batch_size, batch_wait_timeout_s
         self.stats = stats  # optional callback(batch_rows, n_positions, seconds)
@@ -128,6 +129,13 @@ class StageServer:
         self.loop.create_task(self._batcher())
         self._ready.set()
         self.loop.run_forever()
+        # close(): stop serving, let every pending task see its cancellation, then close.
+        server.close()
+        pending = asyncio.all_tasks(self.loop)
+        for t in pending:
+            t.cancel()
+        self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        self.loop.close()
 
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -229,6 +237,10 @@ class StageServer:
                                  lb["precision"], [r.inputs.shape[0] for r in flat]) as spans:
             try:
                 results = await self.loop.run_in_executor(None, w.step, flat)
+                if self.emulate is not None:  # a modelled slower device: hold the replica, not a core
+                    left = self.emulate.seconds(sum(r.inputs.shape[0] for r in flat)) - (time.perf_counter() - t0)
+                    if left > 0:
+                        await asyncio.sleep(left)
             except Exception as e:  # noqa: BLE001
                 log.exception("stage %d forward failed", w.index)
                 for item, _, _ in good:

@@ -27,6 +27,24 @@ class StageArgs(BaseModel):
     max_sequences: int = Field(64, ge=1, description="KV slots (concurrent sequences) per replica.")
 
 
+class EmulatedDevice(BaseModel):
+    """A modelled device speed for one pool (tests and benchmarks on machines that lack it).
+
+    After each forward pass a replica in that pool waits until ``step_s + per_token_s x
+    positions`` seconds have passed since the pass began. The wait is an ``asyncio`` sleep:
+    it holds the replica (one pass at a time, like a busy device) but no CPU core, so a
+    second replica of an emulated pool adds capacity even on a 2-core laptop.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    step_s: float = Field(0.0, ge=0, le=10, description="Fixed time of one forward pass (launch, weight reads).")
+    per_token_s: float = Field(0.0, ge=0, le=10, description="Added time per position in the batch (compute).")
+
+    def seconds(self, positions: int) -> float:
+        return self.step_s + self.per_token_s * positions
+
+
 class ExitArgs(BaseModel):
     """Server-wide early-exit policy; requests may tighten or loosen it."""
 
@@ -63,6 +81,11 @@ class AppArgs(BaseModel):
     api_key_env: str = Field("OFFRAMP_API_KEY", description="Environment variable holding the API key (empty = no key).")
     request_timeout_s: float = Field(60.0, gt=0, description="Deadline for one request end to end.")
     max_active_requests: int = Field(256, ge=1, description="Requests one ingress replica runs at once; more get 429.")
+    emulate_pools: dict[Pool, EmulatedDevice] = Field(
+        default_factory=dict,
+        description="Testing/benchmarks only: pool name -> modelled step time that replicas in that pool "
+        "take at least (see EmulatedDevice). Empty in production.",
+    )
 
     @model_validator(mode="after")
     def _split_xor_stages(self) -> "AppArgs":

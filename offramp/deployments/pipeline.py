@@ -16,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import threading
 import time
+from collections import deque
 import uuid
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
@@ -113,8 +115,12 @@ class PipelineBackend:
         self.default_exit, self.default_threshold = default_exit, default_threshold
         self._ids = itertools.count()
         self.calls = [0] * num_stages  # stage visits on this ingress (exit skipping is visible here)
-        self.ttft_s: list[float] = []  # server-side latencies since the last stats reset
-        self.tpot_s: list[float] = []
+        # Server-side latencies as (monotonic time, seconds), bounded: the newest 8192 of
+        # each since the last reset. A lock because the registry heartbeat reads them from
+        # another thread.
+        self.ttft_s: deque[tuple[float, float]] = deque(maxlen=8192)
+        self.tpot_s: deque[tuple[float, float]] = deque(maxlen=8192)
+        self._lat_lock = threading.Lock()
         self._background: set[asyncio.Task] = set()
         self.max_active, self.active = max_active, 0
         self.model_name = model_name
@@ -140,7 +146,8 @@ class PipelineBackend:
             while True:
                 token, stage = await self._next_token(seq, deadline)
                 now = time.monotonic()
-                (self.tpot_s if seq.generated else self.ttft_s).append(now - last)
+                with self._lat_lock:
+                    (self.tpot_s if seq.generated else self.ttft_s).append((now, now - last))
                 (metrics.record_tpot if seq.generated else metrics.record_ttft)(self.model_name, now - last)
                 metrics.record_tokens(self.model_name, [stage], self.num_stages)
                 last = now
@@ -154,16 +161,22 @@ class PipelineBackend:
             self.active -= 1
             self._release(seq)
 
-    def stats(self, reset: bool = False) -> dict:
+    def stats(self, reset: bool = False, window_s: float | None = None) -> dict:
+        """Stage calls (cumulative) and TTFT/TPOT percentiles over the samples since the
+        last reset (at most the newest 8192), or over the last ``window_s`` seconds."""
         def pct(xs, q):
             return round(1000 * sorted(xs)[min(len(xs) - 1, int(q * len(xs)))], 3) if xs else None
 
-        out = {"stage_calls": list(self.calls), "num_stages": self.num_stages, "tokens": len(self.tpot_s) + len(self.ttft_s),
-               "ttft_ms_p50": pct(self.ttft_s, 0.5), "ttft_ms_p99": pct(self.ttft_s, 0.99),
-               "tpot_ms_p50": pct(self.tpot_s, 0.5), "tpot_ms_p99": pct(self.tpot_s, 0.99)}
-        if reset:
-            self.ttft_s, self.tpot_s = [], []
-        return out
+        since = -float("inf") if window_s is None else time.monotonic() - window_s
+        with self._lat_lock:
+            ttft = [s for t, s in self.ttft_s if t >= since]
+            tpot = [s for t, s in self.tpot_s if t >= since]
+            if reset:
+                self.ttft_s.clear()
+                self.tpot_s.clear()
+        return {"stage_calls": list(self.calls), "num_stages": self.num_stages, "tokens": len(tpot) + len(ttft),
+                "ttft_ms_p50": pct(ttft, 0.5), "ttft_ms_p99": pct(ttft, 0.99),
+                "tpot_ms_p50": pct(tpot, 0.5), "tpot_ms_p99": pct(tpot, 0.99)}
 
     def _policy(self, request: GenerationRequest) -> ExitPolicy:
         mode = request.exit_mode

@@ -11,13 +11,22 @@ load counts as saturation), then drives greedy streaming requests:
 TPOT is measured client-side (gaps between streamed tokens). Reported: p99 TPOT before the
 shift, during it (before the first move completed), after the last move; time from the
 shift to the first completed move (``time_to_act_s``) and to the first 5-s window whose p99
-is back within 1.25x the ``before`` p99 and stays there (``time_to_recover_s``, None if
-never); moves made; failed requests. A timeline PNG shows per-token TPOT, rolling p99 and
-the moves. On one machine an extra replica adds no cores, so recovery is not expected
-here: the figure shows the mechanism (act, no failures), not a speed-up.
+is back within ``--recover-factor`` (1.5x) the ``before`` p99 and stays there
+(``time_to_recover_s``, None if never); moves made; failed requests. A timeline PNG shows
+per-token TPOT, rolling p99 and the moves.
+
+Device speed. On one machine an extra replica adds no cores, so a real CPU-bound stage
+cannot recover by scaling out here. By default (``--emulate``) the CPU pool is therefore
+a *modelled* slow device (``AppArgs.emulate_pools``: each forward pass of a CPU-pool
+replica takes at least ``--cpu-step-ms + --cpu-token-ms x positions``, waited out with an
+asyncio sleep that holds the replica but no core): Stage2 alone sits in that pool, the
+shift saturates it, and a second replica genuinely adds capacity - the situation the
+controller is for. ``--no-emulate`` runs the raw model (stages 2 and 3 on the CPU pool,
+low busy threshold): it shows the mechanism (act, zero failures) but not a recovery.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import socket
@@ -35,12 +44,27 @@ def register(bsub) -> None:
     p.add_argument("--streams", type=int, default=4, help="concurrent greedy streams after the shift")
     p.add_argument("--before-s", type=float, default=15.0, help="seconds of light load before the shift")
     p.add_argument("--after-s", type=float, default=20.0, help="seconds of load after the controller acted")
-    p.add_argument("--max-shift-s", type=float, default=90.0, help="give up waiting for a move after this")
+    p.add_argument("--max-shift-s", type=float, default=150.0, help="end the shifted phase after this even if moves continue")
     p.add_argument("--max-tokens", type=int, default=16)
-    p.add_argument("--busy-threshold", type=float, default=0.2,
-                   help="replica busy fraction counted as saturation (between the light and heavy load's)")
+    p.add_argument("--busy-threshold", type=float, default=None,
+                   help="replica busy fraction counted as saturation, between the light and heavy load's "
+                        "(default 0.6 emulated, 0.2 raw)")
+    p.add_argument("--emulate", action=argparse.BooleanOptionalAction, default=True,
+                   help="model the CPU pool as a slow device (see module doc); --no-emulate: raw model speed")
+    p.add_argument("--cpu-step-ms", type=float, default=20.0, help="emulated CPU pool: fixed ms per forward pass")
+    p.add_argument("--cpu-token-ms", type=float, default=60.0, help="emulated CPU pool: ms per position in a pass")
+    p.add_argument("--cooldown-s", type=float, default=15.0,
+                   help="controller's per-stage cool-down (closed-loop load may need a second step up)")
+    p.add_argument("--settle-s", type=float, default=25.0,
+                   help="after a move, keep the shifted load until no further move for this long")
+    p.add_argument("--max-replicas", type=int, default=4, help="controller's cap on replicas per stage")
+    p.add_argument("--target-utilisation", type=float, default=None,
+                   help="busy fraction the controller sizes replicas for (default 0.4 emulated, threshold/2 raw): "
+                        "closed-loop streams send more once served faster, so leave headroom")
+    p.add_argument("--recover-factor", type=float, default=1.5,
+                   help="recovered = rolling p99 TPOT back within this factor of the pre-shift p99")
     p.add_argument("--pool-move", action="store_true",
-                   help="then move Stage3 from the CPU pool to the GPU pool under the same load (mover, 3 steps)")
+                   help="then move Stage3 to the other pool under the same load (mover, 3 steps)")
     p.add_argument("--png", type=Path, default=Path("placement-timeline.png"), help="timeline figure")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run)
@@ -52,8 +76,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _config(model_dir: Path, port: int) -> dict:
-    pools = ["gpu", "gpu", "cpu", "cpu"]
+def _pools(emulate: bool) -> list[str]:
+    return ["gpu", "gpu", "cpu", "gpu"] if emulate else ["gpu", "gpu", "cpu", "cpu"]
+
+
+def _config(model_dir: Path, port: int, args) -> dict:
+    pools = _pools(args.emulate)
+    emulate = {"cpu": {"step_s": args.cpu_step_ms / 1000, "per_token_s": args.cpu_token_ms / 1000}} if args.emulate else {}
     deps = [{"name": "OfframpIngress", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}}]
     deps += [{"name": f"Stage{k}", "num_replicas": 1,
               "ray_actor_options": {"num_cpus": 0.5, "resources": {f"pool_{p}": 1}}} for k, p in enumerate(pools)]
@@ -61,7 +90,8 @@ def _config(model_dir: Path, port: int) -> dict:
             "applications": [{"name": APP, "route_prefix": "/", "import_path": "offramp.deployments.app:build_app",
                               "args": {"model": str(model_dir), "num_stages": 4,
                                        "stages": [{"pool": p, "dtype": "fp32"} for p in pools],
-                                       "exit": {"mode": "off"}, "api_key_env": "", "request_timeout_s": 30.0},
+                                       "exit": {"mode": "off"}, "api_key_env": "", "request_timeout_s": 30.0,
+                                       "emulate_pools": emulate},
                               "deployments": deps}]}
 
 
@@ -122,6 +152,10 @@ def run(args) -> int:
     from offramp.placement.controller import ControllerActor, ControllerConfig, controller_name
 
     t_start = time.monotonic()
+    if args.busy_threshold is None:
+        args.busy_threshold = 0.6 if args.emulate else 0.2
+    if args.target_utilisation is None:  # raw CPU: busy fractions are low and noisy
+        args.target_utilisation = 0.4 if args.emulate else args.busy_threshold / 2
     model_dir = make_checkpoint(tempfile.mkdtemp(prefix="offramp-bench-placement-"), "tiny", seed=11)
     port = _free_port()
     cluster = Cluster(initialize_head=True, shutdown_at_exit=True,
@@ -137,7 +171,7 @@ def run(args) -> int:
         from ray.serve.schema import ServeDeploySchema
         from ray.serve._private.api import serve_start
 
-        cfg = _config(model_dir, port)
+        cfg = _config(model_dir, port, args)
         client = serve_start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
         client.deploy_apps(ServeDeploySchema.model_validate(cfg), _blocking=False)
         deadline = time.monotonic() + 180
@@ -145,30 +179,33 @@ def run(args) -> int:
             if time.monotonic() > deadline:
                 raise TimeoutError("the app did not start in 180 s")
             time.sleep(1)
-        ccfg = ControllerConfig(app=APP, interval_s=2.0, max_replicas_per_stage=2,
-                                target_utilisation=args.busy_threshold / 2,
+        ccfg = ControllerConfig(app=APP, interval_s=2.0, max_replicas_per_stage=args.max_replicas,
+                                target_utilisation=args.target_utilisation,
                                 pins=[{"stage": 0, "replicas": 1}, {"stage": 3, "replicas": 1}],
-                                policy={"sustain_intervals": 2, "cooldown_s": 600,
+                                policy={"sustain_intervals": 2, "cooldown_s": args.cooldown_s,
                                         "max_busy_fraction": args.busy_threshold, "min_gain": 10.0})
         load = _Load(f"http://127.0.0.1:{port}/v1", args.max_tokens)
         load.add_stream(0)
         time.sleep(2)  # first tokens, then start the controller on a warm app
         actor = rayops.start_detached(ControllerActor, controller_name(APP), ccfg.model_dump(mode="json"))
+        rayops.call(actor, "status", 1)  # the controller's process is up before the baseline starts
+        time.sleep(2 * ccfg.interval_s)
         t0 = time.monotonic()
         time.sleep(args.before_s)
         busy = {"before": _busy(rayops.call(actor, "status", 1))}
         t_shift = time.monotonic()
         for i in range(1, args.streams):
             load.add_stream(i)
-        first_move = None
+        first_move, last_move, made = None, None, 0
         while time.monotonic() - t_shift < args.max_shift_s:
             st = rayops.call(actor, "status", 200)
             if first_move is None:
                 busy["during"] = _busy(st)
-            if st["moves_made"] >= 1 and first_move is None:
-                first_move = time.monotonic()
-            if st["moves_made"] >= 2 or (first_move and time.monotonic() - first_move > 20):
-                break
+            if st["moves_made"] > made:
+                made, last_move = st["moves_made"], time.monotonic()
+                first_move = first_move or last_move
+            if last_move and time.monotonic() - last_move > args.settle_s:
+                break  # the controller has settled
             time.sleep(1)
         t_acted = time.monotonic()
         time.sleep(args.after_s)
@@ -178,7 +215,7 @@ def run(args) -> int:
         rayops.kill_actor(actor)  # no controller racing the operator's pool move
         pool_move = None
         if args.pool_move:
-            pool_move = _pool_move(load)
+            pool_move = _pool_move(load, "cpu" if args.emulate else "gpu")
         load.stop()
     finally:
         if load is not None:
@@ -201,7 +238,7 @@ def run(args) -> int:
     recover = None
     if base:
         windows = [(w, _p99([g for t, g in toks if w <= t < w + 5])) for w in _frange(t_shift, t_end - 5, 1.0)]
-        ok = [w for w, p in windows if p is not None and p <= 1.25 * base]
+        ok = [w for w, p in windows if p is not None and p <= args.recover_factor * base]
         for w, _ in windows:  # first window from which every later one is within bound
             if all(x in ok for x, _ in windows if x >= w):
                 recover = round(w - t_shift, 1)
@@ -213,6 +250,9 @@ def run(args) -> int:
         "time_to_recover_s": recover,
         "moves": [{"at_s": round(t - t_shift, 1), "reason": d["reason"], "result": d.get("result")} for t, d in moves],
         "busy_by_stage": busy, "busy_threshold": args.busy_threshold,
+        "target_utilisation": args.target_utilisation, "cooldown_s": args.cooldown_s, "recover_factor": args.recover_factor,
+        "device": ({"emulated_cpu_pool": {"step_ms": args.cpu_step_ms, "token_ms": args.cpu_token_ms},
+                    "pools": _pools(True)} if args.emulate else {"emulated_cpu_pool": None, "pools": _pools(False)}),
         "moves_made": st["moves_made"],
         "pool_move": None if pool_move is None else {k: v for k, v in pool_move.items() if k != "t"}, "requests_ok": load.ok, "requests_failed": len(load.failed),
         "failures": load.failed[:5], "final_placement": st["placement"], "png": str(args.png),
@@ -246,14 +286,14 @@ def _frange(a: float, b: float, step: float):
         a += step
 
 
-def _pool_move(load: _Load) -> dict:
-    """Stage3 (layers 3-3) from the CPU pool to the GPU pool through the mover, under load."""
+def _pool_move(load: _Load, to: str) -> dict:
+    """Stage3 (layers 3-3) to pool ``to`` through the mover, under load."""
     from offramp.placement.mover import Mover, MoveFailed, RayOps
     from offramp.placement.planner import StageDeployment
     from offramp.placement.policy import Move
 
     failed0, t = len(load.failed), time.monotonic()
-    move = Move(action="add", knob="pool", deployment=StageDeployment(start=3, end=4, pool="gpu", replicas=1),
+    move = Move(action="add", knob="pool", deployment=StageDeployment(start=3, end=4, pool=to, replicas=1),
                 replicas_to=1, reason="bench: pool move under load")
     try:
         res = Mover(APP, RayOps(), [(0, 1), (1, 2), (2, 3), (3, 4)], deadline_s=120).apply(move)
@@ -261,7 +301,7 @@ def _pool_move(load: _Load) -> dict:
     except MoveFailed as e:
         outcome = f"failed: {e}"
     time.sleep(3)
-    return {"t": t, "seconds": round(time.monotonic() - 3 - t, 1), "outcome": outcome,
+    return {"t": t, "to": to, "seconds": round(time.monotonic() - 3 - t, 1), "outcome": outcome,
             "requests_failed_during": len(load.failed) - failed0}
 
 
@@ -280,7 +320,7 @@ def _plot(path: Path, toks, t_shift, moves, t0, pool_move=None) -> None:
     ax.axvline(0, color="tab:orange", ls="--", label="load shift")
     if pool_move:
         a = pool_move["t"] - t_shift
-        ax.axvspan(a, a + pool_move["seconds"], color="tab:purple", alpha=0.25, label="pool move Stage3 cpu->gpu")
+        ax.axvspan(a, a + pool_move["seconds"], color="tab:purple", alpha=0.25, label=f"pool move Stage3 -> {pool_move['to']}")
     for i, (t, d) in enumerate(moves):
         ax.axvspan(t - t_shift, t - t_shift + _secs(d), color="tab:green", alpha=0.3,
                    label="move (start..healthy)" if i == 0 else None)
@@ -295,8 +335,6 @@ def _plot(path: Path, toks, t_shift, moves, t0, pool_move=None) -> None:
 
 
 if __name__ == "__main__":
-    import argparse
-
     ap = argparse.ArgumentParser()
     register(ap.add_subparsers())
     a = ap.parse_args(["placement", *sys.argv[1:]])

@@ -97,9 +97,16 @@ class RayOps:
         return self.r.registry_endpoints(app)
 
     def ingress_stats(self, app):
-        """Stage calls and TPOT of one ingress replica (GET /v1/offramp/stats, no reset)."""
+        """Stage calls and TPOT of every ingress replica combined (their registry
+        heartbeats); else one replica's, whichever answers GET /v1/offramp/stats."""
         import httpx
 
+        try:
+            total = self.r.registry_ingress(app)
+        except Exception:  # noqa: BLE001 - registry restarting: fall back to HTTP
+            total = None
+        if total is not None:
+            return total
         root = self.r.http_root(app)
         if root is None:
             return None

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from offramp.errors import ConfigError
 from offramp.ops.exits import ExitsConfig, exits_present, load_exits_config, save_exits
 from offramp.training.data import TASKS, read_docs
-from offramp.training.heads import ExitHeads, backbone, load_exit_tensors
+from offramp.training.heads import ExitHeads, backbone, load_exit_tensors, use_bf16
 from offramp.training.teacher import load_model, token_windows
 
 
@@ -37,7 +37,7 @@ class GateSpec:
     gate_recall: float = 0.95  # gate threshold keeps this share of agreeing tokens
     joint_steps: int = 0
     joint_lr: float = 3e-4
-    bf16: bool = True  # CPU autocast for the matmuls (1.5x faster on AVX512-BF16); fp32 params
+    bf16: bool | None = None  # CPU bf16 autocast; None: only where the CPU has native bf16
     seed: int = 0
     threads: int = 1
 
@@ -69,7 +69,7 @@ def _batch(wins: dict[str, torch.Tensor], task_types: list[str], spec: GateSpec,
 def _step_losses(model, heads: ExitHeads, x, y, tasks, spec: GateSpec, frozen: bool):
     """Sum of head and gate losses over every exit; also the gate (prob, target) pairs."""
     bb = backbone(model)
-    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec.bf16)
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16(spec.bf16))
     with torch.set_grad_enabled(not frozen), amp:
         out = model(input_ids=x, output_hidden_states=True)
     final = out.logits.float().flatten(0, 1)  # (B*T, V)

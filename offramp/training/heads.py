@@ -15,6 +15,26 @@ from torch import nn
 from offramp.errors import ConfigError
 
 
+def bf16_autocast_pays() -> bool:
+    """True when this CPU has native bf16 matmuls (AVX512-BF16 or AMX).
+
+    Measured: with them, CPU autocast to bf16 makes a training step ~1.5x faster; without
+    them (AVX2-only cores, e.g. the AMD EPYC CI machines) bf16 is emulated and the same
+    step is ~6x *slower* (train-gates step, batch 8x256: 23 s vs 3.6 s in fp32).
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def use_bf16(flag: bool | None) -> bool:
+    """Resolve a spec's ``bf16`` field: ``None`` means decide from the CPU."""
+    return bf16_autocast_pays() if flag is None else bool(flag)
+
+
 @dataclass
 class Backbone:
     """The pieces of a Hugging Face causal LM that exits touch (Llama/Qwen2/GPT-2)."""

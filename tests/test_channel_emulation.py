@@ -1,0 +1,73 @@
+"""The modelled device speed (``AppArgs.emulate_pools``) on a real stage channel.
+
+A replica of an emulated pool must take at least the modelled time per forward pass,
+serialise its passes like a busy device, and leave the outputs alone.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+
+from offramp.deployments.channel import StageClient, StageServer
+from offramp.deployments.config import AppArgs, EmulatedDevice
+from offramp.ops.checkpoint import load_spec
+from offramp.ops.stage import load_stage
+from offramp.ops.worker import StageWorker, StepRow
+
+
+def _server(model_dir, emulate: EmulatedDevice | None) -> StageServer:
+    spec = load_spec(model_dir)
+    stage = load_stage(model_dir, spec, (0, spec.num_layers), first=True, last=True, exits=None)
+    worker = StageWorker(stage, 0, 1, None, max_slots=8)
+    return StageServer(worker, "tok", batch_wait_timeout_s=0.0, emulate=emulate)
+
+
+async def _generate(srv: StageServer, seq: str, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
+    client = StageClient("127.0.0.1", srv.port, "tok")
+    try:
+        tokens, times = [], []
+        inputs, pos = torch.tensor(prompt), len(prompt) - 1
+        for step in range(n):
+            t0 = time.perf_counter()
+            (res,) = await client.step([StepRow(seq, inputs, pos, step=step)], timeout=30)
+            times.append(time.perf_counter() - t0)
+            tokens.append(res["token"])
+            inputs, pos = torch.tensor([res["token"]]), pos + 1
+        return tokens, times
+    finally:
+        client.close()
+
+
+def test_emulated_pool_sets_a_floor_on_step_time_and_keeps_outputs(tiny_model_dir):
+    prompt = [5, 9, 17, 3]
+    plain, emulated = _server(tiny_model_dir, None), _server(tiny_model_dir, EmulatedDevice(step_s=0.05, per_token_s=0.02))
+    try:
+        ref, _ = asyncio.run(_generate(plain, "a", prompt, 4))
+        out, times = asyncio.run(_generate(emulated, "a", prompt, 4))
+        assert out == ref  # emulation changes time, never tokens
+        assert times[0] >= 0.05 + 0.02 * len(prompt) - 0.005  # prefill: 4 positions
+        assert all(t >= 0.07 - 0.005 for t in times[1:])  # decode: 1 position
+
+        # Two sequences at once on one emulated replica: passes are serialised (or batched,
+        # paying per position), so together they take longer than one alone.
+        async def both():
+            t0 = time.perf_counter()
+            await asyncio.gather(_generate(emulated, "b", prompt, 3), _generate(emulated, "c", prompt, 3))
+            return time.perf_counter() - t0
+
+        assert asyncio.run(both()) >= 3 * (0.05 + 0.02 * 2) - 0.01
+    finally:
+        plain.close()
+        emulated.close()
+
+
+def test_emulate_pools_config_is_validated():
+    args = AppArgs.model_validate({"emulate_pools": {"cpu": {"step_s": 0.01, "per_token_s": 0.002}}})
+    assert args.emulate_pools["cpu"].seconds(5) == pytest.approx(0.02)
+    with pytest.raises(ValueError, match="emulate_pools"):
+        AppArgs.model_validate({"emulate_pools": {"tpu": {"step_s": 0.01}}})
+    with pytest.raises(ValueError, match="per_token_s"):
+        AppArgs.model_validate({"emulate_pools": {"cpu": {"per_token_s": -1}}})
