@@ -58,7 +58,12 @@ def test_emulated_pool_sets_a_floor_on_step_time_and_keeps_outputs(tiny_model_di
             await asyncio.gather(_generate(emulated, "b", prompt, 3), _generate(emulated, "c", prompt, 3))
             return time.perf_counter() - t0
 
+        emulated.take_max_wait()
+        asyncio.run(_generate(emulated, "d", prompt, 3))
+        assert emulated.take_max_wait() < 0.03  # one sequence alone never queues behind itself
         assert asyncio.run(both()) >= 3 * (0.05 + 0.02 * 2) - 0.01
+        # ... but two do: a row waits for the other's pass - the saturation signal
+        assert emulated.take_max_wait() >= 0.04 and emulated.info()["waited_rows"] > 0
     finally:
         plain.close()
         emulated.close()

@@ -223,6 +223,16 @@ def registry_endpoints(app_name: str, timeout: float = 10.0) -> list[dict]:
     return ray.get(reg.endpoints.remote(), timeout=timeout)
 
 
+def assigned_pool(default: str) -> str:
+    """The pool this actor was scheduled on: the ``pool_<name>`` custom resource it holds
+    (the placement mover moves a stage by changing that resource), else ``default``."""
+    try:
+        res = ray.get_runtime_context().get_assigned_resources()
+    except Exception:  # noqa: BLE001 - not in a Ray worker
+        return default
+    return next((k.removeprefix("pool_") for k in sorted(res) if k.startswith("pool_")), default)
+
+
 def pool_capacity() -> dict[str, int]:
     """Units of each ``pool_<name>`` custom resource in the cluster."""
     return {k.removeprefix("pool_"): int(v) for k, v in ray.cluster_resources().items() if k.startswith("pool_")}

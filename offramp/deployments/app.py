@@ -60,7 +60,10 @@ class StageDeployment:
             raise ValueError(f"Stage{index} exists but the split makes {len(ranges)} stages; "
                              "remove the extra deployment from the config")
         sa = _stage_args(args, index)
-        device = "cuda" if sa.pool == "gpu" and torch.cuda.is_available() else "cpu"
+        # The pool this replica really runs in: a placement move changes the deployment's
+        # pool resource, not the app args.
+        pool = rayops.assigned_pool(sa.pool)
+        device = "cuda" if pool == "gpu" and torch.cuda.is_available() else "cpu"
         threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
         if threads > 0:
             torch.set_num_threads(threads)
@@ -74,10 +77,10 @@ class StageDeployment:
         token = rayops.get(self.registry.token.remote())
         self.server = StageServer(self.worker, token, host=rayops.node_ip(), max_batch_size=sa.max_batch_size,
                                   batch_wait_timeout_s=sa.batch_wait_timeout_s, stats=self._record,
-                                  labels={"pool": sa.pool, "replica": self.replica, "precision": sa.dtype},
-                                  emulate=args.emulate_pools.get(sa.pool))
+                                  labels={"pool": pool, "replica": self.replica, "precision": sa.dtype},
+                                  emulate=args.emulate_pools.get(pool))
         self.entry = {"stage": index, "replica": self.replica, "host": self.server.host, "port": self.server.port,
-                      "layers": list(ranges[index]), "pool": sa.pool, "device": device, "dtype": sa.dtype}
+                      "layers": list(ranges[index]), "pool": pool, "device": device, "dtype": sa.dtype}
         self.steps = {"batches": 0, "rows": 0, "positions": 0, "busy_s": 0.0}
         rayops.get(self.registry.register.remote(self.entry))
         self._stop = threading.Event()
@@ -94,7 +97,7 @@ class StageDeployment:
     def _heartbeat(self) -> None:
         while not self._stop.wait(rayops.HEARTBEAT_S):
             try:
-                known = rayops.get(self.registry.heartbeat.remote(self.replica, self.stats()), timeout=10)
+                known = rayops.get(self.registry.heartbeat.remote(self.replica, self.beat_stats()), timeout=10)
                 if not known:
                     rayops.get(self.registry.register.remote(self.entry), timeout=10)
             except Exception as e:  # noqa: BLE001 - registry restarting; try again next beat
@@ -103,6 +106,10 @@ class StageDeployment:
 
     def stats(self) -> dict:
         return {**self.steps, **self.server.info()}
+
+    def beat_stats(self) -> dict:
+        """What a heartbeat publishes: :meth:`stats` plus the longest queue wait since the last beat."""
+        return {**self.stats(), "max_wait_s": self.server.take_max_wait()}
 
     def info(self) -> dict:
         return {**self.entry, **self.stats()}

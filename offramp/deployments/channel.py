@@ -110,6 +110,10 @@ class StageServer:
                  labels: dict | None = None, emulate=None):
         self.worker, self.token = worker, token
         self.emulate = emulate  # optional EmulatedDevice: modelled minimum step time
+        # Queue wait of step rows (enqueued -> their forward pass starts): the saturation
+        # signal that busy fraction is not (one closed-loop stream keeps a dominant stage
+        # busy without ever queueing). Cumulative sum/count, and the max since take_max_wait().
+        self.wait_s, self.waited_rows, self._max_wait = 0.0, 0, 0.0
         self.labels = {"pool": "any", "replica": None, "precision": None, **(labels or {})}
         self.max_batch_size, self.batch_wait = max_batch_size, batch_wait_timeout_s
         self.stats = stats  # optional callback(batch_rows, n_positions, seconds)
@@ -151,6 +155,7 @@ class StageServer:
             lock = asyncio.Lock()
             while True:
                 header, payload = await read_frame(reader)
+                header["_queued_at"] = time.monotonic()  # local only: queue-wait signal
                 self.queue.put_nowait((header, payload, writer, lock))
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError, json.JSONDecodeError):
             pass
@@ -231,6 +236,12 @@ class StageServer:
             return
         flat = [r for _, rows, _ in good for r in rows]
         carriers = [c for _, _, cs in good for c in cs]
+        now = time.monotonic()
+        for (header, *_), rows, _ in good:
+            wait = max(0.0, now - header.get("_queued_at", now))
+            self.wait_s += wait * len(rows)
+            self.waited_rows += len(rows)
+            self._max_wait = max(self._max_wait, wait)
         t0 = time.perf_counter()
         w, lb = self.worker, self.labels
         with tracing.stage_spans(carriers, w.index, list(w.stage.layer_range), lb["pool"], lb["replica"],
@@ -282,7 +293,13 @@ class StageServer:
     def info(self) -> dict:
         w = self.worker
         return {"stage": w.index, "layers": list(w.stage.layer_range), "sequences": len(w.cache.slot_of),
-                "kv_occupancy": w.cache.occupancy(), "queue": self.queue.qsize()}
+                "kv_occupancy": w.cache.occupancy(), "queue": self.queue.qsize(),
+                "wait_s": self.wait_s, "waited_rows": self.waited_rows}
+
+    def take_max_wait(self) -> float:
+        """Longest queue wait of a step since the last call (the heartbeat's period)."""
+        m, self._max_wait = self._max_wait, 0.0
+        return m
 
 
 def _error_header(msg_id, e: Exception) -> dict:

@@ -45,14 +45,16 @@ def register(bsub) -> None:
     p.add_argument("--before-s", type=float, default=15.0, help="seconds of light load before the shift")
     p.add_argument("--after-s", type=float, default=20.0, help="seconds of load after the controller acted")
     p.add_argument("--max-shift-s", type=float, default=150.0, help="end the shifted phase after this even if moves continue")
-    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--busy-threshold", type=float, default=None,
                    help="replica busy fraction counted as saturation, between the light and heavy load's "
-                        "(default 0.6 emulated, 0.2 raw)")
+                        "(default 0.97 emulated: the queue-wait rule decides there; 0.2 raw)")
+    p.add_argument("--max-wait-ms", type=float, default=None,
+                   help="longest queue wait of a replica counted as saturation (default 50 emulated, 1000 raw)")
     p.add_argument("--emulate", action=argparse.BooleanOptionalAction, default=True,
                    help="model the CPU pool as a slow device (see module doc); --no-emulate: raw model speed")
-    p.add_argument("--cpu-step-ms", type=float, default=20.0, help="emulated CPU pool: fixed ms per forward pass")
-    p.add_argument("--cpu-token-ms", type=float, default=60.0, help="emulated CPU pool: ms per position in a pass")
+    p.add_argument("--cpu-step-ms", type=float, default=30.0, help="emulated CPU pool: fixed ms per forward pass")
+    p.add_argument("--cpu-token-ms", type=float, default=70.0, help="emulated CPU pool: ms per position in a pass")
     p.add_argument("--cooldown-s", type=float, default=15.0,
                    help="controller's per-stage cool-down (closed-loop load may need a second step up)")
     p.add_argument("--settle-s", type=float, default=25.0,
@@ -153,7 +155,9 @@ def run(args) -> int:
 
     t_start = time.monotonic()
     if args.busy_threshold is None:
-        args.busy_threshold = 0.6 if args.emulate else 0.2
+        args.busy_threshold = 0.97 if args.emulate else 0.2
+    if args.max_wait_ms is None:
+        args.max_wait_ms = 50.0 if args.emulate else 1000.0
     if args.target_utilisation is None:  # raw CPU: busy fractions are low and noisy
         args.target_utilisation = 0.4 if args.emulate else args.busy_threshold / 2
     model_dir = make_checkpoint(tempfile.mkdtemp(prefix="offramp-bench-placement-"), "tiny", seed=11)
@@ -183,7 +187,8 @@ def run(args) -> int:
                                 target_utilisation=args.target_utilisation,
                                 pins=[{"stage": 0, "replicas": 1}, {"stage": 3, "replicas": 1}],
                                 policy={"sustain_intervals": 2, "cooldown_s": args.cooldown_s,
-                                        "max_busy_fraction": args.busy_threshold, "min_gain": 10.0})
+                                        "max_busy_fraction": args.busy_threshold,
+                                        "max_oldest_wait_s": args.max_wait_ms / 1000, "min_gain": 10.0})
         load = _Load(f"http://127.0.0.1:{port}/v1", args.max_tokens)
         load.add_stream(0)
         time.sleep(2)  # first tokens, then start the controller on a warm app
@@ -249,7 +254,7 @@ def run(args) -> int:
         "time_to_act_s": None if first_move is None else round(first_move - t_shift, 1),
         "time_to_recover_s": recover,
         "moves": [{"at_s": round(t - t_shift, 1), "reason": d["reason"], "result": d.get("result")} for t, d in moves],
-        "busy_by_stage": busy, "busy_threshold": args.busy_threshold,
+        "busy_by_stage": busy, "busy_threshold": args.busy_threshold, "max_wait_ms": args.max_wait_ms,
         "target_utilisation": args.target_utilisation, "cooldown_s": args.cooldown_s, "recover_factor": args.recover_factor,
         "device": ({"emulated_cpu_pool": {"step_ms": args.cpu_step_ms, "token_ms": args.cpu_token_ms},
                     "pools": _pools(True)} if args.emulate else {"emulated_cpu_pool": None, "pools": _pools(False)}),

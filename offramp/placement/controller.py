@@ -178,10 +178,16 @@ class SignalCollector:
                 stage=k, replica=rep, window_s=dt, prefill_step_s=math.nan, decode_step_s=step,
                 batch_size=batch, tokens_per_s=rows / dt, arrival_tokens_per_s=arrival / max(n, 1),
                 prefill_tokens_per_s=math.nan, busy_fraction=b, queue_len=float(stats[rep].get("queue", 0) or 0),
-                oldest_wait_s=math.nan, kv_occupancy=float(stats[rep].get("kv_occupancy", math.nan)),
+                oldest_wait_s=_wait(stats[rep]), kv_occupancy=float(stats[rep].get("kv_occupancy", math.nan)),
                 memory_headroom_bytes=math.nan, hop_s=math.nan, steps=batches) for rep, b in busy.items()]
         tpot = ingress.get("tpot_ms_p99") if ingress else None
         return Observation(now, dt, stages, "ingress" if use_ingress else "stages", tpot, signals)
+
+
+def _wait(st: dict) -> float:
+    """A replica's longest queue wait over its last heartbeat period (NaN: not reported)."""
+    v = st.get("max_wait_s")
+    return float(v) if v is not None else math.nan
 
 
 def workload_from(obs: Observation, facts: AppFacts, context_len: int) -> Workload:

@@ -30,7 +30,7 @@ class StageSignals:
     prefill_tokens_per_s: float  # prompt tokens processed per second
     busy_fraction: float  # share of the window spent inside steps
     queue_len: float  # latest queue length (gauge)
-    oldest_wait_s: float  # latest age of the oldest queued item (gauge)
+    oldest_wait_s: float  # longest queue wait of a step in the replica's last heartbeat period
     kv_occupancy: float  # latest fraction of KV slots in use (gauge)
     memory_headroom_bytes: float  # latest free device memory (gauge)
     hop_s: float  # mean time of the hop into this stage
