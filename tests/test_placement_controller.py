@@ -12,7 +12,8 @@ from offramp.placement.controller import (
 )
 from offramp.placement.cost_model import ModelSpec, PoolSpec
 from offramp.placement.mover import (
-    MoveDeferred, MoveFailed, Mover, Step, deployment_entry, entry_pool, plan_steps, stage_placement,
+    MoveDeferred, MoveFailed, Mover, Step, deployment_entry, entry_pool, entry_precision, plan_steps,
+    stage_placement,
 )
 from offramp.placement.planner import StageDeployment
 from offramp.placement.policy import Move, PolicyConfig
@@ -61,9 +62,9 @@ class FakeOps:
         for k in range(4):
             name = f"Stage{k}"
             e = deployment_entry(self.config, name)
-            want, pool = e.get("num_replicas", 1), entry_pool(e)
+            want, pool = e.get("num_replicas", 1), (entry_pool(e), entry_precision(e))
             reps = self._replicas.setdefault(name, [])
-            keep = [r for r in reps if r["pool"] == pool][:want]  # resource change: all replaced
+            keep = [r for r in reps if r["pool"] == pool][:want]  # actor option change: all replaced
             while len(keep) < want:
                 self._seq += 1
                 ready = math.inf if name == self.fail_deployment else ready_at
@@ -408,3 +409,30 @@ def test_registry_combines_every_ingress_replica(monkeypatch):
     assert reg.ingress_totals()["stage_calls"] == [12, 7, 2]
     reg.deregister("a")
     assert reg.ingress_totals() is None
+
+
+def test_precision_move_is_make_before_break_and_touches_one_deployment():
+    ops = FakeOps(app_config())
+    before = copy.deepcopy(ops.config)
+    move = Move(action="add", knob="pool",
+                deployment=StageDeployment(start=3, end=4, pool="cpu", precision="bf16", replicas=1), replicas_to=1)
+    steps = plan_steps(ops.config, RANGES, move)
+    assert [(s.knob, s.value) for s in steps] == [("num_replicas", 2), ("precision", "bf16"), ("num_replicas", 1)]
+    res = Mover(APP, ops, RANGES, deadline_s=30, poll_s=0.5).apply(move)
+    assert res.outcome == "applied" and len(res.steps) == 3
+    e = deployment_entry(ops.config, "Stage3")
+    assert e["ray_actor_options"]["runtime_env"]["env_vars"] == {"OFFRAMP_STAGE_DTYPE": "bf16"}
+    assert e["ray_actor_options"]["resources"] == {"pool_cpu": 1} and e["num_replicas"] == 1
+    assert ops.config["args"] == before["args"]  # args unchanged: no other stage restarts
+    for k in range(3):
+        assert deployment_entry(ops.config, f"Stage{k}") == deployment_entry(before, f"Stage{k}")
+    assert stage_placement(ops.config, RANGES)[3].precision == "bf16"
+    # the old precision's "remove" is a no-op now; a move to where it already is, or to an
+    # unservable precision, is refused with the reason
+    old = StageDeployment(start=3, end=4, pool="cpu", precision="fp32", replicas=1)
+    assert plan_steps(ops.config, RANGES, Move(action="remove", knob="pool", deployment=old)) == []
+    with pytest.raises(MoveDeferred, match="already runs"):
+        plan_steps(ops.config, RANGES, move)
+    int8 = move.model_copy(update={"deployment": old.model_copy(update={"precision": "int8"})})
+    with pytest.raises(MoveDeferred, match="int8"):
+        plan_steps(ops.config, RANGES, int8)

@@ -19,7 +19,7 @@ from ray.serve import Application
 
 from offramp.api.grpc_service import GrpcIngressMixin
 from offramp.cluster import rayops
-from offramp.deployments.config import AppArgs, StageArgs
+from offramp.deployments.config import PRECISIONS, STAGE_DTYPE_ENV, AppArgs, StageArgs
 
 log = logging.getLogger("offramp")
 INGRESS_TPOT_WINDOW_S = 30.0  # the TPOT percentiles an ingress replica reports to the registry cover this
@@ -60,6 +60,11 @@ class StageDeployment:
             raise ValueError(f"Stage{index} exists but the split makes {len(ranges)} stages; "
                              "remove the extra deployment from the config")
         sa = _stage_args(args, index)
+        override = os.environ.get(STAGE_DTYPE_ENV)  # set per deployment by a placement precision move
+        if override:
+            if override not in PRECISIONS:
+                raise ValueError(f"{STAGE_DTYPE_ENV}={override!r} is not one of {', '.join(PRECISIONS)}")
+            sa = sa.model_copy(update={"dtype": override})
         # The pool this replica really runs in: a placement move changes the deployment's
         # pool resource, not the app args.
         pool = rayops.assigned_pool(sa.pool)

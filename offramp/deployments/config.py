@@ -7,12 +7,16 @@ stay in the YAML's ``deployments:`` list under the names ``OfframpIngress`` and
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Pool = Literal["gpu", "cpu", "any"]
 Precision = Literal["fp32", "bf16", "fp16"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+# Per-deployment precision override, set by a placement precision move in the deployment's
+# ray_actor_options.runtime_env.env_vars (read by StageDeployment before stages[].dtype).
+STAGE_DTYPE_ENV = "OFFRAMP_STAGE_DTYPE"
 
 
 class StageArgs(BaseModel):

@@ -64,8 +64,9 @@ class ControllerConfig(BaseModel):
                                          "cluster's pool_<name> resources.")
     pins: list[Pin] = Field(default_factory=list, description="Operator pins (also read from the app's "
                             "args.placement.pins when present).")
-    max_knob: Literal["replicas", "pool"] = Field("replicas", description="Most expensive knob turned "
-                                                  "automatically (split moves are deferred).")
+    max_knob: Literal["replicas", "pool", "precision"] = Field(
+        "replicas", description="Most expensive knob turned automatically: replicas; replicas and pools; or "
+        "replicas, pools and precision (split moves are deferred).")
     target_utilisation: float = Field(0.75, gt=0, le=1, description="Busy fraction per replica to plan for.")
     max_replicas_per_stage: int = Field(4, ge=1, description="Upper bound on one stage's replicas.")
     context_len: int = Field(512, ge=1, description="Average attended context assumed by the cost model.")
@@ -314,7 +315,9 @@ class PlacementController:
         for k, d in enumerate(current):
             u = user.get(k)
             pool = (u.pool if u and u.pool else None) or (d.pool if self.cfg.max_knob == "replicas" else None)
-            pins.append(Pin(stage=k, pool=pool, precision=d.precision, replicas=u.replicas if u else None))
+            prec = (u.precision if u and u.precision else None) or (
+                d.precision if self.cfg.max_knob != "precision" else None)
+            pins.append(Pin(stage=k, pool=pool, precision=prec, replicas=u.replicas if u else None))
         c = Constraints(num_stages=len(current), split=[d.start for d in current[1:]], pins=pins,
                         tpot_slo_s=self.cfg.tpot_slo_s, target_utilisation=self.cfg.target_utilisation,
                         batch_size=max(1, round(max(batches))) if batches else 16,

@@ -28,6 +28,11 @@ Knobs:
   the deployment to at least 2 on the old pool, then switches the pool (the rolling
   update then always keeps a live replica), then sets the target count. The matching
   ``remove`` of the old pool is then a no-op (the deployment is already on the new pool).
+* precision (same layers and pool, other dtype): the same three steps, with the middle one
+  setting ``ray_actor_options.runtime_env.env_vars.OFFRAMP_STAGE_DTYPE`` of that deployment
+  (Serve merges deployment env vars into the app's runtime env, and a changed actor option
+  is again a rolling update of that deployment alone; the stage reads the variable before
+  its ``stages[].dtype`` arg). A move of both pool and precision makes both middle steps.
 * split points (knob ``split``): deferred - :class:`MoveDeferred`. A split move changes
   the app ``args`` (so every deployment restarts) or needs new deployments with new
   names that the ingress does not know; see docs/placement.md, "Split moves".
@@ -42,6 +47,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Literal, Protocol
 
+from offramp.deployments.config import PRECISIONS, STAGE_DTYPE_ENV
 from offramp.errors import OfframpError
 from offramp.placement.planner import StageDeployment
 from offramp.placement.policy import Move
@@ -154,6 +160,11 @@ def entry_pool(entry: dict, default: str = "any") -> str:
     return next((k.removeprefix("pool_") for k in sorted(res) if k.startswith("pool_")), default)
 
 
+def entry_precision(entry: dict, default: str = "fp32") -> str:
+    env = (((entry.get("ray_actor_options") or {}).get("runtime_env") or {}).get("env_vars") or {})
+    return env.get(STAGE_DTYPE_ENV) or default
+
+
 def with_entry(app_config: dict, entry: dict) -> dict:
     """A copy of ``app_config`` whose deployment ``entry["name"]`` is ``entry``."""
     cfg = copy.deepcopy(app_config)
@@ -172,7 +183,7 @@ class Step:
 
     deployment: str  # e.g. "Stage2"
     stage: int
-    knob: Literal["num_replicas", "pool"]
+    knob: Literal["num_replicas", "pool", "precision"]
     value: Any
 
     def apply_to(self, app_config: dict) -> dict:
@@ -182,6 +193,11 @@ class Step:
                 raise MoveDeferred(f"{self.deployment}: num_replicas={self.value}; the mover never scales a stage "
                                    "below 1 (its layers would have no replica)")
             e["num_replicas"] = self.value
+        elif self.knob == "precision":
+            opts = e.setdefault("ray_actor_options", {})
+            renv = dict(opts.get("runtime_env") or {})
+            renv["env_vars"] = {**(renv.get("env_vars") or {}), STAGE_DTYPE_ENV: str(self.value)}
+            opts["runtime_env"] = renv
         else:
             opts = e.setdefault("ray_actor_options", {})
             res = {k: v for k, v in (opts.get("resources") or {}).items() if not k.startswith("pool_")}
@@ -199,7 +215,8 @@ def stage_placement(app_config: dict, ranges: list[tuple[int, int]]) -> list[Sta
         e = deployment_entry(app_config, f"Stage{k}")
         sa = stage_args[k] if k < len(stage_args) else {}
         out.append(StageDeployment(start=start, end=end, pool=entry_pool(e, sa.get("pool", "any")),
-                                   precision=sa.get("dtype", "fp32"), replicas=max(entry_replicas(e), 1)))
+                                   precision=entry_precision(e, sa.get("dtype", "fp32")),
+                                   replicas=max(entry_replicas(e), 1)))
     return out
 
 
@@ -217,25 +234,34 @@ def plan_steps(app_config: dict, ranges: list[tuple[int, int]], move: Move) -> l
     if e.get("autoscaling_config") or entry_replicas(e) < 0:
         raise MoveDeferred(f"{name} is autoscaled by Serve; remove its autoscaling_config to let the "
                            "placement controller manage its replicas")
+    sa = ((app_config.get("args") or {}).get("stages") or [])
     cur_n, cur_pool = entry_replicas(e), entry_pool(e, "")
+    cur_prec = entry_precision(e, (sa[k] if k < len(sa) else {}).get("dtype", "fp32"))
     if move.action == "set_replicas":
         if d.pool != cur_pool and cur_pool:
             raise MoveDeferred(f"{name} runs on pool {cur_pool}, the move is for {d.pool}; re-plan")
         return [] if move.replicas_to == cur_n else [Step(name, k, "num_replicas", move.replicas_to)]
-    if move.action == "add":  # same layers, another pool (or precision: deferred, it changes args)
-        if d.pool == cur_pool:
-            raise MoveDeferred(f"{name}: a precision change ({d.precision}) changes the app args and restarts "
-                               "every stage; change stages[].dtype in the config and redeploy")
+    if move.action == "add":  # same layers, another pool and/or precision
+        new_pool, new_prec = d.pool != cur_pool, d.precision != cur_prec
+        if not (new_pool or new_prec):
+            raise MoveDeferred(f"{name} already runs layers {d.start}-{d.end - 1} on {d.pool} in {d.precision}; "
+                               "re-plan")
+        if d.precision not in PRECISIONS:
+            raise MoveDeferred(f"{name}: precision {d.precision!r} is not one a stage loads "
+                               f"({', '.join(PRECISIONS)}); the planner's int8 is not served yet")
         steps = []
         if cur_n < 2:
             steps.append(Step(name, k, "num_replicas", 2))
-        steps.append(Step(name, k, "pool", d.pool))
+        if new_pool:
+            steps.append(Step(name, k, "pool", d.pool))
+        if new_prec:
+            steps.append(Step(name, k, "precision", d.precision))
         if move.replicas_to != max(cur_n, 2):
             steps.append(Step(name, k, "num_replicas", move.replicas_to))
         return steps
     if move.action == "remove":
-        if d.pool != cur_pool:
-            return []  # the pool move already replaced these replicas
+        if d.pool != cur_pool or d.precision != cur_prec:
+            return []  # the pool/precision move already replaced these replicas
         raise MoveDeferred(f"{name}: removing the only deployment of layers {d.start}-{d.end - 1} is never done")
     raise MoveDeferred(f"unknown move action {move.action}")
 
