@@ -5,7 +5,9 @@ repeats, and the targets are ratios between them rather than absolute times.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import resource
 import statistics
 import sys
@@ -30,6 +32,30 @@ def register(sub) -> None:
 
     bench_serve.register(bsub)
     bench_placement.register(bsub)
+
+
+@contextlib.contextmanager
+def json_stdout(enabled: bool):
+    """For ``--json``: while active, everything written to file descriptor 1 (Ray's worker
+    log lines echoed by the driver, library prints) goes to stderr instead, so stdout
+    carries only the JSON, written with the yielded ``emit(obj)``."""
+    if not enabled:
+        yield lambda obj: print(json.dumps(obj, indent=2))
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+
+    def emit(obj) -> None:
+        sys.stdout.flush()
+        os.write(saved, (json.dumps(obj, indent=2) + "\n").encode())
+
+    try:
+        yield emit
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _rss_mb() -> float:

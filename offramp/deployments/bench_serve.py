@@ -117,6 +117,13 @@ async def _hops(stage0_handle, endpoint: dict, token: str, hidden: int, n: int =
 
 
 def run_serve(args) -> int:
+    from offramp.bench import json_stdout
+
+    with json_stdout(args.json) as emit:
+        return _run_serve(args, emit)
+
+
+def _run_serve(args, emit) -> int:
     import socket
 
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
@@ -224,7 +231,10 @@ def run_serve(args) -> int:
                              f"offramp_c{c}_vs_transformers_tokens_per_s": ">= 4"}
         steps.update()
         steps.close()
-        print(json.dumps(report, indent=2) if args.json else _table(report))
+        if args.json:
+            emit(report)
+        else:
+            print(_table(report))
     finally:
         serve.shutdown()
         ray.shutdown()

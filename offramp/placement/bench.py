@@ -143,6 +143,13 @@ def _p99(xs: list[float]) -> float | None:
 
 
 def run(args) -> int:
+    from offramp.bench import json_stdout
+
+    with json_stdout(args.json) as emit:
+        return _run(args, emit)
+
+
+def _run(args, emit) -> int:
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
     from ray import serve
@@ -265,7 +272,7 @@ def run(args) -> int:
     }
     _plot(args.png, toks, t_shift, moves, t0, pool_move)
     if args.json:
-        print(json.dumps(out, indent=2))
+        emit(out)
     else:
         for k, v in out.items():
             print(f"{k}: {v}")
