@@ -48,7 +48,7 @@ class CalibSpec:
     delta: float = 0.1
     max_tokens: int = 20_000  # held-out tokens per task
     seq_len: int = 256
-    metric: str = "max_prob"
+    metric: str = "margin"  # p1 - p2 separates agreeing tokens better than p1 (docs/training.md)
     grid: int = 200  # candidate thresholds per layer
     threads: int = 1
     seed: int = 0
