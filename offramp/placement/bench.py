@@ -66,6 +66,9 @@ def register(bsub) -> None:
                         "closed-loop streams send more once served faster, so leave headroom")
     p.add_argument("--recover-factor", type=float, default=1.5,
                    help="recovered = rolling p99 TPOT back within this factor of the pre-shift p99")
+    p.add_argument("--oscillate-cycles", type=int, default=0,
+                   help="then alternate 1 and --streams streams this many times (hysteresis check)")
+    p.add_argument("--oscillate-period-s", type=float, default=20.0, help="length of each half of a cycle")
     p.add_argument("--pool-move", action="store_true",
                    help="then move Stage3 to the other pool under the same load (mover, 3 steps)")
     p.add_argument("--png", type=Path, default=Path("placement-timeline.png"), help="timeline figure")
@@ -136,6 +139,14 @@ class _Load:
             except Exception as e:  # noqa: BLE001 - counted and reported
                 self.failed.append(f"{type(e).__name__}: {e}")
             n += 1
+
+    def set_streams(self, n: int) -> None:
+        """Grow to ``n`` streams, or ask the newest ones to stop after their current request."""
+        live = [(t, ev) for t, ev in self.threads if not ev.is_set()]
+        for _, ev in live[n:]:
+            ev.set()
+        for i in range(len(live), n):
+            self.add_stream(len(self.threads) + i)
 
     def stop(self) -> None:
         for _, ev in self.threads:
@@ -230,6 +241,15 @@ def _run(args, emit) -> int:
         t_end = time.monotonic()
         st = rayops.call(actor, "status", 200)
         busy["after"] = _busy(st)
+        osc = None
+        if args.oscillate_cycles > 0:
+            t_osc = time.monotonic()
+            for _ in range(args.oscillate_cycles):
+                for n in (1, args.streams):
+                    load.set_streams(n)
+                    time.sleep(args.oscillate_period_s)
+            st = rayops.call(actor, "status", 200)
+            osc = {"t0": t_osc, "t1": time.monotonic()}
         rayops.kill_actor(actor)  # no controller racing the operator's pool move
         pool_move = None
         if args.pool_move:
@@ -261,6 +281,13 @@ def _run(args, emit) -> int:
             if all(x in ok for x, _ in windows if x >= w):
                 recover = round(w - t_shift, 1)
                 break
+    oscillation = None
+    if osc is not None:
+        om = [t for t, _ in moves if osc["t0"] <= t <= osc["t1"]]
+        oscillation = {"cycles": args.oscillate_cycles, "period_s": args.oscillate_period_s, "moves": len(om),
+                       "max_moves_per_cooldown_window": max((sum(1 for u in om if t <= u < t + args.cooldown_s)
+                                                             for t in om), default=0),
+                       "requests_failed_total": len(load.failed)}
     out = {
         "tpot_ms_p99_before": base, "tpot_ms_p99_during": _p99(during), "tpot_ms_p99_after": _p99(after),
         "tokens": {"before": len(before), "during": len(during), "after": len(after)},
@@ -271,7 +298,7 @@ def _run(args, emit) -> int:
         "target_utilisation": args.target_utilisation, "cooldown_s": args.cooldown_s, "recover_factor": args.recover_factor,
         "device": ({"emulated_cpu_pool": {"step_ms": args.cpu_step_ms, "token_ms": args.cpu_token_ms},
                     "pools": _pools(True)} if args.emulate else {"emulated_cpu_pool": None, "pools": _pools(False)}),
-        "moves_made": st["moves_made"],
+        "moves_made": st["moves_made"], "oscillation": oscillation,
         "pool_move": None if pool_move is None else {k: v for k, v in pool_move.items() if k != "t"}, "requests_ok": load.ok, "requests_failed": len(load.failed),
         "failures": load.failed[:5], "final_placement": st["placement"], "png": str(args.png),
         "wall_s": round(time.monotonic() - t_start, 1),
