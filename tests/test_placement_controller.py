@@ -172,6 +172,23 @@ def test_signals_rates_and_reach_from_exits():
     assert w.context_len == 256 and w.concurrent_sequences == 3
 
 
+def test_signals_split_prefill_and_decode_and_carry_gauges():
+    col = SignalCollector(RANGES)
+
+    def eps(t):  # per 10 s: 8 decode batches of 0.05 s, 2 prefill batches of 0.3 s over 40 positions
+        return [{"stage": k, "replica": f"r{k}", "stats": {
+            "batches": 10 * t, "rows": 16 * t, "busy_s": 1.0 * t, "decode_batches": 8 * t, "decode_s": 0.4 * t,
+            "prefill_batches": 2 * t, "prefill_s": 0.6 * t, "prefill_positions": 40 * t,
+            "max_wait_s": 0.25, "memory_headroom_bytes": 2 ** 30}} for k in range(4)]
+
+    col.sample(0.0, eps(0), None)
+    obs = col.sample(10.0, eps(1), None)
+    (sig,) = obs.signals[RANGES[0]]
+    assert sig.decode_step_s == pytest.approx(0.05) and sig.prefill_step_s == pytest.approx(0.3)
+    assert sig.prefill_tokens_per_s == pytest.approx(4.0)
+    assert sig.oldest_wait_s == 0.25 and sig.memory_headroom_bytes == 2 ** 30
+
+
 def test_signals_fall_back_to_stage_rows_when_ingress_counters_reset():
     col = SignalCollector(RANGES)
     eps = lambda rows: [{"stage": k, "replica": f"r{k}", "stats": {"batches": rows, "rows": rows, "busy_s": 0.0}}

@@ -86,7 +86,10 @@ class StageDeployment:
                                   emulate=args.emulate_pools.get(pool))
         self.entry = {"stage": index, "replica": self.replica, "host": self.server.host, "port": self.server.port,
                       "layers": list(ranges[index]), "pool": pool, "device": device, "dtype": sa.dtype}
-        self.steps = {"batches": 0, "rows": 0, "positions": 0, "busy_s": 0.0}
+        self.steps = {"batches": 0, "rows": 0, "positions": 0, "busy_s": 0.0,
+                      "decode_batches": 0, "decode_s": 0.0,  # batches of one position per row
+                      "prefill_batches": 0, "prefill_s": 0.0, "prefill_positions": 0}  # the others
+        self.device = device
         rayops.get(self.registry.register.remote(self.entry))
         self._stop = threading.Event()
         threading.Thread(target=self._heartbeat, daemon=True, name="offramp-heartbeat").start()
@@ -98,6 +101,13 @@ class StageDeployment:
         self.steps["rows"] += rows
         self.steps["positions"] += positions
         self.steps["busy_s"] += seconds
+        if positions == rows:
+            self.steps["decode_batches"] += 1
+            self.steps["decode_s"] += seconds
+        else:
+            self.steps["prefill_batches"] += 1
+            self.steps["prefill_s"] += seconds
+            self.steps["prefill_positions"] += positions
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(rayops.HEARTBEAT_S):
@@ -114,7 +124,8 @@ class StageDeployment:
 
     def beat_stats(self) -> dict:
         """What a heartbeat publishes: :meth:`stats` plus the longest queue wait since the last beat."""
-        return {**self.stats(), "max_wait_s": self.server.take_max_wait()}
+        return {**self.stats(), "max_wait_s": self.server.take_max_wait(),
+                "memory_headroom_bytes": _memory_headroom(self.device)}
 
     def info(self) -> dict:
         return {**self.entry, **self.stats()}
@@ -136,6 +147,18 @@ class StageDeployment:
                 self.server.close()
             except Exception:  # noqa: BLE001 - shutting down
                 pass
+
+
+def _memory_headroom(device: str) -> int | None:
+    """Free memory where this stage's weights and KV live: the GPU's, else the host's."""
+    try:
+        if device == "cuda":
+            import torch
+
+            return int(torch.cuda.mem_get_info()[0])
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, RuntimeError, AttributeError):
+        return None
 
 
 @serve.deployment(name="OfframpIngress", max_ongoing_requests=256, max_queued_requests=512,

@@ -155,6 +155,8 @@ class SignalCollector:
                        and all(b >= a for a, b in zip(c0, calls)))
         for k, rng in enumerate(self.ranges):
             busy, batches, rows, busy_s, queue, kv, seqs, n = {}, 0, 0, 0.0, 0, 0.0, 0, 0
+            split = {"decode_batches": 0, "decode_s": 0.0, "prefill_batches": 0, "prefill_s": 0.0,
+                     "prefill_positions": 0}  # deltas of the prefill/decode counters
             for rep, st in sorted(stats.items()):
                 if st["stage"] != k:
                     continue
@@ -171,18 +173,27 @@ class SignalCollector:
                 busy_s += db
                 batches += st.get("batches", 0) - old.get("batches", 0)
                 rows += st.get("rows", 0) - old.get("rows", 0)
+                for key in split:
+                    split[key] += st.get(key, 0) - old.get(key, 0)
             arrival = (calls[k] - c0[k]) / dt if use_ingress else rows / dt
             step = busy_s / batches if batches > 0 else math.nan
             batch = rows / batches if batches > 0 else math.nan
             stages.append(StageLoad(k, rng, n, arrival, busy, step, batch, queue, kv, seqs))
+            decode_step = split["decode_s"] / split["decode_batches"] if split["decode_batches"] > 0 else step
+            prefill_step = split["prefill_s"] / split["prefill_batches"] if split["prefill_batches"] > 0 else math.nan
             signals[rng] = [StageSignals(
-                stage=k, replica=rep, window_s=dt, prefill_step_s=math.nan, decode_step_s=step,
+                stage=k, replica=rep, window_s=dt, prefill_step_s=prefill_step, decode_step_s=decode_step,
                 batch_size=batch, tokens_per_s=rows / dt, arrival_tokens_per_s=arrival / max(n, 1),
-                prefill_tokens_per_s=math.nan, busy_fraction=b, queue_len=float(stats[rep].get("queue", 0) or 0),
+                prefill_tokens_per_s=split["prefill_positions"] / dt, busy_fraction=b, queue_len=float(stats[rep].get("queue", 0) or 0),
                 oldest_wait_s=_wait(stats[rep]), kv_occupancy=float(stats[rep].get("kv_occupancy", math.nan)),
-                memory_headroom_bytes=math.nan, hop_s=math.nan, steps=batches) for rep, b in busy.items()]
+                memory_headroom_bytes=_num(stats[rep].get("memory_headroom_bytes")), hop_s=math.nan, steps=batches)
+                for rep, b in busy.items()]
         tpot = ingress.get("tpot_ms_p99") if ingress else None
         return Observation(now, dt, stages, "ingress" if use_ingress else "stages", tpot, signals)
+
+
+def _num(v) -> float:
+    return float(v) if v is not None else math.nan
 
 
 def _wait(st: dict) -> float:
