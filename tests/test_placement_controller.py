@@ -181,8 +181,11 @@ def test_signals_split_prefill_and_decode_and_carry_gauges():
             "prefill_batches": 2 * t, "prefill_s": 0.6 * t, "prefill_positions": 40 * t,
             "max_wait_s": 0.25, "memory_headroom_bytes": 2 ** 30}} for k in range(4)]
 
-    col.sample(0.0, eps(0), None)
-    obs = col.sample(10.0, eps(1), None)
+    col.sample(0.0, eps(0), {"stage_calls": [0] * 4, "hop_s_sum": [0.0] * 4, "hop_n": [0] * 4})
+    obs = col.sample(10.0, eps(1), {"stage_calls": [100] * 4, "hop_s_sum": [0.1, 0.2, 0.0, 0.4],
+                                    "hop_n": [100, 100, 0, 100]})
+    assert [obs.signals[r][0].hop_s for r in (RANGES[0], RANGES[1], RANGES[3])] == pytest.approx([0.001, 0.002, 0.004])
+    assert math.isnan(obs.signals[RANGES[2]][0].hop_s)  # no calls into stage 2 this window
     (sig,) = obs.signals[RANGES[0]]
     assert sig.decode_step_s == pytest.approx(0.05) and sig.prefill_step_s == pytest.approx(0.3)
     assert sig.prefill_tokens_per_s == pytest.approx(4.0)

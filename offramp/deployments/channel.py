@@ -275,7 +275,11 @@ class StageServer:
                 out.append({"seq": res.seq_id, "token": res.token, "exited": res.exited, "conf": res.confidence,
                             "h": packer.tensor(res.hidden) if res.hidden is not None else None})
             i += len(rows)
-            await self._reply(writer, lock, {"id": header["id"], "ok": True, "results": out}, packer)
+            # server_s: arrival -> reply on this server, so the caller can tell the hop (wire,
+            # framing, event loops) from the stage's own time
+            server_s = time.monotonic() - header.get("_queued_at", time.monotonic())
+            await self._reply(writer, lock, {"id": header["id"], "ok": True, "results": out,
+                                             "server_s": round(server_s, 6)}, packer)
 
     def _check(self, rows: list[StepRow], seen: set, new_slots: int) -> Exception | None:
         for r in rows:
@@ -381,12 +385,17 @@ class StageClient:
         return reply, payload
 
     async def step(self, rows: list[StepRow], timeout: float, trace: dict[str, str] | None = None) -> list[dict[str, Any]]:
+        """Results per row; each carries ``hop_s``: this call's round trip minus the server's
+        own time (queue + forward pass), i.e. what the hop itself cost."""
         packer = _Packer()
+        t0 = time.perf_counter()
         reply, payload = await self.call({"op": "step", "rows": [row_header(r, packer, trace) for r in rows]},
                                          packer, timeout)
+        hop = max(0.0, time.perf_counter() - t0 - float(reply.get("server_s") or 0.0))
         out = reply["results"]
         for r in out:
             r["h"] = unpack_tensor(payload, r["h"]) if r["h"] is not None else None
+            r["hop_s"] = hop
         return out
 
     async def propagate(self, seq: str, hidden: torch.Tensor, position: int, timeout: float) -> None:

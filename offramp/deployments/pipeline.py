@@ -115,6 +115,8 @@ class PipelineBackend:
         self.default_exit, self.default_threshold = default_exit, default_threshold
         self._ids = itertools.count()
         self.calls = [0] * num_stages  # stage visits on this ingress (exit skipping is visible here)
+        self.hop_s_sum = [0.0] * num_stages  # summed hop cost of the step calls into each stage
+        self.hop_n = [0] * num_stages
         # Server-side latencies as (monotonic time, seconds), bounded: the newest 8192 of
         # each since the last reset. A lock because the registry heartbeat reads them from
         # another thread.
@@ -174,7 +176,8 @@ class PipelineBackend:
             if reset:
                 self.ttft_s.clear()
                 self.tpot_s.clear()
-        return {"stage_calls": list(self.calls), "num_stages": self.num_stages, "tokens": len(tpot) + len(ttft),
+        return {"stage_calls": list(self.calls), "hop_s_sum": [round(h, 6) for h in self.hop_s_sum],
+                "hop_n": list(self.hop_n), "num_stages": self.num_stages, "tokens": len(tpot) + len(ttft),
                 "ttft_ms_p50": pct(ttft, 0.5), "ttft_ms_p99": pct(ttft, 0.99),
                 "tpot_ms_p50": pct(tpot, 0.5), "tpot_ms_p99": pct(tpot, 0.99)}
 
@@ -244,6 +247,8 @@ class PipelineBackend:
                 raise
             if k == 0:
                 seq.fed = len(seq.tokens)
+            self.hop_s_sum[k] += res.get("hop_s", 0.0)
+            self.hop_n[k] += 1
             if res["token"] is not None:
                 if res["exited"] and self.kv_fill == "propagate":
                     self._propagate(seq, k, res["h"], position)

@@ -140,11 +140,14 @@ class SignalCollector:
     def __init__(self, ranges: list[tuple[int, int]]):
         self.ranges = ranges
         self._prev: tuple[float, dict[str, dict], list[int] | None] | None = None
+        self._prev_hops: tuple[list[float], list[int]] | None = None
 
     def sample(self, now: float, endpoints: list[dict], ingress: dict | None) -> Observation | None:
         """None on the first sample (rates need two)."""
         stats = {e["replica"]: {**(e.get("stats") or {}), "stage": e["stage"]} for e in endpoints}
         calls = list(ingress["stage_calls"]) if ingress and "stage_calls" in ingress else None
+        hops = (list(ingress["hop_s_sum"]), list(ingress["hop_n"])) if ingress and "hop_n" in ingress else None
+        prev_hops, self._prev_hops = self._prev_hops, hops
         prev, self._prev = self._prev, (now, stats, calls)
         if prev is None or now <= prev[0]:
             return None
@@ -179,6 +182,11 @@ class SignalCollector:
             step = busy_s / batches if batches > 0 else math.nan
             batch = rows / batches if batches > 0 else math.nan
             stages.append(StageLoad(k, rng, n, arrival, busy, step, batch, queue, kv, seqs))
+            hop = math.nan  # mean hop cost into this stage over the window (ingress counters)
+            if hops and prev_hops and len(hops[1]) == len(prev_hops[1]) == len(self.ranges):
+                dn = hops[1][k] - prev_hops[1][k]
+                if dn > 0:
+                    hop = max(0.0, (hops[0][k] - prev_hops[0][k]) / dn)
             decode_step = split["decode_s"] / split["decode_batches"] if split["decode_batches"] > 0 else step
             prefill_step = split["prefill_s"] / split["prefill_batches"] if split["prefill_batches"] > 0 else math.nan
             signals[rng] = [StageSignals(
@@ -186,7 +194,7 @@ class SignalCollector:
                 batch_size=batch, tokens_per_s=rows / dt, arrival_tokens_per_s=arrival / max(n, 1),
                 prefill_tokens_per_s=split["prefill_positions"] / dt, busy_fraction=b, queue_len=float(stats[rep].get("queue", 0) or 0),
                 oldest_wait_s=_wait(stats[rep]), kv_occupancy=float(stats[rep].get("kv_occupancy", math.nan)),
-                memory_headroom_bytes=_num(stats[rep].get("memory_headroom_bytes")), hop_s=math.nan, steps=batches)
+                memory_headroom_bytes=_num(stats[rep].get("memory_headroom_bytes")), hop_s=hop, steps=batches)
                 for rep, b in busy.items()]
         tpot = ingress.get("tpot_ms_p99") if ingress else None
         return Observation(now, dt, stages, "ingress" if use_ingress else "stages", tpot, signals)
