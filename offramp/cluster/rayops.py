@@ -8,13 +8,16 @@ scale one stage) changes no deployment's arguments and restarts nothing else.
 """
 from __future__ import annotations
 
+import logging
 import secrets
+import threading
 import time
 
 import ray
 
 NAMESPACE = "offramp"
 HEARTBEAT_S = 2.0
+log = logging.getLogger("offramp")
 STALE_S = 8.0
 
 
@@ -82,6 +85,33 @@ def registry(app_name: str):
     """The application's registry actor, created on first use (by whichever replica is first)."""
     return Registry.options(name=f"registry-{app_name}", namespace=NAMESPACE, lifetime="detached",
                             get_if_exists=True).remote()
+
+
+class Heartbeat:
+    """Calls ``beat(registry_actor)`` every :data:`HEARTBEAT_S` from a daemon thread, for
+    one replica of ``app_name``; a failed beat reconnects to the (restarting) registry.
+    :meth:`stop` ends the beats and deregisters the replica."""
+
+    def __init__(self, app_name: str, replica: str, beat, name: str):
+        self.app_name, self.replica, self.beat = app_name, replica, beat
+        self.registry = registry(app_name)
+        self._stop = threading.Event()
+        threading.Thread(target=self._run, daemon=True, name=name).start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                self.beat(self.registry)
+            except Exception as e:  # noqa: BLE001 - registry restarting; try again next beat
+                log.warning("registry heartbeat of %s failed: %s", self.replica, e)
+                self.registry = registry(self.app_name)
+
+    def stop(self) -> None:
+        self._stop.set()
+        try:
+            self.registry.deregister.remote(self.replica)
+        except Exception:  # noqa: BLE001 - shutting down
+            pass
 
 
 def get(ref, timeout: float = 30.0):
@@ -226,11 +256,12 @@ def registry_endpoints(app_name: str, timeout: float = 10.0) -> list[dict]:
 def assigned_pool(default: str) -> str:
     """The pool this actor was scheduled on: the ``pool_<name>`` custom resource it holds
     (the placement mover moves a stage by changing that resource), else ``default``."""
+    from offramp.deployments.config import pool_of
+
     try:
-        res = ray.get_runtime_context().get_assigned_resources()
+        return pool_of(ray.get_runtime_context().get_assigned_resources(), default)
     except Exception:  # noqa: BLE001 - not in a Ray worker
         return default
-    return next((k.removeprefix("pool_") for k in sorted(res) if k.startswith("pool_")), default)
 
 
 def pool_capacity() -> dict[str, int]:

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 
 from ray import serve
 from ray.serve import Application
 
 from offramp.api.grpc_service import GrpcIngressMixin
 from offramp.cluster import rayops
-from offramp.deployments.config import PRECISIONS, STAGE_DTYPE_ENV, AppArgs, StageArgs
+from offramp.deployments.config import STAGE_DTYPE_ENV, AppArgs, StageArgs
 
 log = logging.getLogger("offramp")
 INGRESS_TPOT_WINDOW_S = 30.0  # the TPOT percentiles an ingress replica reports to the registry cover this
@@ -60,11 +59,11 @@ class StageDeployment:
             raise ValueError(f"Stage{index} exists but the split makes {len(ranges)} stages; "
                              "remove the extra deployment from the config")
         sa = _stage_args(args, index)
-        override = os.environ.get(STAGE_DTYPE_ENV)  # set per deployment by a placement precision move
-        if override:
-            if override not in PRECISIONS:
-                raise ValueError(f"{STAGE_DTYPE_ENV}={override!r} is not one of {', '.join(PRECISIONS)}")
-            sa = sa.model_copy(update={"dtype": override})
+        if os.environ.get(STAGE_DTYPE_ENV):  # set per deployment by a placement precision move
+            try:
+                sa = StageArgs.model_validate({**sa.model_dump(), "dtype": os.environ[STAGE_DTYPE_ENV]})
+            except ValueError as e:
+                raise ValueError(f"{STAGE_DTYPE_ENV}: {e}") from None
         # The pool this replica really runs in: a placement move changes the deployment's
         # pool resource, not the app args.
         pool = rayops.assigned_pool(sa.pool)
@@ -78,8 +77,8 @@ class StageDeployment:
         self.worker = StageWorker(stage, index, len(ranges), exits, max_slots=sa.max_sequences, max_seq=max_seq,
                                   kv_fill=args.exit.kv_fill, device=device)
         self.app_name, self.replica = rayops.replica_context()
-        self.registry = rayops.registry(self.app_name)
-        token = rayops.get(self.registry.token.remote())
+        registry = rayops.registry(self.app_name)
+        token = rayops.get(registry.token.remote())
         self.server = StageServer(self.worker, token, host=rayops.node_ip(), max_batch_size=sa.max_batch_size,
                                   batch_wait_timeout_s=sa.batch_wait_timeout_s, stats=self._record,
                                   labels={"pool": pool, "replica": self.replica, "precision": sa.dtype},
@@ -89,10 +88,8 @@ class StageDeployment:
         self.steps = {"batches": 0, "rows": 0, "positions": 0, "busy_s": 0.0,
                       "decode_batches": 0, "decode_s": 0.0,  # batches of one position per row
                       "prefill_batches": 0, "prefill_s": 0.0, "prefill_positions": 0}  # the others
-        self.device = device
-        rayops.get(self.registry.register.remote(self.entry))
-        self._stop = threading.Event()
-        threading.Thread(target=self._heartbeat, daemon=True, name="offramp-heartbeat").start()
+        rayops.get(registry.register.remote(self.entry))
+        self.heartbeat = rayops.Heartbeat(self.app_name, self.replica, self._beat, "offramp-heartbeat")
         log.info("stage %d (layers %s) serving on %s:%d, %s %s", index, ranges[index], self.server.host,
                  self.server.port, device, sa.dtype)
 
@@ -109,15 +106,9 @@ class StageDeployment:
             self.steps["prefill_s"] += seconds
             self.steps["prefill_positions"] += positions
 
-    def _heartbeat(self) -> None:
-        while not self._stop.wait(rayops.HEARTBEAT_S):
-            try:
-                known = rayops.get(self.registry.heartbeat.remote(self.replica, self.beat_stats()), timeout=10)
-                if not known:
-                    rayops.get(self.registry.register.remote(self.entry), timeout=10)
-            except Exception as e:  # noqa: BLE001 - registry restarting; try again next beat
-                log.warning("registry heartbeat failed: %s", e)
-                self.registry = rayops.registry(self.app_name)
+    def _beat(self, registry) -> None:
+        if not rayops.get(registry.heartbeat.remote(self.replica, self.beat_stats()), timeout=10):
+            rayops.get(registry.register.remote(self.entry), timeout=10)  # the registry restarted
 
     def stats(self) -> dict:
         return {**self.steps, **self.server.info()}
@@ -125,7 +116,7 @@ class StageDeployment:
     def beat_stats(self) -> dict:
         """What a heartbeat publishes: :meth:`stats` plus the longest queue wait since the last beat."""
         return {**self.stats(), "max_wait_s": self.server.take_max_wait(),
-                "memory_headroom_bytes": _memory_headroom(self.device)}
+                "memory_headroom_bytes": _memory_headroom(self.entry["device"])}
 
     def info(self) -> dict:
         return {**self.entry, **self.stats()}
@@ -139,14 +130,9 @@ class StageDeployment:
             raise RuntimeError("stage channel server thread died")
 
     def __del__(self):
-        stop = getattr(self, "_stop", None)
-        if stop is not None:
-            stop.set()
-            try:
-                self.registry.deregister.remote(self.replica)
-                self.server.close()
-            except Exception:  # noqa: BLE001 - shutting down
-                pass
+        if getattr(self, "heartbeat", None) is not None:
+            self.heartbeat.stop()
+            self.server.close()
 
 
 def _memory_headroom(device: str) -> int | None:
@@ -193,9 +179,7 @@ class OfframpIngress(GrpcIngressMixin):
                                                model_context=spec.max_position)
         # Publish this replica's counters to the registry, so the placement controller
         # sees every ingress replica's traffic, not whichever one answers an HTTP GET.
-        self._replica, self._registry = rayops.replica_context()[1], registry
-        self._stop = threading.Event()
-        threading.Thread(target=self._heartbeat, args=(app_name,), daemon=True, name="offramp-ingress-beat").start()
+        self.heartbeat = rayops.Heartbeat(app_name, rayops.replica_context()[1], self._beat, "offramp-ingress-beat")
         host = rayops.http_host()
         if host is not None:
             from offramp.api.auth import check_bind
@@ -203,23 +187,13 @@ class OfframpIngress(GrpcIngressMixin):
             key = self.frontend.settings.api_key
             check_bind(host, key.get_secret_value() if key else None, args.api_key_env)
 
-    def _heartbeat(self, app_name: str) -> None:
-        while not self._stop.wait(rayops.HEARTBEAT_S):
-            try:
-                stats = self.backend.stats(window_s=INGRESS_TPOT_WINDOW_S)
-                rayops.get(self._registry.ingress_heartbeat.remote(self._replica, stats), timeout=10)
-            except Exception as e:  # noqa: BLE001 - registry restarting; try again next beat
-                log.warning("ingress registry heartbeat failed: %s", e)
-                self._registry = rayops.registry(app_name)
+    def _beat(self, registry) -> None:
+        stats = self.backend.stats(window_s=INGRESS_TPOT_WINDOW_S)
+        rayops.get(registry.ingress_heartbeat.remote(self.heartbeat.replica, stats), timeout=10)
 
     def __del__(self):
-        stop = getattr(self, "_stop", None)
-        if stop is not None:
-            stop.set()
-            try:
-                self._registry.deregister.remote(self._replica)
-            except Exception:  # noqa: BLE001 - shutting down
-                pass
+        if getattr(self, "heartbeat", None) is not None:
+            self.heartbeat.stop()
 
     def __serve_build_asgi_app__(self):
         from offramp.api.app import create_app

@@ -236,6 +236,7 @@ class StageServer:
             return
         flat = [r for _, rows, _ in good for r in rows]
         carriers = [c for _, _, cs in good for c in cs]
+        lengths = [r.inputs.shape[0] for r in flat]  # positions per row
         now = time.monotonic()
         for (header, *_), rows, _ in good:
             wait = max(0.0, now - header.get("_queued_at", now))
@@ -245,11 +246,11 @@ class StageServer:
         t0 = time.perf_counter()
         w, lb = self.worker, self.labels
         with tracing.stage_spans(carriers, w.index, list(w.stage.layer_range), lb["pool"], lb["replica"],
-                                 lb["precision"], [r.inputs.shape[0] for r in flat]) as spans:
+                                 lb["precision"], lengths) as spans:
             try:
                 results = await self.loop.run_in_executor(None, w.step, flat)
                 if self.emulate is not None:  # a modelled slower device: hold the replica, not a core
-                    left = self.emulate.seconds(sum(r.inputs.shape[0] for r in flat)) - (time.perf_counter() - t0)
+                    left = self.emulate.seconds(sum(lengths)) - (time.perf_counter() - t0)
                     if left > 0:
                         await asyncio.sleep(left)
             except Exception as e:  # noqa: BLE001
@@ -262,7 +263,7 @@ class StageServer:
                     tracing.exit_event(span, w.index, res.confidence, w.threshold(row.policy), row.policy.task)
         seconds = time.perf_counter() - t0
         if self.stats:
-            self.stats(len(flat), sum(r.inputs.shape[0] for r in flat), seconds)
+            self.stats(len(flat), sum(lengths), seconds)
         metrics.record_step(w.index, lb["pool"], seconds, len(flat), queue_depth=self.queue.qsize())
         if not w.stage.last:
             live = [(row, res) for row, res in zip(flat, results) if not row.flush]

@@ -19,6 +19,12 @@ PRECISIONS: tuple[str, ...] = get_args(Precision)
 STAGE_DTYPE_ENV = "OFFRAMP_STAGE_DTYPE"
 
 
+def pool_of(resources: dict, default: str) -> str:
+    """The pool named by a ``pool_<name>`` custom resource among ``resources`` (how a
+    deployment is placed on a pool), else ``default``."""
+    return next((k.removeprefix("pool_") for k in sorted(resources) if k.startswith("pool_")), default)
+
+
 class StageArgs(BaseModel):
     """Settings of one stage deployment (index = position in ``AppArgs.stages``)."""
 

@@ -145,8 +145,8 @@ class _Load:
         live = [(t, ev) for t, ev in self.threads if not ev.is_set()]
         for _, ev in live[n:]:
             ev.set()
-        for i in range(len(live), n):
-            self.add_stream(len(self.threads) + i)
+        for _ in range(len(live), n):
+            self.add_stream(len(self.threads))
 
     def stop(self) -> None:
         for _, ev in self.threads:

@@ -139,19 +139,18 @@ class SignalCollector:
 
     def __init__(self, ranges: list[tuple[int, int]]):
         self.ranges = ranges
-        self._prev: tuple[float, dict[str, dict], list[int] | None] | None = None
-        self._prev_hops: tuple[list[float], list[int]] | None = None
+        # (time, stats by replica, ingress stage_calls, ingress (hop_s_sum, hop_n)) of the last sample
+        self._prev: tuple[float, dict[str, dict], list[int] | None, tuple | None] | None = None
 
     def sample(self, now: float, endpoints: list[dict], ingress: dict | None) -> Observation | None:
         """None on the first sample (rates need two)."""
         stats = {e["replica"]: {**(e.get("stats") or {}), "stage": e["stage"]} for e in endpoints}
         calls = list(ingress["stage_calls"]) if ingress and "stage_calls" in ingress else None
         hops = (list(ingress["hop_s_sum"]), list(ingress["hop_n"])) if ingress and "hop_n" in ingress else None
-        prev_hops, self._prev_hops = self._prev_hops, hops
-        prev, self._prev = self._prev, (now, stats, calls)
+        prev, self._prev = self._prev, (now, stats, calls, hops)
         if prev is None or now <= prev[0]:
             return None
-        t0, s0, c0 = prev
+        t0, s0, c0, prev_hops = prev
         dt = now - t0
         stages, signals = [], {}
         use_ingress = (calls is not None and c0 is not None and len(calls) == len(c0) == len(self.ranges)
@@ -193,7 +192,7 @@ class SignalCollector:
                 stage=k, replica=rep, window_s=dt, prefill_step_s=prefill_step, decode_step_s=decode_step,
                 batch_size=batch, tokens_per_s=rows / dt, arrival_tokens_per_s=arrival / max(n, 1),
                 prefill_tokens_per_s=split["prefill_positions"] / dt, busy_fraction=b, queue_len=float(stats[rep].get("queue", 0) or 0),
-                oldest_wait_s=_wait(stats[rep]), kv_occupancy=float(stats[rep].get("kv_occupancy", math.nan)),
+                oldest_wait_s=_num(stats[rep].get("max_wait_s")), kv_occupancy=float(stats[rep].get("kv_occupancy", math.nan)),
                 memory_headroom_bytes=_num(stats[rep].get("memory_headroom_bytes")), hop_s=hop, steps=batches)
                 for rep, b in busy.items()]
         tpot = ingress.get("tpot_ms_p99") if ingress else None
@@ -201,12 +200,7 @@ class SignalCollector:
 
 
 def _num(v) -> float:
-    return float(v) if v is not None else math.nan
-
-
-def _wait(st: dict) -> float:
-    """A replica's longest queue wait over its last heartbeat period (NaN: not reported)."""
-    v = st.get("max_wait_s")
+    """A reported gauge as a float; NaN when the replica did not report it."""
     return float(v) if v is not None else math.nan
 
 

@@ -47,7 +47,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Literal, Protocol
 
-from offramp.deployments.config import PRECISIONS, STAGE_DTYPE_ENV
+from offramp.deployments.config import PRECISIONS, STAGE_DTYPE_ENV, pool_of
 from offramp.errors import OfframpError
 from offramp.placement.planner import StageDeployment
 from offramp.placement.policy import Move
@@ -156,8 +156,13 @@ def entry_replicas(entry: dict) -> int:
 
 
 def entry_pool(entry: dict, default: str = "any") -> str:
-    res = (entry.get("ray_actor_options") or {}).get("resources") or {}
-    return next((k.removeprefix("pool_") for k in sorted(res) if k.startswith("pool_")), default)
+    return pool_of((entry.get("ray_actor_options") or {}).get("resources") or {}, default)
+
+
+def stage_arg(app_config: dict, k: int, key: str, default: str) -> str:
+    """``args.stages[k][key]`` of an applied app config, or ``default``."""
+    stages = (app_config.get("args") or {}).get("stages") or []
+    return (stages[k] if k < len(stages) else {}).get(key, default)
 
 
 def entry_precision(entry: dict, default: str = "fp32") -> str:
@@ -208,14 +213,11 @@ class Step:
 
 def stage_placement(app_config: dict, ranges: list[tuple[int, int]]) -> list[StageDeployment]:
     """Current placement (stage k -> layers, pool, precision, replicas) from the applied config."""
-    args = app_config.get("args") or {}
-    stage_args = args.get("stages") or []
     out = []
     for k, (start, end) in enumerate(ranges):
         e = deployment_entry(app_config, f"Stage{k}")
-        sa = stage_args[k] if k < len(stage_args) else {}
-        out.append(StageDeployment(start=start, end=end, pool=entry_pool(e, sa.get("pool", "any")),
-                                   precision=entry_precision(e, sa.get("dtype", "fp32")),
+        out.append(StageDeployment(start=start, end=end, pool=entry_pool(e, stage_arg(app_config, k, "pool", "any")),
+                                   precision=entry_precision(e, stage_arg(app_config, k, "dtype", "fp32")),
                                    replicas=max(entry_replicas(e), 1)))
     return out
 
@@ -234,9 +236,8 @@ def plan_steps(app_config: dict, ranges: list[tuple[int, int]], move: Move) -> l
     if e.get("autoscaling_config") or entry_replicas(e) < 0:
         raise MoveDeferred(f"{name} is autoscaled by Serve; remove its autoscaling_config to let the "
                            "placement controller manage its replicas")
-    sa = ((app_config.get("args") or {}).get("stages") or [])
     cur_n, cur_pool = entry_replicas(e), entry_pool(e, "")
-    cur_prec = entry_precision(e, (sa[k] if k < len(sa) else {}).get("dtype", "fp32"))
+    cur_prec = entry_precision(e, stage_arg(app_config, k, "dtype", "fp32"))
     if move.action == "set_replicas":
         if d.pool != cur_pool and cur_pool:
             raise MoveDeferred(f"{name} runs on pool {cur_pool}, the move is for {d.pool}; re-plan")
