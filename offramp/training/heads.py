@@ -7,6 +7,7 @@ Tensor names and the file format are those of :mod:`offramp.ops.exits`.
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,7 @@ from torch import nn
 from offramp.errors import ConfigError
 
 
+@functools.lru_cache(maxsize=1)
 def bf16_autocast_pays() -> bool:
     """True when this CPU has native bf16 matmuls (AVX512-BF16 or AMX).
 
