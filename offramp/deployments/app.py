@@ -18,7 +18,7 @@ from ray.serve import Application
 
 from offramp.api.grpc_service import GrpcIngressMixin
 from offramp.cluster import rayops
-from offramp.deployments.config import STAGE_DTYPE_ENV, AppArgs, StageArgs
+from offramp.deployments.config import STAGE_DTYPE_ENV, STAGE_LAYERS_ENV, AppArgs, StageArgs, stage_range
 
 log = logging.getLogger("offramp")
 INGRESS_TPOT_WINDOW_S = 30.0  # the TPOT percentiles an ingress replica reports to the registry cover this
@@ -64,6 +64,12 @@ class StageDeployment:
                 sa = StageArgs.model_validate({**sa.model_dump(), "dtype": os.environ[STAGE_DTYPE_ENV]})
             except ValueError as e:
                 raise ValueError(f"{STAGE_DTYPE_ENV}: {e}") from None
+        # Layers: a placement split move sets them per deployment (the app's split is the start).
+        try:
+            layers = stage_range(tuple(ranges[index]), index, len(ranges), spec.num_layers,
+                                 os.environ.get(STAGE_LAYERS_ENV))
+        except ValueError as e:
+            raise ValueError(f"Stage{index}: {e}") from None
         # The pool this replica really runs in: a placement move changes the deployment's
         # pool resource, not the app args.
         pool = rayops.assigned_pool(sa.pool)
@@ -71,7 +77,7 @@ class StageDeployment:
         threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
         if threads > 0:
             torch.set_num_threads(threads)
-        stage = load_stage(model_dir, spec, ranges[index], first=index == 0, last=index == len(ranges) - 1,
+        stage = load_stage(model_dir, spec, layers, first=index == 0, last=index == len(ranges) - 1,
                            exits=exits, dtype=sa.dtype, device=device)
         max_seq = min(args.max_context or spec.max_position, spec.max_position)
         self.worker = StageWorker(stage, index, len(ranges), exits, max_slots=sa.max_sequences, max_seq=max_seq,
@@ -84,13 +90,13 @@ class StageDeployment:
                                   labels={"pool": pool, "replica": self.replica, "precision": sa.dtype},
                                   emulate=args.emulate_pools.get(pool))
         self.entry = {"stage": index, "replica": self.replica, "host": self.server.host, "port": self.server.port,
-                      "layers": list(ranges[index]), "pool": pool, "device": device, "dtype": sa.dtype}
+                      "layers": list(layers), "pool": pool, "device": device, "dtype": sa.dtype}
         self.steps = {"batches": 0, "rows": 0, "positions": 0, "busy_s": 0.0,
                       "decode_batches": 0, "decode_s": 0.0,  # batches of one position per row
                       "prefill_batches": 0, "prefill_s": 0.0, "prefill_positions": 0}  # the others
         rayops.get(registry.register.remote(self.entry))
         self.heartbeat = rayops.Heartbeat(self.app_name, self.replica, self._beat, "offramp-heartbeat")
-        log.info("stage %d (layers %s) serving on %s:%d, %s %s", index, ranges[index], self.server.host,
+        log.info("stage %d (layers %s) serving on %s:%d, %s %s", index, layers, self.server.host,
                  self.server.port, device, sa.dtype)
 
     def _record(self, rows: int, positions: int, seconds: float) -> None:
@@ -171,7 +177,7 @@ class OfframpIngress(GrpcIngressMixin):
 
         max_seq = min(args.max_context or spec.max_position, spec.max_position)
         self.backend = PipelineBackend(
-            len(ranges), Router(len(ranges), token, lookup), eos_token_ids=spec.eos_token_ids, max_seq=max_seq,
+            len(ranges), Router(len(ranges), token, lookup, num_layers=spec.num_layers), eos_token_ids=spec.eos_token_ids, max_seq=max_seq,
             vocab_size=spec.vocab_size, kv_fill=args.exit.kv_fill, request_timeout_s=args.request_timeout_s,
             default_exit=args.exit.mode, default_threshold=args.exit.threshold,
             max_active=args.max_active_requests, model_name=args.model_name)

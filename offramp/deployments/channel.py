@@ -89,6 +89,8 @@ async def read_frame(reader: asyncio.StreamReader) -> tuple[dict, memoryview]:
 def row_header(row: StepRow, packer: _Packer, trace: dict[str, str] | None = None) -> dict:
     h = {"seq": row.seq_id, "x": packer.tensor(row.inputs), "pos": row.position, "step": row.step,
          "flush": row.flush, "sampling": asdict(row.sampling), "policy": asdict(row.policy)}
+    if row.layer is not None:
+        h["layer"] = row.layer
     if trace:
         h["trace"] = trace  # W3C carrier: the stage span becomes a child of the request span
     return h
@@ -98,7 +100,8 @@ def row_from_header(h: dict, payload: memoryview) -> StepRow:
     s = dict(h["sampling"])
     s["stop_token_ids"] = tuple(s.get("stop_token_ids", ()))
     return StepRow(str(h["seq"]), unpack_tensor(payload, h["x"]), int(h["pos"]), SamplingParams(**s),
-                   ExitPolicy(**h["policy"]), int(h["step"]), bool(h.get("flush", False)))
+                   ExitPolicy(**h["policy"]), int(h["step"]), bool(h.get("flush", False)),
+                   None if h.get("layer") is None else int(h["layer"]))
 
 
 # -- server -------------------------------------------------------------------------------
@@ -207,7 +210,9 @@ class StageServer:
                                   [r.get("trace") for r in header["rows"]]))
                 elif op == "propagate":
                     x = unpack_tensor(payload, header["x"])
-                    await self.loop.run_in_executor(None, self.worker.propagate, header["seq"], x, int(header["pos"]))
+                    layer = None if header.get("layer") is None else int(header["layer"])
+                    await self.loop.run_in_executor(None, self.worker.propagate, header["seq"], x,
+                                                    int(header["pos"]), layer)
                     await self._reply(writer, lock, {"id": header["id"], "ok": True})
                 elif op == "release":
                     for seq in header["seqs"]:
@@ -286,6 +291,9 @@ class StageServer:
         for r in rows:
             if r.seq_id in seen:
                 return errors.BadRequest(f"sequence {r.seq_id} sent twice in one batch")
+            err = self.worker.entry_error(r)
+            if err is not None:
+                return err
             have = self.worker.cached_length(r.seq_id)
             if have + r.inputs.shape[0] != r.position + 1:
                 return KVMissing(f"stage {self.worker.index} holds {have} positions of {r.seq_id}; replay it")
@@ -399,9 +407,11 @@ class StageClient:
             r["hop_s"] = hop
         return out
 
-    async def propagate(self, seq: str, hidden: torch.Tensor, position: int, timeout: float) -> None:
+    async def propagate(self, seq: str, hidden: torch.Tensor, position: int, timeout: float,
+                        layer: int | None = None) -> None:
         packer = _Packer()
-        await self.call({"op": "propagate", "seq": seq, "pos": position, "x": packer.tensor(hidden)}, packer, timeout)
+        await self.call({"op": "propagate", "seq": seq, "pos": position, "layer": layer, "x": packer.tensor(hidden)},
+                        packer, timeout)
 
     async def echo(self, x: torch.Tensor, timeout: float = 10.0) -> torch.Tensor:
         packer = _Packer()

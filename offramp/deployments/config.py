@@ -17,6 +17,37 @@ PRECISIONS: tuple[str, ...] = get_args(Precision)
 # Per-deployment precision override, set by a placement precision move in the deployment's
 # ray_actor_options.runtime_env.env_vars (read by StageDeployment before stages[].dtype).
 STAGE_DTYPE_ENV = "OFFRAMP_STAGE_DTYPE"
+# Per-deployment layer range override ("start:end", half-open like a Python slice), set by
+# a placement split move; read by StageDeployment before the app's split.
+STAGE_LAYERS_ENV = "OFFRAMP_STAGE_LAYERS"
+
+
+def parse_layers(value: str) -> tuple[int, int]:
+    """``"3:6"`` -> ``(3, 6)`` (layers 3, 4, 5). Raises ValueError naming the fix."""
+    try:
+        a, b = (int(x) for x in str(value).split(":"))
+    except ValueError:
+        raise ValueError(f"{STAGE_LAYERS_ENV}={value!r}: expected 'start:end' (layers start..end-1, "
+                         "e.g. '3:6')") from None
+    if not 0 <= a < b:
+        raise ValueError(f"{STAGE_LAYERS_ENV}={value!r}: needs 0 <= start < end")
+    return a, b
+
+
+def stage_range(default: tuple[int, int], index: int, num_stages: int, num_layers: int,
+                override: str | None) -> tuple[int, int]:
+    """Stage ``index``'s layers: the override (validated against the model) or ``default``."""
+    if not override:
+        return default
+    a, b = parse_layers(override)
+    if b > num_layers:
+        raise ValueError(f"{STAGE_LAYERS_ENV}={override!r}: the model has {num_layers} layers")
+    if index == 0 and a != 0:
+        raise ValueError(f"{STAGE_LAYERS_ENV}={override!r}: Stage0 must start at layer 0 (it embeds tokens)")
+    if index == num_stages - 1 and b != num_layers:
+        raise ValueError(f"{STAGE_LAYERS_ENV}={override!r}: the last stage must end at layer {num_layers} "
+                         "(it holds the LM head)")
+    return a, b
 
 
 def pool_of(resources: dict, default: str) -> str:

@@ -41,6 +41,8 @@ class Endpoint:
     replica: str
     host: str
     port: int
+    start: int = 0  # layers [start, end) this replica holds
+    end: int = 0
 
 
 @dataclass
@@ -51,7 +53,7 @@ class _Seq:
     prompt_len: int
     session: str = ""
     fed: int = 0
-    route: dict[int, Endpoint] = field(default_factory=dict)
+    route: dict[int, Endpoint] = field(default_factory=dict)  # entry layer -> replica holding the KV
 
     @property
     def generated(self) -> int:
@@ -59,12 +61,19 @@ class _Seq:
 
 
 class Router:
-    """Live endpoints per stage (from the registry), one client per endpoint, and the
-    number of sequences routed to each (least-loaded choice for new sequences)."""
+    """Live endpoints (from the registry), one client per endpoint, and the number of
+    sequences routed to each (least-loaded choice for new sequences).
 
-    def __init__(self, num_stages: int, token: str, lookup: Callable[[], Awaitable[list[dict]]]):
+    Routing is by layer, not by stage index: the hop after a replica that ended at layer
+    ``L`` goes to a replica whose range starts at ``L``, else (while a split point moves)
+    to a non-first replica whose range contains ``L``, entered there. So both the old and
+    the new chain stay complete through every step of a split move (docs/placement.md)."""
+
+    def __init__(self, num_stages: int, token: str, lookup: Callable[[], Awaitable[list[dict]]],
+                 num_layers: int | None = None):
         self.num_stages, self.token, self.lookup = num_stages, token, lookup
-        self.endpoints: dict[int, list[Endpoint]] = {k: [] for k in range(num_stages)}
+        self.num_layers = num_layers
+        self.endpoints: list[Endpoint] = []
         self.clients: dict[Endpoint, StageClient] = {}
         self.load: dict[Endpoint, int] = {}
         self.dead: dict[str, float] = {}  # replica -> banned until
@@ -75,18 +84,24 @@ class Router:
             return
         entries = await self.lookup()
         self._refreshed = time.monotonic()
-        fresh: dict[int, list[Endpoint]] = {k: [] for k in range(self.num_stages)}
+        fresh = []
         for e in entries:
-            if 0 <= e["stage"] < self.num_stages:
-                fresh[e["stage"]].append(Endpoint(e["stage"], e["replica"], e["host"], e["port"]))
+            if 0 <= e["stage"] < self.num_stages and len(e.get("layers") or ()) == 2:
+                a, b = (int(x) for x in e["layers"])
+                fresh.append(Endpoint(e["stage"], e["replica"], e["host"], e["port"], a, b))
         self.endpoints = fresh
 
-    def pick(self, stage: int) -> Endpoint:
+    def pick(self, layer: int) -> Endpoint:
+        """The least-loaded live replica to enter at ``layer``: one starting there if any,
+        else one holding it (not the first stage: that one is entered with token ids)."""
         now = time.monotonic()
-        live = [ep for ep in self.endpoints[stage] if self.dead.get(ep.replica, 0) < now]
-        if not live:
-            raise errors.StageUnavailable(f"no live replica of stage {stage}; Serve is starting or replacing it - retry shortly")
-        return min(live, key=lambda ep: (self.load.get(ep, 0), ep.replica))
+        live = [ep for ep in self.endpoints if self.dead.get(ep.replica, 0) < now]
+        cands = [ep for ep in live if ep.start == layer] or [
+            ep for ep in live if ep.start < layer < ep.end and ep.start > 0]
+        if not cands:
+            raise errors.StageUnavailable(f"no live replica holds layer {layer}; Serve is starting or replacing "
+                                          "it - retry shortly")
+        return min(cands, key=lambda ep: (self.load.get(ep, 0), ep.end - ep.start, ep.replica))
 
     def client(self, ep: Endpoint) -> StageClient:
         c = self.clients.get(ep)
@@ -222,19 +237,28 @@ class PipelineBackend:
                 await asyncio.sleep(min(2.0, 0.1 * 2**waits, max(0.0, deadline - time.monotonic())))
                 await self.router.refresh(force=True)
 
+    def _hop(self, seq: _Seq, layer: int) -> Endpoint:
+        """The replica this sequence enters at ``layer`` (kept for the sequence: its KV)."""
+        ep = seq.route.get(layer)
+        if ep is None:
+            ep = seq.route[layer] = self.router.pick(layer)
+            self.router.load[ep] = self.router.load.get(ep, 0) + 1
+        return ep
+
     async def _walk(self, seq: _Seq, deadline: float) -> tuple[int, int]:
-        """One token: stage 0 onwards until a gate exits or the last stage answers."""
+        """One token: layer 0 onwards, replica by replica, until a gate exits or the last
+        stage answers."""
         await self.router.refresh()
         req = seq.request
         new = seq.tokens[seq.fed:]
         position = len(seq.tokens) - 1
         row = StepRow(seq.session, torch.tensor(new, dtype=torch.long), position, req.sampling, seq.policy,
                       step=seq.generated)
-        for k in range(self.num_stages):
-            ep = seq.route.get(k)
-            if ep is None:
-                ep = seq.route[k] = self.router.pick(k)
-                self.router.load[ep] = self.router.load.get(ep, 0) + 1
+        layer = 0
+        for _ in range(self.router.num_layers or 1_000_000):
+            ep = self._hop(seq, layer)
+            k = ep.stage
+            row.layer = None if layer == ep.start else layer
             left = deadline - time.monotonic()
             if left <= 0:
                 raise errors.DeadlineExceeded("the request ran past its deadline")
@@ -245,25 +269,30 @@ class PipelineBackend:
             except RETRYABLE as e:
                 e.endpoint = ep
                 raise
-            if k == 0:
+            if layer == 0:
                 seq.fed = len(seq.tokens)
             self.hop_s_sum[k] += res.get("hop_s", 0.0)
             self.hop_n[k] += 1
             if res["token"] is not None:
                 if res["exited"] and self.kv_fill == "propagate":
-                    self._propagate(seq, k, res["h"], position)
+                    self._propagate(seq, ep.end, res["h"], position)
                 return int(res["token"]), k
+            layer = ep.end
             row = StepRow(seq.session, res["h"], position, req.sampling, seq.policy, step=seq.generated)
         raise errors.StageUnavailable("the last stage returned no token")
 
-    def _propagate(self, seq: _Seq, k: int, hidden: torch.Tensor, position: int) -> None:
+    def _propagate(self, seq: _Seq, layer: int, hidden: torch.Tensor, position: int) -> None:
         """Approximate K/V for skipped stages, off the critical path (same ordered connection)."""
-        for j in range(k + 1, self.num_stages):
-            ep = seq.route.get(j)
-            if ep is None:
-                ep = seq.route[j] = self.router.pick(j)
-                self.router.load[ep] = self.router.load.get(ep, 0) + 1
-            self._spawn(self.router.client(ep).propagate(seq.session, hidden, position, self.call_timeout))
+        while self.router.num_layers is None or layer < self.router.num_layers:
+            try:
+                ep = self._hop(seq, layer)
+            except errors.StageUnavailable:
+                return  # the next token's walk replays the sequence
+            self._spawn(self.router.client(ep).propagate(seq.session, hidden, position, self.call_timeout,
+                                                         None if layer == ep.start else layer))
+            if ep.end <= layer or ep.stage == self.num_stages - 1:
+                return
+            layer = ep.end
 
     def _release(self, seq: _Seq) -> None:
         for ep in seq.route.values():

@@ -47,23 +47,28 @@ class Stage(nn.Module):
     def layer_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.layers.parameters())
 
-    def forward(self, x: torch.Tensor, meta: StepMeta, cache) -> torch.Tensor:
-        """x: token ids (B, T) on the first stage, else hidden states (B, T, d) -> (B, T, d)."""
+    def forward(self, x: torch.Tensor, meta: StepMeta, cache, skip: int = 0) -> torch.Tensor:
+        """x: token ids (B, T) on the first stage, else hidden states (B, T, d) -> (B, T, d).
+
+        ``skip``: enter at local layer ``skip`` (x is the hidden state after global layer
+        ``start + skip - 1``); the skipped layers' KV is never read or written for these
+        rows. Used while a split point moves (a replica then serves entries at its old and
+        its new boundary); never on the first stage, whose input is token ids."""
         if self.first:
             h = self.embed(x)  # (B, T, d)
             if not self.spec.is_llama:
                 h = h + self.pos_embed(meta.positions)
         else:
             h = x.to(self.lm_dtype)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, meta, cache.k[i], cache.v[i])
+        for i in range(skip, len(self.layers)):
+            h = self.layers[i](h, meta, cache.k[i], cache.v[i])
         return h
 
-    def propagate(self, h: torch.Tensor, meta: StepMeta, cache) -> None:
+    def propagate(self, h: torch.Tensor, meta: StepMeta, cache, skip: int = 0) -> None:
         """Approximate KV for skipped layers: every layer's K/V from the same exited state."""
         h = h.to(self.lm_dtype)
-        for i, layer in enumerate(self.layers):
-            layer.propagate_kv(h, meta, cache.k[i], cache.v[i])
+        for i in range(skip, len(self.layers)):
+            self.layers[i].propagate_kv(h, meta, cache.k[i], cache.v[i])
 
     @property
     def lm_dtype(self) -> torch.dtype:

@@ -56,6 +56,7 @@ class StepRow:
     policy: ExitPolicy = field(default_factory=ExitPolicy)
     step: int = 0  # index of the token this pass produces (seeded sampling)
     flush: bool = False  # backfill only: no gate, no token
+    layer: int | None = None  # global layer this row enters at (None: the stage's first layer)
 
 
 @dataclass
@@ -77,7 +78,10 @@ class StageWorker:
         self.cache = KVCache(len(stage.layers), max_slots, self.max_seq, spec.num_kv_heads, spec.head_dim,
                              stage.lm_dtype, device)
         self.pending: dict[str, list[torch.Tensor]] = {}  # deferred chunks (n, d) per sequence
-        self.end_layer = stage.layer_range[1]
+        self.start_layer, self.end_layer = stage.layer_range
+        # Local layer each sequence entered at (0 but while a split point moves, when a
+        # replica is also entered at the boundary its layers are moving to).
+        self.entry: dict[str, int] = {}
         self.metric = exits.metric if exits else "max_prob"
         self.min_layers = exits.min_layers if exits else 1
 
@@ -85,6 +89,27 @@ class StageWorker:
     def release(self, seq_id: str) -> None:
         self.cache.free(seq_id)
         self.pending.pop(seq_id, None)
+        self.entry.pop(seq_id, None)
+
+    def entry_error(self, row: StepRow) -> Exception | None:
+        """Why ``row`` cannot enter this stage where it asks to (None: it can)."""
+        layer = self.start_layer if row.layer is None else row.layer
+        if not self.start_layer <= layer < self.end_layer:
+            return BadRequest(f"stage {self.index} holds layers {self.start_layer}-{self.end_layer - 1}; "
+                              f"a row asked to enter at layer {layer}")
+        if self.stage.first and layer != self.start_layer:
+            return BadRequest(f"stage {self.index} embeds token ids; it is entered at layer {self.start_layer} only")
+        entered = self.entry.get(row.seq_id)
+        if entered is not None and entered != layer - self.start_layer and row.seq_id in self.cache.slot_of:
+            return KVMissing(f"sequence {row.seq_id} entered stage {self.index} at layer "
+                             f"{self.start_layer + entered}, now at {layer}; replay the sequence")
+        return None
+
+    def _skip(self, row: StepRow) -> int:
+        err = self.entry_error(row)
+        if err is not None:
+            raise err
+        return 0 if row.layer is None else row.layer - self.start_layer
 
     def cached_length(self, seq_id: str) -> int:
         return self.cache.length.get(seq_id, 0)
@@ -106,8 +131,20 @@ class StageWorker:
     # -- the forward pass --------------------------------------------------------------
     @torch.inference_mode()
     def step(self, rows: list[StepRow]) -> list[StepResult]:
+        """One forward pass per entry layer present (one in steady state)."""
         if not rows:
             return []
+        skips = [self._skip(r) for r in rows]
+        if len(set(skips)) == 1:
+            return self._step(rows, skips[0])
+        out: list[StepResult | None] = [None] * len(rows)
+        for skip in sorted(set(skips)):
+            idx = [i for i, s in enumerate(skips) if s == skip]
+            for i, res in zip(idx, self._step([rows[i] for i in idx], skip)):
+                out[i] = res
+        return out  # type: ignore[return-value]
+
+    def _step(self, rows: list[StepRow], skip: int) -> list[StepResult]:
         lengths, starts, slots = [], [], []
         for r in rows:
             n = r.inputs.shape[0]
@@ -121,13 +158,14 @@ class StageWorker:
                 raise BadRequest(f"sequence {r.seq_id} reached position {r.position}; the stage holds at most "
                                  f"{self.max_seq} positions")
             slots.append(self.cache.alloc(r.seq_id))
+            self.entry.setdefault(r.seq_id, skip)
             starts.append(have)
             lengths.append(n)
         meta = StepMeta.build(slots, starts, lengths, self.device, self.stage.spec.sliding_window)
         if self.stage.spec.is_llama:
             meta.cos, meta.sin = self.stage.rope.tables(meta.positions, self.stage.lm_dtype)
         x = self._pad_inputs(rows, max(lengths))
-        h = self.stage(x, meta, self.cache)  # (B, T, d)
+        h = self.stage(x, meta, self.cache, skip)  # (B, T, d)
         for r, n in zip(rows, lengths):
             self.cache.length[r.seq_id] += n
         idx = torch.tensor(lengths, device=h.device) - 1
@@ -191,15 +229,17 @@ class StageWorker:
         return set(chosen)
 
     @torch.inference_mode()
-    def propagate(self, seq_id: str, hidden: torch.Tensor, position: int) -> None:
+    def propagate(self, seq_id: str, hidden: torch.Tensor, position: int, layer: int | None = None) -> None:
         """Approximate fill of this (skipped) stage's KV from an exited state (n, d)."""
+        skip = self._skip(StepRow(seq_id, hidden, position, layer=layer))
         n = hidden.shape[0]
         have = self.cache.length.get(seq_id, 0)
         if have + n != position + 1:
             raise KVMissing(f"stage {self.index}: propagate for {seq_id} expects {have} cached positions")
         slot = self.cache.alloc(seq_id)
+        self.entry.setdefault(seq_id, skip)
         meta = StepMeta.build([slot], [have], [n], self.device, self.stage.spec.sliding_window)
         if self.stage.spec.is_llama:
             meta.cos, meta.sin = self.stage.rope.tables(meta.positions, self.stage.lm_dtype)
-        self.stage.propagate(hidden[None].to(self.device), meta, self.cache)
+        self.stage.propagate(hidden[None].to(self.device), meta, self.cache, skip)
         self.cache.length[seq_id] += n
