@@ -12,7 +12,7 @@ from offramp.placement.controller import (
 )
 from offramp.placement.cost_model import ModelSpec, PoolSpec
 from offramp.placement.mover import (
-    MoveDeferred, MoveFailed, Mover, Step, deployment_entry, entry_pool, entry_precision, plan_steps,
+    MoveDeferred, MoveFailed, Mover, Step, deployment_entry, entry_pool, entry_precision, live_ranges, plan_steps,
     stage_placement,
 )
 from offramp.placement.planner import StageDeployment
@@ -62,7 +62,8 @@ class FakeOps:
         for k in range(4):
             name = f"Stage{k}"
             e = deployment_entry(self.config, name)
-            want, pool = e.get("num_replicas", 1), (entry_pool(e), entry_precision(e))
+            env = ((e.get("ray_actor_options") or {}).get("runtime_env") or {}).get("env_vars") or {}
+            want, pool = e.get("num_replicas", 1), (entry_pool(e), entry_precision(e), env.get("OFFRAMP_STAGE_LAYERS"))
             reps = self._replicas.setdefault(name, [])
             keep = [r for r in reps if r["pool"] == pool][:want]  # actor option change: all replaced
             while len(keep) < want:
@@ -304,13 +305,90 @@ def test_failed_move_rolls_back():
     assert replicas(ops) == [1, 1, 1, 1] and ops.kv.get("intent/offramp") is None
 
 
-def test_split_move_is_deferred_not_applied():
+RANGES8 = [(0, 2), (2, 4), (4, 6), (6, 8)]  # the mover needs only the ranges, not the model
+
+
+def split_move(split):
+    return Move(action="add", knob="split", deployment=StageDeployment(start=0, end=split[0], pool="gpu"),
+                split=split, replicas_to=1)
+
+
+@pytest.mark.parametrize("target,grow,shrink", [
+    ([2, 5, 6], ("Stage1", "2:5"), ("Stage2", "5:6")),  # boundary 4 -> 5: Stage1 gains layer 4
+    ([2, 3, 6], ("Stage2", "3:6"), ("Stage1", "2:3")),  # boundary 4 -> 3: Stage2 gains layer 3
+])
+def test_split_move_grows_one_side_then_shrinks_the_other(target, grow, shrink):
     ops = FakeOps(app_config())
-    mover = Mover(APP, ops, RANGES)
-    with pytest.raises(MoveDeferred):
-        mover.apply(Move(action="add", knob="split", deployment=StageDeployment(start=0, end=2, pool="gpu"),
-                         replicas_to=1))
-    assert not ops.applied
+    before = copy.deepcopy(ops.config)
+    steps = plan_steps(ops.config, RANGES8, split_move(target))
+    assert [(s.deployment, s.knob, s.value) for s in steps] == [
+        (grow[0], "num_replicas", 2), (grow[0], "layers", grow[1]), (grow[0], "num_replicas", 1),
+        (shrink[0], "num_replicas", 2), (shrink[0], "layers", shrink[1]), (shrink[0], "num_replicas", 1)]
+    res = Mover(APP, ops, RANGES8, deadline_s=30).apply(split_move(target))
+    assert res.outcome == "applied" and len(res.steps) == 6
+    assert live_ranges(ops.config, RANGES8) == [(0, 2), (2, target[1]), (target[1], 6), (6, 8)]
+    assert [(d.start, d.end) for d in stage_placement(ops.config, RANGES8)] == live_ranges(ops.config, RANGES8)
+    assert ops.config["args"] == before["args"]  # no other deployment restarts
+    for k in (0, 3):
+        assert deployment_entry(ops.config, f"Stage{k}") == deployment_entry(before, f"Stage{k}")
+    assert replicas(ops) == [1, 1, 1, 1] and ops.kv.get("intent/offramp") is None
+    # the old range's "remove" is a no-op now; moving to where it is does nothing
+    old = StageDeployment(start=2, end=4, pool="gpu")
+    assert plan_steps(ops.config, RANGES8, Move(action="remove", knob="split", deployment=old)) == []
+    assert plan_steps(ops.config, RANGES8, split_move(target)) == []
+
+
+def test_split_move_reaches_any_target_one_boundary_at_a_time():
+    ops = FakeOps(app_config(replicas=(2, 2, 2, 2)))
+    mover = Mover(APP, ops, RANGES8, deadline_s=30)
+    seen = []
+    for _ in range(5):
+        res = mover.apply(split_move([3, 6, 7]))  # boundaries 2->3 and 6->7 first, then 4->6
+        if res.outcome == "noop":
+            break
+        assert len(res.steps) == 2  # 2 replicas already: no scale-up guard
+        seen.append(live_ranges(ops.config, RANGES8))
+    assert seen[-1] == [(0, 3), (3, 6), (6, 7), (7, 8)] and len(seen) == 3
+    for bad, msg in [([3, 3, 7], "increasing"), ([3, 6], "keeps the number of stages"), ([3, 6, 8], "1..7")]:
+        with pytest.raises(MoveDeferred, match=msg):
+            mover.apply(split_move(bad))
+
+
+def test_recover_rolls_back_half_applied_split_move_in_reverse_order():
+    ops = FakeOps(app_config())
+    before = copy.deepcopy(ops.config)
+    real = crashing_apply(ops, (5, "after"))  # Stage1 grown (3 steps), Stage2 at 2 replicas, its layers applied
+    with pytest.raises(Crash):
+        Mover(APP, ops, RANGES8).apply(split_move([2, 5, 6]))
+    assert live_ranges(ops.config, RANGES8) == [(0, 2), (2, 5), (5, 6), (6, 8)]
+    ops.deploy_app_config = real
+    n = len(ops.applied)
+    report = Mover(APP, ops, RANGES8).reconcile()
+    assert report["outcome"].startswith("rolled back")
+    # Stage2 (the shrunk side) is restored before Stage1: every step keeps both chains whole
+    configs = ops.applied[n - 1:]
+    changed = [[f"Stage{k}" for k in range(4) if deployment_entry(a, f"Stage{k}") != deployment_entry(b, f"Stage{k}")]
+               for a, b in zip(configs, configs[1:])]
+    assert changed == [["Stage2"], ["Stage1"]]
+    for k in range(4):
+        assert deployment_entry(ops.config, f"Stage{k}") == deployment_entry(before, f"Stage{k}")
+
+
+def test_controller_plans_split_points_only_when_allowed(monkeypatch):
+    import offramp.placement.controller as controller_mod
+
+    seen = []
+    real = controller_mod.plan
+
+    def spy(model, pools, w, c, costs):
+        seen.append(c.split)
+        return real(model, pools, w, c, costs)
+
+    monkeypatch.setattr(controller_mod, "plan", spy)
+    for knob, expect in [("precision", [1, 2, 3]), ("split", None)]:
+        ops = FakeOps(app_config())
+        run(controller(ops, max_knob=knob), ops, 2)
+        assert seen[-1] == expect
 
 
 # -- crash safety ---------------------------------------------------------------------------

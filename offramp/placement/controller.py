@@ -14,8 +14,8 @@ cumulative counters between two samples. From them:
   d(rows)/d(batches); these also calibrate the cost model online
   (:class:`~offramp.placement.cost_model.Calibration`).
 
-The plan turns only the knobs the mover makes (``max_knob``: replicas, or replicas and
-pools; split points stay as deployed), respects pins, and never gives a stage fewer
+The plan turns only the knobs allowed (``max_knob``: replicas; + pools; + precision; +
+split points, moved one boundary per move), respects pins, and never gives a stage fewer
 replicas than its *measured* busy time needs at the target utilisation (the measured
 floor: when the cost model and the meters disagree, the meters win). The
 :class:`~offramp.placement.policy.Policy` adds hysteresis, per-layer cool-down, bounded
@@ -39,7 +39,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from offramp.placement.cost_model import CostModel, ModelSpec, PlacementError, PoolSpec, reach_from_exit_rates
-from offramp.placement.mover import MoveDeferred, MoveFailed, Mover, Ops, RayOps, stage_placement
+from offramp.placement.mover import MoveDeferred, MoveFailed, Mover, Ops, RayOps, live_ranges, stage_placement
 from offramp.placement.planner import Constraints, Pin, Plan, StageDeployment, Workload, evaluate, plan
 from offramp.placement.policy import Decision, Policy, PolicyConfig, detect_breaches
 from offramp.placement.signals import StageSignals
@@ -64,9 +64,9 @@ class ControllerConfig(BaseModel):
                                          "cluster's pool_<name> resources.")
     pins: list[Pin] = Field(default_factory=list, description="Operator pins (also read from the app's "
                             "args.placement.pins when present).")
-    max_knob: Literal["replicas", "pool", "precision"] = Field(
-        "replicas", description="Most expensive knob turned automatically: replicas; replicas and pools; or "
-        "replicas, pools and precision (split moves are deferred).")
+    max_knob: Literal["replicas", "pool", "precision", "split"] = Field(
+        "replicas", description="Most expensive knob turned automatically, in cost order: replicas; + pools; "
+        "+ precision; + split points (one boundary per move).")
     target_utilisation: float = Field(0.75, gt=0, le=1, description="Busy fraction per replica to plan for.")
     max_replicas_per_stage: int = Field(4, ge=1, description="Upper bound on one stage's replicas.")
     context_len: int = Field(512, ge=1, description="Average attended context assumed by the cost model.")
@@ -284,6 +284,10 @@ class PlacementController:
     def current(self) -> list[StageDeployment]:
         return stage_placement(self.ops.deployed_app_config(self.cfg.app) or {}, self.facts.ranges)
 
+    def ranges(self) -> list[tuple[int, int]]:
+        """Layers per stage as deployed now (split moves change them)."""
+        return live_ranges(self.ops.deployed_app_config(self.cfg.app) or {}, self.facts.ranges)
+
     def pools(self, current: list[StageDeployment]) -> list[PoolSpec]:
         if self.cfg.pools:
             return list(self.cfg.pools)
@@ -302,6 +306,7 @@ class PlacementController:
         return list(self.cfg.pins) + [Pin.model_validate(p) for p in extra]
 
     def observe(self) -> Observation | None:
+        self.collector.ranges = self.ranges()
         obs = self.collector.sample(self.ops.clock(), self.ops.registry_endpoints(self.cfg.app),
                                     self.ops.ingress_stats(self.cfg.app))
         if obs is not None:
@@ -329,9 +334,10 @@ class PlacementController:
             u = user.get(k)
             pool = (u.pool if u and u.pool else None) or (d.pool if self.cfg.max_knob == "replicas" else None)
             prec = (u.precision if u and u.precision else None) or (
-                d.precision if self.cfg.max_knob != "precision" else None)
+                d.precision if self.cfg.max_knob in ("replicas", "pool") else None)
             pins.append(Pin(stage=k, pool=pool, precision=prec, replicas=u.replicas if u else None))
-        c = Constraints(num_stages=len(current), split=[d.start for d in current[1:]], pins=pins,
+        split = None if self.cfg.max_knob == "split" else [d.start for d in current[1:]]
+        c = Constraints(num_stages=len(current), split=split, pins=pins,
                         tpot_slo_s=self.cfg.tpot_slo_s, target_utilisation=self.cfg.target_utilisation,
                         batch_size=max(1, round(max(batches))) if batches else 16,
                         max_replicas_per_stage=64)  # capped below: an over-bound plan is still a plan

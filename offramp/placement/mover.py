@@ -33,9 +33,20 @@ Knobs:
   (Serve merges deployment env vars into the app's runtime env, and a changed actor option
   is again a rolling update of that deployment alone; the stage reads the variable before
   its ``stages[].dtype`` arg). A move of both pool and precision makes both middle steps.
-* split points (knob ``split``): deferred - :class:`MoveDeferred`. A split move changes
-  the app ``args`` (so every deployment restarts) or needs new deployments with new
-  names that the ingress does not know; see docs/placement.md, "Split moves".
+* split points (knob ``split``): one boundary at a time. The layers of a deployment are
+  set per deployment in ``ray_actor_options.runtime_env.env_vars.OFFRAMP_STAGE_LAYERS``
+  (``start:end``; the app ``args`` - and so every other deployment - stay untouched).
+  Moving the boundary between Stage k and Stage k+1 from b to b' takes two rolling
+  updates: first the side that *gains* layers, then the side that loses them, each with
+  the same scale-to-2 guard as a pool move. Throughout, both chains stay complete because
+  the ingress routes by layer and may enter a replica inside its range (a replica of the
+  old Stage k+1, layers b..c, serves sequences arriving at b' > b from the grown Stage k);
+  see :class:`~offramp.deployments.pipeline.Router` and docs/placement.md, "Split moves".
+  A sequence whose replica goes away replays its tokens on the new chain.
+
+Crash safety covers moves that touch two deployments: reconcile compares every touched
+deployment with the intent, and a rollback restores them in reverse order (the shrunk side
+first), which is again a sequence of complete chains.
 """
 from __future__ import annotations
 
@@ -47,7 +58,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Literal, Protocol
 
-from offramp.deployments.config import PRECISIONS, STAGE_DTYPE_ENV, pool_of
+from offramp.deployments.config import PRECISIONS, STAGE_DTYPE_ENV, STAGE_LAYERS_ENV, parse_layers, pool_of
 from offramp.errors import OfframpError
 from offramp.placement.planner import StageDeployment
 from offramp.placement.policy import Move
@@ -165,9 +176,21 @@ def stage_arg(app_config: dict, k: int, key: str, default: str) -> str:
     return (stages[k] if k < len(stages) else {}).get(key, default)
 
 
+def _entry_env(entry: dict) -> dict:
+    return ((entry.get("ray_actor_options") or {}).get("runtime_env") or {}).get("env_vars") or {}
+
+
 def entry_precision(entry: dict, default: str = "fp32") -> str:
-    env = (((entry.get("ray_actor_options") or {}).get("runtime_env") or {}).get("env_vars") or {})
-    return env.get(STAGE_DTYPE_ENV) or default
+    return _entry_env(entry).get(STAGE_DTYPE_ENV) or default
+
+
+def live_ranges(app_config: dict, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Layers per stage as deployed: the app's split, overridden per deployment by split moves."""
+    out = []
+    for k, rng in enumerate(ranges):
+        v = _entry_env(deployment_entry(app_config, f"Stage{k}")).get(STAGE_LAYERS_ENV)
+        out.append(parse_layers(v) if v else tuple(rng))
+    return out
 
 
 def with_entry(app_config: dict, entry: dict) -> dict:
@@ -188,7 +211,7 @@ class Step:
 
     deployment: str  # e.g. "Stage2"
     stage: int
-    knob: Literal["num_replicas", "pool", "precision"]
+    knob: Literal["num_replicas", "pool", "precision", "layers"]
     value: Any
 
     def apply_to(self, app_config: dict) -> dict:
@@ -198,10 +221,11 @@ class Step:
                 raise MoveDeferred(f"{self.deployment}: num_replicas={self.value}; the mover never scales a stage "
                                    "below 1 (its layers would have no replica)")
             e["num_replicas"] = self.value
-        elif self.knob == "precision":
+        elif self.knob in ("precision", "layers"):
             opts = e.setdefault("ray_actor_options", {})
             renv = dict(opts.get("runtime_env") or {})
-            renv["env_vars"] = {**(renv.get("env_vars") or {}), STAGE_DTYPE_ENV: str(self.value)}
+            var = STAGE_DTYPE_ENV if self.knob == "precision" else STAGE_LAYERS_ENV
+            renv["env_vars"] = {**(renv.get("env_vars") or {}), var: str(self.value)}
             opts["runtime_env"] = renv
         else:
             opts = e.setdefault("ray_actor_options", {})
@@ -212,9 +236,10 @@ class Step:
 
 
 def stage_placement(app_config: dict, ranges: list[tuple[int, int]]) -> list[StageDeployment]:
-    """Current placement (stage k -> layers, pool, precision, replicas) from the applied config."""
+    """Current placement (stage k -> layers, pool, precision, replicas) from the applied config
+    (``ranges``: the app's split; split moves' per-deployment overrides win)."""
     out = []
-    for k, (start, end) in enumerate(ranges):
+    for k, (start, end) in enumerate(live_ranges(app_config, ranges)):
         e = deployment_entry(app_config, f"Stage{k}")
         out.append(StageDeployment(start=start, end=end, pool=entry_pool(e, stage_arg(app_config, k, "pool", "any")),
                                    precision=entry_precision(e, stage_arg(app_config, k, "dtype", "fp32")),
@@ -222,14 +247,72 @@ def stage_placement(app_config: dict, ranges: list[tuple[int, int]]) -> list[Sta
     return out
 
 
+def _guarded(app_config: dict, name: str, k: int, knob: str, value: Any) -> list[Step]:
+    """Steps that change ``knob`` of a deployment by a rolling update without ever leaving
+    it empty: at least 2 replicas during the change, then the count it had."""
+    n = entry_replicas(deployment_entry(app_config, name))
+    steps = [Step(name, k, "num_replicas", 2)] if n < 2 else []
+    steps.append(Step(name, k, knob, value))  # type: ignore[arg-type]
+    if n < 2:
+        steps.append(Step(name, k, "num_replicas", n))
+    return steps
+
+
+def split_steps(app_config: dict, ranges: list[tuple[int, int]], target: list[int]) -> list[Step]:
+    """Steps that shift one boundary of ``ranges`` to its value in ``target`` (split points:
+    the first layer of stages 1..N-1): the first boundary that can move there while both
+    neighbours keep a layer (one always can, for any target of the same stage count). The
+    stage that gains layers is rolled first, then the one that loses them."""
+    bounds = [r[0] for r in ranges[1:]]
+    n, last = len(ranges), ranges[-1][1]
+    if len(target) != len(bounds) or list(target) != sorted(set(target)) or not all(0 < t < last for t in target):
+        raise MoveDeferred(f"split {target} is not {len(bounds)} increasing layer indices in 1..{last - 1} "
+                           f"(a split move keeps the number of stages, {n})")
+    edges = [0, *bounds, last]
+    i = next((i for i in range(len(bounds)) if bounds[i] != target[i] and edges[i] < target[i] < edges[i + 2]), None)
+    if i is None:
+        return []  # already there
+    lo, hi, b = i, i + 1, target[i]  # the boundary between Stage i and Stage i+1 moves to b
+    for k in (lo, hi):
+        e = deployment_entry(app_config, f"Stage{k}")
+        if e.get("autoscaling_config") or entry_replicas(e) < 0:
+            raise MoveDeferred(f"Stage{k} is autoscaled by Serve; remove its autoscaling_config to let the "
+                               "placement controller move its layers")
+    new = {lo: (ranges[lo][0], b), hi: (b, ranges[hi][1])}
+    grow = lo if b > ranges[lo][1] else hi
+    steps = []
+    for k in (grow, hi if grow == lo else lo):
+        steps += _guarded(app_config, f"Stage{k}", k, "layers", f"{new[k][0]}:{new[k][1]}")
+    return steps
+
+
+def target_split(ranges: list[tuple[int, int]], move: Move) -> list[int]:
+    """The split a split move aims at: its ``split``, else the current one with the
+    boundary that ``move.deployment``'s layers imply (a move from an older policy)."""
+    if move.split is not None:
+        return list(move.split)
+    d, bounds = move.deployment, [r[0] for r in ranges[1:]]
+    starts = [r[0] for r in ranges]
+    if d.start in starts and starts.index(d.start) < len(bounds):
+        bounds[starts.index(d.start)] = d.end
+    elif d.end in [r[1] for r in ranges] and [r[1] for r in ranges].index(d.end) > 0:
+        bounds[[r[1] for r in ranges].index(d.end) - 1] = d.start
+    return bounds
+
+
 def plan_steps(app_config: dict, ranges: list[tuple[int, int]], move: Move) -> list[Step]:
-    """The Serve steps that make ``move`` (empty: nothing to do)."""
+    """The Serve steps that make ``move`` (empty: nothing to do). ``ranges``: the app's
+    split; the deployments' own layer overrides (earlier split moves) are applied here."""
     d = move.deployment
     if move.action == "rebalance":
         return []
-    if move.knob == "split" or (d.start, d.end) not in ranges:
-        raise MoveDeferred(f"layers {d.start}-{d.end - 1}: split-point moves are not made by the mover yet "
-                           "(they restart every stage); change `split` in the config and redeploy")
+    ranges = live_ranges(app_config, ranges)
+    if move.knob == "split" and move.action == "add" and move.split is not None:
+        return split_steps(app_config, ranges, move.split)
+    if (d.start, d.end) not in ranges:
+        if move.action == "remove":
+            return []  # the split move that made the new ranges already retired these layers
+        return split_steps(app_config, ranges, target_split(ranges, move))
     k = ranges.index((d.start, d.end))
     name = f"Stage{k}"
     e = deployment_entry(app_config, name)
@@ -320,7 +403,7 @@ class Mover:
                 self.ops.deploy_app_config(self.app, cfg)
                 self.wait(step.deployment, step.stage, entry_replicas(deployment_entry(cfg, step.deployment)))
             except Exception as e:  # noqa: BLE001 - any failure: restore, then report
-                self._restore(step.deployment, step.stage, before)
+                self._restore(steps[: i + 1], before)
                 self.ops.kv_del(self.key)
                 raise MoveFailed(f"{step.deployment}: step {i + 1}/{len(steps)} ({step.knob}={step.value}) failed: "
                                  f"{e}; restored its previous settings") from e
@@ -350,16 +433,21 @@ class Mover:
                                    f"{deadline_s or self.deadline_s:.0f}s (last state: {last})")
             self.ops.sleep(self.poll_s)
 
-    def _restore(self, deployment: str, stage: int, before: dict) -> None:
-        """Put ``deployment``'s entry back as in ``before`` (other deployments as they are now)."""
-        entry = deployment_entry(before, deployment)
-        try:
-            cfg = with_entry(self._config(), entry)
-            self.ops.deploy_app_config(self.app, cfg)
-            self.wait(deployment, stage, entry_replicas(entry))
-        except Exception as e:  # noqa: BLE001 - the operator must look; the intent log says what
-            log.error("restoring %s failed: %s", deployment, e)
-            self.on_event({"event": "restore_failed", "deployment": deployment, "error": str(e)})
+    def _restore(self, steps: list[Step], before: dict) -> None:
+        """Put the entries of the deployments ``steps`` touched back as in ``before`` (others
+        as they are now), the last touched first: undoing a split move shrinks the grown side
+        back only after the other side holds its old layers again, so chains stay complete."""
+        touched = list(dict.fromkeys((s.deployment, s.stage) for s in steps))
+        for deployment, stage in reversed(touched):
+            entry = deployment_entry(before, deployment)
+            try:
+                live = self._config()
+                if deployment_entry(live, deployment) != entry:
+                    self.ops.deploy_app_config(self.app, with_entry(live, entry))
+                self.wait(deployment, stage, entry_replicas(entry))
+            except Exception as e:  # noqa: BLE001 - the operator must look; the intent log says what
+                log.error("restoring %s failed: %s", deployment, e)
+                self.on_event({"event": "restore_failed", "deployment": deployment, "error": str(e)})
 
     # recovery --------------------------------------------------------------------------
     def reconcile(self) -> dict | None:
@@ -367,24 +455,26 @@ class Mover:
         intent = self.intent()
         if intent is None:
             return None
-        step = Step(**intent["steps"][max(intent["step"], 0)])
-        name = step.deployment
-        live = deployment_entry(self._config(), name)
-        target = deployment_entry(intent["target"], name)
-        before = deployment_entry(intent["before"], name)
-        last = intent["step"] == len(intent["steps"]) - 1
+        steps = [Step(**st) for st in intent["steps"]]
+        touched = list(dict.fromkeys(st.deployment for st in steps))
+        live_cfg = self._config()
+        live = {n: deployment_entry(live_cfg, n) for n in touched}
+        target = {n: deployment_entry(intent["target"], n) for n in touched}
+        before = {n: deployment_entry(intent["before"], n) for n in touched}
+        last = intent["step"] == len(steps) - 1
         if live == target and last:
+            step = steps[-1]
             try:
-                self.wait(name, step.stage, entry_replicas(target))
+                self.wait(step.deployment, step.stage, entry_replicas(target[step.deployment]))
                 outcome = "completed"
             except Exception as e:  # noqa: BLE001
-                self._restore(name, step.stage, intent["before"])
+                self._restore(steps, intent["before"])
                 outcome = f"rolled back: the applied move did not become healthy ({e})"
         elif live == before:
             outcome = "dropped: the move was never applied"
         else:
-            self._restore(name, step.stage, intent["before"])
-            outcome = f"rolled back: stopped at step {intent['step'] + 1}/{len(intent['steps'])}"
+            self._restore(steps[: max(intent["step"], 0) + 1], intent["before"])
+            outcome = f"rolled back: stopped at step {intent['step'] + 1}/{len(steps)}"
         self.ops.kv_del(self.key)
         report = {"intent": intent["id"], "move": intent["move"], "outcome": outcome}
         self.on_event({"event": "reconcile", **report})

@@ -37,6 +37,8 @@ class Move(BaseModel):
     deployment: StageDeployment = Field(..., description="Target deployment (for set_replicas: the new count).")
     replicas_from: int = Field(0, description="Replicas before the move.")
     replicas_to: int = Field(0, description="Replicas after the move.")
+    split: list[int] | None = Field(None, description="Knob split: the target plan's split points; the mover "
+                                    "shifts one boundary toward them per move.")
     reason: str = Field("", description="Why, for people reading the log.")
 
 
@@ -100,6 +102,7 @@ def diff(current: Sequence[StageDeployment], target: Sequence[StageDeployment],
     cur = {d.key: d for d in current}
     ranges = {(d.start, d.end) for d in current}
     tkeys = {d.key for d in target}
+    tsplit = [d.start for d in sorted(target, key=lambda d: d.start)[1:]]
     grow: list[Move] = []
     for t in sorted(target, key=lambda d: d.key):
         if t.key in cur:
@@ -113,6 +116,7 @@ def diff(current: Sequence[StageDeployment], target: Sequence[StageDeployment],
             what = (f"move layers {t.start}-{t.end - 1} to {t.pool}/{t.precision}" if knob == "pool"
                     else f"new split: layers {t.start}-{t.end - 1} on {t.pool}/{t.precision}")
             grow.append(Move(action="add", knob=knob, deployment=t, replicas_from=0, replicas_to=t.replicas,
+                             split=tsplit if knob == "split" else None,
                              reason=f"{what} x{t.replicas} (added before the old one is removed)"))
     grow.sort(key=lambda m: (KNOB_RANK[m.knob], m.replicas_to < m.replicas_from, m.deployment.key))
     shrink: list[Move] = []
