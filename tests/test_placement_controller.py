@@ -134,6 +134,24 @@ class FakeOps:
                 st["busy_s"] += self.busy[k] * s
 
 
+@pytest.fixture(params=[True, False], ids=["surge", "scale-to-2"])
+def surge(request, monkeypatch):
+    """Both make-before-break guards: Serve's max_surge_percent (one step) and, for Serve
+    without it, scaling to 2 replicas around the change."""
+    import offramp.placement.mover as mover_mod
+
+    monkeypatch.setattr(mover_mod, "serve_surges", lambda: request.param)
+    return request.param
+
+
+def guarded(name, knob, value, surge, n=1):
+    """The steps the mover makes to change ``knob`` of a deployment of ``n`` replicas."""
+    if surge:
+        return [(name, knob, value)]
+    return ([(name, "num_replicas", 2)] if n < 2 else []) + [(name, knob, value)] + (
+        [(name, "num_replicas", n)] if n < 2 else [])
+
+
 def controller(ops, **kw):
     pol = kw.pop("policy", {})
     cfg = ControllerConfig(app=APP, interval_s=5, pools=POOLS, target_utilisation=0.5,
@@ -211,7 +229,7 @@ def test_new_replica_has_no_rate_yet():
 
 
 # -- pure config editing -------------------------------------------------------------------
-def test_placement_from_config_and_steps():
+def test_placement_from_config_and_steps(surge):
     cfg = app_config(replicas=(1, 2, 1, 1))
     cur = stage_placement(cfg, RANGES)
     assert [(d.pool, d.replicas) for d in cur] == [("gpu", 1), ("gpu", 2), ("cpu", 1), ("cpu", 1)]
@@ -225,13 +243,14 @@ def test_placement_from_config_and_steps():
         Step("Stage2", 2, "num_replicas", 0).apply_to(cfg)
     pool = Move(action="add", knob="pool", deployment=StageDeployment(start=2, end=3, pool="gpu", replicas=1),
                 replicas_to=1)
-    steps = plan_steps(cfg, RANGES, pool)  # make before break: 2 on the old pool, switch, back to 1
-    assert [(s.knob, s.value) for s in steps] == [("num_replicas", 2), ("pool", "gpu"), ("num_replicas", 1)]
+    steps = plan_steps(cfg, RANGES, pool)  # make before break: surge, or 2 on the old pool, switch, back to 1
+    assert [(s.deployment, s.knob, s.value) for s in steps] == guarded("Stage2", "pool", "gpu", surge)
     moved = cfg
     for s in steps:
         moved = s.apply_to(moved)
     e = deployment_entry(moved, "Stage2")
     assert e["ray_actor_options"]["resources"] == {"pool_gpu": 1} and e["ray_actor_options"]["num_cpus"] == 0.5
+    assert e.get("max_surge_percent") == (100 if surge else None)
     remove_old = Move(action="remove", knob="pool", deployment=cur[2], replicas_from=1)
     assert plan_steps(moved, RANGES, remove_old) == []
     split = Move(action="add", knob="split", deployment=StageDeployment(start=0, end=2, pool="gpu"), replicas_to=1)
@@ -317,15 +336,14 @@ def split_move(split):
     ([2, 5, 6], ("Stage1", "2:5"), ("Stage2", "5:6")),  # boundary 4 -> 5: Stage1 gains layer 4
     ([2, 3, 6], ("Stage2", "3:6"), ("Stage1", "2:3")),  # boundary 4 -> 3: Stage2 gains layer 3
 ])
-def test_split_move_grows_one_side_then_shrinks_the_other(target, grow, shrink):
+def test_split_move_grows_one_side_then_shrinks_the_other(target, grow, shrink, surge):
     ops = FakeOps(app_config())
     before = copy.deepcopy(ops.config)
     steps = plan_steps(ops.config, RANGES8, split_move(target))
-    assert [(s.deployment, s.knob, s.value) for s in steps] == [
-        (grow[0], "num_replicas", 2), (grow[0], "layers", grow[1]), (grow[0], "num_replicas", 1),
-        (shrink[0], "num_replicas", 2), (shrink[0], "layers", shrink[1]), (shrink[0], "num_replicas", 1)]
+    expect = guarded(grow[0], "layers", grow[1], surge) + guarded(shrink[0], "layers", shrink[1], surge)
+    assert [(s.deployment, s.knob, s.value) for s in steps] == expect
     res = Mover(APP, ops, RANGES8, deadline_s=30).apply(split_move(target))
-    assert res.outcome == "applied" and len(res.steps) == 6
+    assert res.outcome == "applied" and len(res.steps) == len(expect)
     assert live_ranges(ops.config, RANGES8) == [(0, 2), (2, target[1]), (target[1], 6), (6, 8)]
     assert [(d.start, d.end) for d in stage_placement(ops.config, RANGES8)] == live_ranges(ops.config, RANGES8)
     assert ops.config["args"] == before["args"]  # no other deployment restarts
@@ -338,7 +356,7 @@ def test_split_move_grows_one_side_then_shrinks_the_other(target, grow, shrink):
     assert plan_steps(ops.config, RANGES8, split_move(target)) == []
 
 
-def test_split_move_reaches_any_target_one_boundary_at_a_time():
+def test_split_move_reaches_any_target_one_boundary_at_a_time(surge):
     ops = FakeOps(app_config(replicas=(2, 2, 2, 2)))
     mover = Mover(APP, ops, RANGES8, deadline_s=30)
     seen = []
@@ -346,7 +364,7 @@ def test_split_move_reaches_any_target_one_boundary_at_a_time():
         res = mover.apply(split_move([3, 6, 7]))  # boundaries 2->3 and 6->7 first, then 4->6
         if res.outcome == "noop":
             break
-        assert len(res.steps) == 2  # 2 replicas already: no scale-up guard
+        assert len(res.steps) == 2  # 2 replicas already: no scale-up guard either way
         seen.append(live_ranges(ops.config, RANGES8))
     assert seen[-1] == [(0, 3), (3, 6), (6, 7), (7, 8)] and len(seen) == 3
     for bad, msg in [([3, 3, 7], "increasing"), ([3, 6], "keeps the number of stages"), ([3, 6, 8], "1..7")]:
@@ -354,13 +372,15 @@ def test_split_move_reaches_any_target_one_boundary_at_a_time():
             mover.apply(split_move(bad))
 
 
-def test_recover_rolls_back_half_applied_split_move_in_reverse_order():
+def test_recover_rolls_back_half_applied_split_move_in_reverse_order(surge):
     ops = FakeOps(app_config())
     before = copy.deepcopy(ops.config)
-    real = crashing_apply(ops, (5, "after"))  # Stage1 grown (3 steps), Stage2 at 2 replicas, its layers applied
+    # Stage1 grown, then the crash: with surge (2 steps) just before Stage2's step is applied;
+    # with the scale-to-2 guard (6 steps) just after Stage2's layers are applied
+    real = crashing_apply(ops, (2, "before") if surge else (5, "after"))
     with pytest.raises(Crash):
         Mover(APP, ops, RANGES8).apply(split_move([2, 5, 6]))
-    assert live_ranges(ops.config, RANGES8) == [(0, 2), (2, 5), (5, 6), (6, 8)]
+    assert live_ranges(ops.config, RANGES8) == [(0, 2), (2, 5), (4 if surge else 5, 6), (6, 8)]
     ops.deploy_app_config = real
     n = len(ops.applied)
     report = Mover(APP, ops, RANGES8).reconcile()
@@ -369,7 +389,7 @@ def test_recover_rolls_back_half_applied_split_move_in_reverse_order():
     configs = ops.applied[n - 1:]
     changed = [[f"Stage{k}" for k in range(4) if deployment_entry(a, f"Stage{k}") != deployment_entry(b, f"Stage{k}")]
                for a, b in zip(configs, configs[1:])]
-    assert changed == [["Stage2"], ["Stage1"]]
+    assert changed == ([["Stage1"]] if surge else [["Stage2"], ["Stage1"]])
     for k in range(4):
         assert deployment_entry(ops.config, f"Stage{k}") == deployment_entry(before, f"Stage{k}")
 
@@ -438,7 +458,10 @@ def test_recover_from_persisted_intent(when, expect, reps):
     assert ctl.recover() is None
 
 
-def test_recover_rolls_back_half_applied_pool_move():
+def test_recover_rolls_back_half_applied_pool_move(monkeypatch):
+    import offramp.placement.mover as mover_mod
+
+    monkeypatch.setattr(mover_mod, "serve_surges", lambda: False)  # the 3-step guard (a 1-step move just completes)
     ops = FakeOps(app_config())
     real = crashing_apply(ops, (2, "after"))  # step 1 (2 replicas) done, step 2 (pool switch) applied, then crash
     pool_move = Move(action="add", knob="pool", deployment=StageDeployment(start=3, end=4, pool="gpu", replicas=1),
@@ -509,15 +532,16 @@ def test_registry_combines_every_ingress_replica(monkeypatch):
     assert reg.ingress_totals() is None
 
 
-def test_precision_move_is_make_before_break_and_touches_one_deployment():
+def test_precision_move_is_make_before_break_and_touches_one_deployment(surge):
     ops = FakeOps(app_config())
     before = copy.deepcopy(ops.config)
     move = Move(action="add", knob="pool",
                 deployment=StageDeployment(start=3, end=4, pool="cpu", precision="bf16", replicas=1), replicas_to=1)
     steps = plan_steps(ops.config, RANGES, move)
-    assert [(s.knob, s.value) for s in steps] == [("num_replicas", 2), ("precision", "bf16"), ("num_replicas", 1)]
+    expect = guarded("Stage3", "precision", "bf16", surge)
+    assert [(s.deployment, s.knob, s.value) for s in steps] == expect
     res = Mover(APP, ops, RANGES, deadline_s=30, poll_s=0.5).apply(move)
-    assert res.outcome == "applied" and len(res.steps) == 3
+    assert res.outcome == "applied" and len(res.steps) == len(expect)
     e = deployment_entry(ops.config, "Stage3")
     assert e["ray_actor_options"]["runtime_env"]["env_vars"] == {"OFFRAMP_STAGE_DTYPE": "bf16"}
     assert e["ray_actor_options"]["resources"] == {"pool_cpu": 1} and e["num_replicas"] == 1

@@ -7,6 +7,8 @@
 * ``apply``: make those moves now, one at a time, through the same mover (make before
   break, durable intent, rollback) - an operator's order, so the hysteresis trigger is
   skipped; ``--dry-run`` only prints them. Refused while the controller actor runs.
+  ``apply --split 3,6`` instead moves the split points there, live: one boundary per
+  move (the stage gaining layers rolls first, then its neighbour), no request lost.
 * ``start`` / ``stop``: run the controller in the cluster as a detached actor.
 """
 from __future__ import annotations
@@ -36,6 +38,9 @@ def register(sub) -> None:
         c.add_argument("--dry-run", action="store_true", help="decide and log, change nothing")
         if name == "apply":
             c.add_argument("--max-moves", type=int, default=1, help="moves to make now")
+            c.add_argument("--split", type=_split_arg, metavar="B1,B2,...",
+                           help="move the split points (first layer of stages 1..N-1) here instead, one "
+                           "boundary at a time, while traffic flows; the number of stages stays")
         if name == "start":
             c.add_argument("--interval", type=float, help="seconds between control intervals")
         c.set_defaults(func=fn)
@@ -114,6 +119,48 @@ def _plan(args) -> int:
     return 0
 
 
+def _split_arg(text: str) -> list[int]:
+    import argparse
+
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--split {text!r}: expected layer indices like 3,6") from None
+
+
+def _apply_split(ctl, split: list[int], dry_run: bool) -> list[dict]:
+    """Move the split points to ``split``, one boundary per move, each re-reading the live
+    layers; a dry run shows the first move's Serve steps."""
+    from offramp.placement.mover import MoveDeferred, MoveFailed, plan_steps
+    from offramp.placement.planner import StageDeployment
+    from offramp.placement.policy import Move
+
+    cur = ctl.current()
+    d = StageDeployment(start=0, end=split[0] if split else cur[0].end, pool=cur[0].pool,
+                        precision=cur[0].precision, replicas=cur[0].replicas)
+    m = Move(action="add", knob="split", deployment=d, split=split, replicas_from=d.replicas,
+             replicas_to=d.replicas, reason=f"operator: split points -> {split}")
+    done = []
+    for _ in range(len(split) + 1):  # each boundary moves once, straight to its target
+        rec = {"move": json.loads(m.model_dump_json())}
+        try:
+            if dry_run:
+                steps = plan_steps(ctl.ops.deployed_app_config(ctl.cfg.app) or {}, ctl.facts.ranges, m)
+                rec.update(steps=[s.__dict__ for s in steps], result="dry run: not applied")
+                done.append(rec)
+                break  # the next boundary depends on this one being moved
+            res = ctl.mover.apply(m)
+        except (MoveDeferred, MoveFailed) as e:
+            rec["result"] = f"{type(e).__name__}: {e}"
+            done.append(rec)
+            break
+        if res.outcome == "noop":
+            break  # reached
+        rec.update(steps=res.steps, result=f"{res.outcome} in {res.seconds:.1f}s")
+        done.append(rec)
+    return done
+
+
 def _apply(args) -> int:
     from offramp.placement.mover import MoveDeferred, MoveFailed
 
@@ -124,19 +171,21 @@ def _apply(args) -> int:
     ctl = _local(args)
     if ctl.mover.intent() is not None:
         print(f"reconciling a half-done move first: {ctl.recover()}", file=sys.stderr)
-    moves = _moves(ctl)[: args.max_moves]
-    done = []
-    for m in moves:
-        rec = {"move": json.loads(m.model_dump_json())}
-        if args.dry_run:
-            rec["result"] = "dry run: not applied"
-        else:
-            try:
-                res = ctl.mover.apply(m)
-                rec["result"] = f"{res.outcome} in {res.seconds:.1f}s"
-            except (MoveDeferred, MoveFailed) as e:
-                rec["result"] = f"{type(e).__name__}: {e}"
-        done.append(rec)
+    if args.split is not None:
+        done = _apply_split(ctl, args.split, args.dry_run)
+    else:
+        done = []
+        for m in _moves(ctl)[: args.max_moves]:
+            rec = {"move": json.loads(m.model_dump_json())}
+            if args.dry_run:
+                rec["result"] = "dry run: not applied"
+            else:
+                try:
+                    res = ctl.mover.apply(m)
+                    rec["result"] = f"{res.outcome} in {res.seconds:.1f}s"
+                except (MoveDeferred, MoveFailed) as e:
+                    rec["result"] = f"{type(e).__name__}: {e}"
+            done.append(rec)
     _print({"moves": done, "placement": ctl.status(0)["placement"]}, args.json)
     return 0 if all(not r["result"].startswith("MoveFailed") for r in done) else 1
 

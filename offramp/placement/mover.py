@@ -23,23 +23,25 @@ Knobs:
 * ``set_replicas`` (knob ``replicas``): one step. Never to 0 - the last replica holding a
   layer is never removed.
 * ``add`` on a new pool for the same layers (knob ``pool``): Serve replaces replicas on a
-  resource change by a rolling update, stopping old ones while starting new ones. With
-  one replica that leaves the stage empty for a replica start, so the mover first scales
-  the deployment to at least 2 on the old pool, then switches the pool (the rolling
-  update then always keeps a live replica), then sets the target count. The matching
+  resource change by a rolling update. By default that stops old replicas while starting
+  new ones, which with one replica leaves the stage empty for a replica start. Where Serve
+  has ``max_surge_percent`` (2.60+) the step also sets it to 100, so Serve readies the new
+  replicas before it stops the old ones (one step); on older Serve the mover first scales
+  the deployment to at least 2 on the old pool, then switches the pool (the rolling update
+  then always keeps a live replica), then sets the target count. The matching
   ``remove`` of the old pool is then a no-op (the deployment is already on the new pool).
-* precision (same layers and pool, other dtype): the same three steps, with the middle one
+* precision (same layers and pool, other dtype): the same steps, with the pool one
   setting ``ray_actor_options.runtime_env.env_vars.OFFRAMP_STAGE_DTYPE`` of that deployment
   (Serve merges deployment env vars into the app's runtime env, and a changed actor option
   is again a rolling update of that deployment alone; the stage reads the variable before
-  its ``stages[].dtype`` arg). A move of both pool and precision makes both middle steps.
+  its ``stages[].dtype`` arg). A move of both pool and precision makes both steps.
 * split points (knob ``split``): one boundary at a time. The layers of a deployment are
   set per deployment in ``ray_actor_options.runtime_env.env_vars.OFFRAMP_STAGE_LAYERS``
   (``start:end``; the app ``args`` - and so every other deployment - stay untouched).
   Moving the boundary between Stage k and Stage k+1 from b to b' takes two rolling
   updates: first the side that *gains* layers, then the side that loses them, each with
-  the same scale-to-2 guard as a pool move. Throughout, both chains stay complete because
-  the ingress routes by layer and may enter a replica inside its range (a replica of the
+  the same guard as a pool move (surge, or scale to 2). Throughout, both chains stay
+  complete because the ingress routes by layer and may enter a replica inside its range (a replica of the
   old Stage k+1, layers b..c, serves sequences arriving at b' > b from the grown Stage k);
   see :class:`~offramp.deployments.pipeline.Router` and docs/placement.md, "Split moves".
   A sequence whose replica goes away replays its tokens on the new chain.
@@ -51,6 +53,7 @@ first), which is again a sequence of complete chains.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import time
@@ -205,17 +208,34 @@ def with_entry(app_config: dict, entry: dict) -> dict:
     return cfg
 
 
+@functools.lru_cache(maxsize=1)
+def serve_surges() -> bool:
+    """True when this Ray Serve takes ``max_surge_percent`` on a deployment (2.60 does): a
+    rolling update then starts and readies the new replicas before it stops old ones."""
+    try:
+        from ray.serve.schema import DeploymentSchema
+
+        return "max_surge_percent" in DeploymentSchema.model_fields
+    except Exception:  # noqa: BLE001 - no Serve here: the fallback guard is always correct
+        return False
+
+
 @dataclass(frozen=True)
 class Step:
-    """One Serve apply: one knob of one deployment."""
+    """One Serve apply: one knob of one deployment. ``surge``: also set the deployment's
+    ``max_surge_percent`` to 100, so the rolling update this step causes is make before
+    break inside Serve (new replicas ready, then old ones stop)."""
 
     deployment: str  # e.g. "Stage2"
     stage: int
     knob: Literal["num_replicas", "pool", "precision", "layers"]
     value: Any
+    surge: bool = False
 
     def apply_to(self, app_config: dict) -> dict:
         e = copy.deepcopy(deployment_entry(app_config, self.deployment))
+        if self.surge:
+            e["max_surge_percent"] = 100
         if self.knob == "num_replicas":
             if not isinstance(self.value, int) or self.value < 1:
                 raise MoveDeferred(f"{self.deployment}: num_replicas={self.value}; the mover never scales a stage "
@@ -249,7 +269,10 @@ def stage_placement(app_config: dict, ranges: list[tuple[int, int]]) -> list[Sta
 
 def _guarded(app_config: dict, name: str, k: int, knob: str, value: Any) -> list[Step]:
     """Steps that change ``knob`` of a deployment by a rolling update without ever leaving
-    it empty: at least 2 replicas during the change, then the count it had."""
+    it empty: one step with Serve's surge where it has it, else at least 2 replicas during
+    the change, then the count it had."""
+    if serve_surges():
+        return [Step(name, k, knob, value, surge=True)]  # type: ignore[arg-type]
     n = entry_replicas(deployment_entry(app_config, name))
     steps = [Step(name, k, "num_replicas", 2)] if n < 2 else []
     steps.append(Step(name, k, knob, value))  # type: ignore[arg-type]
@@ -333,14 +356,15 @@ def plan_steps(app_config: dict, ranges: list[tuple[int, int]], move: Move) -> l
         if d.precision not in PRECISIONS:
             raise MoveDeferred(f"{name}: precision {d.precision!r} is not one a stage loads "
                                f"({', '.join(PRECISIONS)}); the planner's int8 is not served yet")
+        surge = serve_surges()
         steps = []
-        if cur_n < 2:
+        if cur_n < 2 and not surge:
             steps.append(Step(name, k, "num_replicas", 2))
         if new_pool:
-            steps.append(Step(name, k, "pool", d.pool))
+            steps.append(Step(name, k, "pool", d.pool, surge))
         if new_prec:
-            steps.append(Step(name, k, "precision", d.precision))
-        if move.replicas_to != max(cur_n, 2):
+            steps.append(Step(name, k, "precision", d.precision, surge))
+        if move.replicas_to != (cur_n if surge else max(cur_n, 2)):
             steps.append(Step(name, k, "num_replicas", move.replicas_to))
         return steps
     if move.action == "remove":
@@ -400,8 +424,13 @@ class Mover:
             self._save(intent)  # written before the apply: a crash from here on is reconciled
             self.on_event({"event": "step", "intent": intent["id"], "step": asdict(step)})
             try:
+                # A step that restarts replicas is done when none of the old ones runs: right
+                # after the apply, Serve may still report the old replica set HEALTHY.
+                old = set() if step.knob == "num_replicas" else set(
+                    (self.ops.deployment_states(self.app).get(step.deployment) or {}).get("running", []))
                 self.ops.deploy_app_config(self.app, cfg)
-                self.wait(step.deployment, step.stage, entry_replicas(deployment_entry(cfg, step.deployment)))
+                self.wait(step.deployment, step.stage, entry_replicas(deployment_entry(cfg, step.deployment)),
+                          replaced=old)
             except Exception as e:  # noqa: BLE001 - any failure: restore, then report
                 self._restore(steps[: i + 1], before)
                 self.ops.kv_del(self.key)
@@ -410,9 +439,11 @@ class Mover:
         self.ops.kv_del(self.key)
         return MoveResult(move.model_dump(mode="json"), [asdict(s) for s in steps], self.ops.clock() - t0, "applied")
 
-    def wait(self, deployment: str, stage: int, replicas: int, deadline_s: float | None = None) -> None:
-        """Until ``deployment`` is HEALTHY with exactly ``replicas`` RUNNING (no old ones left)
-        and all of them heartbeating in the registry. Raises TimeoutError / RuntimeError."""
+    def wait(self, deployment: str, stage: int, replicas: int, deadline_s: float | None = None,
+             replaced: set[str] = frozenset()) -> None:
+        """Until ``deployment`` is HEALTHY with exactly ``replicas`` RUNNING, none of them in
+        ``replaced`` (the replicas a restarting step replaces), and all of them heartbeating in
+        the registry. Raises TimeoutError / RuntimeError."""
         end = self.ops.clock() + (deadline_s or self.deadline_s)
         last: Any = None
         while True:
@@ -422,7 +453,7 @@ class Mover:
                 if st["status"] in ("DEPLOY_FAILED",):
                     raise RuntimeError(f"Serve reports {deployment} {st['status']}")
                 running = set(st["running"])
-                if (st["status"] == "HEALTHY" and len(running) == replicas
+                if (st["status"] == "HEALTHY" and len(running) == replicas and not running & replaced
                         and sum(st["replicas"].values()) == replicas):
                     registered = {e["replica"] for e in self.ops.registry_endpoints(self.app) if e["stage"] == stage}
                     if running <= registered:
