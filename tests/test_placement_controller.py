@@ -558,3 +558,22 @@ def test_precision_move_is_make_before_break_and_touches_one_deployment(surge):
     int8 = move.model_copy(update={"deployment": old.model_copy(update={"precision": "int8"})})
     with pytest.raises(MoveDeferred, match="int8"):
         plan_steps(ops.config, RANGES, int8)
+
+
+def test_controller_applies_a_split_move_when_allowed():
+    """8 layers in 4 stages, stages 2-3 saturated on the CPU pool: with ``max_knob: split``
+    the controller also shifts a boundary (one per move, through the mover); the deployed
+    ranges stay contiguous over all 8 layers and every decision carries its reason."""
+    m8 = ModelSpec(name="t8", num_layers=8, hidden=1024, intermediate=4096, heads=16, kv_heads=16, vocab=32000)
+    ops = FakeOps(app_config())
+    ops.busy = {0: 0.3, 1: 0.3, 2: 0.95, 3: 0.95}
+    cfg = ControllerConfig(app=APP, interval_s=5, pools=POOLS, target_utilisation=0.5, max_knob="split",
+                           policy=PolicyConfig(sustain_intervals=2, cooldown_s=60))
+    ctl = PlacementController(cfg, ops, AppFacts(RANGES8, m8, max_context=256))
+    recs = [r for rs in run(ctl, ops, 6) for r in rs]
+    splits = [r for r in recs if r["outcome"] == "apply" and r["move"]["knob"] == "split"]
+    assert splits and all(r["result"].startswith("applied") and r["reason"] for r in splits)
+    ranges = live_ranges(ops.config, RANGES8)
+    assert ranges != RANGES8 and ranges[0][0] == 0 and ranges[-1][1] == 8
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert [(d.start, d.end) for d in ctl.current()] == ranges

@@ -276,6 +276,7 @@ def test_split_moves_live_under_load(serve_cluster):
                 out = _cli(["placement", "apply", "--split", ",".join(map(str, split)), "--window", "1", "--json"])
                 (rec,) = out["moves"]
                 assert rec["result"].startswith("applied"), rec
+                print(f"split -> {split}: {rec['result']}, steps {[(s['deployment'], s['value']) for s in rec['steps']]}")
                 assert [s["knob"] for s in rec["steps"]].count("layers") == 2, rec["steps"]
                 assert len(rec["steps"]) == (2 if serve_surges() else 6), rec["steps"]
                 assert [p["layers"] for p in out["placement"]] == [[a, b - 1] for _, (a, b) in want]
