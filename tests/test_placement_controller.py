@@ -577,3 +577,46 @@ def test_controller_applies_a_split_move_when_allowed():
     assert ranges != RANGES8 and ranges[0][0] == 0 and ranges[-1][1] == 8
     assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
     assert [(d.start, d.end) for d in ctl.current()] == ranges
+
+
+def test_pool_speed_is_fitted_from_startup_profiles():
+    """Replicas publish start-up profiles (bare-layer decode steps); the controller fits the
+    pool's overhead / bandwidth / FLOP rate to them and plans with the fitted pool."""
+    from offramp.placement.cost_model import CostModel, ProfileSample
+
+    true_cpu = POOLS[1].model_copy(update={"fixed_overhead_s": 0.004, "mem_bandwidth": 8e9, "flops": 1e10})
+    cm = CostModel(MODEL)
+
+    def sample(batch, layers):  # what a replica on the true device would measure
+        from offramp.placement.cost_model import _sample_work
+
+        nbytes, flops = _sample_work(MODEL, ProfileSample(batch=batch, layers=layers, seconds=1, context=64), "fp32")
+        t = true_cpu.fixed_overhead_s + max(nbytes / true_cpu.mem_bandwidth, flops / true_cpu.flops)
+        return {"batch": batch, "layers": layers, "seconds": t, "context": 64}
+
+    ops = FakeOps(app_config())
+    real = ops.registry_endpoints
+
+    def with_profiles(app):
+        out = []
+        for e in real(app):
+            pool = "cpu" if e["stage"] >= 2 else "gpu"
+            prof = [sample(b, n) for b in (1, 4, 16, 64, 256) for n in (1, 2)] if pool == "cpu" else []
+            out.append({**e, "pool": pool, "dtype": "fp32", "profile": prof})
+        return out
+
+    ops.registry_endpoints = with_profiles
+    ctl = controller(ops)
+    run(ctl, ops, 2)
+    cpu = {p.name: p for p in ctl.pools(ctl.current())}["cpu"]
+    assert cpu.fixed_overhead_s == pytest.approx(0.004, rel=0.05)
+    assert cpu.mem_bandwidth == pytest.approx(8e9, rel=0.05) and cpu.flops == pytest.approx(1e10, rel=0.05)
+    gpu = {p.name: p for p in ctl.pools(ctl.current())}["gpu"]
+    assert gpu == POOLS[0]  # no profile: the configured figures
+    assert set(ctl.status()["pool_fits"]) == {"cpu"}
+    for batch, layers in ((8, 3), (128, 3)):  # predictions off the measured grid
+        assert cm.decode_step(0, layers, cpu, "fp32", batch, 64, calibrated=False).seconds == pytest.approx(
+            sample(batch, layers)["seconds"], rel=0.05)
+    off = controller(ops, profile_pools=False)
+    off.observe()
+    assert {p.name: p for p in off.pools(off.current())}["cpu"] == POOLS[1]

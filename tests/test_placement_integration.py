@@ -250,6 +250,8 @@ def test_split_moves_live_under_load(serve_cluster):
     try:
         wait_running(180, want={"Stage0": 1, "Stage1": 1})
         _until(lambda: layers() == [(0, (0, 2)), (1, (2, 4))], 60, "the 2-stage app registered", info=layers)
+        # every replica warmed up and profiled its layers before registering (the cost model's seed)
+        assert all({p["batch"] for p in e["profile"]} >= {1, 16} for e in registry_endpoints()), registry_endpoints()
         args_before = rayops.deployed_app_config(APP)["args"]
         load = Load(serve_cluster, max_s=400)
         least_running = {"Stage0": 1, "Stage1": 1}  # make before break: a stage is never without a replica

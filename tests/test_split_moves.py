@@ -227,3 +227,16 @@ def test_router_prefers_a_replica_starting_at_the_layer(tiny_model_dir):
     assert r.pick(3).replica == "b"  # the fallback while c is gone
     with pytest.raises(errors.StageUnavailable, match="layer 1"):
         r.pick(1)  # only the first stage holds layer 1, and it is entered with token ids
+
+
+def test_startup_profile_times_bare_layers_and_leaves_no_trace(tiny_model_dir):
+    w = _worker(tiny_model_dir, (1, 3), 1, 3)
+    samples = w.profile(batches=(1, 4, 16), context=32, repeats=2)
+    # 16 capped at the replica's 8 KV slots; all 2 layers and the last one alone
+    assert [(s["batch"], s["layers"]) for s in samples] == [(1, 1), (1, 2), (4, 1), (4, 2), (8, 1), (8, 2)]
+    assert all(s["context"] == 32 and s["seconds"] > 0 for s in samples)
+    assert w.cache.free_slots() == 8 and not w.cache.slot_of and not w.entry and not w.pending
+    # the replica serves exactly as before
+    h = torch.randn(3, load_spec(tiny_model_dir).hidden_size)
+    ref = _worker(tiny_model_dir, (1, 3), 1, 3).step([StepRow("a", h, 2, policy=OFF)])[0].hidden
+    assert torch.allclose(w.step([StepRow("a", h, 2, policy=OFF)])[0].hidden, ref)

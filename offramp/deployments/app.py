@@ -82,15 +82,21 @@ class StageDeployment:
         max_seq = min(args.max_context or spec.max_position, spec.max_position)
         self.worker = StageWorker(stage, index, len(ranges), exits, max_slots=sa.max_sequences, max_seq=max_seq,
                                   kv_fill=args.exit.kv_fill, device=device)
+        # Warm-up + a quick profile of the bare layers before the replica takes traffic (its
+        # first requests do not pay lazy initialisation; the controller seeds its cost model).
+        emulate = args.emulate_pools.get(pool)
+        profile = self.worker.profile() if sa.profile_on_start else []
+        if emulate is not None:  # a modelled device: its profile is the modelled speed
+            profile = [{**p, "seconds": max(p["seconds"], emulate.seconds(p["batch"]))} for p in profile]
         self.app_name, self.replica = rayops.replica_context()
         registry = rayops.registry(self.app_name)
         token = rayops.get(registry.token.remote())
         self.server = StageServer(self.worker, token, host=rayops.node_ip(), max_batch_size=sa.max_batch_size,
                                   batch_wait_timeout_s=sa.batch_wait_timeout_s, stats=self._record,
                                   labels={"pool": pool, "replica": self.replica, "precision": sa.dtype},
-                                  emulate=args.emulate_pools.get(pool))
+                                  emulate=emulate)
         self.entry = {"stage": index, "replica": self.replica, "host": self.server.host, "port": self.server.port,
-                      "layers": list(layers), "pool": pool, "device": device, "dtype": sa.dtype}
+                      "layers": list(layers), "pool": pool, "device": device, "dtype": sa.dtype, "profile": profile}
         self.steps = {"batches": 0, "rows": 0, "positions": 0, "busy_s": 0.0,
                       "decode_batches": 0, "decode_s": 0.0,  # batches of one position per row
                       "prefill_batches": 0, "prefill_s": 0.0, "prefill_positions": 0}  # the others
@@ -166,7 +172,9 @@ class OfframpIngress(GrpcIngressMixin):
         from offramp.deployments.pipeline import PipelineBackend, Router
 
         args = AppArgs.model_validate(args)
-        model_dir, spec, ranges, _ = _model_facts(args)
+        from offramp.ops.online_tuning import AgreementTuner
+
+        model_dir, spec, ranges, exits = _model_facts(args)
         self.stages = stages  # Serve handles: control calls and the hop benchmark
         app_name, _ = rayops.replica_context()
         registry = rayops.registry(app_name)
@@ -180,7 +188,9 @@ class OfframpIngress(GrpcIngressMixin):
             len(ranges), Router(len(ranges), token, lookup, num_layers=spec.num_layers), eos_token_ids=spec.eos_token_ids, max_seq=max_seq,
             vocab_size=spec.vocab_size, kv_fill=args.exit.kv_fill, request_timeout_s=args.request_timeout_s,
             default_exit=args.exit.mode, default_threshold=args.exit.threshold,
-            max_active=args.max_active_requests, model_name=args.model_name)
+            max_active=args.max_active_requests, model_name=args.model_name, audit_rate=args.exit.audit_rate,
+            tuner=AgreementTuner(target=exits.calibration.target if exits and exits.calibration else 0.98,
+                                 enabled=args.exit.online_tuning))
         self.frontend = Frontend.from_app_args(args, self.backend, load_tokenizer(model_dir),
                                                model_context=spec.max_position)
         # Publish this replica's counters to the registry, so the placement controller

@@ -91,6 +91,8 @@ def row_header(row: StepRow, packer: _Packer, trace: dict[str, str] | None = Non
          "flush": row.flush, "sampling": asdict(row.sampling), "policy": asdict(row.policy)}
     if row.layer is not None:
         h["layer"] = row.layer
+    if row.verify:
+        h["verify"] = True
     if trace:
         h["trace"] = trace  # W3C carrier: the stage span becomes a child of the request span
     return h
@@ -101,7 +103,7 @@ def row_from_header(h: dict, payload: memoryview) -> StepRow:
     s["stop_token_ids"] = tuple(s.get("stop_token_ids", ()))
     return StepRow(str(h["seq"]), unpack_tensor(payload, h["x"]), int(h["pos"]), SamplingParams(**s),
                    ExitPolicy(**h["policy"]), int(h["step"]), bool(h.get("flush", False)),
-                   None if h.get("layer") is None else int(h["layer"]))
+                   None if h.get("layer") is None else int(h["layer"]), bool(h.get("verify", False)))
 
 
 # -- server -------------------------------------------------------------------------------
@@ -280,6 +282,8 @@ class StageServer:
             for res in results[i: i + len(rows)]:
                 out.append({"seq": res.seq_id, "token": res.token, "exited": res.exited, "conf": res.confidence,
                             "h": packer.tensor(res.hidden) if res.hidden is not None else None})
+                if res.backfill is not None:
+                    out[-1]["bf"] = res.backfill
             i += len(rows)
             # server_s: arrival -> reply on this server, so the caller can tell the hop (wire,
             # framing, event loops) from the stage's own time

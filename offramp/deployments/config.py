@@ -66,6 +66,8 @@ class StageArgs(BaseModel):
     max_batch_size: int = Field(16, ge=1, le=1024, description="Most sequences in one forward pass.")
     batch_wait_timeout_s: float = Field(0.002, ge=0, le=1, description="How long a forward pass waits to fill a batch.")
     max_sequences: int = Field(64, ge=1, description="KV slots (concurrent sequences) per replica.")
+    profile_on_start: bool = Field(True, description="Warm up and time the stage's layers at a few batch sizes "
+                                   "before serving; the placement controller fits the pool's speed from it.")
 
 
 class EmulatedDevice(BaseModel):
@@ -98,6 +100,12 @@ class ExitArgs(BaseModel):
     kv_fill: Literal["exact", "propagate"] = Field(
         "exact", description="KV of skipped layers: exact deferred backfill, or approximate state propagation."
     )
+    audit_rate: float = Field(
+        0.25, ge=0, le=1, description="Fraction of greedy steps reaching the last stage that also check the "
+        "exited tokens they backfill against full depth (one LM-head call on those rows; exact backfill only).")
+    online_tuning: bool = Field(
+        True, description="Raise a gate's threshold while its audited agreement is below the calibration target, "
+        "and lower it back (never below the calibrated value); false = audit and report only.")
 
     @model_validator(mode="after")
     def _threshold_given(self) -> "ExitArgs":

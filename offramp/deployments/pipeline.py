@@ -14,8 +14,10 @@ valid (greedy and seeded sampling are reproducible).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
+import random
 import threading
 import time
 from collections import deque
@@ -28,6 +30,7 @@ import torch
 from offramp import errors
 from offramp.deployments.channel import StageClient
 from offramp.observability import metrics
+from offramp.ops.online_tuning import AgreementTuner
 from offramp.ops.worker import ExitPolicy, KVMissing, StepRow
 from offramp.protocol import GenerationRequest, TokenEvent, finish_reason
 
@@ -54,6 +57,7 @@ class _Seq:
     session: str = ""
     fed: int = 0
     route: dict[int, Endpoint] = field(default_factory=dict)  # entry layer -> replica holding the KV
+    exited: dict[int, tuple[int, int]] = field(default_factory=dict)  # position -> (stage, layer) it exited at
 
     @property
     def generated(self) -> int:
@@ -122,7 +126,8 @@ class PipelineBackend:
     def __init__(self, num_stages: int, router: Router, *, eos_token_ids: tuple[int, ...], max_seq: int,
                  vocab_size: int, kv_fill: str = "exact", call_timeout_s: float = 30.0,
                  request_timeout_s: float = 60.0, max_replays: int = 4, default_exit: str = "calibrated",
-                 default_threshold: float | None = None, max_active: int = 256, model_name: str = "offramp"):
+                 default_threshold: float | None = None, max_active: int = 256, model_name: str = "offramp",
+                 audit_rate: float = 0.0, tuner: AgreementTuner | None = None):
         self.num_stages, self.router = num_stages, router
         self.eos_token_ids, self.max_seq, self.vocab_size = eos_token_ids, max_seq, vocab_size
         self.kv_fill, self.call_timeout, self.request_timeout = kv_fill, call_timeout_s, request_timeout_s
@@ -141,6 +146,9 @@ class PipelineBackend:
         self._background: set[asyncio.Task] = set()
         self.max_active, self.active = max_active, 0
         self.model_name = model_name
+        # Online audit of exits (exact backfill): checked against full depth at the last stage.
+        self.audit_rate = audit_rate if kv_fill == "exact" else 0.0
+        self.tuner = tuner or AgreementTuner(enabled=False)
 
     async def generate(self, request: GenerationRequest):
         prompt = list(request.prompt_ids)
@@ -193,6 +201,7 @@ class PipelineBackend:
                 self.tpot_s.clear()
         return {"stage_calls": list(self.calls), "hop_s_sum": [round(h, 6) for h in self.hop_s_sum],
                 "hop_n": list(self.hop_n), "num_stages": self.num_stages, "tokens": len(tpot) + len(ttft),
+                "exit_audit": self.tuner.snapshot(),
                 "ttft_ms_p50": pct(ttft, 0.5), "ttft_ms_p99": pct(ttft, 0.99),
                 "tpot_ms_p50": pct(tpot, 0.5), "tpot_ms_p99": pct(tpot, 0.99)}
 
@@ -255,10 +264,13 @@ class PipelineBackend:
         row = StepRow(seq.session, torch.tensor(new, dtype=torch.long), position, req.sampling, seq.policy,
                       step=seq.generated)
         layer = 0
+        last = self.num_stages - 1
         for _ in range(self.router.num_layers or 1_000_000):
             ep = self._hop(seq, layer)
             k = ep.stage
             row.layer = None if layer == ep.start else layer
+            row.policy = self._gate_policy(seq.policy, ep.end)
+            row.verify = k == last and self._audit(seq, row)
             left = deadline - time.monotonic()
             if left <= 0:
                 raise errors.DeadlineExceeded("the request ran past its deadline")
@@ -273,13 +285,45 @@ class PipelineBackend:
                 seq.fed = len(seq.tokens)
             self.hop_s_sum[k] += res.get("hop_s", 0.0)
             self.hop_n[k] += 1
+            if k == last:
+                self._audited(seq, position, res.get("bf"))
             if res["token"] is not None:
                 if res["exited"] and self.kv_fill == "propagate":
                     self._propagate(seq, ep.end, res["h"], position)
+                if res["exited"]:
+                    seq.exited[position] = (k, ep.end)
                 return int(res["token"]), k
             layer = ep.end
             row = StepRow(seq.session, res["h"], position, req.sampling, seq.policy, step=seq.generated)
         raise errors.StageUnavailable("the last stage returned no token")
+
+    def _gate_policy(self, policy: ExitPolicy, layer: int) -> ExitPolicy:
+        """The request's policy with the online offset of the gate after ``layer``."""
+        if policy.mode != "calibrated":
+            return policy
+        off = self.tuner.offset(layer, policy.task)
+        return policy if off == policy.offset else dataclasses.replace(policy, offset=off)
+
+    def _audit(self, seq: _Seq, row: StepRow) -> bool:
+        """Ask the last stage for the full-depth tokens of this row's backfilled positions?"""
+        return (self.audit_rate > 0 and bool(seq.exited) and row.inputs.shape[0] > 1
+                and seq.request.sampling.temperature == 0 and random.random() < self.audit_rate)
+
+    def _audited(self, seq: _Seq, position: int, full: list[int] | None) -> None:
+        """A row reached the last stage: every exited position before it is now backfilled
+        there; compare those the stage checked (``full``: argmax at the chunk's positions
+        before the last) with the tokens this sequence emitted from them."""
+        if full:
+            first = position - len(full)
+            for i, tok in enumerate(full):
+                p = first + i
+                hit = seq.exited.get(p)
+                if hit is not None and p + 1 < len(seq.tokens):
+                    agreed = tok == seq.tokens[p + 1]
+                    self.tuner.observe(hit[1], seq.policy.task, agreed)
+                    metrics.record_agreement(hit[0], agreed, seq.policy.task)
+        for p in [p for p in seq.exited if p < position]:
+            del seq.exited[p]
 
     def _propagate(self, seq: _Seq, layer: int, hidden: torch.Tensor, position: int) -> None:
         """Approximate K/V for skipped stages, off the critical path (same ordered connection)."""

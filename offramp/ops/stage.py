@@ -60,6 +60,10 @@ class Stage(nn.Module):
                 h = h + self.pos_embed(meta.positions)
         else:
             h = x.to(self.lm_dtype)
+        return self.run_layers(h, meta, cache, skip)
+
+    def run_layers(self, h: torch.Tensor, meta: StepMeta, cache, skip: int = 0) -> torch.Tensor:
+        """The decoder blocks alone (no embedding, no head): hidden (B, T, d) -> (B, T, d)."""
         for i in range(skip, len(self.layers)):
             h = self.layers[i](h, meta, cache.k[i], cache.v[i])
         return h

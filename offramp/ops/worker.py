@@ -15,6 +15,8 @@ exited state for CALM-style approximate K/V in the skipped layers (no pending).
 """
 from __future__ import annotations
 
+import statistics
+import time
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -39,6 +41,7 @@ class ExitPolicy:
     mode: Literal["off", "calibrated", "threshold"] = "calibrated"
     threshold: float | None = None
     task: str | None = None
+    offset: float = 0.0  # "calibrated": added to the gate's threshold (online tuning under drift)
 
     @staticmethod
     def from_request(exit_mode, task: str | None) -> "ExitPolicy":
@@ -57,6 +60,7 @@ class StepRow:
     step: int = 0  # index of the token this pass produces (seeded sampling)
     flush: bool = False  # backfill only: no gate, no token
     layer: int | None = None  # global layer this row enters at (None: the stage's first layer)
+    verify: bool = False  # last stage: also return the full-depth greedy token of the backfilled positions
 
 
 @dataclass
@@ -66,6 +70,7 @@ class StepResult:
     hidden: torch.Tensor | None = None  # (m, d) for the next stage (continue / propagate)
     exited: bool = False
     confidence: float | None = None
+    backfill: list[int] | None = None  # verify rows: full-depth argmax at positions before the last
 
 
 class StageWorker:
@@ -126,7 +131,7 @@ class StageWorker:
             return float("inf")
         if policy.mode == "threshold":
             return policy.threshold
-        return self.exits.threshold(self.end_layer, policy.task) if self.exits else float("inf")
+        return self.exits.threshold(self.end_layer, policy.task) + policy.offset if self.exits else float("inf")
 
     # -- the forward pass --------------------------------------------------------------
     @torch.inference_mode()
@@ -179,6 +184,9 @@ class StageWorker:
                 toks = choose_tokens(logits, [rows[b].sampling for b in live], [rows[b].step for b in live])
                 for b, t in zip(live, toks):
                     results[b].token = t
+            for b, r in enumerate(rows):  # the online audit of earlier exits (backfilled positions)
+                if r.verify and lengths[b] > 1:
+                    results[b].backfill = self.stage.final_logits(h[b, : lengths[b] - 1]).argmax(-1).tolist()
             return results
         exited = self._gate(rows, live, h_last, results)
         for b, r in enumerate(rows):
@@ -243,3 +251,50 @@ class StageWorker:
             meta.cos, meta.sin = self.stage.rope.tables(meta.positions, self.stage.lm_dtype)
         self.stage.propagate(hidden[None].to(self.device), meta, self.cache, skip)
         self.cache.length[seq_id] += n
+
+    @torch.inference_mode()
+    def profile(self, batches: tuple[int, ...] = (1, 4, 16), context: int = 64, repeats: int = 3) -> list[dict]:
+        """Warm-up and a quick speed profile of this stage's bare layers (no embedding, no
+        LM head): one prefill of ``context`` positions per sequence, then ``repeats`` decode
+        steps at each batch size, over all the stage's layers and over its last layer alone
+        (median kept). Returns samples in the form of
+        :class:`offramp.placement.cost_model.ProfileSample` (batch, layers, seconds,
+        context), from which the placement controller fits the pool's speed at start-up.
+        Uses free KV slots under reserved ids and frees them; nothing is left behind."""
+        n = min(max(batches), self.cache.free_slots())
+        context = min(context, self.max_seq - 2 * repeats * len(batches) - 1)
+        if n < 1 or context < 1:
+            return []
+        spec, dev = self.stage.spec, self.device
+        ids = [f"\x00profile/{i}" for i in range(n)]
+        slots = [self.cache.alloc(s) for s in ids]
+
+        def run(rows: int, length: int, skip: int = 0) -> float:
+            meta = StepMeta.build(slots[:rows], [self.cache.length[s] for s in ids[:rows]], [length] * rows, dev,
+                                  spec.sliding_window)
+            if spec.is_llama:
+                meta.cos, meta.sin = self.stage.rope.tables(meta.positions, self.stage.lm_dtype)
+            h = torch.randn(rows, length, spec.hidden_size, device=dev).to(self.stage.lm_dtype)
+            t0 = time.perf_counter()
+            self.stage.run_layers(h, meta, self.cache, skip)
+            if dev != "cpu" and torch.cuda.is_available():
+                torch.cuda.synchronize()
+            for s in ids[:rows]:
+                self.cache.length[s] += length
+            return time.perf_counter() - t0
+
+        try:
+            run(n, context)  # the prefill: fills the KV attended below, and warms the kernels up
+            out = []
+            # all layers, and the last one alone: per-layer cost and per-step overhead then
+            # separate (with one layer count, the fit cannot tell them apart)
+            counts = sorted({len(self.stage.layers), 1})
+            for b in sorted({min(b, n) for b in batches}):
+                for layers in counts:
+                    skip = len(self.stage.layers) - layers
+                    t = statistics.median(run(b, 1, skip) for _ in range(repeats))
+                    out.append({"batch": b, "layers": layers, "seconds": t, "context": context})
+            return out
+        finally:
+            for s in ids:
+                self.release(s)

@@ -38,7 +38,9 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from offramp.placement.cost_model import CostModel, ModelSpec, PlacementError, PoolSpec, reach_from_exit_rates
+from offramp.placement.cost_model import (
+    CostModel, ModelSpec, PlacementError, PoolFit, PoolSpec, ProfileSample, fit_profile, reach_from_exit_rates,
+)
 from offramp.placement.mover import MoveDeferred, MoveFailed, Mover, Ops, RayOps, live_ranges, stage_placement
 from offramp.placement.planner import Constraints, Pin, Plan, StageDeployment, Workload, evaluate, plan
 from offramp.placement.policy import Decision, Policy, PolicyConfig, detect_breaches
@@ -73,6 +75,8 @@ class ControllerConfig(BaseModel):
     tpot_slo_s: float | None = Field(None, gt=0, description="TPOT target (also a breach when the ingress "
                                      "p99 exceeds it).")
     move_deadline_s: float = Field(120.0, gt=0, description="Time a move step has to become healthy.")
+    profile_pools: bool = Field(True, description="Fit each pool's overhead, bandwidth and FLOP rate from the "
+                                "stage replicas' start-up profiles (then the online calibration corrects it).")
     decisions_kept: int = Field(200, ge=1, description="Decision records kept (and returned by status).")
 
 
@@ -244,6 +248,10 @@ class PlacementController:
                            on_event=self._event)
         self.last_obs: Observation | None = None
         self.last_plan: Plan | None = None
+        # start-up profiles by replica: (pool, dtype, samples); kept after the replica goes
+        # (a measurement of that pool stays true), the newest 64 replicas
+        self.profiles: dict[str, tuple[str, str, list[ProfileSample]]] = {}
+        self.pool_fits: dict[str, PoolFit] = {}
         self.moves_made = 0
         self._restore_state()
 
@@ -289,17 +297,46 @@ class PlacementController:
         return live_ranges(self.ops.deployed_app_config(self.cfg.app) or {}, self.facts.ranges)
 
     def pools(self, current: list[StageDeployment]) -> list[PoolSpec]:
+        """The configured pools, else defaults sized from the cluster; with timing fitted
+        from start-up profiles where the pool has them (``profile_pools``)."""
         if self.cfg.pools:
-            return list(self.cfg.pools)
-        cap = self.ops.pool_capacity()
-        names = sorted(set(cap) | {d.pool for d in current})
-        out = []
-        for n in names:
-            base = DEFAULT_POOLS.get(n, DEFAULT_POOLS["cpu"])
-            out.append(PoolSpec(name=n, count=max(cap.get(n, 0), sum(d.replicas for d in current if d.pool == n)),
-                                **base))
-        return out
+            out = list(self.cfg.pools)
+        else:
+            cap = self.ops.pool_capacity()
+            out = []
+            for n in sorted(set(cap) | {d.pool for d in current}):
+                base = DEFAULT_POOLS.get(n, DEFAULT_POOLS["cpu"])
+                out.append(PoolSpec(name=n, count=max(cap.get(n, 0), sum(d.replicas for d in current if d.pool == n)),
+                                    **base))
+        return [self._fitted(p) for p in out] if self.cfg.profile_pools else out
 
+    def _keep_profiles(self, endpoints: list[dict]) -> None:
+        for e in endpoints:
+            if e.get("profile") and e["replica"] not in self.profiles:
+                try:
+                    samples = [ProfileSample.model_validate(p) for p in e["profile"]]
+                except ValueError:
+                    continue  # a replica of another version: not worth a failed tick
+                self.profiles[e["replica"]] = (e.get("pool", "any"), e.get("dtype", "fp32"), samples)
+                while len(self.profiles) > 64:
+                    self.profiles.pop(next(iter(self.profiles)))
+
+    def _fitted(self, pool: PoolSpec) -> PoolSpec:
+        """``pool`` with overhead / bandwidth / FLOP rate fitted to its replicas' profiles
+        (those of its most common precision); unchanged when they do not pin a fit down."""
+        by_dtype: dict[str, list[ProfileSample]] = {}
+        for p, dtype, samples in self.profiles.values():
+            if p == pool.name:
+                by_dtype.setdefault(dtype, []).extend(samples)
+        if not by_dtype:
+            return pool
+        dtype, samples = max(by_dtype.items(), key=lambda kv: len(kv[1]))
+        try:
+            fit = fit_profile(self.facts.model, samples, dtype, prior=pool)
+        except PlacementError:
+            return pool
+        self.pool_fits[pool.name] = fit
+        return fit.apply(pool)
     def pins(self) -> list[Pin]:
         app_cfg = self.ops.deployed_app_config(self.cfg.app) or {}
         extra = ((app_cfg.get("args") or {}).get("placement") or {}).get("pins") or []
@@ -307,8 +344,9 @@ class PlacementController:
 
     def observe(self) -> Observation | None:
         self.collector.ranges = self.ranges()
-        obs = self.collector.sample(self.ops.clock(), self.ops.registry_endpoints(self.cfg.app),
-                                    self.ops.ingress_stats(self.cfg.app))
+        endpoints = self.ops.registry_endpoints(self.cfg.app)
+        self._keep_profiles(endpoints)
+        obs = self.collector.sample(self.ops.clock(), endpoints, self.ops.ingress_stats(self.cfg.app))
         if obs is not None:
             self.last_obs = obs
         return obs
@@ -421,6 +459,10 @@ class PlacementController:
                            for s in self.last_plan.stages],
                 "tpot_ms": round(self.last_plan.tpot_s * 1e3, 3), "cost": self.last_plan.cost},
             "moves_made": self.moves_made,
+            "pool_fits": {n: {"fixed_overhead_s": f.fixed_overhead_s, "mem_bandwidth": f.mem_bandwidth,
+                              "flops": f.flops, "rms_residual_s": f.rms_residual_s,
+                              "samples": f.memory_bound_samples + f.compute_bound_samples}
+                          for n, f in self.pool_fits.items()},
             "intent": self.mover.intent(),
             "decisions": list(self.decisions)[-last:],
         }
