@@ -63,7 +63,8 @@ class RegistryCore:
         if not live:
             return None
         n = max(len(s.get("stage_calls", ())) for s in live)
-        out = {"num_stages": n, "tokens": sum(s.get("tokens", 0) for s in live), "replicas": len(live)}
+        out = {"num_stages": n, "tokens": sum(s.get("tokens", 0) for s in live), "replicas": len(live),
+               "replays": sum(s.get("replays", 0) for s in live)}
         for key in ("stage_calls", "hop_s_sum", "hop_n"):  # cumulative per-stage counters: summed
             out[key] = [sum(s[key][k] for s in live if len(s.get(key, ())) == n) for k in range(n)]
         for key in ("ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50", "tpot_ms_p99"):

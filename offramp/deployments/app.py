@@ -10,8 +10,10 @@ deterministic, so nothing else changes).
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import time
 
 from ray import serve
 from ray.serve import Application
@@ -42,7 +44,7 @@ def _stage_args(args: AppArgs, index: int) -> StageArgs:
 
 
 @serve.deployment(max_ongoing_requests=64, max_queued_requests=256, health_check_period_s=5,
-                  ray_actor_options={"num_cpus": 0.5})
+                  graceful_shutdown_timeout_s=30, ray_actor_options={"num_cpus": 0.5})
 class StageDeployment:
     """One pipeline stage. Serve calls are control only (info, ping); data goes over the channel."""
 
@@ -88,6 +90,7 @@ class StageDeployment:
         profile = self.worker.profile() if sa.profile_on_start else []
         if emulate is not None:  # a modelled device: its profile is the modelled speed
             profile = [{**p, "seconds": max(p["seconds"], emulate.seconds(p["batch"]))} for p in profile]
+        self.drain_s = sa.drain_s
         self.app_name, self.replica = rayops.replica_context()
         registry = rayops.registry(self.app_name)
         token = rayops.get(registry.token.remote())
@@ -141,10 +144,28 @@ class StageDeployment:
         if not self.server._thread.is_alive():
             raise RuntimeError("stage channel server thread died")
 
-    def __del__(self):
-        if getattr(self, "heartbeat", None) is not None:
-            self.heartbeat.stop()
-            self.server.close()
+    async def __del__(self):
+        """Serve's graceful shutdown (scale-down, rolling update, removal): leave the
+        registry so no new sequence is routed here, let the sequences in flight finish on
+        their old path for up to ``drain_s`` (past it they replay on live replicas), close."""
+        if getattr(self, "heartbeat", None) is None:
+            return
+        from offramp.deployments.pipeline import REFRESH_S
+
+        self.heartbeat.stop()
+        end = time.monotonic() + self.drain_s
+        await asyncio.sleep(0.3)
+        self.heartbeat.stop()  # a beat in flight when we left may have registered us again
+        # An ingress may route a new sequence here until its next registry refresh.
+        await asyncio.sleep(min(REFRESH_S + 0.5, self.drain_s))
+        idle = 0
+        while idle < 3 and time.monotonic() < end:  # empty for 3 checks in a row: no late arrival
+            idle = idle + 1 if not self.worker.cache.slot_of else 0
+            await asyncio.sleep(0.2)
+        if self.worker.cache.slot_of:
+            log.info("stage %d: drain deadline, %d sequences will replay elsewhere", self.worker.index,
+                     len(self.worker.cache.slot_of))
+        self.server.close()
 
 
 def _memory_headroom(device: str) -> int | None:

@@ -66,6 +66,9 @@ class StageArgs(BaseModel):
     max_batch_size: int = Field(16, ge=1, le=1024, description="Most sequences in one forward pass.")
     batch_wait_timeout_s: float = Field(0.002, ge=0, le=1, description="How long a forward pass waits to fill a batch.")
     max_sequences: int = Field(64, ge=1, description="KV slots (concurrent sequences) per replica.")
+    drain_s: float = Field(15.0, ge=0, le=600, description="On shutdown (scale-down, rolling update), how long "
+                           "sequences in flight may finish on this replica before they replay elsewhere; keep it "
+                           "below the deployment's graceful_shutdown_timeout_s (30 s by default).")
     profile_on_start: bool = Field(True, description="Warm up and time the stage's layers at a few batch sizes "
                                    "before serving; the placement controller fits the pool's speed from it.")
 

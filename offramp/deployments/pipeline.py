@@ -36,6 +36,7 @@ from offramp.protocol import GenerationRequest, TokenEvent, finish_reason
 
 log = logging.getLogger(__name__)
 RETRYABLE = (errors.StageUnavailable, errors.DeadlineExceeded, KVMissing)
+REFRESH_S = 1.0  # how stale the ingress's view of the registry may be (a leaving replica waits this out)
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ class Router:
         self._refreshed = 0.0
 
     async def refresh(self, force: bool = False) -> None:
-        if not force and time.monotonic() - self._refreshed < 1.0:
+        if not force and time.monotonic() - self._refreshed < REFRESH_S:
             return
         entries = await self.lookup()
         self._refreshed = time.monotonic()
@@ -137,6 +138,7 @@ class PipelineBackend:
         self.calls = [0] * num_stages  # stage visits on this ingress (exit skipping is visible here)
         self.hop_s_sum = [0.0] * num_stages  # summed hop cost of the step calls into each stage
         self.hop_n = [0] * num_stages
+        self.replays = 0  # sequences rebuilt from their tokens after a replica failed or went away
         # Server-side latencies as (monotonic time, seconds), bounded: the newest 8192 of
         # each since the last reset. A lock because the registry heartbeat reads them from
         # another thread.
@@ -201,6 +203,7 @@ class PipelineBackend:
                 self.tpot_s.clear()
         return {"stage_calls": list(self.calls), "hop_s_sum": [round(h, 6) for h in self.hop_s_sum],
                 "hop_n": list(self.hop_n), "num_stages": self.num_stages, "tokens": len(tpot) + len(ttft),
+                "replays": self.replays,
                 "exit_audit": self.tuner.snapshot(),
                 "ttft_ms_p50": pct(ttft, 0.5), "ttft_ms_p99": pct(ttft, 0.99),
                 "tpot_ms_p50": pct(tpot, 0.5), "tpot_ms_p99": pct(tpot, 0.99)}
@@ -240,6 +243,7 @@ class PipelineBackend:
                 # A walk that failed part-way left KV in some stages and not others: always
                 # replay under a new session (one prefill over the tokens so far).
                 log.warning("replaying %s after: %s", seq.request.request_id, e)
+                self.replays += 1
                 self._release(seq)
                 self._new_session(seq)
                 waits += 1
