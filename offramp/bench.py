@@ -29,9 +29,11 @@ def register(sub) -> None:
     c.set_defaults(func=run_core)
     from offramp.deployments import bench_serve
     from offramp.placement import bench as bench_placement
+    from offramp.placement import bench_precision
 
     bench_serve.register(bsub)
     bench_placement.register(bsub)
+    bench_precision.register(bsub)
 
 
 @contextlib.contextmanager
