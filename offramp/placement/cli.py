@@ -233,6 +233,9 @@ def _print(st: dict, as_json: bool) -> None:
             busy = ", ".join(f"{v:.0%}" for v in s["busy"].values())
             print(f"  stage {s['stage']}: {s['arrival_per_s']:.1f} rows/s, busy [{busy}], queue {s['queue']}, "
                   f"KV {s['kv_occupancy']:.0%}")
+    for name, f in (st.get("pool_fits") or {}).items():
+        print(f"pool {name} (fitted to {f['samples']} start-up profile samples): overhead "
+              f"{1e3 * f['fixed_overhead_s']:.2f} ms, {f['mem_bandwidth'] / 1e9:.1f} GB/s, {f['flops'] / 1e9:.1f} GFLOP/s")
     if st.get("plan"):
         pl = st["plan"]
         print(f"plan (TPOT {pl['tpot_ms']} ms, cost {pl['cost']}): " + "; ".join(
