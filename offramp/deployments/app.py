@@ -191,10 +191,9 @@ class OfframpIngress(GrpcIngressMixin):
         from offramp.api.frontend import Frontend
         from offramp.api.text import load_tokenizer
         from offramp.deployments.pipeline import PipelineBackend, Router
-
-        args = AppArgs.model_validate(args)
         from offramp.ops.online_tuning import AgreementTuner
 
+        args = AppArgs.model_validate(args)
         model_dir, spec, ranges, exits = _model_facts(args)
         self.stages = stages  # Serve handles: control calls and the hop benchmark
         app_name, _ = rayops.replica_context()
@@ -205,8 +204,9 @@ class OfframpIngress(GrpcIngressMixin):
             return await registry.endpoints.remote()
 
         max_seq = min(args.max_context or spec.max_position, spec.max_position)
+        router = Router(len(ranges), token, lookup, num_layers=spec.num_layers)
         self.backend = PipelineBackend(
-            len(ranges), Router(len(ranges), token, lookup, num_layers=spec.num_layers), eos_token_ids=spec.eos_token_ids, max_seq=max_seq,
+            len(ranges), router, eos_token_ids=spec.eos_token_ids, max_seq=max_seq,
             vocab_size=spec.vocab_size, kv_fill=args.exit.kv_fill, request_timeout_s=args.request_timeout_s,
             default_exit=args.exit.mode, default_threshold=args.exit.threshold,
             max_active=args.max_active_requests, model_name=args.model_name, audit_rate=args.exit.audit_rate,
