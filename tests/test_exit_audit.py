@@ -71,6 +71,11 @@ def test_last_stage_returns_full_depth_tokens_of_backfilled_positions(tiny_model
     assert res.backfill == full[:-1] and res.token == full[-1]
     (plain,) = w.step([StepRow("t", torch.tensor(ids), len(ids) - 1)])
     assert plain.backfill is None  # only when asked
+    # a batch of audited rows of different lengths: one LM-head call, split back per row
+    a, b, c = w.step([StepRow("u", torch.tensor(ids), len(ids) - 1, verify=True),
+                      StepRow("v", torch.tensor(ids[:4]), 3),
+                      StepRow("x", torch.tensor(ids[:3]), 2, verify=True)])
+    assert a.backfill == full[:-1] and b.backfill is None and c.backfill == full[:2]
 
 
 def test_pipeline_audits_exits_against_full_depth(tiny_model_dir):

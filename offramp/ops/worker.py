@@ -184,9 +184,12 @@ class StageWorker:
                 toks = choose_tokens(logits, [rows[b].sampling for b in live], [rows[b].step for b in live])
                 for b, t in zip(live, toks):
                     results[b].token = t
-            for b, r in enumerate(rows):  # the online audit of earlier exits (backfilled positions)
-                if r.verify and lengths[b] > 1:
-                    results[b].backfill = self.stage.final_logits(h[b, : lengths[b] - 1]).argmax(-1).tolist()
+            audit = [b for b, r in enumerate(rows) if r.verify and lengths[b] > 1]
+            if audit:  # the online audit of earlier exits: one LM-head call over their backfilled positions
+                full = self.stage.final_logits(torch.cat([h[b, : lengths[b] - 1] for b in audit])).argmax(-1).tolist()
+                i = 0
+                for b in audit:
+                    results[b].backfill, i = full[i: i + lengths[b] - 1], i + lengths[b] - 1
             return results
         exited = self._gate(rows, live, h_last, results)
         for b, r in enumerate(rows):

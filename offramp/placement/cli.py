@@ -131,6 +131,8 @@ def _split_arg(text: str) -> list[int]:
 def _apply_split(ctl, split: list[int], dry_run: bool) -> list[dict]:
     """Move the split points to ``split``, one boundary per move, each re-reading the live
     layers; a dry run shows the first move's Serve steps."""
+    from dataclasses import asdict
+
     from offramp.placement.mover import MoveDeferred, MoveFailed, plan_steps
     from offramp.placement.planner import StageDeployment
     from offramp.placement.policy import Move
@@ -146,7 +148,7 @@ def _apply_split(ctl, split: list[int], dry_run: bool) -> list[dict]:
         try:
             if dry_run:
                 steps = plan_steps(ctl.ops.deployed_app_config(ctl.cfg.app) or {}, ctl.facts.ranges, m)
-                rec.update(steps=[s.__dict__ for s in steps], result="dry run: not applied")
+                rec.update(steps=[asdict(s) for s in steps], result="dry run: not applied")
                 done.append(rec)
                 break  # the next boundary depends on this one being moved
             res = ctl.mover.apply(m)

@@ -267,17 +267,29 @@ def stage_placement(app_config: dict, ranges: list[tuple[int, int]]) -> list[Sta
     return out
 
 
-def _guarded(app_config: dict, name: str, k: int, knob: str, value: Any) -> list[Step]:
-    """Steps that change ``knob`` of a deployment by a rolling update without ever leaving
-    it empty: one step with Serve's surge where it has it, else at least 2 replicas during
-    the change, then the count it had."""
-    if serve_surges():
-        return [Step(name, k, knob, value, surge=True)]  # type: ignore[arg-type]
+def _managed(app_config: dict, name: str) -> dict:
+    """``name``'s entry; refused when Serve autoscales it (the controller does not fight Serve)."""
+    e = deployment_entry(app_config, name)
+    if e.get("autoscaling_config") or entry_replicas(e) < 0:
+        raise MoveDeferred(f"{name} is autoscaled by Serve; remove its autoscaling_config to let the "
+                           "placement controller manage it")
+    return e
+
+
+def _guarded(app_config: dict, name: str, k: int, changes: list[tuple[str, Any]],
+             replicas: int | None = None) -> list[Step]:
+    """Steps that make ``changes`` (knob, value) to a deployment - each a rolling update -
+    without ever leaving it empty, then give it ``replicas`` (default: as many as now).
+    With Serve's surge each change is one step (new replicas ready before old ones stop);
+    without it the deployment holds at least 2 replicas while the changes roll."""
     n = entry_replicas(deployment_entry(app_config, name))
-    steps = [Step(name, k, "num_replicas", 2)] if n < 2 else []
-    steps.append(Step(name, k, knob, value))  # type: ignore[arg-type]
-    if n < 2:
-        steps.append(Step(name, k, "num_replicas", n))
+    surge = serve_surges()
+    during = n if surge else max(n, 2)
+    steps = [] if during == n else [Step(name, k, "num_replicas", during)]
+    steps += [Step(name, k, knob, value, surge) for knob, value in changes]  # type: ignore[arg-type]
+    final = n if replicas is None else replicas
+    if final != during:
+        steps.append(Step(name, k, "num_replicas", final))
     return steps
 
 
@@ -297,30 +309,13 @@ def split_steps(app_config: dict, ranges: list[tuple[int, int]], target: list[in
         return []  # already there
     lo, hi, b = i, i + 1, target[i]  # the boundary between Stage i and Stage i+1 moves to b
     for k in (lo, hi):
-        e = deployment_entry(app_config, f"Stage{k}")
-        if e.get("autoscaling_config") or entry_replicas(e) < 0:
-            raise MoveDeferred(f"Stage{k} is autoscaled by Serve; remove its autoscaling_config to let the "
-                               "placement controller move its layers")
+        _managed(app_config, f"Stage{k}")
     new = {lo: (ranges[lo][0], b), hi: (b, ranges[hi][1])}
     grow = lo if b > ranges[lo][1] else hi
     steps = []
     for k in (grow, hi if grow == lo else lo):
-        steps += _guarded(app_config, f"Stage{k}", k, "layers", f"{new[k][0]}:{new[k][1]}")
+        steps += _guarded(app_config, f"Stage{k}", k, [("layers", f"{new[k][0]}:{new[k][1]}")])
     return steps
-
-
-def target_split(ranges: list[tuple[int, int]], move: Move) -> list[int]:
-    """The split a split move aims at: its ``split``, else the current one with the
-    boundary that ``move.deployment``'s layers imply (a move from an older policy)."""
-    if move.split is not None:
-        return list(move.split)
-    d, bounds = move.deployment, [r[0] for r in ranges[1:]]
-    starts = [r[0] for r in ranges]
-    if d.start in starts and starts.index(d.start) < len(bounds):
-        bounds[starts.index(d.start)] = d.end
-    elif d.end in [r[1] for r in ranges] and [r[1] for r in ranges].index(d.end) > 0:
-        bounds[[r[1] for r in ranges].index(d.end) - 1] = d.start
-    return bounds
 
 
 def plan_steps(app_config: dict, ranges: list[tuple[int, int]], move: Move) -> list[Step]:
@@ -330,18 +325,18 @@ def plan_steps(app_config: dict, ranges: list[tuple[int, int]], move: Move) -> l
     if move.action == "rebalance":
         return []
     ranges = live_ranges(app_config, ranges)
-    if move.knob == "split" and move.action == "add" and move.split is not None:
+    if move.knob == "split" and move.action == "add":
+        if move.split is None:
+            raise MoveDeferred("a split move needs its target split points (Move.split); re-plan")
         return split_steps(app_config, ranges, move.split)
     if (d.start, d.end) not in ranges:
         if move.action == "remove":
             return []  # the split move that made the new ranges already retired these layers
-        return split_steps(app_config, ranges, target_split(ranges, move))
+        raise MoveDeferred(f"layers {d.start}-{d.end - 1} are no stage's any more (a split move changed them); "
+                           "re-plan")
     k = ranges.index((d.start, d.end))
     name = f"Stage{k}"
-    e = deployment_entry(app_config, name)
-    if e.get("autoscaling_config") or entry_replicas(e) < 0:
-        raise MoveDeferred(f"{name} is autoscaled by Serve; remove its autoscaling_config to let the "
-                           "placement controller manage its replicas")
+    e = _managed(app_config, name)
     cur_n, cur_pool = entry_replicas(e), entry_pool(e, "")
     cur_prec = entry_precision(e, stage_arg(app_config, k, "dtype", "fp32"))
     if move.action == "set_replicas":
@@ -356,17 +351,8 @@ def plan_steps(app_config: dict, ranges: list[tuple[int, int]], move: Move) -> l
         if d.precision not in PRECISIONS:
             raise MoveDeferred(f"{name}: precision {d.precision!r} is not one a stage loads "
                                f"({', '.join(PRECISIONS)}); the planner's int8 is not served yet")
-        surge = serve_surges()
-        steps = []
-        if cur_n < 2 and not surge:
-            steps.append(Step(name, k, "num_replicas", 2))
-        if new_pool:
-            steps.append(Step(name, k, "pool", d.pool, surge))
-        if new_prec:
-            steps.append(Step(name, k, "precision", d.precision, surge))
-        if move.replicas_to != (cur_n if surge else max(cur_n, 2)):
-            steps.append(Step(name, k, "num_replicas", move.replicas_to))
-        return steps
+        changes = ([("pool", d.pool)] if new_pool else []) + ([("precision", d.precision)] if new_prec else [])
+        return _guarded(app_config, name, k, changes, move.replicas_to)
     if move.action == "remove":
         if d.pool != cur_pool or d.precision != cur_prec:
             return []  # the pool/precision move already replaced these replicas
