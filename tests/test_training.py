@@ -72,6 +72,48 @@ def test_layer_states_match_hf_hidden_states():
     torch.testing.assert_close(model.model.norm(ours[3]), ref[3])  # HF's last one is normed
 
 
+def test_exit_loss_terms_mix_ce_and_distillation_on_a_position_subset():
+    import torch.nn.functional as F
+
+    from offramp.training.heads import ExitHeads, backbone
+    from offramp.training.pretrain import TrainSpec, build_model, exit_loss_terms, layer_states
+
+    spec = TrainSpec(hidden=32, intermediate=64, layers=4, heads=4, kv_heads=4,
+                     exit_kd=0.0, exit_token_frac=1.0)
+    model = build_model(spec, 300, 0, 1, 2).eval()
+    bb = backbone(model)
+    heads = ExitHeads(bb, [1, 2, 3])
+    ids = torch.randint(3, 300, (2, 9))
+    x, y = ids[:, :-1], ids[:, 1:]
+    with torch.no_grad():
+        hs = layer_states(model, x)
+        final = bb.lm_head(bb.final_norm(hs[-1]))
+        # kd 0, every position: plain CE of each exit head, all exits in one step
+        ce = exit_loss_terms(spec, bb, heads, hs, final, y, step=0, bf16=False)
+        assert sorted(ce) == [1, 2, 3]
+        for L, v in ce.items():
+            ref = F.cross_entropy(bb.lm_head(heads.norms[str(L)](hs[L])).flatten(0, 1), y.flatten())
+            torch.testing.assert_close(v, ref)
+        # an exit that *is* the final layer's distribution has zero KL: kd 1 -> 0 loss
+        spec_kd = TrainSpec(**{**spec.__dict__, "exit_kd": 1.0, "exit_token_frac": 0.5})
+        hs_same = [hs[-1]] * len(hs)
+        heads.norms["2"].load_state_dict(bb.final_norm.state_dict())
+        kd = exit_loss_terms(spec_kd, bb, heads, hs_same, final, y, step=3, bf16=False)
+        assert kd[2].abs().item() < 1e-5 and kd[1].item() >= 0
+        # the subset is a pure function of (seed, step): same step, same loss
+        again = exit_loss_terms(spec_kd, bb, heads, hs, final, y, step=3, bf16=False)
+        other = exit_loss_terms(spec_kd, bb, heads, hs, final, y, step=4, bf16=False)
+        same = exit_loss_terms(spec_kd, bb, heads, hs, final, y, step=3, bf16=False)
+        torch.testing.assert_close(again[1], same[1])
+        assert not torch.allclose(again[1], other[1])
+    # rotating subset when fewer exits per step than exit layers
+    spec_rot = TrainSpec(**{**spec.__dict__, "exits_per_step": 1})
+    with torch.no_grad():
+        picked = [list(exit_loss_terms(spec_rot, bb, heads, hs, final, y, step=s, bf16=False))
+                  for s in range(3)]
+    assert picked == [[1], [2], [3]]
+
+
 def test_train_tiny_resumes_and_exports(data_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -83,7 +125,11 @@ def test_train_tiny_resumes_and_exports(data_dir, tmp_path):
     out = tmp_path / "m"
     train(data_dir, out, spec, progress=False)
     log1 = json.loads((out / "train_log.json").read_text())
-    train(data_dir, out, spec, progress=False)  # resumes at the end: nothing more to do
+    threads = torch.get_num_threads()
+    try:  # resumes at the end: nothing more to do (another thread count is the same run)
+        train(data_dir, out, TrainSpec(**{**spec.__dict__, "threads": 2}), progress=False)
+    finally:
+        torch.set_num_threads(threads)
     assert json.loads((out / "train_log.json").read_text()) == log1 and len(log1) == 4
     model = AutoModelForCausalLM.from_pretrained(str(out))
     tok = AutoTokenizer.from_pretrained(str(out))

@@ -55,7 +55,10 @@ def cmd_train(args) -> int:
     spec = TrainSpec(hidden=args.hidden, layers=args.layers, intermediate=args.intermediate,
                      heads=args.heads, kv_heads=args.heads, steps=args.steps,
                      batch=args.batch, seq_len=args.seq_len, lr=args.lr, seed=args.seed,
-                     threads=args.threads, time_budget_min=args.time_budget_min)
+                     threads=args.threads, time_budget_min=args.time_budget_min,
+                     exits_per_step=args.exits_per_step, exit_weight=args.exit_weight,
+                     exit_kd=args.exit_kd, exit_token_frac=args.exit_token_frac,
+                     layer_drop_max=args.layer_drop_max)
     print(json.dumps(train(args.data, args.out, spec), indent=2))
     return 0
 
@@ -125,6 +128,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--time-budget-min", type=float, default=0.0,
                    help="stop (and finish the lr schedule) after this much training wall time")
+    from offramp.training.pretrain import TrainSpec
+
+    d = TrainSpec()
+    p.add_argument("--exits-per-step", type=int, default=d.exits_per_step,
+                   help="exit heads trained each step, rotating over layers 1..n-1 (>= n-1: all)")
+    p.add_argument("--exit-weight", type=float, default=d.exit_weight,
+                   help="loss weight of each exit head")
+    p.add_argument("--exit-kd", type=float, default=d.exit_kd,
+                   help="share of an exit's loss that is KL toward the final layer (0: CE only)")
+    p.add_argument("--exit-token-frac", type=float, default=d.exit_token_frac,
+                   help="share of positions an exit loss is taken on (cost vs signal)")
+    p.add_argument("--layer-drop-max", type=float, default=d.layer_drop_max,
+                   help="probability of skipping the last layer; rises linearly from 0 at layer 0")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("train-gates", help="train exit heads and gates on a frozen backbone")

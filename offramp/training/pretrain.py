@@ -2,11 +2,17 @@
 
 LayerSkip recipe, scaled down:
 
-* early-exit loss: besides the final cross-entropy, each step adds the cross-entropy of
-  a rotating subset of exit heads (``exits_per_step`` of layers 1..n-1), each exit
-  head being a per-layer copy of the final norm in front of the shared (tied) LM head;
+* early-exit loss: besides the final cross-entropy, each step adds the loss of
+  ``exits_per_step`` exit heads (rotating over layers 1..n-1; all of them by default),
+  each exit head being a per-layer copy of the final norm in front of the shared (tied)
+  LM head. An exit's loss is ``(1 - exit_kd) * CE(exit, next token) + exit_kd *
+  KL(final.detach() || exit)``: the distillation term trains the exit toward what the
+  full model will say, which is what serving measures (agreement with full depth). It is
+  taken on a random ``exit_token_frac`` of the positions, so training every exit every
+  step costs about one extra LM-head pass instead of n-1;
 * layer dropout rising with depth: layer ``l`` (0-based) is skipped for a row with
-  probability ``p_max * l / (n - 1)`` (stochastic depth, residual kept).
+  probability ``p_max * l / (n - 1)`` (stochastic depth, residual kept), so later
+  layers learn to refine rather than rewrite.
 
 Resumable: ``ckpt.pt`` in the output directory is rewritten every ``ckpt_every`` steps
 and a rerun of the same command continues from it. Batches are a pure function of
@@ -42,9 +48,11 @@ class TrainSpec:
     min_lr_frac: float = 0.1
     warmup: int = 60
     weight_decay: float = 0.1
-    exits_per_step: int = 2  # rotating subset of exit heads trained each step
-    exit_weight: float = 0.3  # loss weight of each exit head
-    layer_drop_max: float = 0.1  # p of skipping the last layer; rises linearly with depth
+    exits_per_step: int = 7  # exit heads trained each step (rotating; >= n-1: all)
+    exit_weight: float = 0.15  # loss weight of each exit head
+    exit_kd: float = 0.5  # share of the exit loss that is KL toward the (detached) final layer
+    exit_token_frac: float = 0.25  # share of positions an exit loss is taken on
+    layer_drop_max: float = 0.2  # p of skipping the last layer; rises linearly with depth
     mix: dict = field(default_factory=lambda: {"qa": 0.35, "math": 0.3, "coding": 0.35})
     seed: int = 0
     ckpt_every: int = 100
@@ -138,6 +146,46 @@ def lr_at(spec: TrainSpec, step: int, progress: float) -> float:
     return spec.lr * (spec.min_lr_frac + (1 - spec.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+def _resume_key(spec: dict) -> dict:
+    """The settings a checkpoint must match to be resumed (threads change no result)."""
+    return {k: v for k, v in spec.items() if k != "threads"}
+
+
+def exit_loss_terms(spec: TrainSpec, bb, heads: ExitHeads, hs: list[torch.Tensor],
+                    final: torch.Tensor, y: torch.Tensor, step: int,
+                    bf16: bool) -> dict[int, torch.Tensor]:
+    """Per chosen exit layer: CE toward the next token mixed with KL toward the final
+    layer's (detached) distribution, on a random share of the positions."""
+    exit_layers = heads.exit_layers
+    n_exit = len(exit_layers)
+    k = min(spec.exits_per_step, n_exit)
+    chosen = [exit_layers[(step * k + j) % n_exit] for j in range(k)]
+    B, T = y.shape
+    n_pos = B * T
+    if spec.exit_token_frac < 1.0:
+        g = torch.Generator().manual_seed(spec.seed * 104_729 + step)
+        m = max(1, int(round(spec.exit_token_frac * n_pos)))
+        idx = torch.randperm(n_pos, generator=g)[:m]  # (m,)
+    else:
+        idx = torch.arange(n_pos)
+    target = y.flatten()[idx]  # (m,)
+    teacher = None
+    if spec.exit_kd > 0:
+        teacher = F.log_softmax(final.detach().flatten(0, 1)[idx], dim=-1)  # (m, V)
+    out = {}
+    for L in chosen:
+        h = hs[L].flatten(0, 1)[idx]  # (m, H)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = bb.lm_head(heads.norms[str(L)](h)).float()  # (m, V)
+        el = F.cross_entropy(logits, target)
+        if teacher is not None:
+            kl = F.kl_div(F.log_softmax(logits, dim=-1), teacher, log_target=True,
+                          reduction="batchmean")
+            el = (1 - spec.exit_kd) * el + spec.exit_kd * kl
+        out[L] = el
+    return out
+
+
 def train(data_dir: str | Path, out_dir: str | Path, spec: TrainSpec,
           progress: bool = True) -> dict:
     from tqdm import tqdm
@@ -164,7 +212,7 @@ def train(data_dir: str | Path, out_dir: str | Path, spec: TrainSpec,
     step, log, elapsed = 0, [], 0.0
     if ckpt_path.is_file():
         ck = torch.load(ckpt_path, weights_only=False)
-        if ck["spec"] != asdict(spec):
+        if _resume_key(ck["spec"]) != _resume_key(asdict(spec)):
             raise ValueError(f"{ckpt_path} was written with other settings; use the same "
                              "flags to resume, or another --out to start over")
         model.load_state_dict(ck["model"])
@@ -185,14 +233,8 @@ def train(data_dir: str | Path, out_dir: str | Path, spec: TrainSpec,
             final = bb.lm_head(bb.final_norm(hs[-1])).float()  # (B, T, V)
         loss_final = F.cross_entropy(final.flatten(0, 1), y.flatten())
         loss = loss_final
-        n_exit = len(exit_layers)
-        chosen = [exit_layers[(step * spec.exits_per_step + k) % n_exit]
-                  for k in range(spec.exits_per_step)]
         exit_losses = {}
-        for L in chosen:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                logits = bb.lm_head(heads.norms[str(L)](hs[L])).float()  # (B, T, V)
-            el = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        for L, el in exit_loss_terms(spec, bb, heads, hs, final, y, step, bf16).items():
             exit_losses[L] = el.item()
             loss = loss + spec.exit_weight * el
         for group in opt.param_groups:
@@ -234,7 +276,7 @@ def export(model, heads: ExitHeads, tok, out: Path, spec: TrainSpec, log: list[d
     tok.save_pretrained(str(out))
     tail = log[-50:]
     summary = {
-        "recipe": "layerskip: rotating early-exit loss + depth-rising layer dropout",
+        "recipe": "layerskip: early-exit loss (CE + KL to final) + depth-rising layer dropout",
         "spec": asdict(spec),
         "steps_done": len(log),
         "wall_s": log[-1]["elapsed_s"] if log else 0.0,
