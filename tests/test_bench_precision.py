@@ -21,12 +21,16 @@ def heldout(tmp_path):
 def test_precision_quality_and_time_ratios(tiny_model_dir, heldout):
     from offramp.placement.bench_precision import measure
 
-    res = measure(tiny_model_dir, heldout, ["fp32", "bf16"], max_tokens=256, seq_len=64, repeats=1, progress=False)
+    res = measure(tiny_model_dir, heldout, ["fp32", "bf16", "int8"], max_tokens=256, seq_len=64, repeats=1,
+                  progress=False)
     assert set(res["tasks"]) == {"math", "qa"}
     assert res["overall"]["fp32"]["agreement_with_fp32"] == 1.0
     bf = res["overall"]["bf16"]
     assert 0.5 < bf["agreement_with_fp32"] <= 1.0  # bf16 changes some argmaxes of a random model, not most
     assert bf["ppl"] == pytest.approx(res["overall"]["fp32"]["ppl"], rel=0.05)
+    i8 = res["overall"]["int8"]  # weight-only int8: a small, measured price, not a broken model
+    assert 0.5 < i8["agreement_with_fp32"] <= 1.0
+    assert i8["ppl"] == pytest.approx(res["overall"]["fp32"]["ppl"], rel=0.05)
     assert res["time_ratio_to_fp32"]["fp32"] == 1.0 and res["time_ratio_to_fp32"]["bf16"] > 0
     with pytest.raises(ValueError, match="must include fp32"):
         measure(tiny_model_dir, heldout, ["bf16"], progress=False)

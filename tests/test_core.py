@@ -202,6 +202,56 @@ def test_exits_file_thresholds_and_min_layers(checkpoint, tmp_path):
     assert s.exit_stages == [3] * 5
 
 
+# -- int8 weight-only ------------------------------------------------------------------
+def _dequantized_hf(path):
+    """transformers' model with every decoder-block linear weight replaced by its int8
+    round trip (per output row, symmetric): the reference an int8 stage must reproduce."""
+    hf = _hf(path)
+    blocks = hf.model.layers if hasattr(hf, "model") else hf.transformer.h
+    with torch.no_grad():
+        for mod in blocks.modules():
+            w = getattr(mod, "weight", None)
+            if w is None or w.dim() != 2:
+                continue
+            conv1d = type(mod).__name__ == "Conv1D"  # GPT-2: (in, out)
+            rows = w.t() if conv1d else w
+            scale = (rows.abs().amax(dim=1, keepdim=True) / 127).clamp_min(1e-12)
+            deq = torch.round(rows / scale).clamp(-127, 127) * scale
+            w.copy_(deq.t() if conv1d else deq)
+    return hf
+
+
+def test_int8_stage_matches_the_dequantized_reference(checkpoint):
+    ref_model = _dequantized_hf(checkpoint)
+    ref = [ref_model.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False, eos_token_id=None,
+                              pad_token_id=2)[0, len(p):].tolist() for p in PROMPTS]
+    model = StagedModel(checkpoint, num_stages=2, dtypes="int8")
+    seqs = model.generate(PROMPTS, SamplingParams(max_tokens=8, ignore_eos=True), ExitPolicy("off"))
+    assert [s.generated for s in seqs] == ref
+    from offramp.ops.quant import Int8Linear
+
+    stage = model.workers[1].stage
+    assert stage.lm_dtype == torch.float32  # activations and KV stay fp32
+    assert any(isinstance(m, Int8Linear) for m in stage.layers.modules())
+    assert not isinstance(stage.lm_head, Int8Linear)  # heads keep full precision
+    fp32 = StagedModel(checkpoint, num_stages=2).workers[1].stage.layer_bytes()
+    assert stage.layer_bytes() < 0.4 * fp32  # int8 weights + fp32 scales, norms, biases
+
+
+def test_int8_linear_fused_kernel_equals_dequantized_matmul():
+    from offramp.ops.quant import Int8Linear
+
+    lin = torch.nn.Linear(48, 24)
+    q = Int8Linear.from_linear(lin)
+    x = torch.randn(2, 5, 48)  # 3-D input: rows flattened for the kernel
+    with torch.no_grad():
+        ref = torch.nn.functional.linear(x, q.dequantized(), lin.bias)
+        torch.testing.assert_close(q(x), ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(q(x.bfloat16()).float(), ref, atol=0.1, rtol=0.05)  # dequant path
+        err = (q.dequantized() - lin.weight).abs().amax(dim=1)
+        assert torch.all(err <= lin.weight.abs().amax(dim=1) / 254 + 1e-7)  # half a step per row
+
+
 # -- memory and bad input ----------------------------------------------------------------
 def test_stage_holds_its_share_of_layer_weights(tmp_path):
     path = make_checkpoint(tmp_path / "m", "tiny", family="llama")

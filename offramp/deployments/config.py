@@ -12,7 +12,7 @@ from typing import Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Pool = Literal["gpu", "cpu", "any"]
-Precision = Literal["fp32", "bf16", "fp16"]
+Precision = Literal["fp32", "bf16", "fp16", "int8"]  # int8: weight-only (offramp.ops.quant)
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 # Per-deployment precision override, set by a placement precision move in the deployment's
 # ray_actor_options.runtime_env.env_vars (read by StageDeployment before stages[].dtype).

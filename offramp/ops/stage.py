@@ -18,7 +18,9 @@ from offramp.ops import exits as ex
 from offramp.ops.checkpoint import ModelSpec, WeightReader
 from offramp.ops.layers import DecoderLayer, Rope, StepMeta, make_norm
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Stage precision -> the dtype its tensors are loaded in. int8 is weight-only: loaded in
+# fp32, then the decoder blocks' linear layers are quantised (offramp.ops.quant).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.float32}
 
 
 class Stage(nn.Module):
@@ -45,7 +47,8 @@ class Stage(nn.Module):
             self.task_embedding = nn.Embedding(num_tasks, task_dim)
 
     def layer_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.layers.parameters())
+        tensors = [*self.layers.parameters(), *self.layers.buffers()]  # int8 weights are buffers
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def forward(self, x: torch.Tensor, meta: StepMeta, cache, skip: int = 0) -> torch.Tensor:
         """x: token ids (B, T) on the first stage, else hidden states (B, T, d) -> (B, T, d).
@@ -76,7 +79,9 @@ class Stage(nn.Module):
 
     @property
     def lm_dtype(self) -> torch.dtype:
-        return next(self.layers.parameters()).dtype
+        """Activation/KV dtype: the layers' floating-point parameters' (norms; fp32 under
+        int8 weight-only)."""
+        return next(p.dtype for p in self.layers.parameters() if p.is_floating_point())
 
     def final_logits(self, h: torch.Tensor) -> torch.Tensor:  # (B, d) -> (B, V) fp32
         return self.lm_head(self.final_norm(h)).float()
@@ -206,6 +211,10 @@ def load_stage(model_dir: str | Path, spec: ModelSpec, layer_range: tuple[int, i
                           f"unexpected {unexpected[:4]}; is config.json from the same checkpoint?")
     if stage.first and "lm_head.weight" in sd and sd["lm_head.weight"] is sd["embed.weight"]:
         stage.lm_head.weight = stage.embed.weight  # keep tied: one copy in memory
+    if dtype == "int8":
+        from offramp.ops.quant import quantize_linears_int8
+
+        quantize_linears_int8(stage.layers)
     if spec.is_llama:
         stage.rope = Rope(spec).to(device)
     return stage.eval()

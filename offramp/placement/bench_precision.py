@@ -9,8 +9,9 @@ measured in the same run (interleaved repeats, median) and printed as a ratio to
 on CPUs without native bf16/fp16 (this project's AVX2 machines) the half precisions are
 *slower*; the ratio is the machine's, not the planner's assumption.
 
-int8 (the planner's weight-only option for CPU pools) is not measured: stages do not load
-it (torch 2.13 deprecates ``torch.ao`` dynamic quantisation; torchao would be the path).
+int8 is the planner's weight-only option for CPU pools, as a stage serves it
+(``offramp.ops.quant``): the decoder blocks' linear weights in int8 with one fp32 scale
+per output row, embedding, LM head, activations and KV in fp32.
 """
 from __future__ import annotations
 
@@ -20,17 +21,17 @@ import statistics
 import time
 from pathlib import Path
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 
 
 def register(bsub) -> None:
-    p = bsub.add_parser("precision", help="quality (agreement with fp32, perplexity) and time of bf16/fp16 stages",
+    p = bsub.add_parser("precision", help="quality (agreement with fp32, perplexity) and time of bf16/fp16/int8 stages",
                         description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="checkpoint dir (default: the embedded model)")
     p.add_argument("--data", type=Path, required=True, help="data dir from `offramp prepare-data` (held-out split)")
     p.add_argument("--max-tokens", type=int, default=8192, help="held-out tokens per task type")
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--precisions", default=",".join(PRECISIONS), help="comma separated, from fp32,bf16,fp16")
+    p.add_argument("--precisions", default=",".join(PRECISIONS), help="comma separated, from " + ",".join(PRECISIONS))
     p.add_argument("--repeats", type=int, default=3, help="timing repeats (interleaved); median reported")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -48,9 +49,8 @@ def measure(model_dir: Path, data_dir: Path, precisions: list[str], max_tokens: 
     if bad or "fp32" not in precisions:
         raise ValueError(f"--precisions must include fp32 (the reference) and only {', '.join(PRECISIONS)}; got "
                          f"{','.join(precisions)}")
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     base, tok = load_model(model_dir)
-    models = {p: (base if p == "fp32" else load_model(model_dir)[0].to(dtypes[p])) for p in precisions}
+    models = {p: (base if p == "fp32" else _in_precision(load_model(model_dir)[0], p)) for p in precisions}
     docs = heldout_docs(data_dir, "test")
     tasks = sorted({d["task"] for d in docs})
     out: dict = {"model": str(model_dir), "data": str(data_dir), "tokens_per_task": max_tokens, "tasks": {}}
@@ -89,6 +89,19 @@ def measure(model_dir: Path, data_dir: Path, precisions: list[str], max_tokens: 
     t32 = statistics.median(times["fp32"])
     out["time_ratio_to_fp32"] = {p: round(statistics.median(times[p]) / t32, 3) for p in precisions}
     return out
+
+
+def _in_precision(model, precision: str):
+    """The whole HF model as a stage of that precision would hold it."""
+    import torch
+
+    if precision == "int8":
+        from offramp.ops.quant import quantize_linears_int8
+        from offramp.training.heads import backbone
+
+        quantize_linears_int8(backbone(model).layers)  # heads and embedding stay fp32
+        return model
+    return model.to({"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
 
 
 def run(args: argparse.Namespace) -> int:

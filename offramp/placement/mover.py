@@ -350,7 +350,7 @@ def plan_steps(app_config: dict, ranges: list[tuple[int, int]], move: Move) -> l
                                "re-plan")
         if d.precision not in PRECISIONS:
             raise MoveDeferred(f"{name}: precision {d.precision!r} is not one a stage loads "
-                               f"({', '.join(PRECISIONS)}); the planner's int8 is not served yet")
+                               f"({', '.join(PRECISIONS)})")
         changes = ([("pool", d.pool)] if new_pool else []) + ([("precision", d.precision)] if new_prec else [])
         return _guarded(app_config, name, k, changes, move.replicas_to)
     if move.action == "remove":
