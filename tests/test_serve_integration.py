@@ -470,22 +470,28 @@ def test_killing_a_stage_replica_mid_request(serve_cluster, staged):
     long_prompt, n = PROMPTS[0], 150
     long_ref = reference(staged, long_prompt, n, ExitPolicy("off")).generated
     short_ref = reference(staged, PROMPTS[1], 8, ExitPolicy("off")).generated
-    results: dict[str, object] = {}
+    stop = threading.Event()
+    calls: list[tuple[float, float, object]] = []  # (start, end, token ids or exception)
 
     def in_flight():
-        t0 = time.monotonic()
-        try:
-            r = completion(client, long_prompt, max_tokens=n)
-            results["in_flight"] = offramp_of(r.choices[0])["token_ids"]
-        except Exception as e:  # noqa: BLE001 - examined below
-            results["in_flight"] = e
-        results["in_flight_s"] = time.monotonic() - t0
+        # Back to back until the kill: whatever the timing of this machine, a request is
+        # decoding when the replica dies (two threads, so a gap between requests of one
+        # thread cannot line up with the kill).
+        while not stop.is_set():
+            t0 = time.monotonic()
+            try:
+                res = offramp_of(completion(client, long_prompt, max_tokens=n).choices[0])["token_ids"]
+            except Exception as e:  # noqa: BLE001 - examined below
+                res = e
+            calls.append((t0, time.monotonic(), res))
 
     (victim,) = replica_actors("Stage2", expect=1)
-    t = threading.Thread(target=in_flight)
-    t.start()
-    time.sleep(1.0)  # the request is well into decoding
-    assert t.is_alive(), "the in-flight request finished before the kill; lengthen it"
+    threads = [threading.Thread(target=in_flight) for _ in range(2)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    kill_t = time.monotonic()
+    stop.set()  # each thread finishes the request it has in flight, then stops
     ray.kill(ray.get_actor(victim.name, namespace="serve"), no_restart=True)
     _KILLED["Stage2"] = victim.actor_id
 
@@ -494,12 +500,17 @@ def test_killing_a_stage_replica_mid_request(serve_cluster, staged):
         other = offramp_of(completion(client, PROMPTS[1], max_tokens=8).choices[0])["token_ids"]
     except Exception as e:  # noqa: BLE001
         other = e
-    t.join(90)
-    assert not t.is_alive(), "the in-flight request hung past its timeout"
-    print(f"replica kill outcome: in-flight={_outcome(results['in_flight'])} after {results['in_flight_s']:.1f}s, "
+    for t in threads:
+        t.join(90)
+        assert not t.is_alive(), "the in-flight request hung past its timeout"
+    spanning = [(t1 - t0, res) for t0, t1, res in calls if t0 < kill_t < t1]
+    assert spanning, "no request was in flight at the kill"
+    assert all(res == long_ref for t0, t1, res in calls if t1 < kill_t), "a request before the kill was wrong"
+    print(f"replica kill outcome: in-flight={[(_outcome(r), round(d, 1)) for d, r in spanning]}, "
           f"concurrent={_outcome(other)}")
+    results = {f"in_flight{i}": res for i, (_, res) in enumerate(spanning)}
 
-    for name, res, ref in [("in_flight", results["in_flight"], long_ref), ("concurrent", other, short_ref)]:
+    for name, res, ref in [*((k, v, long_ref) for k, v in results.items()), ("concurrent", other, short_ref)]:
         if isinstance(res, list):
             assert res == ref, f"{name}: a replayed request returned different tokens"
         else:

@@ -126,8 +126,9 @@ def test_train_tiny_resumes_and_exports(data_dir, tmp_path):
     train(data_dir, out, spec, progress=False)
     log1 = json.loads((out / "train_log.json").read_text())
     threads = torch.get_num_threads()
-    try:  # resumes at the end: nothing more to do (another thread count is the same run)
-        train(data_dir, out, TrainSpec(**{**spec.__dict__, "threads": 2}), progress=False)
+    try:  # resumes at the end: nothing more to do (another thread count or budget is the same run)
+        train(data_dir, out, TrainSpec(**{**spec.__dict__, "threads": 2, "time_budget_min": 60.0}),
+              progress=False)
     finally:
         torch.set_num_threads(threads)
     assert json.loads((out / "train_log.json").read_text()) == log1 and len(log1) == 4

@@ -146,9 +146,13 @@ def lr_at(spec: TrainSpec, step: int, progress: float) -> float:
     return spec.lr * (spec.min_lr_frac + (1 - spec.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+RESUME_MAY_CHANGE = ("threads", "time_budget_min")  # no effect on the data or the model
+
+
 def _resume_key(spec: dict) -> dict:
-    """The settings a checkpoint must match to be resumed (threads change no result)."""
-    return {k: v for k, v in spec.items() if k != "threads"}
+    """The settings a checkpoint must match to be resumed: all but the thread count and
+    the wall-time budget (a shorter budget on resume moves the lr schedule on at once)."""
+    return {k: v for k, v in spec.items() if k not in RESUME_MAY_CHANGE}
 
 
 def exit_loss_terms(spec: TrainSpec, bb, heads: ExitHeads, hs: list[torch.Tensor],
