@@ -246,7 +246,8 @@ def test_int8_linear_fused_kernel_equals_dequantized_matmul():
     x = torch.randn(2, 5, 48)  # 3-D input: rows flattened for the kernel
     with torch.no_grad():
         ref = torch.nn.functional.linear(x, q.dequantized(), lin.bias)
-        torch.testing.assert_close(q(x), ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(q(x), ref, atol=1e-5, rtol=1e-5)  # 10 rows: dequantised path
+        torch.testing.assert_close(q(x[:1, :3]), ref[:1, :3], atol=1e-5, rtol=1e-5)  # 3 rows: fused kernel
         torch.testing.assert_close(q(x.bfloat16()).float(), ref, atol=0.1, rtol=0.05)  # dequant path
         err = (q.dequantized() - lin.weight).abs().amax(dim=1)
         assert torch.all(err <= lin.weight.abs().amax(dim=1) / 254 + 1e-7)  # half a step per row

@@ -6,16 +6,24 @@ activations, biases, norms and the KV cache stay fp32. The embedding and the LM 
 (final and exit) stay in full precision: the exit decision reads their logits, and the
 LM head is tied to the embedding on most small checkpoints.
 
-On CPU the matmul is PyTorch's fused int8-weight kernel (``torch._weight_int8pack_mm``:
-the weights are read as int8, 4x fewer bytes than fp32 — what a memory-bound decode step
-pays for); elsewhere, or where that kernel is missing, the row is dequantised on the fly
-(same result, no speed gain). Quality is measured by ``offramp bench precision``.
+What it buys is memory: a stage's layer weights take ~1/4 of fp32 (a memory-limited pool
+fits 4x the layers). It does not buy speed with the kernels PyTorch 2.13 has on this
+project's CPUs. Measured on the dev machine (2 threads, one 4096x11008 projection):
+PyTorch's fused int8-weight matmul (``torch._weight_int8pack_mm``) takes 3.1x the fp32
+matmul's time at 1 row, 4.8x at 4, 11x at 16, 29x at 64; dequantising the weight and
+running the fp32 matmul takes 18x at 1 row, 6.5x at 16, 1.7x at 512. So a forward uses the
+fused kernel for at most ``FUSED_MAX_ROWS`` rows (decode) and dequantises for more
+(prefill). Quality is measured by ``offramp bench precision``; the planner picks int8
+only when ``Constraints.allow_int8`` is set.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+FUSED_MAX_ROWS = 8  # above this many rows, dequantise + fp32 matmul is faster (measured above)
 
 
 class Int8Linear(nn.Module):
@@ -46,7 +54,9 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if x2.device.type == "cpu" and x2.dtype == torch.float32 and hasattr(torch, "_weight_int8pack_mm"):
+        fused = (x2.shape[0] <= FUSED_MAX_ROWS and x2.device.type == "cpu" and x2.dtype == torch.float32
+                 and hasattr(torch, "_weight_int8pack_mm"))
+        if fused:
             y = torch._weight_int8pack_mm(x2.contiguous(), self.weight_q, self.scales)
             if self.bias is not None:
                 y = y + self.bias
