@@ -508,9 +508,9 @@ def test_killing_a_stage_replica_mid_request(serve_cluster, staged):
     assert all(res == long_ref for t0, t1, res in calls if t1 < kill_t), "a request before the kill was wrong"
     print(f"replica kill outcome: in-flight={[(_outcome(r), round(d, 1)) for d, r in spanning]}, "
           f"concurrent={_outcome(other)}")
-    results = {f"in_flight{i}": res for i, (_, res) in enumerate(spanning)}
 
-    for name, res, ref in [*((k, v, long_ref) for k, v in results.items()), ("concurrent", other, short_ref)]:
+    checked = [(f"in_flight{i}", res, long_ref) for i, (_, res) in enumerate(spanning)]
+    for name, res, ref in [*checked, ("concurrent", other, short_ref)]:
         if isinstance(res, list):
             assert res == ref, f"{name}: a replayed request returned different tokens"
         else:

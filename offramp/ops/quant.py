@@ -24,6 +24,7 @@ from torch import nn
 
 
 FUSED_MAX_ROWS = 8  # above this many rows, dequantise + fp32 matmul is faster (measured above)
+_HAS_FUSED = hasattr(torch, "_weight_int8pack_mm")
 
 
 class Int8Linear(nn.Module):
@@ -54,9 +55,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        fused = (x2.shape[0] <= FUSED_MAX_ROWS and x2.device.type == "cpu" and x2.dtype == torch.float32
-                 and hasattr(torch, "_weight_int8pack_mm"))
-        if fused:
+        if _HAS_FUSED and x2.shape[0] <= FUSED_MAX_ROWS and x2.device.type == "cpu" and x2.dtype == torch.float32:
             y = torch._weight_int8pack_mm(x2.contiguous(), self.weight_q, self.scales)
             if self.bias is not None:
                 y = y + self.bias
@@ -73,14 +72,11 @@ def _is_conv1d(m: nn.Module) -> bool:
     return type(m).__name__ == "Conv1D" and getattr(m, "weight", None) is not None and m.weight.dim() == 2
 
 
-def quantize_linears_int8(module: nn.Module) -> int:
+def quantize_linears_int8(module: nn.Module) -> None:
     """Replace every ``nn.Linear`` (and transformers' GPT-2 ``Conv1D``) below ``module``
-    in place; returns how many."""
-    n = 0
+    in place."""
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Linear) or _is_conv1d(child):
             setattr(module, name, Int8Linear.from_linear(child))
-            n += 1
         else:
-            n += quantize_linears_int8(child)
-    return n
+            quantize_linears_int8(child)
