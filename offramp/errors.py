@@ -58,3 +58,15 @@ class DeadlineExceeded(OfframpError):
     http_status = 504
     grpc_code = "DEADLINE_EXCEEDED"
     error_type = "timeout"
+
+
+class RowFailed(OfframpError):
+    """One request's own computation failed deterministically inside a stage (non-finite
+    logits, sampling math): that request fails alone - the batch's other rows are served,
+    the replica is healthy, and replaying would only fail again (500 / INTERNAL; the
+    message is safe to show: it names no internal address)."""
+
+    http_status = 500
+    grpc_code = "INTERNAL"
+    error_type = "server_error"
+    public = True  # front ends show the message instead of the generic one

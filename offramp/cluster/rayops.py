@@ -3,8 +3,11 @@ the code (and its unit tests) never needs a cluster.
 
 The registry is a small detached actor per Serve application: stage replicas publish
 their data-channel endpoint there and heartbeat; ingress replicas read it to route.
-It also mints the application's channel token once, so re-applying a config (e.g. to
-scale one stage) changes no deployment's arguments and restarts nothing else.
+
+The application's channel token lives in Ray's internal KV (kept by the GCS), minted once
+by whichever replica asks first (:func:`channel_token`): it survives a restart of the
+registry actor (old and new replicas still accept each other), and re-applying a config
+(e.g. to scale one stage) changes no deployment's arguments and restarts nothing else.
 """
 from __future__ import annotations
 
@@ -26,12 +29,11 @@ class RegistryCore:
     (:data:`Registry`). Plain class so it can be tested without Ray."""
 
     def __init__(self):
-        self._token = secrets.token_hex(16)
+        # A new epoch per (re)start: an ingress that sees it change keeps its previous
+        # endpoints routable while the replicas register again.
+        self._epoch = secrets.token_hex(8)
         self._entries: dict[str, dict] = {}
         self._ingress: dict[str, dict] = {}  # ingress replica -> {"stats", "seen"}
-
-    def token(self) -> str:
-        return self._token
 
     def register(self, entry: dict) -> None:
         self._entries[entry["replica"]] = {**entry, "seen": time.time()}
@@ -78,8 +80,28 @@ class RegistryCore:
             del self._entries[k]
         return [e for e in self._entries.values() if now - e["seen"] <= STALE_S]
 
+    def routing(self) -> dict:
+        """What an ingress routes on: ``{"epoch", "endpoints"}`` (see :meth:`endpoints`)."""
+        return {"epoch": self._epoch, "endpoints": self.endpoints()}
+
 
 Registry = ray.remote(num_cpus=0, max_restarts=-1)(RegistryCore)
+
+
+TOKEN_KV_NAMESPACE = "offramp-channel"
+
+
+def channel_token(app_name: str) -> str:
+    """The application's stage-channel token, minted once and kept in the GCS's internal
+    KV (outlives the registry actor and every replica); concurrent first callers agree."""
+    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_put
+
+    key = f"token/{app_name}"
+    tok = _internal_kv_get(key, namespace=TOKEN_KV_NAMESPACE)
+    if tok is None:
+        _internal_kv_put(key, secrets.token_hex(16).encode(), overwrite=False, namespace=TOKEN_KV_NAMESPACE)
+        tok = _internal_kv_get(key, namespace=TOKEN_KV_NAMESPACE)
+    return tok.decode()
 
 
 def registry(app_name: str):

@@ -93,11 +93,11 @@ class StageDeployment:
         self.drain_s = sa.drain_s
         self.app_name, self.replica = rayops.replica_context()
         registry = rayops.registry(self.app_name)
-        token = rayops.get(registry.token.remote())
+        token = rayops.channel_token(self.app_name)
         self.server = StageServer(self.worker, token, host=rayops.node_ip(), max_batch_size=sa.max_batch_size,
                                   batch_wait_timeout_s=sa.batch_wait_timeout_s, stats=self._record,
                                   labels={"pool": pool, "replica": self.replica, "precision": sa.dtype},
-                                  emulate=emulate)
+                                  emulate=emulate, lease_s=args.kv_lease_s)
         self.entry = {"stage": index, "replica": self.replica, "host": self.server.host, "port": self.server.port,
                       "layers": list(layers), "pool": pool, "device": device, "dtype": sa.dtype, "profile": profile}
         self.steps = {"batches": 0, "rows": 0, "positions": 0, "busy_s": 0.0,
@@ -141,8 +141,11 @@ class StageDeployment:
         return payload
 
     def check_health(self) -> None:
-        if not self.server._thread.is_alive():
-            raise RuntimeError("stage channel server thread died")
+        """Serve replaces the replica when this raises: its channel thread, loop or batcher
+        died or is wedged (a replica that cannot serve must not look healthy)."""
+        problem = self.server.health()
+        if problem is not None:
+            raise RuntimeError(f"stage {self.worker.index}: {problem}")
 
     async def __del__(self):
         """Serve's graceful shutdown (scale-down, rolling update, removal): leave the
@@ -198,10 +201,10 @@ class OfframpIngress(GrpcIngressMixin):
         self.stages = stages  # Serve handles: control calls and the hop benchmark
         app_name, _ = rayops.replica_context()
         registry = rayops.registry(app_name)
-        token = rayops.get(registry.token.remote())
+        token = rayops.channel_token(app_name)
 
         async def lookup():
-            return await registry.endpoints.remote()
+            return await registry.routing.remote()
 
         max_seq = min(args.max_context or spec.max_position, spec.max_position)
         router = Router(len(ranges), token, lookup, num_layers=spec.num_layers)
@@ -210,6 +213,7 @@ class OfframpIngress(GrpcIngressMixin):
             vocab_size=spec.vocab_size, kv_fill=args.exit.kv_fill, request_timeout_s=args.request_timeout_s,
             default_exit=args.exit.mode, default_threshold=args.exit.threshold,
             max_active=args.max_active_requests, model_name=args.model_name, audit_rate=args.exit.audit_rate,
+            lease_s=args.kv_lease_s,
             tuner=AgreementTuner(target=exits.calibration.target if exits and exits.calibration else 0.98,
                                  enabled=args.exit.online_tuning))
         self.frontend = Frontend.from_app_args(args, self.backend, load_tokenizer(model_dir),

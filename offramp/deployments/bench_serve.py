@@ -210,7 +210,7 @@ def _run_serve(args, emit) -> int:
         handle = serve.get_deployment_handle("Stage0", "offramp")
 
         async def hops():
-            return await _hops(handle, ep, ray.get(registry.token.remote()), staged.spec.hidden_size)
+            return await _hops(handle, ep, rayops.channel_token("offramp"), staged.spec.hidden_size)
 
         report["hop"] = asyncio.run(hops())
         report["tracing"] = _tracing_overhead(base, prompts, args, name, model_dir)

@@ -15,6 +15,25 @@ one queue; a batcher drains it into ragged batches (continuous batching: rows of
 different sequences and positions share one forward pass), runs the forward pass in a
 worker thread, and answers each caller. Client side (:class:`StageClient`): one
 multiplexed connection per stage replica, a timeout on every call.
+
+Faults stay where they belong:
+
+* **One row's error is that row's** (sampling math, non-finite logits): it comes back
+  in that row's result (``error``), the batch's other rows are answered normally. A
+  forward pass that fails as a whole is retried one request at a time, so only the
+  request that breaks it fails. Errors the stage does not know are ``RowFailed``
+  (non-retryable), never "stage unavailable": a healthy replica is not banned for them.
+* **KV leases.** Every sequence's KV and parked chunks are reclaimed when nothing for
+  it (a step, a propagate, the ingress's ``renew``) arrived within ``lease_s``: a dead
+  ingress, a lost release or a cancelled request cannot leak slots. A ``release`` runs
+  after every step queued before it (a cancelled prefill is freed, not re-allocated).
+* **Nothing blocks the batcher.** Replies are written without awaiting the peer; a peer
+  that stops reading for ``WRITE_TIMEOUT_S`` (or lets ``WRITE_BUFFER_CAP`` pile up) loses
+  its connection, the others go on. The batcher survives any exception of a batch, and
+  :meth:`StageServer.health` fails when the loop or the batcher died, so Serve replaces
+  the replica.
+* The pre-auth hello frame may be at most ``HELLO_MAX_FRAME`` bytes; errors sent to
+  clients never name internal addresses (those go to the log).
 """
 from __future__ import annotations
 
@@ -38,9 +57,13 @@ from offramp.protocol import SamplingParams
 log = logging.getLogger(__name__)
 _HDR = struct.Struct("!II")
 MAX_FRAME = 256 * 2**20
+HELLO_MAX_FRAME = 4096  # before the token is checked, a peer may send no more than this
+WRITE_TIMEOUT_S = 10.0  # a peer that reads nothing for this long loses its connection
+WRITE_BUFFER_CAP = 64 * 2**20  # replies a peer may leave unread before it is cut off
+DEFAULT_LEASE_S = 30.0  # KV of a sequence nothing arrived for within this is reclaimed
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64}
 ERRORS = {c.__name__: c for c in (errors.BadRequest, errors.Overloaded, errors.StageUnavailable,
-                                    errors.DeadlineExceeded, KVMissing)}
+                                    errors.DeadlineExceeded, errors.RowFailed, KVMissing)}
 
 
 # -- framing ----------------------------------------------------------------------------
@@ -78,10 +101,10 @@ def unpack_tensor(payload: memoryview, ref: dict) -> torch.Tensor:
                             dtype=dtype).reshape(shape)
 
 
-async def read_frame(reader: asyncio.StreamReader) -> tuple[dict, memoryview]:
+async def read_frame(reader: asyncio.StreamReader, limit: int = MAX_FRAME) -> tuple[dict, memoryview]:
     total, hlen = _HDR.unpack(await reader.readexactly(_HDR.size))
-    if total > MAX_FRAME or hlen > total:
-        raise ConnectionError(f"frame of {total} bytes refused (limit {MAX_FRAME})")
+    if total > limit or hlen > total:
+        raise ConnectionError(f"frame of {total} bytes refused (limit {limit})")
     body = memoryview(await reader.readexactly(total))
     return json.loads(bytes(body[:hlen])), body[hlen:]
 
@@ -106,13 +129,77 @@ def row_from_header(h: dict, payload: memoryview) -> StepRow:
                    None if h.get("layer") is None else int(h["layer"]), bool(h.get("verify", False)))
 
 
+def error_body(e: Exception) -> dict:
+    """An exception as it travels on the channel. Types the ingress knows keep their type
+    and message; anything else is this request's ``RowFailed`` with a generic message
+    (details in this replica's log), so it is never retried as a replica failure."""
+    if type(e).__name__ in ERRORS:
+        return {"type": type(e).__name__, "message": str(e)}
+    return {"type": "RowFailed", "message": f"a stage failed while computing this request ({type(e).__name__}); "
+                                            "it has been logged"}
+
+
+def _error_header(msg_id, e: Exception) -> dict:
+    return {"id": msg_id, "ok": False, "error": error_body(e)}
+
+
+def error_from_body(err: dict) -> Exception:
+    return ERRORS.get(err.get("type"), errors.RowFailed)(err.get("message", "stage error"))
+
+
+class _Conn:
+    """The server's side of one client connection: replies are written without awaiting
+    the peer; a peer that stops reading is cut off instead of stalling the batcher."""
+
+    def __init__(self, writer: asyncio.StreamWriter, loop: asyncio.AbstractEventLoop, on_cut=None):
+        self.writer, self.loop, self.on_cut = writer, loop, on_cut
+        self._drainer: asyncio.Task | None = None
+
+    def send(self, header: dict, packer: _Packer | None = None) -> None:
+        if self.writer.is_closing():
+            return
+        try:
+            self.writer.write(encode(header, packer))
+        except Exception as e:  # noqa: BLE001 - a dead transport is the peer's problem, not the batch's
+            log.debug("stage channel reply failed: %s", e)
+            self.abort()
+            return
+        buffered = self.writer.transport.get_write_buffer_size()
+        if buffered > WRITE_BUFFER_CAP:
+            log.warning("stage channel peer %s left %d bytes unread; closing its connection",
+                        self.writer.get_extra_info("peername"), buffered)
+            self.abort()
+        elif buffered and self._drainer is None:
+            self._drainer = self.loop.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            await asyncio.wait_for(self.writer.drain(), WRITE_TIMEOUT_S)
+        except Exception as e:  # noqa: BLE001 - timeout or reset: this peer is gone
+            log.warning("stage channel peer %s did not read for %.0f s (%s); closing its connection",
+                        self.writer.get_extra_info("peername"), WRITE_TIMEOUT_S, type(e).__name__)
+            self.abort()
+        finally:
+            self._drainer = None
+
+    def abort(self) -> None:
+        if self.writer.is_closing():
+            return
+        try:
+            self.writer.transport.abort()
+        except Exception:  # noqa: BLE001 - already closed
+            pass
+        if self.on_cut is not None:
+            self.on_cut()
+
+
 # -- server -------------------------------------------------------------------------------
 class StageServer:
     """Serves one :class:`StageWorker` on ``host:port`` from a background thread."""
 
     def __init__(self, worker: StageWorker, token: str, host: str = "127.0.0.1", port: int = 0,
                  max_batch_size: int = 16, batch_wait_timeout_s: float = 0.002, stats=None,
-                 labels: dict | None = None, emulate=None):
+                 labels: dict | None = None, emulate=None, lease_s: float = DEFAULT_LEASE_S):
         self.worker, self.token = worker, token
         self.emulate = emulate  # optional EmulatedDevice: modelled minimum step time
         # Queue wait of step rows (enqueued -> their forward pass starts): the saturation
@@ -123,6 +210,12 @@ class StageServer:
         self.max_batch_size, self.batch_wait = max_batch_size, batch_wait_timeout_s
         self.stats = stats  # optional callback(batch_rows, n_positions, seconds)
         self.host, self.port = host, port
+        self.lease_s = lease_s
+        self.reclaimed = 0  # sequences whose lease ran out (KV freed without a release)
+        self.batch_errors = 0  # batches whose handling raised (the batcher kept going)
+        self.peers_cut = 0  # connections closed because the peer stopped reading
+        self._last_reap = time.monotonic()
+        self._batcher_task: asyncio.Task | None = None
         self.loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name=f"offramp-stage{worker.index}")
@@ -135,7 +228,7 @@ class StageServer:
         self.queue: asyncio.Queue = asyncio.Queue()
         server = self.loop.run_until_complete(asyncio.start_server(self._conn, self.host, self.port))
         self.port = server.sockets[0].getsockname()[1]
-        self.loop.create_task(self._batcher())
+        self._batcher_task = self.loop.create_task(self._batcher())
         self._ready.set()
         self.loop.run_forever()
         # close(): stop serving, let every pending task see its cancellation, then close.
@@ -147,55 +240,112 @@ class StageServer:
         self.loop.close()
 
     def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
+        if not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+
+    def health(self, timeout: float = 10.0) -> str | None:
+        """Why this server cannot serve (None: it can): its thread or batcher died, or its
+        loop did not answer within ``timeout`` (wedged)."""
+        if not self._thread.is_alive() or self.loop.is_closed():
+            return "the stage channel server thread died"
+        task = self._batcher_task
+        if task is None or task.done():
+            return "the stage channel batcher died"
+        try:
+            asyncio.run_coroutine_threadsafe(asyncio.sleep(0), self.loop).result(timeout)
+        except Exception:  # noqa: BLE001 - timeout or loop gone
+            return f"the stage channel loop did not answer within {timeout:g} s"
+        return None
 
     async def _conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = _Conn(writer, self.loop, on_cut=self._peer_cut)
         try:
-            hello, _ = await asyncio.wait_for(read_frame(reader), 10)
+            hello, _ = await asyncio.wait_for(read_frame(reader, HELLO_MAX_FRAME), 10)
             if hello.get("op") != "hello" or not hmac.compare_digest(str(hello.get("token", "")), self.token):
-                writer.write(encode({"id": hello.get("id"), "ok": False, "error": {"type": "StageUnavailable",
-                                     "message": "bad cluster token"}}))
+                conn.send({"id": hello.get("id"), "ok": False,
+                           "error": {"type": "StageUnavailable", "message": "bad cluster token"}})
                 return
-            writer.write(encode({"id": hello.get("id"), "ok": True, "stage": self.worker.index}))
-            lock = asyncio.Lock()
+            conn.send({"id": hello.get("id"), "ok": True, "stage": self.worker.index})
             while True:
                 header, payload = await read_frame(reader)
-                header["_queued_at"] = time.monotonic()  # local only: queue-wait signal
-                self.queue.put_nowait((header, payload, writer, lock))
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError, json.JSONDecodeError):
+                now = time.monotonic()
+                op = header.get("op")
+                if op == "renew":  # lease renewal of live sequences: no reply, no queue
+                    for seq in header.get("seqs", ()):
+                        if self.worker.holds(str(seq)):
+                            self.worker.touch(str(seq), now)
+                    continue
+                if op == "step":
+                    for r in header.get("rows", ()):
+                        self.worker.touch(str(r.get("seq")), now)
+                elif op == "propagate":
+                    self.worker.touch(str(header.get("seq")), now)
+                header["_queued_at"] = now  # local only: queue-wait signal
+                self.queue.put_nowait((header, payload, conn))
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError, json.JSONDecodeError,
+                UnicodeDecodeError, AttributeError, TypeError):
             pass
         finally:
             writer.close()
 
-    async def _reply(self, writer, lock, header: dict, packer: _Packer | None = None) -> None:
-        try:
-            async with lock:
-                writer.write(encode(header, packer))
-                await writer.drain()
-        except ConnectionError:
-            pass
-
     async def _batcher(self) -> None:
         while True:
-            items = [await self.queue.get()]
-            rows = self._count_rows(items)
-            deadline = time.monotonic() + self.batch_wait
-            # Wait for more rows only while other live sequences could still send theirs.
-            while rows < self.max_batch_size:
-                if not self.queue.empty():
-                    items.append(self.queue.get_nowait())
-                    rows = self._count_rows(items)
-                    continue
-                live = len(self.worker.cache.slot_of)
-                left = deadline - time.monotonic()
-                if rows >= live or left <= 0:
-                    break
-                try:
-                    items.append(await asyncio.wait_for(self.queue.get(), left))
-                    rows = self._count_rows(items)
-                except asyncio.TimeoutError:
-                    break
-            await self._serve_batch(items)
+            try:
+                items = await self._collect()
+                if items:
+                    await self._serve_batch(items)
+                self._reap()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - one bad batch must not end the replica
+                self.batch_errors += 1
+                log.exception("stage %d: a batch failed outside the forward pass; serving on", self.worker.index)
+
+    async def _collect(self) -> list:
+        """The next batch: the first item (waiting at most a lease-reaping period), then
+        whatever arrives within the batch wait while other live sequences could still send."""
+        try:
+            items = [await asyncio.wait_for(self.queue.get(), self._reap_period())]
+        except asyncio.TimeoutError:
+            return []
+        rows = self._count_rows(items)
+        deadline = time.monotonic() + self.batch_wait
+        while rows < self.max_batch_size:
+            if not self.queue.empty():
+                items.append(self.queue.get_nowait())
+                rows = self._count_rows(items)
+                continue
+            live = len(self.worker.cache.slot_of)
+            left = deadline - time.monotonic()
+            if rows >= live or left <= 0:
+                break
+            try:
+                items.append(await asyncio.wait_for(self.queue.get(), left))
+                rows = self._count_rows(items)
+            except asyncio.TimeoutError:
+                break
+        return items
+
+    def _peer_cut(self) -> None:
+        self.peers_cut += 1
+
+    def _reap_period(self) -> float:
+        return max(0.25, self.lease_s / 4)
+
+    def _reap(self, now: float | None = None) -> None:
+        """Free the KV of sequences whose lease ran out (runs between batches, so never
+        under a forward pass)."""
+        now = time.monotonic() if now is None else now
+        if now - self._last_reap < self._reap_period():
+            return
+        self._last_reap = now
+        gone = self.worker.expired(self.lease_s, now)
+        for seq in gone:
+            self.worker.release(seq)
+        if gone:
+            self.reclaimed += len(gone)
+            log.info("stage %d: reclaimed the KV of %d sequences idle for over %.0f s", self.worker.index,
+                     len(gone), self.lease_s)
 
     @staticmethod
     def _count_rows(items) -> int:
@@ -203,40 +353,50 @@ class StageServer:
 
     async def _serve_batch(self, items) -> None:
         steps: list[tuple] = []  # (item, rows, carriers)
-        for item in items:
-            header, payload, writer, lock = item
-            op = header.get("op")
-            try:
-                if op == "step":
-                    steps.append((item, [row_from_header(r, payload) for r in header["rows"]],
-                                  [r.get("trace") for r in header["rows"]]))
-                elif op == "propagate":
-                    x = unpack_tensor(payload, header["x"])
-                    layer = None if header.get("layer") is None else int(header["layer"])
-                    await self.loop.run_in_executor(None, self.worker.propagate, header["seq"], x,
-                                                    int(header["pos"]), layer)
-                    await self._reply(writer, lock, {"id": header["id"], "ok": True})
-                elif op == "release":
+        releases: list[tuple] = []  # run after the steps queued before them
+        try:
+            for item in items:
+                header, payload, conn = item
+                op = header.get("op")
+                try:
+                    if op == "step":
+                        steps.append((item, [row_from_header(r, payload) for r in header["rows"]],
+                                      [r.get("trace") for r in header["rows"]]))
+                    elif op == "release":
+                        releases.append(item)
+                    elif op == "propagate":
+                        x = unpack_tensor(payload, header["x"])
+                        layer = None if header.get("layer") is None else int(header["layer"])
+                        await self.loop.run_in_executor(None, self.worker.propagate, str(header["seq"]), x,
+                                                        int(header["pos"]), layer)
+                        conn.send({"id": header.get("id"), "ok": True})
+                    elif op == "echo":  # hop benchmark: the payload goes there and back
+                        packer = _Packer()
+                        ref = packer.tensor(unpack_tensor(payload, header["x"]))
+                        conn.send({"id": header.get("id"), "ok": True, "x": ref}, packer)
+                    elif op == "info":
+                        conn.send({"id": header.get("id"), "ok": True, **self.info()})
+                    else:
+                        raise errors.BadRequest(f"unknown channel op {op!r}")
+                except Exception as e:  # noqa: BLE001 - answer the caller, keep serving others
+                    conn.send(_error_header(header.get("id"), e))
+            if steps:
+                await self._run_steps(steps)
+        finally:
+            for header, _, conn in releases:
+                try:
                     for seq in header["seqs"]:
                         self.worker.release(str(seq))
-                    await self._reply(writer, lock, {"id": header["id"], "ok": True})
-                elif op == "echo":  # hop benchmark: the payload goes there and back
-                    packer = _Packer()
-                    ref = packer.tensor(unpack_tensor(payload, header["x"]))
-                    await self._reply(writer, lock, {"id": header["id"], "ok": True, "x": ref}, packer)
-                elif op == "info":
-                    await self._reply(writer, lock, {"id": header["id"], "ok": True, **self.info()})
-                else:
-                    raise errors.BadRequest(f"unknown channel op {op!r}")
-            except Exception as e:  # noqa: BLE001 - answer the caller, keep serving others
-                await self._reply(writer, lock, _error_header(header.get("id"), e))
-        if not steps:
-            return
+                    conn.send({"id": header.get("id"), "ok": True})
+                except Exception as e:  # noqa: BLE001
+                    conn.send(_error_header(header.get("id"), e))
+
+    async def _run_steps(self, steps: list[tuple]) -> None:
         good, seen = [], set()
         for item, rows, carriers in steps:
             err = self._check(rows, seen, new_slots=sum(1 for s in seen if s not in self.worker.cache.slot_of))
             if err is not None:
-                await self._reply(item[2], item[3], _error_header(item[0].get("id"), err))
+                item[2].send(_error_header(item[0].get("id"), err))
             else:
                 good.append((item, rows, carriers))
         if not good:
@@ -256,17 +416,23 @@ class StageServer:
                                  lb["precision"], lengths) as spans:
             try:
                 results = await self.loop.run_in_executor(None, w.step, flat)
-                if self.emulate is not None:  # a modelled slower device: hold the replica, not a core
-                    left = self.emulate.seconds(sum(lengths)) - (time.perf_counter() - t0)
-                    if left > 0:
-                        await asyncio.sleep(left)
             except Exception as e:  # noqa: BLE001
-                log.exception("stage %d forward failed", w.index)
-                for item, _, _ in good:
-                    await self._reply(item[2], item[3], _error_header(item[0].get("id"), e))
+                if len(good) == 1:
+                    log.exception("stage %d forward failed", w.index)
+                    good[0][0][2].send(_error_header(good[0][0][0].get("id"), e))
+                    return
+                # The batch as a whole failed: one request at a time, so only the request
+                # that breaks it fails (the others' KV is untouched by a failed pass).
+                log.warning("stage %d: a batch of %d requests failed (%s); retrying them one by one",
+                            w.index, len(good), type(e).__name__)
+                await self._one_by_one(good)
                 return
+            if self.emulate is not None:  # a modelled slower device: hold the replica, not a core
+                left = self.emulate.seconds(sum(lengths)) - (time.perf_counter() - t0)
+                if left > 0:
+                    await asyncio.sleep(left)
             for span, row, res in zip(spans, flat, results):
-                if res.exited:
+                if res.exited and res.error is None:
                     tracing.exit_event(span, w.index, res.confidence, w.threshold(row.policy), row.policy.task)
         seconds = time.perf_counter() - t0
         if self.stats:
@@ -276,20 +442,38 @@ class StageServer:
             live = [(row, res) for row, res in zip(flat, results) if not row.flush]
             metrics.record_gate(w.index, evaluated=len(live), exited=sum(res.exited for _, res in live))
         i = 0
-        for (header, _, writer, lock), rows, _ in good:
-            packer = _Packer()
-            out = []
-            for res in results[i: i + len(rows)]:
-                out.append({"seq": res.seq_id, "token": res.token, "exited": res.exited, "conf": res.confidence,
-                            "h": packer.tensor(res.hidden) if res.hidden is not None else None})
-                if res.backfill is not None:
-                    out[-1]["bf"] = res.backfill
+        for (header, _, conn), rows, _ in good:
+            self._answer(header, conn, results[i: i + len(rows)])
             i += len(rows)
-            # server_s: arrival -> reply on this server, so the caller can tell the hop (wire,
-            # framing, event loops) from the stage's own time
-            server_s = time.monotonic() - header.get("_queued_at", time.monotonic())
-            await self._reply(writer, lock, {"id": header["id"], "ok": True, "results": out,
-                                             "server_s": round(server_s, 6)}, packer)
+
+    async def _one_by_one(self, good: list[tuple]) -> None:
+        for (header, _, conn), rows, _ in good:
+            try:
+                results = await self.loop.run_in_executor(None, self.worker.step, rows)
+            except Exception as e:  # noqa: BLE001
+                log.exception("stage %d forward failed for request frame %s", self.worker.index, header.get("id"))
+                conn.send(_error_header(header.get("id"), e))
+                continue
+            self._answer(header, conn, results)
+
+    def _answer(self, header: dict, conn: _Conn, results) -> None:
+        packer = _Packer()
+        out = []
+        for res in results:
+            if res.error is not None:
+                if type(res.error).__name__ not in ERRORS:
+                    log.warning("stage %d: request row %s failed: %r", self.worker.index, res.seq_id, res.error)
+                out.append({"seq": res.seq_id, "token": None, "exited": False, "conf": None, "h": None,
+                            "error": error_body(res.error)})
+                continue
+            out.append({"seq": res.seq_id, "token": res.token, "exited": res.exited, "conf": res.confidence,
+                        "h": packer.tensor(res.hidden) if res.hidden is not None else None})
+            if res.backfill is not None:
+                out[-1]["bf"] = res.backfill
+        # server_s: arrival -> reply on this server, so the caller can tell the hop (wire,
+        # framing, event loops) from the stage's own time
+        server_s = time.monotonic() - header.get("_queued_at", time.monotonic())
+        conn.send({"id": header.get("id"), "ok": True, "results": out, "server_s": round(server_s, 6)}, packer)
 
     def _check(self, rows: list[StepRow], seen: set, new_slots: int) -> Exception | None:
         for r in rows:
@@ -311,7 +495,8 @@ class StageServer:
         w = self.worker
         return {"stage": w.index, "layers": list(w.stage.layer_range), "sequences": len(w.cache.slot_of),
                 "kv_occupancy": w.cache.occupancy(), "queue": self.queue.qsize(),
-                "wait_s": self.wait_s, "waited_rows": self.waited_rows}
+                "wait_s": self.wait_s, "waited_rows": self.waited_rows, "reclaimed": self.reclaimed,
+                "batch_errors": self.batch_errors, "peers_cut": self.peers_cut}
 
     def take_max_wait(self) -> float:
         """Longest queue wait of a step since the last call (the heartbeat's period)."""
@@ -319,18 +504,15 @@ class StageServer:
         return m
 
 
-def _error_header(msg_id, e: Exception) -> dict:
-    name = type(e).__name__ if type(e).__name__ in ERRORS else "StageUnavailable"
-    message = str(e) if name in ERRORS and type(e).__name__ in ERRORS else f"stage error: {type(e).__name__}"
-    return {"id": msg_id, "ok": False, "error": {"type": name, "message": message}}
-
-
 # -- client -------------------------------------------------------------------------------
 class StageClient:
-    """One multiplexed connection to a stage replica; every call has a timeout."""
+    """One multiplexed connection to a stage replica; every call and write has a timeout.
 
-    def __init__(self, host: str, port: int, token: str):
-        self.host, self.port, self.token = host, port, token
+    ``label`` names the replica in errors the client may see ("stage 1"); the address
+    only goes to the log."""
+
+    def __init__(self, host: str, port: int, token: str, label: str = "a stage replica"):
+        self.host, self.port, self.token, self.label = host, port, token, label
         self._writer: asyncio.StreamWriter | None = None
         self._pending: dict[int, asyncio.Future] = {}
         self._next = 0
@@ -346,12 +528,14 @@ class StageClient:
                 return
             reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), 5)
             writer.write(encode({"op": "hello", "id": 0, "token": self.token}))
-            await writer.drain()
+            await asyncio.wait_for(writer.drain(), 5)
             hello, _ = await asyncio.wait_for(read_frame(reader), 5)
             if not hello.get("ok"):
                 writer.close()
-                raise errors.StageUnavailable(f"stage at {self.host}:{self.port} refused the connection: "
-                                              f"{hello.get('error', {}).get('message')}")
+                log.error("stage at %s:%d refused the connection: %s", self.host, self.port,
+                          hello.get("error", {}).get("message"))
+                raise errors.StageUnavailable(f"{self.label} refused the connection "
+                                              f"({hello.get('error', {}).get('message')})")
             self._writer = writer
             asyncio.get_running_loop().create_task(self._read_loop(reader))
 
@@ -362,44 +546,72 @@ class StageClient:
                 fut = self._pending.pop(header.get("id"), None)
                 if fut is not None and not fut.done():
                     fut.set_result((header, payload))
-        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+        except (asyncio.IncompleteReadError, ConnectionError, OSError, ValueError):
             pass
         finally:
             self.broken = True
             self._writer = None
             for fut in self._pending.values():
                 if not fut.done():
-                    fut.set_exception(errors.StageUnavailable(f"stage at {self.host}:{self.port} went away"))
+                    fut.set_exception(errors.StageUnavailable(f"{self.label} went away"))
             self._pending.clear()
+
+    async def _write(self, data: bytes, timeout: float) -> None:
+        writer = self._writer
+        if writer is None:
+            raise ConnectionError("not connected")
+        writer.write(data)
+        try:
+            await asyncio.wait_for(writer.drain(), timeout)
+        except asyncio.TimeoutError:
+            log.warning("stage at %s:%d did not read for %.1f s; dropping the connection", self.host, self.port,
+                        timeout)
+            self.broken = True
+            self.close()
+            raise errors.StageUnavailable(f"{self.label} stopped reading its connection") from None
 
     async def call(self, header: dict, packer: _Packer | None = None, timeout: float = 30.0):
         try:
             await self._ensure()
         except (OSError, asyncio.TimeoutError) as e:
             self.broken = True
-            raise errors.StageUnavailable(f"cannot reach stage at {self.host}:{self.port}: {e}") from None
+            log.warning("cannot reach stage at %s:%d: %s", self.host, self.port, e)
+            raise errors.StageUnavailable(f"cannot reach {self.label}") from None
         self._next += 1
         header = {**header, "id": self._next}
         fut = asyncio.get_running_loop().create_future()
         self._pending[self._next] = fut
         try:
-            self._writer.write(encode(header, packer))
-            await self._writer.drain()
+            await self._write(encode(header, packer), min(timeout, WRITE_TIMEOUT_S))
             reply, payload = await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
             self._pending.pop(header["id"], None)
-            raise errors.DeadlineExceeded(f"stage at {self.host}:{self.port} did not answer within {timeout:.1f}s")
-        except (ConnectionError, AttributeError) as e:
+            raise errors.DeadlineExceeded(f"{self.label} did not answer within {timeout:.1f}s") from None
+        except (ConnectionError, AttributeError, OSError) as e:
+            self._pending.pop(header["id"], None)
             self.broken = True
-            raise errors.StageUnavailable(f"stage at {self.host}:{self.port} went away: {e}") from None
+            log.warning("stage at %s:%d went away: %s", self.host, self.port, e)
+            raise errors.StageUnavailable(f"{self.label} went away") from None
+        finally:
+            self._pending.pop(header["id"], None)
         if not reply.get("ok"):
-            err = reply.get("error", {})
-            raise ERRORS.get(err.get("type"), errors.StageUnavailable)(err.get("message", "stage error"))
+            raise error_from_body(reply.get("error", {}))
         return reply, payload
+
+    async def notify(self, header: dict, timeout: float = 5.0) -> bool:
+        """Send a frame that gets no reply (lease renewals); False if it could not be sent."""
+        try:
+            await self._ensure()
+            await self._write(encode(header), timeout)
+            return True
+        except (OSError, asyncio.TimeoutError, errors.OfframpError) as e:
+            log.debug("notify to stage at %s:%d failed: %s", self.host, self.port, e)
+            return False
 
     async def step(self, rows: list[StepRow], timeout: float, trace: dict[str, str] | None = None) -> list[dict[str, Any]]:
         """Results per row; each carries ``hop_s``: this call's round trip minus the server's
-        own time (queue + forward pass), i.e. what the hop itself cost."""
+        own time (queue + forward pass), i.e. what the hop itself cost. A row that failed on
+        its own carries ``error`` (the exception to raise for that request)."""
         packer = _Packer()
         t0 = time.perf_counter()
         reply, payload = await self.call({"op": "step", "rows": [row_header(r, packer, trace) for r in rows]},
@@ -407,7 +619,9 @@ class StageClient:
         hop = max(0.0, time.perf_counter() - t0 - float(reply.get("server_s") or 0.0))
         out = reply["results"]
         for r in out:
-            r["h"] = unpack_tensor(payload, r["h"]) if r["h"] is not None else None
+            if r.get("error") is not None:
+                r["error"] = error_from_body(r["error"])
+            r["h"] = unpack_tensor(payload, r["h"]) if r.get("h") is not None else None
             r["hop_s"] = hop
         return out
 
@@ -424,6 +638,10 @@ class StageClient:
 
     async def release(self, seqs: list[str], timeout: float = 5.0) -> None:
         await self.call({"op": "release", "seqs": seqs}, None, timeout)
+
+    async def renew(self, seqs: list[str], timeout: float = 5.0) -> bool:
+        """Extend the KV lease of ``seqs`` on this replica (fire and forget)."""
+        return await self.notify({"op": "renew", "seqs": seqs}, timeout)
 
     def close(self) -> None:
         if self._writer is not None:

@@ -133,6 +133,10 @@ class AppArgs(BaseModel):
     api_key_env: str = Field("OFFRAMP_API_KEY", description="Environment variable holding the API key (empty = no key).")
     request_timeout_s: float = Field(60.0, gt=0, description="Deadline for one request end to end.")
     max_active_requests: int = Field(256, ge=1, description="Requests one ingress replica runs at once; more get 429.")
+    kv_lease_s: float = Field(
+        30.0, ge=2, le=3600, description="A stage replica reclaims a sequence's KV when nothing for it (a step, or "
+        "the ingress's renewal of live sequences) arrived for this long: faults, lost releases and dead ingress "
+        "replicas cannot leak KV slots. Renewals go out 4x per period.")
     emulate_pools: dict[Pool, EmulatedDevice] = Field(
         default_factory=dict,
         description="Testing/benchmarks only: pool name -> modelled step time that replicas in that pool "

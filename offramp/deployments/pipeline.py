@@ -28,7 +28,7 @@ from typing import Awaitable, Callable
 import torch
 
 from offramp import errors
-from offramp.deployments.channel import StageClient
+from offramp.deployments.channel import DEFAULT_LEASE_S, StageClient
 from offramp.observability import metrics
 from offramp.ops.online_tuning import AgreementTuner
 from offramp.ops.worker import ExitPolicy, KVMissing, StepRow
@@ -37,6 +37,8 @@ from offramp.protocol import GenerationRequest, TokenEvent, finish_reason
 log = logging.getLogger(__name__)
 RETRYABLE = (errors.StageUnavailable, errors.DeadlineExceeded, KVMissing)
 REFRESH_S = 1.0  # how stale the ingress's view of the registry may be (a leaving replica waits this out)
+LOOKUP_TIMEOUT_S = 5.0  # one registry lookup; past it the last view stays
+RESTART_GRACE_S = 10.0  # after a registry restart, endpoints not re-registered yet stay routable this long
 
 
 @dataclass(frozen=True)
@@ -72,9 +74,16 @@ class Router:
     Routing is by layer, not by stage index: the hop after a replica that ended at layer
     ``L`` goes to a replica whose range starts at ``L``, else (while a split point moves)
     to a non-first replica whose range contains ``L``, entered there. So both the old and
-    the new chain stay complete through every step of a split move (docs/placement.md)."""
+    the new chain stay complete through every step of a split move (docs/placement.md).
 
-    def __init__(self, num_stages: int, token: str, lookup: Callable[[], Awaitable[list[dict]]],
+    The registry is read off the per-token path: :meth:`start` runs a background refresh
+    every :data:`REFRESH_S`, each lookup bounded by :data:`LOOKUP_TIMEOUT_S`; a failed
+    lookup keeps the last view. ``lookup`` returns the endpoint list, or
+    ``{"epoch": ..., "endpoints": [...]}``: when the epoch changes (the registry actor
+    restarted and replicas are registering again) endpoints missing from the new list
+    stay routable for :data:`RESTART_GRACE_S`, so a registry restart fails no request."""
+
+    def __init__(self, num_stages: int, token: str, lookup: Callable[[], Awaitable[list[dict] | dict]],
                  num_layers: int | None = None):
         self.num_stages, self.token, self.lookup = num_stages, token, lookup
         self.num_layers = num_layers
@@ -83,17 +92,55 @@ class Router:
         self.load: dict[Endpoint, int] = {}
         self.dead: dict[str, float] = {}  # replica -> banned until
         self._refreshed = 0.0
+        self._epoch = None
+        self._grace: tuple[float, list[Endpoint]] = (0.0, [])  # (until, endpoints of the previous epoch)
+        self._task: asyncio.Task | None = None
+        self.lookup_failures = 0
+
+    def start(self) -> None:
+        """Keep the view fresh from a background task of the running loop (idempotent)."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._refresh_loop())
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(REFRESH_S)
+            await self.refresh(force=True)
+
+    async def ready(self) -> None:
+        """Before a walk: the first view of the registry (awaited once, bounded), then the
+        background refresh."""
+        self.start()
+        if not self.endpoints:
+            await self.refresh(force=True)
 
     async def refresh(self, force: bool = False) -> None:
         if not force and time.monotonic() - self._refreshed < REFRESH_S:
             return
-        entries = await self.lookup()
+        try:
+            got = await asyncio.wait_for(self.lookup(), LOOKUP_TIMEOUT_S)
+        except Exception as e:  # noqa: BLE001 - the registry is restarting or slow: keep the last view
+            self.lookup_failures += 1
+            log.warning("registry lookup failed (%s); routing on the last known endpoints", type(e).__name__)
+            return
         self._refreshed = time.monotonic()
+        epoch, entries = (got.get("epoch"), got.get("endpoints", [])) if isinstance(got, dict) else (None, got)
         fresh = []
         for e in entries:
             if 0 <= e["stage"] < self.num_stages and len(e.get("layers") or ()) == 2:
                 a, b = (int(x) for x in e["layers"])
                 fresh.append(Endpoint(e["stage"], e["replica"], e["host"], e["port"], a, b))
+        now = time.monotonic()
+        if epoch is not None and self._epoch is not None and epoch != self._epoch:
+            log.warning("the registry restarted; keeping the previous endpoints for %.0f s while replicas "
+                        "register again", RESTART_GRACE_S)
+            self._grace = (now + RESTART_GRACE_S, list(self.endpoints))
+        if epoch is not None:
+            self._epoch = epoch
+        until, previous = self._grace
+        if now < until:
+            known = {ep.replica for ep in fresh}
+            fresh += [ep for ep in previous if ep.replica not in known]
         self.endpoints = fresh
 
     def pick(self, layer: int) -> Endpoint:
@@ -111,8 +158,12 @@ class Router:
     def client(self, ep: Endpoint) -> StageClient:
         c = self.clients.get(ep)
         if c is None or c.broken:
-            c = self.clients[ep] = StageClient(ep.host, ep.port, self.token)
+            c = self.clients[ep] = StageClient(ep.host, ep.port, self.token, label=f"stage {ep.stage}")
         return c
+
+    def known(self, ep: Endpoint) -> bool:
+        """Still registered (a release or renewal is worth sending)."""
+        return ep in self.endpoints
 
     def ban(self, ep: Endpoint, seconds: float = 12.0) -> None:
         self.dead[ep.replica] = time.monotonic() + seconds
@@ -128,7 +179,7 @@ class PipelineBackend:
                  vocab_size: int, kv_fill: str = "exact", call_timeout_s: float = 30.0,
                  request_timeout_s: float = 60.0, max_replays: int = 4, default_exit: str = "calibrated",
                  default_threshold: float | None = None, max_active: int = 256, model_name: str = "offramp",
-                 audit_rate: float = 0.0, tuner: AgreementTuner | None = None):
+                 audit_rate: float = 0.0, tuner: AgreementTuner | None = None, lease_s: float = DEFAULT_LEASE_S):
         self.num_stages, self.router = num_stages, router
         self.eos_token_ids, self.max_seq, self.vocab_size = eos_token_ids, max_seq, vocab_size
         self.kv_fill, self.call_timeout, self.request_timeout = kv_fill, call_timeout_s, request_timeout_s
@@ -151,6 +202,12 @@ class PipelineBackend:
         # Online audit of exits (exact backfill): checked against full depth at the last stage.
         self.audit_rate = audit_rate if kv_fill == "exact" else 0.0
         self.tuner = tuner or AgreementTuner(enabled=False)
+        # KV leases: the stage replicas reclaim a sequence's KV when nothing for it arrived
+        # within lease_s; this ingress renews every live sequence on every replica of its
+        # route (also while it waits on other stages or on a slow client) 4x per lease.
+        self.lease_s = lease_s
+        self._live: dict[str, _Seq] = {}  # session -> sequence
+        self._renewer: asyncio.Task | None = None
 
     async def generate(self, request: GenerationRequest):
         prompt = list(request.prompt_ids)
@@ -165,6 +222,7 @@ class PipelineBackend:
             raise errors.Overloaded(f"this ingress replica already runs {self.max_active} requests; retry shortly "
                                     "or add OfframpIngress replicas")
         self.active += 1
+        self._start_renewer()
         seq = _Seq(request, self._policy(request), prompt, len(prompt))
         self._new_session(seq)
         start = last = time.monotonic()
@@ -220,6 +278,30 @@ class PipelineBackend:
         seq.session = f"{seq.request.request_id}/{uuid.uuid4().hex[:8]}"
         seq.fed = 0
         seq.route = {}
+        self._live[seq.session] = seq
+
+    def _start_renewer(self) -> None:
+        if self._renewer is None or self._renewer.done():
+            self._renewer = asyncio.get_running_loop().create_task(self._renew_loop())
+
+    async def _renew_loop(self) -> None:
+        while True:
+            await asyncio.sleep(max(0.25, self.lease_s / 4))
+            try:
+                self.renew_leases()
+            except Exception:  # noqa: BLE001 - never let renewals stop
+                log.exception("lease renewal failed")
+
+    def renew_leases(self) -> None:
+        """Renew the lease of every live sequence on each replica of its route (one
+        fire-and-forget frame per replica)."""
+        by_ep: dict[Endpoint, list[str]] = {}
+        for session, seq in list(self._live.items()):
+            for ep in seq.route.values():
+                by_ep.setdefault(ep, []).append(session)
+        for ep, sessions in by_ep.items():
+            if self.router.known(ep):
+                self._spawn(self.router.client(ep).renew(sessions))
 
     async def _next_token(self, seq: _Seq, deadline: float) -> tuple[int, int]:
         """One token, replaying the sequence on live replicas after a failure. Failures of a
@@ -261,7 +343,7 @@ class PipelineBackend:
     async def _walk(self, seq: _Seq, deadline: float) -> tuple[int, int]:
         """One token: layer 0 onwards, replica by replica, until a gate exits or the last
         stage answers."""
-        await self.router.refresh()
+        await self.router.ready()
         req = seq.request
         new = seq.tokens[seq.fed:]
         position = len(seq.tokens) - 1
@@ -285,6 +367,11 @@ class PipelineBackend:
             except RETRYABLE as e:
                 e.endpoint = ep
                 raise
+            if res.get("error") is not None:  # this request's own failure: no ban, no replay
+                err = res["error"]
+                if isinstance(err, RETRYABLE):
+                    err.endpoint = ep
+                raise err
             if layer == 0:
                 seq.fed = len(seq.tokens)
             self.hop_s_sum[k] += res.get("hop_s", 0.0)
@@ -343,11 +430,14 @@ class PipelineBackend:
             layer = ep.end
 
     def _release(self, seq: _Seq) -> None:
+        """Free the sequence's KV on its route: also after a ban or a broken connection
+        (a fresh connection) while the replica is registered; what cannot be delivered,
+        the replica's KV lease reclaims."""
+        self._live.pop(seq.session, None)
         for ep in seq.route.values():
             self.router.load[ep] = max(0, self.router.load.get(ep, 1) - 1)
-            c = self.router.clients.get(ep)
-            if c is not None and not c.broken:
-                self._spawn(c.release([seq.session]))
+            if self.router.known(ep):
+                self._spawn(self.router.client(ep).release([seq.session]))
         seq.route = {}
 
     def _spawn(self, coro) -> None:

@@ -99,20 +99,24 @@ class StagedModel:
                              f"{self.max_seq}; shorten the prompt or lower max_tokens", param="max_tokens")
 
     # -- one decode step for a batch ---------------------------------------------------
-    def step(self, seqs: list[Sequence]) -> list[tuple[int, int]]:
-        """Feed every sequence its unfed tokens; returns (token, exit_stage) per sequence."""
+    def step(self, seqs: list[Sequence]) -> list[tuple[int, int] | Exception]:
+        """Feed every sequence its unfed tokens; returns (token, exit_stage) per sequence, or
+        that sequence's own error (its row failed; the others are unaffected)."""
         rows = []
         for s in seqs:
             new = s.tokens[s.fed:]
             rows.append(StepRow(s.seq_id, torch.tensor(new, dtype=torch.long), len(s.tokens) - 1,
                                 s.sampling, s.policy, step=len(s.generated)))
             s.fed = len(s.tokens)
-        out: dict[str, tuple[int, int]] = {}
+        out: dict[str, tuple[int, int] | Exception] = {}
         for k, worker in enumerate(self.workers):
             if not rows:
                 break
             nxt = []
             for row, res in zip(rows, worker.step(rows)):
+                if res.error is not None:
+                    out[row.seq_id] = res.error
+                    continue
                 if res.token is not None:
                     out[row.seq_id] = (res.token, k)
                     if res.exited and self.kv_fill == "propagate":
@@ -154,7 +158,12 @@ class StagedModel:
         seqs = [self.new_sequence(p, sampling, policy) for p in prompts]
         active = list(seqs)
         while active:
-            for s, (tok, stage) in zip(active, self.step(active)):
+            for s, res in zip(active, self.step(active)):
+                if isinstance(res, Exception):
+                    for r in seqs:
+                        self.release(r)
+                    raise res
+                tok, stage = res
                 s.tokens.append(tok)
                 s.exit_stages.append(stage)
                 s.finish_reason = self.finished(s, tok)
@@ -226,7 +235,13 @@ class InProcessBackend:
                     self.model.release(seq)
                     active.pop(seq.seq_id, None)
                 continue
-            for (seq, q, loop), (tok, stage) in zip(entries, results):
+            for (seq, q, loop), res in zip(entries, results):
+                if isinstance(res, Exception):  # this request's own failure: it alone ends
+                    loop.call_soon_threadsafe(q.put_nowait, res)
+                    self.model.release(seq)
+                    active.pop(seq.seq_id, None)
+                    continue
+                tok, stage = res
                 seq.tokens.append(tok)
                 seq.exit_stages.append(stage)
                 seq.finish_reason = self.model.finished(seq, tok)

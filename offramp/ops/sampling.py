@@ -3,35 +3,53 @@
 Sampling is stateless per (seed, step): any stage replica that produces token ``step`` of
 a request draws the same value, so seeded requests are reproducible whichever gate the
 token exits at.
+
+A row's failure is that row's own: :func:`choose_tokens` never raises for one bad row
+(non-finite logits, a temperature that would overflow); it returns a
+:class:`~offramp.errors.RowFailed` in that row's place, so the other rows of the batch are
+served and nobody mistakes the request's problem for a broken replica.
 """
 from __future__ import annotations
 
 import torch
 
+from offramp.errors import RowFailed
 from offramp.protocol import SamplingParams
 
+# Below this a temperature is refused by the API (and treated as greedy here, defensively):
+# (logits - max) / T stays finite in float32 for any T >= MIN_TEMPERATURE.
+MIN_TEMPERATURE = 1e-2
 
-def choose_tokens(logits: torch.Tensor, params: list[SamplingParams], steps: list[int]) -> list[int]:
-    """logits (B, V) -> one token id per row."""
+
+def choose_tokens(logits: torch.Tensor, params: list[SamplingParams], steps: list[int]) -> list[int | RowFailed]:
+    """logits (B, V) -> one token id per row, or the row's :class:`RowFailed`."""
+    finite = torch.isfinite(logits).all(dim=-1).tolist()  # (B,)
     greedy = logits.argmax(dim=-1).tolist()
-    out = []
+    out: list[int | RowFailed] = []
     for b, p in enumerate(params):
-        if p.temperature <= 0:
+        if not finite[b]:
+            out.append(RowFailed("the model produced non-finite logits for this request (numerical overflow in "
+                                 "the stage's precision); retry with exits off or report it to the operator"))
+        elif p.temperature < MIN_TEMPERATURE:
             out.append(greedy[b])
-            continue
-        out.append(_sample(logits[b].float(), p, steps[b]))
+        else:
+            try:
+                out.append(_sample(logits[b].float(), p, steps[b]))
+            except (RuntimeError, ValueError, OverflowError) as e:
+                out.append(RowFailed(f"sampling failed for this request ({type(e).__name__}); check temperature, "
+                                     "top_p and top_k"))
     return out
 
 
 def _sample(logits: torch.Tensor, p: SamplingParams, step: int) -> int:
-    logits = logits / p.temperature  # (V,)
+    logits = (logits - logits.max()) / p.temperature  # (V,) max 0: exp cannot overflow
     if p.top_k and p.top_k > 0:
         kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if p.top_p < 1.0:
         sorted_logits, idx = torch.sort(logits, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
-        drop = probs.cumsum(-1) - probs > p.top_p  # keep the smallest prefix reaching top_p
+        drop = probs.cumsum(-1) - probs > p.top_p  # keep the smallest prefix reaching top_p (never empty)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(0, idx, sorted_logits)
     probs = torch.softmax(logits, dim=-1)

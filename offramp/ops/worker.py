@@ -31,6 +31,9 @@ from offramp.ops.stage import Stage
 from offramp.protocol import SamplingParams
 
 
+PROFILE_PREFIX = "\x00profile/"  # reserved sequence ids of the start-up profile
+
+
 class KVMissing(StageUnavailable):
     """This replica lacks a sequence's earlier KV (e.g. the sequence was routed to a new
     replica): the caller must replay the sequence from its tokens."""
@@ -71,6 +74,7 @@ class StepResult:
     exited: bool = False
     confidence: float | None = None
     backfill: list[int] | None = None  # verify rows: full-depth argmax at positions before the last
+    error: Exception | None = None  # this row's own failure (sampling math, non-finite logits): it alone fails
 
 
 class StageWorker:
@@ -88,6 +92,10 @@ class StageWorker:
         # replica is also entered at the boundary its layers are moving to).
         self.entry: dict[str, int] = {}
         self.metric = exits.metric if exits else "max_prob"
+        # KV lease: monotonic time something last arrived for each sequence (steps,
+        # propagates, the ingress's renewals). :meth:`expired` finds the ones nobody will
+        # finish (an ingress died, a release was lost) so the replica reclaims their slots.
+        self.touched: dict[str, float] = {}
         self.min_layers = exits.min_layers if exits else 1
 
     # -- bookkeeping -------------------------------------------------------------------
@@ -95,6 +103,29 @@ class StageWorker:
         self.cache.free(seq_id)
         self.pending.pop(seq_id, None)
         self.entry.pop(seq_id, None)
+        self.touched.pop(seq_id, None)
+
+    def holds(self, seq_id: str) -> bool:
+        return seq_id in self.cache.slot_of or seq_id in self.pending
+
+    def touch(self, seq_id: str, now: float | None = None) -> None:
+        self.touched[seq_id] = time.monotonic() if now is None else now
+
+    def expired(self, lease_s: float, now: float | None = None) -> list[str]:
+        """Sequences holding KV or parked chunks with nothing for them within ``lease_s``
+        (a sequence never touched counts as touched now: its lease starts here)."""
+        now = time.monotonic() if now is None else now
+        held = set(self.cache.slot_of) | set(self.pending)
+        for s in [s for s in self.touched if s not in held and now - self.touched[s] > lease_s]:
+            del self.touched[s]  # released elsewhere or never allocated: forget it
+        out = []
+        for s in held:
+            if s.startswith(PROFILE_PREFIX):
+                continue
+            t = self.touched.setdefault(s, now)
+            if now - t > lease_s:
+                out.append(s)
+        return out
 
     def entry_error(self, row: StepRow) -> Exception | None:
         """Why ``row`` cannot enter this stage where it asks to (None: it can)."""
@@ -183,7 +214,10 @@ class StageWorker:
                 logits = self.stage.final_logits(h_last[live])  # (b, V)
                 toks = choose_tokens(logits, [rows[b].sampling for b in live], [rows[b].step for b in live])
                 for b, t in zip(live, toks):
-                    results[b].token = t
+                    if isinstance(t, Exception):
+                        results[b].error = t
+                    else:
+                        results[b].token = t
             audit = [b for b, r in enumerate(rows) if r.verify and lengths[b] > 1]
             if audit:  # the online audit of earlier exits: one LM-head call over their backfilled positions
                 full = self.stage.final_logits(torch.cat([h[b, : lengths[b] - 1] for b in audit])).argmax(-1).tolist()
@@ -236,7 +270,10 @@ class StageWorker:
         chosen = [cand[i] for i in keep]
         toks = choose_tokens(logits[keep], [rows[b].sampling for b in chosen], [rows[b].step for b in chosen])
         for i, b, t in zip(keep, chosen, toks):
-            results[b].token, results[b].exited, results[b].confidence = t, True, conf[i]
+            if isinstance(t, Exception):  # the row leaves the batch with its error
+                results[b].error, results[b].exited = t, True
+            else:
+                results[b].token, results[b].exited, results[b].confidence = t, True, conf[i]
         return set(chosen)
 
     @torch.inference_mode()
@@ -269,7 +306,7 @@ class StageWorker:
         if n < 1 or context < 1:
             return []
         spec, dev = self.stage.spec, self.device
-        ids = [f"\x00profile/{i}" for i in range(n)]
+        ids = [f"{PROFILE_PREFIX}{i}" for i in range(n)]
         slots = [self.cache.alloc(s) for s in ids]
 
         def run(rows: int, length: int, skip: int = 0) -> float:
