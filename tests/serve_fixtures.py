@@ -49,6 +49,7 @@ def serve_config(model_dir: Path, port: int, stage1_replicas: int = 1) -> dict[s
                 "exit": {"mode": "calibrated", "kv_fill": "exact"},  # no exits file: calibrated = no exits
                 "api_key_env": "",  # never pick up a key from the test machine's environment
                 "request_timeout_s": 30.0,
+                "kv_lease_s": 5.0,  # short, so the lease and its renewals are exercised by every test
             },
             "deployments": deployments,
         }],

@@ -361,3 +361,18 @@ def test_registry_exposes_an_epoch_per_start():
     got = r1.routing()
     assert [e["replica"] for e in got["endpoints"]] == ["x"]
     assert got["epoch"] != r2.routing()["epoch"]
+
+
+def test_row_failed_reaches_clients_with_its_message_not_the_generic_one():
+    import grpc
+
+    from offramp.api import errors as api_errors
+    from offramp.api.grpc_service import status_of
+
+    e = errors.RowFailed("the model produced non-finite logits for this request")
+    err = api_errors.from_offramp(e)
+    assert err.status == 500 and err.code == "row_failed" and "non-finite" in err.message
+    g = status_of(e)
+    assert g.code == grpc.StatusCode.INTERNAL and "non-finite" in g.details
+    other = api_errors.from_offramp(errors.OfframpError("secret internal detail at 10.0.0.7:4567"))
+    assert "10.0.0.7" not in other.message  # unknown 500s stay generic

@@ -322,6 +322,94 @@ def test_bad_requests_during_a_long_stream(serve_cluster, staged):
     assert still_streaming, "the long stream ended before the bad requests; lengthen it to test overlap"
 
 
+def test_poison_request_beside_normal_streams(serve_cluster, staged):
+    """temperature=1e-300 once overflowed the sampler, failed every row of the batch and
+    killed a stage's batcher for good. Now: among 8 greedy streams the poison request alone
+    fails, with a 400; the 8 complete with unchanged outputs, nothing is replayed, no
+    replica is banned, and the next request succeeds. Same for other extremes."""
+    from offramp.ops.worker import ExitPolicy
+
+    client = serve_cluster.openai(timeout=120)
+    refs = [reference(staged, PROMPTS[i % len(PROMPTS)], 40, ExitPolicy("off")).generated for i in range(8)]
+    replays = httpx.get(f"{serve_cluster.root_url}/v1/offramp/stats", timeout=10).json()["replays"]
+    out: dict[int, object] = {}
+
+    def stream(i):
+        try:
+            chunks = list(client.completions.create(
+                model=MODEL_NAME, prompt=PROMPTS[i % len(PROMPTS)], max_tokens=40, temperature=0, stream=True,
+                extra_body={"offramp": {"exit": "off"}, "ignore_eos": True}))
+            out[i] = [s for ch in chunks for s in offramp_of(ch.choices[0])["exit_stages"]], "".join(
+                ch.choices[0].text for ch in chunks)
+        except Exception as e:  # noqa: BLE001 - reported below
+            out[i] = e
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    url = f"{serve_cluster.base_url}/completions"
+    poisons = [{"temperature": 1e-300}, {"temperature": 1e300}, {"temperature": 5e-324}, {"top_p": 1e-300,
+               "temperature": 1e-300}, {"top_k": 2**62}, {"seed": 2**64}, {"max_tokens": 10**30},
+               {"offramp": {"exit": 1e300}}, {"presence_penalty": 1e300}]
+    with httpx.Client(timeout=30) as http:
+        for extra in poisons:
+            body = {"model": MODEL_NAME, "prompt": "The sun rose over the", "max_tokens": 20, **extra}
+            _assert_openai_error(http.post(url, json=body), 400)
+    for t in threads:
+        t.join(120)
+    for i in range(8):
+        assert not isinstance(out.get(i), Exception), out.get(i)
+        stages, text = out[i]
+        assert len(stages) == 40 and text == staged_text(serve_cluster, refs[i])
+    # the sampler's own floor: a tiny but accepted temperature samples without overflow
+    ok = client.completions.create(model=MODEL_NAME, prompt=PROMPTS[0], max_tokens=8, temperature=0.01, seed=3,
+                                   extra_body={"ignore_eos": True})
+    assert len(offramp_of(ok.choices[0])["token_ids"]) == 8
+    assert offramp_of(completion(client, PROMPTS[1], max_tokens=8).choices[0])["token_ids"] == \
+        reference(staged, PROMPTS[1], 8, ExitPolicy("off")).generated
+    after = httpx.get(f"{serve_cluster.root_url}/v1/offramp/stats", timeout=10).json()["replays"]
+    assert after == replays, "a poison request made healthy sequences replay"
+
+
+def test_registry_actor_kill_fails_no_request(serve_cluster, staged):
+    """Kill (Ray restarts it) the app's registry actor while greedy streams run: no request
+    fails or changes, the channel token is the same afterwards (old and new replicas still
+    accept each other: the replica-kill tests below start new ones), and routing resumes."""
+    import ray
+
+    from offramp.cluster import rayops
+    from offramp.ops.worker import ExitPolicy
+
+    client = serve_cluster.openai(timeout=120)
+    token = rayops.channel_token("offramp")
+    ref = reference(staged, PROMPTS[2], 60, ExitPolicy("off")).generated
+    out: list[object] = []
+
+    def run():
+        for _ in range(2):
+            try:
+                out.append(offramp_of(completion(client, PROMPTS[2], max_tokens=60).choices[0])["token_ids"])
+            except Exception as e:  # noqa: BLE001 - reported below
+                out.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    ray.kill(ray.get_actor("registry-offramp", namespace="offramp"), no_restart=False)
+    for t in threads:
+        t.join(120)
+    assert len(out) == 6 and all(r == ref for r in out), [type(r).__name__ for r in out]
+    assert rayops.channel_token("offramp") == token
+    deadline = time.monotonic() + 30
+    while len(registry_endpoints()) < NUM_STAGES:  # every replica registered again with the new actor
+        assert time.monotonic() < deadline, registry_endpoints()
+        time.sleep(0.5)
+    assert offramp_of(completion(client, PROMPTS[0], max_tokens=8).choices[0])["token_ids"] == \
+        reference(staged, PROMPTS[0], 8, ExitPolicy("off")).generated
+
+
 def staged_text(serve_cluster, ids):
     from offramp.api.text import load_tokenizer
 
@@ -543,3 +631,15 @@ def test_requests_recover_after_replica_kill(serve_cluster, staged):
 
 def _outcome(res) -> str:
     return "completed" if isinstance(res, list) else f"{type(res).__name__}({getattr(res, 'status_code', '')})"
+
+
+def test_no_stage_holds_kv_once_idle_after_the_faults(serve_cluster):
+    """After every fault above (disconnects, poison requests, registry and replica kills),
+    an idle app holds no KV anywhere: the leases (5 s here) reclaim what no release freed."""
+    deadline = time.monotonic() + 40
+    while True:
+        held = {e["replica"]: e.get("stats", {}).get("sequences") for e in registry_endpoints()}
+        if held and all(v == 0 for v in held.values()):
+            return
+        assert time.monotonic() < deadline, f"KV still held when idle: {held}"
+        time.sleep(1.0)

@@ -32,9 +32,12 @@ cloudpickled at decoration time. Neither suits an app that holds handles and a t
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import json
 import logging
+import re
+import sys
 import time
 import uuid
 from typing import Any, AsyncIterator, Callable
@@ -42,6 +45,7 @@ from typing import Any, AsyncIterator, Callable
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 
 from offramp.api import errors as api_errors
 from offramp.api.auth import ApiKeyMiddleware
@@ -66,37 +70,184 @@ class ClientGone(Exception):
 # --------------------------------------------------------------------------- body
 
 
+MAX_JSON_DEPTH = 32  # a request body is at most ~6 levels deep; more is an attack or a bug
+
+# A JSON escape that decodes to a UTF-16 surrogate (U+D800..U+DFFF). Paired escapes
+# ("\ud83d\ude00") are joined by json.loads into one code point, so a surrogate left in a
+# decoded string is always an unpaired one. This regex is only a cheap pre-filter.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _bad_body(message: str, code: str | None, param: str | None = None) -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
 async def read_json_body(request: Request, limit: int) -> dict[str, Any]:
-    """Body as a JSON object: 413 above ``limit`` (header or actual bytes), 400 otherwise bad."""
+    """The body as a JSON object, or an :class:`ApiError` 400 saying what is wrong with it.
+
+    Too large (declared Content-Length or bytes actually read) -> ``request_too_large``;
+    not UTF-8, a byte order mark, unpaired surrogate escapes -> ``invalid_encoding``;
+    not JSON, NaN/Infinity, not an object -> ``invalid_json``; nested deeper than
+    :data:`MAX_JSON_DEPTH` -> ``nesting_too_deep``; an integer literal too long for Python
+    -> ``number_out_of_range``. Never a 500 (see :func:`decode_json_body`).
+    """
     declared = request.headers.get("content-length")
     if declared is not None:
-        if not declared.isdigit():
-            raise ApiError(400, "Content-Length header is not a number")
-        if int(declared) > limit:
-            raise ApiError(413, f"request body is {declared} bytes; the limit is {limit}",
-                           code="request_too_large")
+        if not (declared.isascii() and declared.isdigit()):
+            raise _bad_body("Content-Length header is not a number", None)
+        if len(declared) > 18 or int(declared) > limit:
+            raise _too_large(f"request body is {declared if len(declared) <= 18 else 'over 10^18'} bytes; "
+                             f"the limit is {limit} bytes")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
-        chunks.append(chunk)
-    raw = b"".join(chunks)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(f"request body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientGone() from None
+    return decode_json_body(b"".join(chunks))
+
+
+def _too_large(message: str) -> ApiError:
+    # 400, not 413: every malformed body is a 400 (OpenAI clients branch on it); the code says why.
+    return _bad_body(message, "request_too_large")
+
+
+def decode_json_body(raw: bytes) -> dict[str, Any]:
+    """Bytes -> a JSON object whose every string is valid Unicode and whose nesting is at
+    most :data:`MAX_JSON_DEPTH`; anything else is an :class:`ApiError` 400."""
+    if raw.startswith(codecs.BOM_UTF8):
+        raise _bad_body("request body starts with a UTF-8 byte order mark; send plain UTF-8 JSON without a BOM",
+                        "invalid_encoding")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ApiError(400, f"request body is not valid UTF-8 (byte {e.start})", code="invalid_encoding") from None
+        raise _bad_body(f"request body is not valid UTF-8 (byte {e.start})", "invalid_encoding") from None
+    if not text.strip():
+        raise _bad_body("request body is empty; send a JSON object", "invalid_json")
     try:
         data = json.loads(text, parse_constant=_reject_constant)
-    except ValueError as e:
-        raise ApiError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
+    except _NotJsonNumber as e:
+        raise _bad_body(f"request body is not valid JSON: {e}", "invalid_json") from None
+    except json.JSONDecodeError as e:
+        raise _bad_body(f"request body is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})",
+                        "invalid_json") from None
+    except RecursionError:
+        raise _bad_body(f"request body is nested too deeply; at most {MAX_JSON_DEPTH} levels of arrays and "
+                        "objects are allowed", "nesting_too_deep") from None
+    except ValueError:  # an integer literal beyond Python's int_max_str_digits
+        raise _huge_integer(text) from None
     if not isinstance(data, dict):
-        raise ApiError(400, "request body must be a JSON object", code="invalid_json")
+        raise _bad_body(f"request body must be a JSON object, got a JSON {_json_kind(data)}", "invalid_json")
+    _check_tree(data, strings=_SURROGATE_ESCAPE.search(text) is not None,
+                depth=text.count("{") + text.count("[") > MAX_JSON_DEPTH)
     return data
 
 
+class _NotJsonNumber(ValueError):
+    pass
+
+
 def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not a JSON number")
+    raise _NotJsonNumber(f"{name} is not a JSON number")
+
+
+class _HugeInt:
+    def __init__(self, digits: int):
+        self.digits = digits
+
+
+def _max_int_digits() -> int:
+    """Longest decimal integer Python converts (sys.int_max_str_digits, 4300 by default;
+    longer ones raise ValueError inside json.loads)."""
+    return getattr(sys, "get_int_max_str_digits", lambda: 4300)() or 4300
+
+
+def _lenient_int(s: str) -> Any:
+    digits = len(s) - s.startswith("-")
+    return _HugeInt(digits) if digits > _max_int_digits() else int(s)
+
+
+def _huge_integer(text: str) -> ApiError:
+    """The 400 for an integer literal too long to convert, naming where it is (re-parsed
+    with a hook that marks such literals instead of converting them; the rare path)."""
+    param = None
+    try:
+        data = json.loads(text, parse_constant=_reject_constant, parse_int=_lenient_int)
+        found = _find(data, lambda v: isinstance(v, _HugeInt))
+        if found is not None:
+            param = _dotted(found)
+    except (ValueError, RecursionError):
+        pass
+    where = f" in {param}" if param else ""
+    return _bad_body(f"request body has an integer{where} longer than {_max_int_digits()} digits; it is out of range",
+                     "number_out_of_range", param)
+
+
+def _json_kind(v: Any) -> str:
+    if v is None:
+        return "null"
+    return {bool: "boolean", str: "string", list: "array", int: "number", float: "number"}.get(type(v), "value")
+
+
+def _check_tree(data: dict[str, Any], *, strings: bool, depth: bool) -> None:
+    """Walk the decoded body iteratively (never recursively): reject nesting deeper than
+    :data:`MAX_JSON_DEPTH` and, when ``strings``, any key or string holding a lone surrogate.
+
+    The callers' pre-filters skip the walk when neither can happen (at most MAX_JSON_DEPTH
+    brackets in the text; no ``\\uD8xx``-``\\uDFxx`` escape in it), so a large flat prompt
+    costs nothing here.
+    """
+    if not (strings or depth):
+        return
+    stack: list[tuple[Any, int, tuple]] = [(data, 1, ())]
+    while stack:
+        obj, level, path = stack.pop()
+        if level > MAX_JSON_DEPTH:
+            raise _bad_body(f"request body is nested deeper than {MAX_JSON_DEPTH} levels of arrays and objects "
+                            f"(under {_dotted(path[:3])}...)", "nesting_too_deep", _dotted(path[:1]) or None)
+        items = obj.items() if isinstance(obj, dict) else enumerate(obj)
+        for key, value in items:
+            if strings and isinstance(key, str) and _SURROGATE.search(key):
+                raise _unpaired(path + (key,), "a key")
+            if isinstance(value, (dict, list)):
+                stack.append((value, level + 1, path + (key,)))
+            elif strings and isinstance(value, str) and _SURROGATE.search(value):
+                raise _unpaired(path + (key,), "a string")
+
+
+def _unpaired(path: tuple, what: str) -> ApiError:
+    param = _dotted(path)
+    return _bad_body(f"{what} in the request body ({param}) holds an unpaired UTF-16 surrogate escape "
+                     "(\\ud800-\\udfff without its pair); strings must be valid Unicode", "invalid_encoding", param)
+
+
+def _find(data: Any, bad: Callable[[Any], bool]) -> tuple | None:
+    """Path of the first leaf for which ``bad`` is true (iterative)."""
+    stack: list[tuple[Any, tuple]] = [(data, ())]
+    while stack:
+        obj, path = stack.pop()
+        if isinstance(obj, (dict, list)):
+            items = obj.items() if isinstance(obj, dict) else enumerate(obj)
+            stack.extend((v, path + (k,)) for k, v in items)
+        elif bad(obj):
+            return path
+    return None
+
+
+def _dotted(path: tuple) -> str:
+    """``("messages", 0, "content")`` -> ``"messages.0.content"``, safe to put in a response
+    (lone surrogates and control characters escaped, long keys cut)."""
+    parts = []
+    for p in path:
+        s = str(p)
+        if len(s) > 64:
+            s = s[:64] + "..."
+        parts.append(s if s.isprintable() else s.encode("ascii", "backslashreplace").decode("ascii"))
+    return ".".join(parts)
 
 
 def parse(model: type[BaseModel], data: dict[str, Any], served: str) -> Any:

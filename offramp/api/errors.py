@@ -4,10 +4,11 @@
 
 Status codes: validation, bad JSON and bad UTF-8 -> 400 (never 422: OpenAI and vLLM use
 400, and clients branch on it); missing/wrong key -> 401; unknown model -> 404
-``model_not_found``; unknown route -> 404; wrong method -> 405; body too large -> 413;
+``model_not_found``; unknown route -> 404; wrong method -> 405; body too large -> 400 ``request_too_large``;
 Overloaded -> 429 and StageUnavailable -> 503, both with ``Retry-After``;
-DeadlineExceeded -> 504; anything else -> 500 with a generic message (the traceback goes
-to the server log, never to the client).
+DeadlineExceeded -> 504; RowFailed (one request's own computation failed in a stage)
+-> 500 ``row_failed`` with its message (it names no internals); anything else -> 500 with
+a generic message (the traceback goes to the server log, never to the client).
 """
 from __future__ import annotations
 
@@ -57,9 +58,10 @@ def from_offramp(e: OfframpError) -> ApiError:
     headers = {}
     if e.retry_after_s is not None:
         headers["Retry-After"] = str(max(1, math.ceil(e.retry_after_s)))
-    if e.http_status >= 500 and e.http_status not in (503, 504):
+    if e.http_status >= 500 and e.http_status not in (503, 504) and not getattr(e, "public", False):
         return internal(e)
-    code = {429: "overloaded", 503: "stage_unavailable", 504: "deadline_exceeded"}.get(e.http_status)
+    code = {429: "overloaded", 503: "stage_unavailable", 504: "deadline_exceeded",
+            500: "row_failed"}.get(e.http_status)
     return ApiError(e.http_status, str(e) or type(e).__name__, type=e.error_type,
                     param=getattr(e, "param", None), code=code, headers=headers)
 

@@ -19,7 +19,7 @@ class ApiSettings(BaseModel):
     max_context: int = Field(ge=8, description="Cap on prompt + generated tokens.")
     max_tokens_cap: int = Field(1024, ge=1, description="Largest `max_tokens` a request may ask for.")
     api_key: SecretStr | None = Field(None, description="Required on every route but /healthz; None = no auth.")
-    max_body_bytes: int = Field(2 * 1024 * 1024, ge=1024, description="Largest request body (413 above).")
+    max_body_bytes: int = Field(2 * 1024 * 1024, ge=1024, description="Largest request body (400 request_too_large above).")
     max_n: int = Field(4, ge=1, le=64, description="Largest `n`; each choice is its own backend request.")
     max_stop: int = Field(4, ge=0, description="Most stop strings per request (OpenAI allows 4).")
     max_stop_chars: int = Field(64, ge=1, description="Longest stop string; bounds the text held back while streaming.")

@@ -72,7 +72,7 @@ def status_of(e: BaseException) -> GrpcError:
             return GrpcError(code, e.message)
     if isinstance(e, OfframpError):
         code = getattr(grpc.StatusCode, e.grpc_code, grpc.StatusCode.INTERNAL)
-        if code is not grpc.StatusCode.INTERNAL:
+        if code is not grpc.StatusCode.INTERNAL or getattr(e, "public", False):
             return GrpcError(code, str(e) or type(e).__name__, e.retry_after_s)
     if isinstance(e, TimeoutError):
         return GrpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "request ran past its deadline")
@@ -276,6 +276,8 @@ def _completion_body(request: pb.GenerateRequest, served: str) -> dict[str, Any]
     if which == "exit_threshold":
         extras["exit"] = float(request.exit_threshold)
     elif which == "exit_mode" and request.exit_mode != pb.EXIT_MODE_UNSPECIFIED:
+        if request.exit_mode not in (pb.EXIT_MODE_OFF, pb.EXIT_MODE_CALIBRATED):  # proto3 enums are open
+            raise BadRequest(f"exit_mode {request.exit_mode} is not a known ExitMode", param="offramp.exit")
         extras["exit"] = "off" if request.exit_mode == pb.EXIT_MODE_OFF else "calibrated"
     if request.task:
         extras["task"] = request.task
@@ -315,6 +317,48 @@ class _ContextAdapter:
         await self._context.abort(self._code or err.code, self._details or err.details)
 
 
+class _Undecodable:
+    """Stands in for a request whose bytes are not a valid message (bad wire format, bad
+    UTF-8 in a string field), so the RPC ends in INVALID_ARGUMENT instead of grpcio's UNKNOWN."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def error(self) -> GrpcError:
+        return GrpcError(grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid message: {self.reason}")
+
+
+def _lenient(message_type: Any):
+    from google.protobuf.message import DecodeError
+
+    def parse(data: bytes) -> Any:
+        try:
+            return message_type.FromString(data)
+        except (DecodeError, ValueError, UnicodeDecodeError) as e:
+            return _Undecodable(str(e) or type(e).__name__)
+
+    return parse
+
+
+def _add_servicer(servicer: "StandaloneServicer", server: grpc.aio.Server) -> None:
+    """``add_OfframpServicer_to_server`` with request deserializers that never raise."""
+    handlers = {
+        "Generate": grpc.unary_unary_rpc_method_handler(
+            servicer.Generate, request_deserializer=_lenient(pb.GenerateRequest),
+            response_serializer=pb.GenerateResponse.SerializeToString),
+        "GenerateStream": grpc.unary_stream_rpc_method_handler(
+            servicer.GenerateStream, request_deserializer=_lenient(pb.GenerateRequest),
+            response_serializer=pb.GenerateStreamResponse.SerializeToString),
+        "Health": grpc.unary_unary_rpc_method_handler(
+            servicer.Health, request_deserializer=_lenient(pb.HealthRequest),
+            response_serializer=pb.HealthResponse.SerializeToString),
+    }
+    service = pb.DESCRIPTOR.services_by_name["Offramp"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    if hasattr(server, "add_registered_method_handlers"):
+        server.add_registered_method_handlers(service, handlers)
+
+
 class StandaloneServicer(pb_grpc.OfframpServicer):
     """Runs a :class:`GrpcIngressMixin` on a plain ``grpc.aio`` server."""
 
@@ -322,11 +366,16 @@ class StandaloneServicer(pb_grpc.OfframpServicer):
         self.ingress = ingress
 
     async def Health(self, request, context):
-        return await self.ingress.Health(request, grpc_context=_ContextAdapter(context))
+        ctx = _ContextAdapter(context)
+        if isinstance(request, _Undecodable):
+            await ctx.abort(request.error())
+        return await self.ingress.Health(request, grpc_context=ctx)
 
     async def Generate(self, request, context):
         ctx = _ContextAdapter(context)
         try:
+            if isinstance(request, _Undecodable):
+                raise request.error()
             return await self.ingress.Generate(request, grpc_context=ctx)
         except GrpcError as e:
             await ctx.abort(e)
@@ -334,6 +383,8 @@ class StandaloneServicer(pb_grpc.OfframpServicer):
     async def GenerateStream(self, request, context):
         ctx = _ContextAdapter(context)
         try:
+            if isinstance(request, _Undecodable):
+                raise request.error()
             async for msg in self.ingress.GenerateStream(request, grpc_context=ctx):
                 yield msg
         except GrpcError as e:
@@ -358,7 +409,7 @@ async def serve_standalone(frontend: Frontend, port: int = 0, host: str = "127.0
     key = frontend.settings.api_key
     check_bind(host, key.get_secret_value() if key else None)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", frontend.settings.max_body_bytes)])
-    pb_grpc.add_OfframpServicer_to_server(StandaloneServicer(_FrontendIngress(frontend)), server)
+    _add_servicer(StandaloneServicer(_FrontendIngress(frontend)), server)
     if reflection:
         try:
             from grpc_reflection.v1alpha import reflection as refl

@@ -5,6 +5,12 @@ for an integer) and non-finite numbers are rejected with a 400 that names the fi
 OpenAI fields Offramp does not implement (logprobs, penalties, tools, ...) are accepted
 only at their "off" value, so a client never silently gets something it did not ask for.
 
+Sampling parameters are held to ranges the sampler cannot overflow on: ``temperature`` is
+0 (greedy) or within [:data:`MIN_TEMPERATURE`, :data:`MAX_TEMPERATURE`] (a tiny positive
+temperature such as 1e-300 rounds to a float32 zero in the sampler, and ``(logits - max) / 0``
+is NaN), integers that reach the backend fit in int32 (``top_k``, ``max_tokens``, ``n``) or
+int63 (``seed``).
+
 Limits that depend on the deployment (context, ``max_tokens`` cap, ``n`` cap, stop list
 caps) are checked by :func:`check_limits` after tokenization, since they need the prompt
 length.
@@ -19,6 +25,14 @@ from pydantic import StrictInt, StrictStr
 from offramp.errors import BadRequest
 
 TaskName = Literal["qa", "math", "coding"]
+
+# Same bound as offramp.ops.sampling.MIN_TEMPERATURE (not imported: that module needs torch;
+# tests/test_api_bodies.py checks they agree). At T >= 1e-2, T is a normal float32 far from
+# zero, so (logits - max) / T is <= 0 and never NaN; below it sampling is greedy in all but name.
+MIN_TEMPERATURE = 1e-2
+MAX_TEMPERATURE = 2.0  # OpenAI's range
+INT32_MAX = 2**31 - 1
+INT63_MAX = 2**63 - 1
 
 
 class _Strict(BaseModel):
@@ -51,13 +65,13 @@ class SamplingFields(_Strict):
     """Fields shared by both endpoints."""
 
     model: StrictStr = Field(description="Must equal the served model name (see GET /v1/models).")
-    max_tokens: StrictInt | None = Field(None, ge=1, description="Most tokens to generate.")
-    temperature: float = Field(1.0, ge=0.0, description="0 = greedy.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: StrictInt = Field(-1, ge=-1, description="-1 or 0 = off.")
-    n: StrictInt = Field(1, ge=1, description="Choices per request; each is its own backend request.")
+    max_tokens: StrictInt | None = Field(None, ge=1, le=INT32_MAX, description="Most tokens to generate.")
+    temperature: float = Field(1.0, description="0 = greedy, else within [0.01, 2].")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="In (0, 1]; a tiny top_p keeps only the top token.")
+    top_k: StrictInt = Field(-1, ge=-1, le=INT32_MAX, description="-1 or 0 = off.")
+    n: StrictInt = Field(1, ge=1, le=INT32_MAX, description="Choices per request; each is its own backend request.")
     stop: Union[StrictStr, list[StrictStr], None] = Field(None, description="Stop strings; not included in the output.")
-    seed: StrictInt | None = Field(None, ge=0, le=2**63 - 1)
+    seed: StrictInt | None = Field(None, ge=0, le=INT63_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: StrictStr | None = Field(None, max_length=256, description="Accepted and ignored (logged nowhere).")
@@ -67,6 +81,20 @@ class SamplingFields(_Strict):
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature_range(cls, v: float) -> float:
+        # Finite here (allow_inf_nan=False). -0.0 == 0: greedy.
+        if v == 0.0:
+            return 0.0
+        if v < 0.0 or v > MAX_TEMPERATURE:
+            raise BadRequestValue("temperature", f"temperature must be 0 (greedy) or within "
+                                                 f"[{MIN_TEMPERATURE}, {MAX_TEMPERATURE:g}], got {v:g}")
+        if v < MIN_TEMPERATURE:
+            raise BadRequestValue("temperature", f"temperature {v:g} is below {MIN_TEMPERATURE}, too small to sample "
+                                                 "with safely; use 0 for greedy decoding")
+        return v
 
     @model_validator(mode="after")
     def _common_rules(self):
@@ -159,7 +187,7 @@ class ChatCompletionRequest(SamplingFields):
     """Body of ``POST /v1/chat/completions``."""
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
-    max_completion_tokens: StrictInt | None = Field(None, ge=1, description="Newer name of max_tokens.")
+    max_completion_tokens: StrictInt | None = Field(None, ge=1, le=INT32_MAX, description="Newer name of max_tokens.")
     logprobs: bool = Field(False, description="Not supported: must be false.")
     top_logprobs: StrictInt | None = Field(None, description="Not supported: must be null.")
     response_format: dict[str, Any] | None = Field(None, description="Only {'type': 'text'}.")

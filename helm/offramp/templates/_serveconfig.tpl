@@ -95,6 +95,7 @@ applications:
       max_tokens_cap: {{ $v.model.maxTokensCap }}
       api_key_env: {{ toJson $v.apiKey.envName }}
       request_timeout_s: {{ $v.model.requestTimeoutS }}
+      kv_lease_s: {{ $v.model.kvLeaseS | default 30 }}
     deployments:
 {{ include "offramp.deployment" (dict "d" $v.ingress "name" "OfframpIngress" "root" .) | indent 6 }}
       {{- range $i, $s := $stages }}
