@@ -594,6 +594,8 @@ class StageClient:
             raise errors.StageUnavailable(f"{self.label} went away") from None
         finally:
             self._pending.pop(header["id"], None)
+            if fut.done() and not fut.cancelled():
+                fut.exception()  # failed while we were still writing: retrieved, not logged as lost
         if not reply.get("ok"):
             raise error_from_body(reply.get("error", {}))
         return reply, payload
