@@ -12,6 +12,10 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Literal, Protocol, Union
 
 ExitMode = Union[Literal["off", "calibrated"], float]
+# The smallest positive temperature: (logits - max) / T stays finite in float32 for any
+# T >= this (1e-300 is a float32 zero). The API refuses (0, MIN_TEMPERATURE); the sampler
+# treats anything below it as greedy.
+MIN_TEMPERATURE = 1e-2
 FinishReason = Literal["stop", "length"]
 
 

@@ -336,17 +336,17 @@ def test_router_keeps_routing_through_a_registry_restart_and_a_hung_lookup(monke
     async def scenario():
         r = pl.Router(2, "tok", lookup, num_layers=4)
         seen = []
-        await r.refresh(force=True)
+        await r.refresh()
         seen.append(sorted(ep.replica for ep in r.endpoints))
-        await r.refresh(force=True)  # restarted, nobody registered yet: the old view stays
+        await r.refresh()  # restarted, nobody registered yet: the old view stays
         seen.append(sorted(ep.replica for ep in r.endpoints))
-        await r.refresh(force=True)
+        await r.refresh()
         seen.append(sorted(ep.replica for ep in r.endpoints))
         t0 = time.monotonic()
-        await r.refresh(force=True)  # a hung lookup: bounded, the last view stays
+        await r.refresh()  # a hung lookup: bounded, the last view stays
         seen.append((sorted(ep.replica for ep in r.endpoints), time.monotonic() - t0 < 1.0))
         await asyncio.sleep(0.6)  # grace over: "a" never came back
-        await r.refresh(force=True)
+        await r.refresh()
         seen.append(sorted(ep.replica for ep in r.endpoints))
         return seen
 
@@ -376,3 +376,20 @@ def test_row_failed_reaches_clients_with_its_message_not_the_generic_one():
     assert g.code == grpc.StatusCode.INTERNAL and "non-finite" in g.details
     other = api_errors.from_offramp(errors.OfframpError("secret internal detail at 10.0.0.7:4567"))
     assert "10.0.0.7" not in other.message  # unknown 500s stay generic
+
+
+def test_in_process_engine_fails_only_the_poison_request(tiny_model_dir):
+    """The in-process backend (offramp generate, the golden reference) isolates a row's
+    error the same way: the poison request ends with RowFailed, its batch-mate is unchanged."""
+    from offramp.ops.engine import InProcessBackend, StagedModel
+
+    backend = InProcessBackend(StagedModel(tiny_model_dir, num_stages=2))
+
+    async def scenario():
+        solo = await _tokens(backend, _req(1))
+        both = await asyncio.gather(_tokens(backend, _req(1)), _tokens(backend, _req(9, temperature=float("nan"), seed=1)),
+                                    return_exceptions=True)
+        return solo, both
+
+    solo, (good, poison) = asyncio.run(scenario())
+    assert good == solo and isinstance(poison, errors.RowFailed)

@@ -119,7 +119,7 @@ class _Replicas:
         self.servers.pop(name).close()
 
     async def lookup(self):
-        return list(self.entries)
+        return {"epoch": "e", "endpoints": list(self.entries)}
 
     def close(self):
         for s in self.servers.values():
@@ -171,18 +171,18 @@ def test_split_move_keeps_every_sequence_and_its_tokens(tiny_model_dir, old, new
                 rng = {"s0": (0, new), "s1": (new, L)}
                 # 1) make: the growing side's new replica joins; 2) break: its old one goes
                 reps.add(grow + "'", idx[grow], rng[grow])
-                await backend.router.refresh(force=True)
+                await backend.router.refresh()
                 await asyncio.sleep(0.05)
                 reps.remove(grow)
-                await backend.router.refresh(force=True)
+                await backend.router.refresh()
                 phase.set()
                 await late_running.wait()
                 # 3)-4) the shrinking side, the same way
                 reps.add(shrink + "'", idx[shrink], rng[shrink])
-                await backend.router.refresh(force=True)
+                await backend.router.refresh()
                 await asyncio.sleep(0.05)
                 reps.remove(shrink)
-                await backend.router.refresh(force=True)
+                await backend.router.refresh()
 
             late_entry, mid_entries = None, []
 
@@ -214,12 +214,12 @@ def test_split_move_keeps_every_sequence_and_its_tokens(tiny_model_dir, old, new
 
 def test_router_prefers_a_replica_starting_at_the_layer(tiny_model_dir):
     async def lookup():
-        return [{"stage": 0, "replica": "a", "host": "h", "port": 1, "layers": [0, 3]},
-                {"stage": 1, "replica": "b", "host": "h", "port": 2, "layers": [2, 4]},
-                {"stage": 1, "replica": "c", "host": "h", "port": 3, "layers": [3, 4]}]
+        return {"epoch": "e", "endpoints": [{"stage": 0, "replica": "a", "host": "h", "port": 1, "layers": [0, 3]},
+                                            {"stage": 1, "replica": "b", "host": "h", "port": 2, "layers": [2, 4]},
+                                            {"stage": 1, "replica": "c", "host": "h", "port": 3, "layers": [3, 4]}]}
 
     r = Router(2, "tok", lookup, num_layers=4)
-    asyncio.run(r.refresh(force=True))
+    asyncio.run(r.refresh())
     assert r.pick(0).replica == "a"
     assert r.pick(3).replica == "c"  # starts at 3: preferred over entering b inside its range
     assert r.pick(2).replica == "b"

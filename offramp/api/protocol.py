@@ -23,13 +23,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic import StrictInt, StrictStr
 
 from offramp.errors import BadRequest
+from offramp.protocol import MIN_TEMPERATURE
 
 TaskName = Literal["qa", "math", "coding"]
 
-# Same bound as offramp.ops.sampling.MIN_TEMPERATURE (not imported: that module needs torch;
-# tests/test_api_bodies.py checks they agree). At T >= 1e-2, T is a normal float32 far from
-# zero, so (logits - max) / T is <= 0 and never NaN; below it sampling is greedy in all but name.
-MIN_TEMPERATURE = 1e-2
 MAX_TEMPERATURE = 2.0  # OpenAI's range
 INT32_MAX = 2**31 - 1
 INT63_MAX = 2**63 - 1

@@ -50,6 +50,7 @@ from typing import Any
 import torch
 
 from offramp import errors
+from offramp.deployments.config import DEFAULT_KV_LEASE_S
 from offramp.observability import metrics, tracing
 from offramp.ops.worker import ExitPolicy, KVMissing, StageWorker, StepRow
 from offramp.protocol import SamplingParams
@@ -60,7 +61,6 @@ MAX_FRAME = 256 * 2**20
 HELLO_MAX_FRAME = 4096  # before the token is checked, a peer may send no more than this
 WRITE_TIMEOUT_S = 10.0  # a peer that reads nothing for this long loses its connection
 WRITE_BUFFER_CAP = 64 * 2**20  # replies a peer may leave unread before it is cut off
-DEFAULT_LEASE_S = 30.0  # KV of a sequence nothing arrived for within this is reclaimed
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64}
 ERRORS = {c.__name__: c for c in (errors.BadRequest, errors.Overloaded, errors.StageUnavailable,
                                     errors.DeadlineExceeded, errors.RowFailed, KVMissing)}
@@ -199,7 +199,7 @@ class StageServer:
 
     def __init__(self, worker: StageWorker, token: str, host: str = "127.0.0.1", port: int = 0,
                  max_batch_size: int = 16, batch_wait_timeout_s: float = 0.002, stats=None,
-                 labels: dict | None = None, emulate=None, lease_s: float = DEFAULT_LEASE_S):
+                 labels: dict | None = None, emulate=None, lease_s: float = DEFAULT_KV_LEASE_S):
         self.worker, self.token = worker, token
         self.emulate = emulate  # optional EmulatedDevice: modelled minimum step time
         # Queue wait of step rows (enqueued -> their forward pass starts): the saturation
@@ -585,10 +585,8 @@ class StageClient:
             await self._write(encode(header, packer), min(timeout, WRITE_TIMEOUT_S))
             reply, payload = await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
-            self._pending.pop(header["id"], None)
             raise errors.DeadlineExceeded(f"{self.label} did not answer within {timeout:.1f}s") from None
         except (ConnectionError, AttributeError, OSError) as e:
-            self._pending.pop(header["id"], None)
             self.broken = True
             log.warning("stage at %s:%d went away: %s", self.host, self.port, e)
             raise errors.StageUnavailable(f"{self.label} went away") from None

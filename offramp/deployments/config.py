@@ -20,6 +20,7 @@ STAGE_DTYPE_ENV = "OFFRAMP_STAGE_DTYPE"
 # Per-deployment layer range override ("start:end", half-open like a Python slice), set by
 # a placement split move; read by StageDeployment before the app's split.
 STAGE_LAYERS_ENV = "OFFRAMP_STAGE_LAYERS"
+DEFAULT_KV_LEASE_S = 30.0  # see AppArgs.kv_lease_s
 
 
 def parse_layers(value: str) -> tuple[int, int]:
@@ -134,7 +135,7 @@ class AppArgs(BaseModel):
     request_timeout_s: float = Field(60.0, gt=0, description="Deadline for one request end to end.")
     max_active_requests: int = Field(256, ge=1, description="Requests one ingress replica runs at once; more get 429.")
     kv_lease_s: float = Field(
-        30.0, ge=2, le=3600, description="A stage replica reclaims a sequence's KV when nothing for it (a step, or "
+        DEFAULT_KV_LEASE_S, ge=2, le=3600, description="A stage replica reclaims a sequence's KV when nothing for it (a step, or "
         "the ingress's renewal of live sequences) arrived for this long: faults, lost releases and dead ingress "
         "replicas cannot leak KV slots. Renewals go out 4x per period.")
     emulate_pools: dict[Pool, EmulatedDevice] = Field(

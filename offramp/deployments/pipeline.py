@@ -28,7 +28,8 @@ from typing import Awaitable, Callable
 import torch
 
 from offramp import errors
-from offramp.deployments.channel import DEFAULT_LEASE_S, StageClient
+from offramp.deployments.channel import StageClient
+from offramp.deployments.config import DEFAULT_KV_LEASE_S
 from offramp.observability import metrics
 from offramp.ops.online_tuning import AgreementTuner
 from offramp.ops.worker import ExitPolicy, KVMissing, StepRow
@@ -78,12 +79,13 @@ class Router:
 
     The registry is read off the per-token path: :meth:`start` runs a background refresh
     every :data:`REFRESH_S`, each lookup bounded by :data:`LOOKUP_TIMEOUT_S`; a failed
-    lookup keeps the last view. ``lookup`` returns the endpoint list, or
-    ``{"epoch": ..., "endpoints": [...]}``: when the epoch changes (the registry actor
-    restarted and replicas are registering again) endpoints missing from the new list
-    stay routable for :data:`RESTART_GRACE_S`, so a registry restart fails no request."""
+    lookup keeps the last view. ``lookup`` returns ``{"epoch": ..., "endpoints": [...]}``
+    (:meth:`~offramp.cluster.rayops.RegistryCore.routing`): when the epoch changes (the
+    registry actor restarted and replicas are registering again) endpoints missing from
+    the new list stay routable for :data:`RESTART_GRACE_S`, so a registry restart fails
+    no request."""
 
-    def __init__(self, num_stages: int, token: str, lookup: Callable[[], Awaitable[list[dict] | dict]],
+    def __init__(self, num_stages: int, token: str, lookup: Callable[[], Awaitable[dict]],
                  num_layers: int | None = None):
         self.num_stages, self.token, self.lookup = num_stages, token, lookup
         self.num_layers = num_layers
@@ -91,11 +93,9 @@ class Router:
         self.clients: dict[Endpoint, StageClient] = {}
         self.load: dict[Endpoint, int] = {}
         self.dead: dict[str, float] = {}  # replica -> banned until
-        self._refreshed = 0.0
         self._epoch = None
         self._grace: tuple[float, list[Endpoint]] = (0.0, [])  # (until, endpoints of the previous epoch)
         self._task: asyncio.Task | None = None
-        self.lookup_failures = 0
 
     def start(self) -> None:
         """Keep the view fresh from a background task of the running loop (idempotent)."""
@@ -105,38 +105,34 @@ class Router:
     async def _refresh_loop(self) -> None:
         while True:
             await asyncio.sleep(REFRESH_S)
-            await self.refresh(force=True)
+            await self.refresh()
 
     async def ready(self) -> None:
         """Before a walk: the first view of the registry (awaited once, bounded), then the
         background refresh."""
         self.start()
         if not self.endpoints:
-            await self.refresh(force=True)
+            await self.refresh()
 
-    async def refresh(self, force: bool = False) -> None:
-        if not force and time.monotonic() - self._refreshed < REFRESH_S:
-            return
+    async def refresh(self) -> None:
+        """Read the registry now (bounded by :data:`LOOKUP_TIMEOUT_S`)."""
         try:
             got = await asyncio.wait_for(self.lookup(), LOOKUP_TIMEOUT_S)
         except Exception as e:  # noqa: BLE001 - the registry is restarting or slow: keep the last view
-            self.lookup_failures += 1
             log.warning("registry lookup failed (%s); routing on the last known endpoints", type(e).__name__)
             return
-        self._refreshed = time.monotonic()
-        epoch, entries = (got.get("epoch"), got.get("endpoints", [])) if isinstance(got, dict) else (None, got)
+        epoch, entries = got["epoch"], got["endpoints"]
         fresh = []
         for e in entries:
             if 0 <= e["stage"] < self.num_stages and len(e.get("layers") or ()) == 2:
                 a, b = (int(x) for x in e["layers"])
                 fresh.append(Endpoint(e["stage"], e["replica"], e["host"], e["port"], a, b))
         now = time.monotonic()
-        if epoch is not None and self._epoch is not None and epoch != self._epoch:
+        if self._epoch is not None and epoch != self._epoch:
             log.warning("the registry restarted; keeping the previous endpoints for %.0f s while replicas "
                         "register again", RESTART_GRACE_S)
             self._grace = (now + RESTART_GRACE_S, list(self.endpoints))
-        if epoch is not None:
-            self._epoch = epoch
+        self._epoch = epoch
         until, previous = self._grace
         if now < until:
             known = {ep.replica for ep in fresh}
@@ -179,7 +175,7 @@ class PipelineBackend:
                  vocab_size: int, kv_fill: str = "exact", call_timeout_s: float = 30.0,
                  request_timeout_s: float = 60.0, max_replays: int = 4, default_exit: str = "calibrated",
                  default_threshold: float | None = None, max_active: int = 256, model_name: str = "offramp",
-                 audit_rate: float = 0.0, tuner: AgreementTuner | None = None, lease_s: float = DEFAULT_LEASE_S):
+                 audit_rate: float = 0.0, tuner: AgreementTuner | None = None, lease_s: float = DEFAULT_KV_LEASE_S):
         self.num_stages, self.router = num_stages, router
         self.eos_token_ids, self.max_seq, self.vocab_size = eos_token_ids, max_seq, vocab_size
         self.kv_fill, self.call_timeout, self.request_timeout = kv_fill, call_timeout_s, request_timeout_s
@@ -330,7 +326,7 @@ class PipelineBackend:
                 self._new_session(seq)
                 waits += 1
                 await asyncio.sleep(min(2.0, 0.1 * 2**waits, max(0.0, deadline - time.monotonic())))
-                await self.router.refresh(force=True)
+                await self.router.refresh()
 
     def _hop(self, seq: _Seq, layer: int) -> Endpoint:
         """The replica this sequence enters at ``layer`` (kept for the sequence: its KV)."""

@@ -186,7 +186,9 @@ class InProcessBackend:
         self.num_stages = model.num_stages
         self._lock = threading.Lock()
         self._joining: list[tuple[Sequence, asyncio.Queue, asyncio.AbstractEventLoop]] = []
-        self._cancelled: set[str] = set()
+        # Ended requests' Sequence objects (not ids: a request id a client reuses right after
+        # must not cancel the new request that joins in the same loop turn).
+        self._cancelled: list[Sequence] = []
         self._wake = threading.Event()
         threading.Thread(target=self._loop, daemon=True, name="offramp-engine").start()
 
@@ -207,7 +209,7 @@ class InProcessBackend:
                     return
         finally:
             with self._lock:
-                self._cancelled.add(seq.seq_id)
+                self._cancelled.append(seq)
             self._wake.set()
 
     def _loop(self) -> None:
@@ -220,32 +222,27 @@ class InProcessBackend:
                 for entry in self._joining:
                     active[entry[0].seq_id] = entry
                 self._joining.clear()
-                for sid in self._cancelled:
-                    if sid in active:
-                        self.model.release(active.pop(sid)[0])
+                for seq in self._cancelled:
+                    if seq.seq_id in active and active[seq.seq_id][0] is seq:
+                        self.model.release(active.pop(seq.seq_id)[0])
                 self._cancelled.clear()
             if not active:
                 continue
             entries = list(active.values())
             try:
                 results = self.model.step([e[0] for e in entries])
-            except Exception as e:  # noqa: BLE001 - report to every waiting request, keep serving
-                for seq, q, loop in entries:
-                    loop.call_soon_threadsafe(q.put_nowait, e)
-                    self.model.release(seq)
-                    active.pop(seq.seq_id, None)
-                continue
+            except Exception as e:  # noqa: BLE001 - the whole step failed: every waiting request gets it
+                results = [e] * len(entries)
             for (seq, q, loop), res in zip(entries, results):
                 if isinstance(res, Exception):  # this request's own failure: it alone ends
-                    loop.call_soon_threadsafe(q.put_nowait, res)
-                    self.model.release(seq)
-                    active.pop(seq.seq_id, None)
-                    continue
-                tok, stage = res
-                seq.tokens.append(tok)
-                seq.exit_stages.append(stage)
-                seq.finish_reason = self.model.finished(seq, tok)
-                loop.call_soon_threadsafe(q.put_nowait, TokenEvent(tok, stage, seq.finish_reason))
-                if seq.finish_reason:
+                    event = res
+                else:
+                    tok, stage = res
+                    seq.tokens.append(tok)
+                    seq.exit_stages.append(stage)
+                    seq.finish_reason = self.model.finished(seq, tok)
+                    event = TokenEvent(tok, stage, seq.finish_reason)
+                loop.call_soon_threadsafe(q.put_nowait, event)
+                if isinstance(res, Exception) or seq.finish_reason:
                     self.model.release(seq)
                     active.pop(seq.seq_id, None)

@@ -14,17 +14,13 @@ from __future__ import annotations
 import torch
 
 from offramp.errors import RowFailed
-from offramp.protocol import SamplingParams
-
-# Below this a temperature is refused by the API (and treated as greedy here, defensively):
-# (logits - max) / T stays finite in float32 for any T >= MIN_TEMPERATURE.
-MIN_TEMPERATURE = 1e-2
+from offramp.protocol import MIN_TEMPERATURE, SamplingParams
 
 
 def choose_tokens(logits: torch.Tensor, params: list[SamplingParams], steps: list[int]) -> list[int | RowFailed]:
     """logits (B, V) -> one token id per row, or the row's :class:`RowFailed`."""
-    finite = torch.isfinite(logits).all(dim=-1).tolist()  # (B,)
-    greedy = logits.argmax(dim=-1).tolist()
+    top, greedy_t = logits.max(dim=-1)  # (B,): max is NaN/inf iff the row has NaN/+inf (or is all -inf)
+    finite, greedy = torch.isfinite(top).tolist(), greedy_t.tolist()
     out: list[int | RowFailed] = []
     for b, p in enumerate(params):
         if not finite[b]:
