@@ -170,11 +170,11 @@ def test_the_ingress_renews_leases_of_a_sequence_waiting_on_a_slow_client(tiny_m
     renews it) and continues without a replay."""
     async def scenario():
         reps = _two_stages(tiny_model_dir)
-        for s in reps.servers.values():
-            s.lease_s = 0.5
         try:
             backend = _backend(reps, lease_s=0.5)
-            ref = await _tokens(backend, _req(1))
+            ref = await _tokens(backend, _req(1))  # also warms the stages up (a cold first pass can outlast 0.5 s)
+            for s in reps.servers.values():
+                s.lease_s = 0.5
             out = []
             async for ev in backend.generate(_req(1)):
                 out.append(ev.token_id)
@@ -265,12 +265,18 @@ def test_preauth_frame_is_capped_and_a_peer_that_stops_reading_stalls_no_one(tin
             s.settimeout(5)
             assert s.recv(1) == b""  # closed by the server
 
-        # 2. a peer that sends echo requests for big payloads and never reads its replies
+        # 2. a peer that sends prefills (each answered with 250 x 64 hidden states, 64 KB)
+        # and releases, and never reads its replies
         stuck = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
         stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         stuck.sendall(ch.encode({"op": "hello", "id": 0, "token": "tok"}))
-        big = ch._Packer()
-        frame = ch.encode({"op": "echo", "id": 1, "x": big.tensor(torch.zeros(2**20))}, big)  # 4 MiB back each
+        frames = []
+        for i in range(40):
+            big = ch._Packer()
+            row = ch.row_header(StepRow(f"big{i}", torch.randint(3, 500, (250,)), 249), big)
+            frames += [ch.encode({"op": "step", "id": 2 * i + 1, "rows": [row]}, big),
+                       ch.encode({"op": "release", "id": 2 * i + 2, "seqs": [f"big{i}"]})]
+        frame = b"".join(frames)  # 2.5 MB of replies per send
 
         async def normal_traffic():
             client = StageClient("127.0.0.1", srv.port, "tok")

@@ -46,7 +46,7 @@ def _stage_args(args: AppArgs, index: int) -> StageArgs:
 @serve.deployment(max_ongoing_requests=64, max_queued_requests=256, health_check_period_s=5,
                   graceful_shutdown_timeout_s=30, ray_actor_options={"num_cpus": 0.5})
 class StageDeployment:
-    """One pipeline stage. Serve calls are control only (info, ping); data goes over the channel."""
+    """One pipeline stage. Serve calls are control only (info, stats); data goes over the channel."""
 
     def __init__(self, index: int, args: dict):
         import torch
@@ -136,10 +136,6 @@ class StageDeployment:
     def info(self) -> dict:
         return {**self.entry, **self.stats()}
 
-    def ping(self, payload: bytes) -> bytes:
-        """Echo for measuring the Serve handle hop against the channel hop."""
-        return payload
-
     def check_health(self) -> None:
         """Serve replaces the replica when this raises: its channel thread, loop or batcher
         died or is wedged (a replica that cannot serve must not look healthy)."""
@@ -198,7 +194,7 @@ class OfframpIngress(GrpcIngressMixin):
 
         args = AppArgs.model_validate(args)
         model_dir, spec, ranges, exits = _model_facts(args)
-        self.stages = stages  # Serve handles: control calls and the hop benchmark
+        self.stages = stages  # Serve handles: control calls
         app_name, _ = rayops.replica_context()
         registry = rayops.registry(app_name)
         token = rayops.channel_token(app_name)
@@ -213,7 +209,7 @@ class OfframpIngress(GrpcIngressMixin):
             vocab_size=spec.vocab_size, kv_fill=args.exit.kv_fill, request_timeout_s=args.request_timeout_s,
             default_exit=args.exit.mode, default_threshold=args.exit.threshold,
             max_active=args.max_active_requests, model_name=args.model_name, audit_rate=args.exit.audit_rate,
-            lease_s=args.kv_lease_s,
+            lease_s=args.kv_lease_s, micro_batches=args.micro_batches,
             tuner=AgreementTuner(target=exits.calibration.target if exits and exits.calibration else 0.98,
                                  enabled=args.exit.online_tuning))
         self.frontend = Frontend.from_app_args(args, self.backend, load_tokenizer(model_dir),

@@ -13,7 +13,8 @@ cluster token (constant-time compared); anything else closes the connection.
 Server side (:class:`StageServer`): an asyncio loop in its own thread parses frames into
 one queue; a batcher drains it into ragged batches (continuous batching: rows of
 different sequences and positions share one forward pass), runs the forward pass in a
-worker thread, and answers each caller. Client side (:class:`StageClient`): one
+worker thread, and answers each caller. A frame marked ``full`` (the ingress's step
+scheduler sends every row it has for this replica in one) ends the batch wait at once. Client side (:class:`StageClient`): one
 multiplexed connection per stage replica, a timeout on every call.
 
 Faults stay where they belong:
@@ -52,7 +53,7 @@ import torch
 from offramp import errors
 from offramp.deployments.config import DEFAULT_KV_LEASE_S
 from offramp.observability import metrics, tracing
-from offramp.ops.worker import ExitPolicy, KVMissing, StageWorker, StepRow
+from offramp.ops.worker import ExitPolicy, KVMissing, StageWorker, StepResult, StepRow
 from offramp.protocol import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -272,8 +273,9 @@ class StageServer:
                 op = header.get("op")
                 if op == "renew":  # lease renewal of live sequences: no reply, no queue
                     for seq in header.get("seqs", ()):
-                        if self.worker.holds(str(seq)):
-                            self.worker.touch(str(seq), now)
+                        seq = str(seq)  # held, or known (its first step may still be queued or running)
+                        if self.worker.holds(seq) or seq in self.worker.touched:
+                            self.worker.touch(seq, now)
                     continue
                 if op == "step":
                     for r in header.get("rows", ()):
@@ -317,7 +319,9 @@ class StageServer:
                 continue
             live = len(self.worker.cache.slot_of)
             left = deadline - time.monotonic()
-            if rows >= live or left <= 0:
+            # A scheduler's frame is "full": its sender has no more rows for us now (the
+            # live sequences missing from it are at other stages), so waiting only adds latency.
+            if rows >= live or left <= 0 or all(h.get("full") for h, *_ in items):
                 break
             try:
                 items.append(await asyncio.wait_for(self.queue.get(), left))
@@ -370,10 +374,6 @@ class StageServer:
                         await self.loop.run_in_executor(None, self.worker.propagate, str(header["seq"]), x,
                                                         int(header["pos"]), layer)
                         conn.send({"id": header.get("id"), "ok": True})
-                    elif op == "echo":  # hop benchmark: the payload goes there and back
-                        packer = _Packer()
-                        ref = packer.tensor(unpack_tensor(payload, header["x"]))
-                        conn.send({"id": header.get("id"), "ok": True, "x": ref}, packer)
                     elif op == "info":
                         conn.send({"id": header.get("id"), "ok": True, **self.info()})
                     else:
@@ -417,14 +417,14 @@ class StageServer:
             try:
                 results = await self.loop.run_in_executor(None, w.step, flat)
             except Exception as e:  # noqa: BLE001
-                if len(good) == 1:
+                if len(flat) == 1:
                     log.exception("stage %d forward failed", w.index)
                     good[0][0][2].send(_error_header(good[0][0][0].get("id"), e))
                     return
-                # The batch as a whole failed: one request at a time, so only the request
-                # that breaks it fails (the others' KV is untouched by a failed pass).
-                log.warning("stage %d: a batch of %d requests failed (%s); retrying them one by one",
-                            w.index, len(good), type(e).__name__)
+                # The batch as a whole failed: one sequence at a time, so only the row that
+                # breaks it fails (the others' KV is untouched by a failed pass).
+                log.warning("stage %d: a batch of %d rows failed (%s); retrying them one by one",
+                            w.index, len(flat), type(e).__name__)
                 await self._one_by_one(good)
                 return
             if self.emulate is not None:  # a modelled slower device: hold the replica, not a core
@@ -447,13 +447,17 @@ class StageServer:
             i += len(rows)
 
     async def _one_by_one(self, good: list[tuple]) -> None:
+        """After a whole-batch failure: every row (one sequence) alone, so only the rows
+        that break the pass fail; each frame is answered with its rows' results."""
         for (header, _, conn), rows, _ in good:
-            try:
-                results = await self.loop.run_in_executor(None, self.worker.step, rows)
-            except Exception as e:  # noqa: BLE001
-                log.exception("stage %d forward failed for request frame %s", self.worker.index, header.get("id"))
-                conn.send(_error_header(header.get("id"), e))
-                continue
+            results = []
+            for row in rows:
+                try:
+                    (res,) = await self.loop.run_in_executor(None, self.worker.step, [row])
+                except Exception as e:  # noqa: BLE001
+                    log.exception("stage %d forward failed for sequence %s", self.worker.index, row.seq_id)
+                    res = StepResult(row.seq_id, error=e)
+                results.append(res)
             self._answer(header, conn, results)
 
     def _answer(self, header: dict, conn: _Conn, results) -> None:
@@ -608,14 +612,22 @@ class StageClient:
             log.debug("notify to stage at %s:%d failed: %s", self.host, self.port, e)
             return False
 
-    async def step(self, rows: list[StepRow], timeout: float, trace: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    async def step(self, rows: list[StepRow], timeout: float, trace: dict[str, str] | None = None,
+                   traces: list[dict[str, str] | None] | None = None, full: bool = False) -> list[dict[str, Any]]:
         """Results per row; each carries ``hop_s``: this call's round trip minus the server's
         own time (queue + forward pass), i.e. what the hop itself cost. A row that failed on
-        its own carries ``error`` (the exception to raise for that request)."""
+        its own carries ``error`` (the exception to raise for that request).
+
+        ``trace``: one W3C carrier for every row, or ``traces``: one per row. ``full``: this
+        frame holds every row the caller has for this replica now (a step scheduler's
+        frame), so the replica's batcher does not wait for more from it."""
         packer = _Packer()
         t0 = time.perf_counter()
-        reply, payload = await self.call({"op": "step", "rows": [row_header(r, packer, trace) for r in rows]},
-                                         packer, timeout)
+        traces = traces if traces is not None else [trace] * len(rows)
+        header = {"op": "step", "rows": [row_header(r, packer, t) for r, t in zip(rows, traces)]}
+        if full:
+            header["full"] = True
+        reply, payload = await self.call(header, packer, timeout)
         hop = max(0.0, time.perf_counter() - t0 - float(reply.get("server_s") or 0.0))
         out = reply["results"]
         for r in out:
@@ -630,11 +642,6 @@ class StageClient:
         packer = _Packer()
         await self.call({"op": "propagate", "seq": seq, "pos": position, "layer": layer, "x": packer.tensor(hidden)},
                         packer, timeout)
-
-    async def echo(self, x: torch.Tensor, timeout: float = 10.0) -> torch.Tensor:
-        packer = _Packer()
-        reply, payload = await self.call({"op": "echo", "x": packer.tensor(x)}, packer, timeout)
-        return unpack_tensor(payload, reply["x"])
 
     async def release(self, seqs: list[str], timeout: float = 5.0) -> None:
         await self.call({"op": "release", "seqs": seqs}, None, timeout)

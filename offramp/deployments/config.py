@@ -134,6 +134,11 @@ class AppArgs(BaseModel):
     api_key_env: str = Field("OFFRAMP_API_KEY", description="Environment variable holding the API key (empty = no key).")
     request_timeout_s: float = Field(60.0, gt=0, description="Deadline for one request end to end.")
     max_active_requests: int = Field(256, ge=1, description="Requests one ingress replica runs at once; more get 429.")
+    micro_batches: int = Field(
+        2, ge=1, le=64, description="Micro-batches the ingress's step scheduler keeps in flight: active sequences are "
+        "spread over this many lanes that step concurrently, so different stages compute different lanes at once "
+        "(pipeline parallelism). 1 = one batch walks the stages in turn; about the number of stages that compute "
+        "in parallel pays most.")
     kv_lease_s: float = Field(
         DEFAULT_KV_LEASE_S, ge=2, le=3600, description="A stage replica reclaims a sequence's KV when nothing for it (a step, or "
         "the ingress's renewal of live sequences) arrived for this long: faults, lost releases and dead ingress "

@@ -1,8 +1,12 @@
-"""The ingress side of the pipeline: drives each request through the stage replicas.
+"""The ingress side of the pipeline: a step scheduler drives the active sequences
+through the stage replicas.
 
-One coroutine per request walks a token through stage 0, 1, … and stops at the first
-stage whose gate lets it exit: no call is made to later stages on that token's path.
-Rows of concurrent requests meet in each stage replica's batcher (continuous batching).
+Each step gives every ready sequence of a micro-batch ("lane") one token: the rows for
+one stage replica travel in one frame; a row whose gate lets it exit leaves there, so no
+call is made to later stages on its path; the rest move on as the next frame. Several
+lanes run concurrently, so stages compute different micro-batches at once (pipeline
+parallelism). Rows of several lanes (and ingress replicas) also meet in each stage
+replica's batcher (continuous batching).
 
 Session affinity: a sequence's KV lives in the replicas it went through, so the first
 token picks the least-loaded replica per stage and the sequence keeps that route. When
@@ -62,6 +66,14 @@ class _Seq:
     fed: int = 0
     route: dict[int, Endpoint] = field(default_factory=dict)  # entry layer -> replica holding the KV
     exited: dict[int, tuple[int, int]] = field(default_factory=dict)  # position -> (stage, layer) it exited at
+    deadline: float = float("inf")  # monotonic
+    last: float = 0.0  # when the last token (or the request) came: TTFT/TPOT samples
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)  # TokenEvent | Exception, to the request
+    lane: "_Lane | None" = None
+    done: bool = False  # finished, failed or cancelled: its lane releases it after the current step
+    failures: int = 0  # replica failures while producing the current token
+    waits: int = 0  # backoff exponent of the current token's retries
+    retry_at: float = 0.0  # not stepped before this (monotonic): a replay's backoff
 
     @property
     def generated(self) -> int:
@@ -168,14 +180,43 @@ class Router:
             c.close()
 
 
+class _Lane:
+    """One micro-batch of the step scheduler: its sequences step together, one frame per
+    stage replica per round; the lane's task runs its steps back to back."""
+
+    def __init__(self):
+        self.seqs: list[_Seq] = []
+        self.wake = asyncio.Event()
+        self.task: asyncio.Task | None = None
+        self.steps = 0  # steps run (a step = every ready sequence of the lane gets one token)
+        self.rows = 0  # sequences stepped, summed over steps
+
+
 class PipelineBackend:
-    """:class:`~offramp.protocol.Backend` over stage replicas reached through the channel."""
+    """:class:`~offramp.protocol.Backend` over stage replicas reached through the channel.
+
+    **Step scheduler.** Requests do not walk the pipeline one by one. Active sequences
+    are spread over ``micro_batches`` lanes (a new sequence joins the emptiest lane); a
+    lane steps all its ready sequences together: the rows entering a stage replica travel
+    in *one* frame (not one call per request per token), continuing rows move on to the
+    next stage as the next frame, exited rows leave there. Lanes run concurrently, so with
+    two lanes stage ``k+1`` computes one micro-batch while stage ``k`` computes the other
+    (pipeline parallelism); at one stream it is the plain sequential walk. Frames say
+    ``full`` (the ingress sent every row it had for that replica), so a stage does not
+    wait for more rows that are busy elsewhere.
+
+    Per sequence, faults stay that sequence's: a row error fails its request only; a
+    replica that fails or times out bans that replica and replays the sequences it held
+    (new session, one prefill over the tokens so far) after a backoff, without holding up
+    the lane; sequences finished, failed or cancelled are released by their lane after
+    the step they were in, so a release never overtakes a step on the wire."""
 
     def __init__(self, num_stages: int, router: Router, *, eos_token_ids: tuple[int, ...], max_seq: int,
                  vocab_size: int, kv_fill: str = "exact", call_timeout_s: float = 30.0,
                  request_timeout_s: float = 60.0, max_replays: int = 4, default_exit: str = "calibrated",
                  default_threshold: float | None = None, max_active: int = 256, model_name: str = "offramp",
-                 audit_rate: float = 0.0, tuner: AgreementTuner | None = None, lease_s: float = DEFAULT_KV_LEASE_S):
+                 audit_rate: float = 0.0, tuner: AgreementTuner | None = None, lease_s: float = DEFAULT_KV_LEASE_S,
+                 micro_batches: int = 2):
         self.num_stages, self.router = num_stages, router
         self.eos_token_ids, self.max_seq, self.vocab_size = eos_token_ids, max_seq, vocab_size
         self.kv_fill, self.call_timeout, self.request_timeout = kv_fill, call_timeout_s, request_timeout_s
@@ -183,6 +224,7 @@ class PipelineBackend:
         self.default_exit, self.default_threshold = default_exit, default_threshold
         self._ids = itertools.count()
         self.calls = [0] * num_stages  # stage visits on this ingress (exit skipping is visible here)
+        self.frames = [0] * num_stages  # step frames sent to each stage (a frame carries many rows)
         self.hop_s_sum = [0.0] * num_stages  # summed hop cost of the step calls into each stage
         self.hop_n = [0] * num_stages
         self.replays = 0  # sequences rebuilt from their tokens after a replica failed or went away
@@ -204,6 +246,9 @@ class PipelineBackend:
         self.lease_s = lease_s
         self._live: dict[str, _Seq] = {}  # session -> sequence
         self._renewer: asyncio.Task | None = None
+        if micro_batches < 1:
+            raise ValueError(f"micro_batches={micro_batches}; use 1 or more")
+        self.lanes = [_Lane() for _ in range(micro_batches)]
 
     async def generate(self, request: GenerationRequest):
         prompt = list(request.prompt_ids)
@@ -219,28 +264,24 @@ class PipelineBackend:
                                     "or add OfframpIngress replicas")
         self.active += 1
         self._start_renewer()
-        seq = _Seq(request, self._policy(request), prompt, len(prompt))
+        now = time.monotonic()
+        seq = _Seq(request, self._policy(request), prompt, len(prompt),
+                   deadline=now + (request.deadline_s or self.request_timeout), last=now)
         self._new_session(seq)
-        start = last = time.monotonic()
-        deadline = start + (request.deadline_s or self.request_timeout)
+        self._join(seq)
         try:
             while True:
-                token, stage = await self._next_token(seq, deadline)
-                now = time.monotonic()
-                with self._lat_lock:
-                    (self.tpot_s if seq.generated else self.ttft_s).append((now, now - last))
-                (metrics.record_tpot if seq.generated else metrics.record_ttft)(self.model_name, now - last)
-                metrics.record_tokens(self.model_name, [stage], self.num_stages)
-                last = now
-                seq.tokens.append(token)
-                reason = finish_reason(request.sampling, token, seq.generated, len(seq.tokens),
-                                       self.eos_token_ids, self.max_seq)
-                yield TokenEvent(token, stage, reason)
-                if reason:
+                event = await seq.events.get()
+                if isinstance(event, Exception):
+                    raise event
+                yield event
+                if event.finish_reason:
                     return
         finally:
             self.active -= 1
-            self._release(seq)
+            seq.done = True  # its lane releases it after the step it may be in
+            if seq.lane is not None:
+                seq.lane.wake.set()
 
     def stats(self, reset: bool = False, window_s: float | None = None) -> dict:
         """Stage calls (cumulative) and TTFT/TPOT percentiles over the samples since the
@@ -255,9 +296,12 @@ class PipelineBackend:
             if reset:
                 self.ttft_s.clear()
                 self.tpot_s.clear()
-        return {"stage_calls": list(self.calls), "hop_s_sum": [round(h, 6) for h in self.hop_s_sum],
+        steps = sum(lane.steps for lane in self.lanes)
+        return {"stage_calls": list(self.calls), "stage_frames": list(self.frames),
+                "hop_s_sum": [round(h, 6) for h in self.hop_s_sum],
                 "hop_n": list(self.hop_n), "num_stages": self.num_stages, "tokens": len(tpot) + len(ttft),
-                "replays": self.replays,
+                "replays": self.replays, "scheduler_steps": steps,
+                "rows_per_step": round(sum(lane.rows for lane in self.lanes) / steps, 2) if steps else None,
                 "exit_audit": self.tuner.snapshot(),
                 "ttft_ms_p50": pct(ttft, 0.5), "ttft_ms_p99": pct(ttft, 0.99),
                 "tpot_ms_p50": pct(tpot, 0.5), "tpot_ms_p99": pct(tpot, 0.99)}
@@ -299,34 +343,189 @@ class PipelineBackend:
             if self.router.known(ep):
                 self._spawn(self.router.client(ep).renew(sessions))
 
-    async def _next_token(self, seq: _Seq, deadline: float) -> tuple[int, int]:
-        """One token, replaying the sequence on live replicas after a failure. Failures of a
-        replica count against ``max_replays``; "no live replica yet" waits, with backoff,
-        until the request's deadline (Serve is starting a replacement)."""
-        failures, waits = 0, 0
+    # -- the step scheduler ----------------------------------------------------------
+    def _join(self, seq: _Seq) -> None:
+        lane = min(self.lanes, key=lambda ln: sum(1 for s in ln.seqs if not s.done))
+        lane.seqs.append(seq)
+        seq.lane = lane
+        if lane.task is None or lane.task.done():
+            lane.task = asyncio.get_running_loop().create_task(self._run_lane(lane))
+        lane.wake.set()
+
+    async def _run_lane(self, lane: _Lane) -> None:
         while True:
             try:
-                return await self._walk(seq, deadline)
-            except RETRYABLE as e:
-                if time.monotonic() >= deadline:
-                    raise errors.DeadlineExceeded("the request ran past its deadline while stage replicas "
-                                                  "were unavailable; retry later") from None
-                failed = getattr(e, "endpoint", None)
-                if failed is not None or isinstance(e, KVMissing):
-                    failures += 1
-                    if failures > self.max_replays:
-                        raise errors.StageUnavailable(f"stage replicas kept failing ({e}); retry later") from None
-                    if failed is not None and not isinstance(e, KVMissing):
-                        self.router.ban(failed)  # dead or hung: route around it until the registry drops it
-                # A walk that failed part-way left KV in some stages and not others: always
-                # replay under a new session (one prefill over the tokens so far).
-                log.warning("replaying %s after: %s", seq.request.request_id, e)
-                self.replays += 1
-                self._release(seq)
-                self._new_session(seq)
-                waits += 1
-                await asyncio.sleep(min(2.0, 0.1 * 2**waits, max(0.0, deadline - time.monotonic())))
-                await self.router.refresh()
+                for s in lane.seqs:
+                    if s.done:
+                        self._release(s)
+                lane.seqs = [s for s in lane.seqs if not s.done]
+                now = time.monotonic()
+                ready = [s for s in lane.seqs if s.retry_at <= now]
+                if not ready:  # sleep until a sequence joins or ends, or a backoff is over
+                    lane.wake.clear()
+                    if lane.seqs:
+                        until = min(s.retry_at for s in lane.seqs)
+                        timer = asyncio.get_running_loop().call_later(max(0.0, until - now), lane.wake.set)
+                    else:
+                        timer = None
+                    try:
+                        await lane.wake.wait()  # not wait_for: it can swallow a cancellation (3.11)
+                    finally:
+                        if timer is not None:
+                            timer.cancel()
+                    continue
+                lane.steps += 1
+                lane.rows += len(ready)
+                await self._step(ready)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a scheduler bug fails the lane's requests, not the replica
+                log.exception("pipeline step scheduler failed; failing the requests of this micro-batch")
+                for s in lane.seqs:
+                    if not s.done:
+                        self._fail(s, errors.RowFailed(f"the ingress scheduler failed ({type(e).__name__}); "
+                                                       "it has been logged"))
+
+    async def _step(self, seqs: list[_Seq]) -> None:
+        """One token for each of ``seqs``: layer 0 onwards, one frame per replica per round,
+        until every row exited at a gate, reached the last stage or failed."""
+        await self.router.ready()
+        todo: list[tuple[_Seq, StepRow, int]] = []
+        for seq in seqs:
+            req = seq.request
+            row = StepRow(seq.session, torch.tensor(seq.tokens[seq.fed:], dtype=torch.long), len(seq.tokens) - 1,
+                          req.sampling, seq.policy, step=seq.generated)
+            todo.append((seq, row, 0))
+        last = self.num_stages - 1
+        for _ in range(self.router.num_layers or 1_000_000):
+            if not todo:
+                return
+            groups: dict[Endpoint, list[tuple[_Seq, StepRow, int]]] = {}
+            now = time.monotonic()
+            for seq, row, layer in todo:
+                if now >= seq.deadline:
+                    self._fail(seq, errors.DeadlineExceeded("the request ran past its deadline"))
+                    continue
+                try:
+                    ep = self._hop(seq, layer)
+                except errors.StageUnavailable as e:
+                    self._retry(seq, e)
+                    continue
+                row.layer = None if layer == ep.start else layer
+                row.policy = self._gate_policy(seq.policy, ep.end)
+                row.verify = ep.stage == last and self._audit(seq, row)
+                groups.setdefault(ep, []).append((seq, row, layer))
+            todo = []
+            calls = [self._call(ep, items) for ep, items in groups.items()]
+            outs = await asyncio.gather(*calls, return_exceptions=True)
+            for (ep, items), out in zip(groups.items(), outs):
+                if isinstance(out, BaseException):
+                    if isinstance(out, asyncio.CancelledError):
+                        raise out
+                    for seq, _, _ in items:
+                        (self._retry if isinstance(out, RETRYABLE) else self._fail)(seq, out)
+                    continue
+                todo += self._take(ep, items, out)
+        for seq, _, _ in todo:
+            self._fail(seq, errors.StageUnavailable("the last stage returned no token"))
+
+    async def _call(self, ep: Endpoint, items: list[tuple[_Seq, StepRow, int]]) -> list[dict]:
+        k = ep.stage
+        self.calls[k] += len(items)
+        self.frames[k] += 1
+        now = time.monotonic()
+        timeout = min(self.call_timeout, max(seq.deadline - now for seq, _, _ in items))
+        try:
+            return await self.router.client(ep).step([row for _, row, _ in items], timeout=max(0.001, timeout),
+                                                     traces=[seq.request.trace_context for seq, _, _ in items],
+                                                     full=True)
+        except RETRYABLE as e:
+            e.endpoint = ep
+            raise
+
+    def _take(self, ep: Endpoint, items, results: list[dict]) -> list[tuple[_Seq, StepRow, int]]:
+        """Sort one frame's results: tokens emitted, errors to their requests, continuing
+        rows (the next round's) returned."""
+        k, last = ep.stage, self.num_stages - 1
+        onward = []
+        for (seq, row, layer), res in zip(items, results):
+            if seq.done:
+                continue
+            err = res.get("error")
+            if err is not None:  # this request's own failure: no ban, no replay
+                if isinstance(err, RETRYABLE):
+                    err.endpoint = ep
+                    self._retry(seq, err)
+                else:
+                    self._fail(seq, err)
+                continue
+            if layer == 0:
+                seq.fed = len(seq.tokens)
+            self.hop_s_sum[k] += res.get("hop_s", 0.0)
+            self.hop_n[k] += 1
+            position = row.position
+            if k == last:
+                self._audited(seq, position, res.get("bf"))
+            if res["token"] is not None:
+                if res["exited"] and self.kv_fill == "propagate":
+                    self._propagate(seq, ep.end, res["h"], position)
+                if res["exited"]:
+                    seq.exited[position] = (k, ep.end)
+                self._emit(seq, int(res["token"]), k)
+                continue
+            onward.append((seq, StepRow(seq.session, res["h"], position, seq.request.sampling, seq.policy,
+                                        step=seq.generated), ep.end))
+        return onward
+
+    def _emit(self, seq: _Seq, token: int, stage: int) -> None:
+        now = time.monotonic()
+        with self._lat_lock:
+            (self.tpot_s if seq.generated else self.ttft_s).append((now, now - seq.last))
+        (metrics.record_tpot if seq.generated else metrics.record_ttft)(self.model_name, now - seq.last)
+        metrics.record_tokens(self.model_name, [stage], self.num_stages)
+        seq.last = now
+        seq.failures = seq.waits = 0
+        seq.tokens.append(token)
+        reason = finish_reason(seq.request.sampling, token, seq.generated, len(seq.tokens), self.eos_token_ids,
+                               self.max_seq)
+        seq.events.put_nowait(TokenEvent(token, stage, reason))
+        if reason:
+            seq.done = True
+
+    def _fail(self, seq: _Seq, e: Exception) -> None:
+        if not seq.done:
+            seq.done = True
+            seq.events.put_nowait(e)
+
+    def _retry(self, seq: _Seq, e: Exception) -> None:
+        """A retryable failure of this sequence's step: replay it on live replicas after a
+        backoff (new session: one prefill over its tokens so far), or fail it. Failures of
+        a replica count against ``max_replays`` per token; "no live replica yet" waits,
+        with backoff, until the request's deadline (Serve is starting a replacement)."""
+        if seq.done:
+            return
+        now = time.monotonic()
+        if now >= seq.deadline:
+            self._fail(seq, errors.DeadlineExceeded("the request ran past its deadline while stage replicas "
+                                                    "were unavailable; retry later"))
+            return
+        failed = getattr(e, "endpoint", None)
+        if failed is not None or isinstance(e, KVMissing):
+            seq.failures += 1
+            if seq.failures > self.max_replays:
+                self._fail(seq, errors.StageUnavailable(f"stage replicas kept failing ({e}); retry later"))
+                return
+            if failed is not None and not isinstance(e, KVMissing):
+                self.router.ban(failed)  # dead or hung: route around it until the registry drops it
+        # A step that failed part-way left KV in some stages and not others: always replay
+        # under a new session (one prefill over the tokens so far).
+        log.warning("replaying %s after: %s", seq.request.request_id, e)
+        self.replays += 1
+        self._release(seq)
+        self._new_session(seq)
+        seq.waits += 1
+        seq.retry_at = now + min(2.0, 0.1 * 2**seq.waits, max(0.0, seq.deadline - now))
+        self._spawn(self.router.refresh())
 
     def _hop(self, seq: _Seq, layer: int) -> Endpoint:
         """The replica this sequence enters at ``layer`` (kept for the sequence: its KV)."""
@@ -335,54 +534,6 @@ class PipelineBackend:
             ep = seq.route[layer] = self.router.pick(layer)
             self.router.load[ep] = self.router.load.get(ep, 0) + 1
         return ep
-
-    async def _walk(self, seq: _Seq, deadline: float) -> tuple[int, int]:
-        """One token: layer 0 onwards, replica by replica, until a gate exits or the last
-        stage answers."""
-        await self.router.ready()
-        req = seq.request
-        new = seq.tokens[seq.fed:]
-        position = len(seq.tokens) - 1
-        row = StepRow(seq.session, torch.tensor(new, dtype=torch.long), position, req.sampling, seq.policy,
-                      step=seq.generated)
-        layer = 0
-        last = self.num_stages - 1
-        for _ in range(self.router.num_layers or 1_000_000):
-            ep = self._hop(seq, layer)
-            k = ep.stage
-            row.layer = None if layer == ep.start else layer
-            row.policy = self._gate_policy(seq.policy, ep.end)
-            row.verify = k == last and self._audit(seq, row)
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise errors.DeadlineExceeded("the request ran past its deadline")
-            self.calls[k] += 1
-            try:
-                (res,) = await self.router.client(ep).step([row], timeout=min(left, self.call_timeout),
-                                                           trace=req.trace_context)
-            except RETRYABLE as e:
-                e.endpoint = ep
-                raise
-            if res.get("error") is not None:  # this request's own failure: no ban, no replay
-                err = res["error"]
-                if isinstance(err, RETRYABLE):
-                    err.endpoint = ep
-                raise err
-            if layer == 0:
-                seq.fed = len(seq.tokens)
-            self.hop_s_sum[k] += res.get("hop_s", 0.0)
-            self.hop_n[k] += 1
-            if k == last:
-                self._audited(seq, position, res.get("bf"))
-            if res["token"] is not None:
-                if res["exited"] and self.kv_fill == "propagate":
-                    self._propagate(seq, ep.end, res["h"], position)
-                if res["exited"]:
-                    seq.exited[position] = (k, ep.end)
-                return int(res["token"]), k
-            layer = ep.end
-            row = StepRow(seq.session, res["h"], position, req.sampling, seq.policy, step=seq.generated)
-        raise errors.StageUnavailable("the last stage returned no token")
 
     def _gate_policy(self, policy: ExitPolicy, layer: int) -> ExitPolicy:
         """The request's policy with the online offset of the gate after ``layer``."""

@@ -13,6 +13,7 @@ import itertools
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -153,8 +154,15 @@ class StagedModel:
         return finish_reason(s.sampling, token, len(s.generated), len(s.tokens), self.spec.eos_token_ids, self.max_seq)
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams = SamplingParams(),
-                 policy: ExitPolicy = ExitPolicy("off"), keep_kv: bool = False) -> list[Sequence]:
-        """Generate for a batch of prompts together (rows leave as they finish)."""
+                 policy: ExitPolicy = ExitPolicy("off"), keep_kv: bool = False,
+                 on_step: Callable[[], None] | None = None) -> list[Sequence]:
+        """Generate for a batch of prompts together (rows leave as they finish).
+
+        ``on_step``, when given, is called with no arguments once after every decode step,
+        right after that step's token has been appended to each active sequence (the first
+        call follows the prefill step that made the first token). A sequence with ``k``
+        generated tokens was active in exactly the first ``k`` steps, so timestamps taken
+        there time its tokens (``offramp bench serve`` does this)."""
         seqs = [self.new_sequence(p, sampling, policy) for p in prompts]
         active = list(seqs)
         while active:
@@ -167,6 +175,8 @@ class StagedModel:
                 s.tokens.append(tok)
                 s.exit_stages.append(stage)
                 s.finish_reason = self.finished(s, tok)
+            if on_step is not None:
+                on_step()
             done = [s for s in active if s.finish_reason]
             for s in done:
                 if keep_kv:
