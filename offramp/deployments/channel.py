@@ -45,7 +45,6 @@ import logging
 import struct
 import threading
 import time
-from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -112,7 +111,7 @@ async def read_frame(reader: asyncio.StreamReader, limit: int = MAX_FRAME) -> tu
 
 def row_header(row: StepRow, packer: _Packer, trace: dict[str, str] | None = None) -> dict:
     h = {"seq": row.seq_id, "x": packer.tensor(row.inputs), "pos": row.position, "step": row.step,
-         "flush": row.flush, "sampling": asdict(row.sampling), "policy": asdict(row.policy)}
+         "flush": row.flush, "sampling": vars(row.sampling), "policy": vars(row.policy)}  # flat dataclasses: no deep copy
     if row.layer is not None:
         h["layer"] = row.layer
     if row.verify:

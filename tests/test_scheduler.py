@@ -1,0 +1,145 @@
+"""The ingress step scheduler (``PipelineBackend``): many sequences share one frame per
+stage replica per step, micro-batches run concurrently, and none of that changes a token.
+
+Stage replicas are real :class:`StageServer` threads on loopback; the reference is the
+unsplit in-process model."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import torch
+
+from offramp.deployments import pipeline as pl
+from offramp.ops.engine import StagedModel
+from offramp.ops.worker import ExitPolicy
+from offramp.protocol import GenerationRequest, SamplingParams
+
+from test_reliability import _two_stages, _until
+
+
+def _backend(reps, **kw) -> pl.PipelineBackend:
+    router = pl.Router(2, "tok", reps.lookup, num_layers=reps.spec.num_layers)
+    return pl.PipelineBackend(2, router, eos_token_ids=(), max_seq=128, vocab_size=reps.spec.vocab_size,
+                              request_timeout_s=30, **kw)
+
+
+def _prompt(i: int) -> tuple[int, ...]:
+    g = torch.Generator().manual_seed(i)
+    return tuple(torch.randint(3, 500, (3 + i % 5,), generator=g).tolist())  # ragged lengths
+
+
+def _req(i: int, n: int = 10, **sampling) -> GenerationRequest:
+    return GenerationRequest(f"q{i}", _prompt(i), SamplingParams(max_tokens=n, ignore_eos=True, **sampling),
+                             exit_mode="off")
+
+
+async def _tokens(backend, req, delay: float = 0.0):
+    await asyncio.sleep(delay)
+    return [ev.token_id async for ev in backend.generate(req)]
+
+
+def test_concurrent_sequences_share_frames_and_match_the_unsplit_model(tiny_model_dir):
+    """Eight streams, joining at different times and with prompts of different lengths:
+    every output equals the unsplit model's, and the rows really travelled together
+    (fewer frames than stage calls, more than one row per scheduler step)."""
+    whole = StagedModel(tiny_model_dir, num_stages=1)
+    ref = [whole.generate([list(_prompt(i))], SamplingParams(max_tokens=10, ignore_eos=True),
+                          ExitPolicy("off"))[0].generated for i in range(8)]
+
+    async def scenario(micro_batches):
+        reps = _two_stages(tiny_model_dir)
+        try:
+            backend = _backend(reps, micro_batches=micro_batches)
+            outs = await asyncio.gather(*(_tokens(backend, _req(i), delay=0.003 * i) for i in range(8)))
+            return outs, backend.stats()
+        finally:
+            reps.close()
+
+    for micro_batches in (1, 2):
+        outs, stats = asyncio.run(scenario(micro_batches))
+        assert outs == ref, micro_batches
+        assert stats["stage_calls"] == [80, 80]
+        assert all(f < c for f, c in zip(stats["stage_frames"], stats["stage_calls"])), stats
+        assert stats["rows_per_step"] > 1.5, stats
+
+
+def test_sampled_streams_are_reproducible_whatever_they_are_batched_with(tiny_model_dir):
+    """Seeded sampling: a stream's tokens do not depend on which other rows share its frames."""
+    async def scenario():
+        reps = _two_stages(tiny_model_dir)
+        try:
+            backend = _backend(reps)
+            sampled = dict(temperature=0.9, top_k=50, seed=7)
+            alone = await _tokens(backend, _req(3, **sampled))
+            crowd = await asyncio.gather(*(_tokens(backend, _req(i, **(sampled if i == 3 else {})))
+                                           for i in range(6)))
+            return alone, crowd[3]
+        finally:
+            reps.close()
+
+    alone, crowded = asyncio.run(scenario())
+    assert alone == crowded
+
+
+def test_a_stream_cancelled_mid_step_is_released_and_the_others_finish(tiny_model_dir):
+    """A client leaving after two tokens: its sequence leaves its micro-batch after the
+    step it was in and its KV is freed on both stages; the streams beside it finish with
+    the tokens they would have had alone."""
+    async def scenario():
+        reps = _two_stages(tiny_model_dir)
+        try:
+            backend = _backend(reps)
+            solo = [await _tokens(backend, _req(i, n=12)) for i in (1, 2)]
+
+            async def leaver():
+                gen = backend.generate(_req(0, n=40))
+                got = []
+                async for ev in gen:
+                    got.append(ev.token_id)
+                    if len(got) == 2:
+                        break
+                await gen.aclose()
+                return got
+
+            results = await asyncio.gather(leaver(), _tokens(backend, _req(1, n=12)), _tokens(backend, _req(2, n=12)))
+            await _until(lambda: all(not s.worker.cache.slot_of for s in reps.servers.values()), timeout=10)
+            return solo, results, backend
+        finally:
+            reps.close()
+
+    solo, (left, one, two), backend = asyncio.run(scenario())
+    assert len(left) == 2 and [one, two] == solo
+    assert backend.replays == 0 and not backend._live
+    assert sum(len(lane.seqs) for lane in backend.lanes) == 0
+
+
+def test_a_frame_the_ingress_marks_full_does_not_wait_out_the_batch_window(tiny_model_dir):
+    """With a long batch window and sequences live on the stage that are not in the frame
+    (they are at the other stage), a 'full' frame is served at once, an unmarked one waits."""
+    from offramp.deployments.channel import StageClient
+    from offramp.ops.worker import StepRow
+
+    reps = _two_stages(tiny_model_dir)
+    srv = reps.servers["s0"]
+    srv.batch_wait = 0.5
+
+    async def scenario():
+        client = StageClient("127.0.0.1", srv.port, "tok")
+        try:
+            for s in ("idle-a", "idle-b"):  # live sequences that send nothing now
+                await client.step([StepRow(s, torch.tensor([5, 9]), 1)], timeout=10, full=True)
+            times = {}
+            for full in (True, False):
+                t0 = time.perf_counter()
+                await client.step([StepRow(f"x{full}", torch.tensor([5, 9]), 1)], timeout=10, full=full)
+                times[full] = time.perf_counter() - t0
+            return times
+        finally:
+            client.close()
+
+    try:
+        times = asyncio.run(scenario())
+    finally:
+        reps.close()
+    assert times[True] < 0.25 <= times[False], times
