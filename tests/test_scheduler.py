@@ -10,18 +10,11 @@ import time
 
 import torch
 
-from offramp.deployments import pipeline as pl
 from offramp.ops.engine import StagedModel
 from offramp.ops.worker import ExitPolicy
 from offramp.protocol import GenerationRequest, SamplingParams
 
-from test_reliability import _two_stages, _until
-
-
-def _backend(reps, **kw) -> pl.PipelineBackend:
-    router = pl.Router(2, "tok", reps.lookup, num_layers=reps.spec.num_layers)
-    return pl.PipelineBackend(2, router, eos_token_ids=(), max_seq=128, vocab_size=reps.spec.vocab_size,
-                              request_timeout_s=30, **kw)
+from test_reliability import _backend, _two_stages, _until
 
 
 def _prompt(i: int) -> tuple[int, ...]:

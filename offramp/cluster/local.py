@@ -41,6 +41,15 @@ def _gpu_count() -> int:
         return 0
 
 
+def free_port() -> int:
+    """A TCP port free on loopback now (for a local Serve HTTP listener)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def node_options(pool: str, cpus: int, gpus: int = 0) -> dict:
     """Arguments of one pool node for ``ray.cluster_utils.Cluster.add_node``."""
     if pool not in ("gpu", "cpu"):

@@ -457,14 +457,6 @@ def run_serve(args) -> int:
         return _run_serve(args, emit)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _requests_at(args, c: int) -> int:
     if args.requests is not None:
         return args.requests
@@ -480,7 +472,7 @@ def _run_serve(args, emit) -> int:
     from tqdm import tqdm
 
     from offramp.api.text import load_tokenizer
-    from offramp.cluster.local import node_options
+    from offramp.cluster.local import free_port, node_options
     from offramp.deployments.app import OfframpIngress, StageDeployment, build_app
     from offramp.deployments.config import AppArgs, StageArgs
     from offramp.ops.engine import StagedModel, resolve_model_dir
@@ -506,7 +498,7 @@ def _run_serve(args, emit) -> int:
 
     bar = tqdm(total=4 + (args.repeats + 1) * (len(levels) * len(names) + (2 if args.tracing else 0)),
                desc="bench serve", file=sys.stderr, disable=args.json)
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     model_name = "offramp-default"
     cluster = None

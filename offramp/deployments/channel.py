@@ -14,8 +14,9 @@ Server side (:class:`StageServer`): an asyncio loop in its own thread parses fra
 one queue; a batcher drains it into ragged batches (continuous batching: rows of
 different sequences and positions share one forward pass), runs the forward pass in a
 worker thread, and answers each caller. A frame marked ``full`` (the ingress's step
-scheduler sends every row it has for this replica in one) ends the batch wait at once. Client side (:class:`StageClient`): one
-multiplexed connection per stage replica, a timeout on every call.
+scheduler sends every row it has for this replica in one) ends the batch wait at once.
+Client side (:class:`StageClient`): one multiplexed connection per stage replica, a
+timeout on every call.
 
 Faults stay where they belong:
 
@@ -611,18 +612,18 @@ class StageClient:
             log.debug("notify to stage at %s:%d failed: %s", self.host, self.port, e)
             return False
 
-    async def step(self, rows: list[StepRow], timeout: float, trace: dict[str, str] | None = None,
-                   traces: list[dict[str, str] | None] | None = None, full: bool = False) -> list[dict[str, Any]]:
+    async def step(self, rows: list[StepRow], timeout: float, traces: list[dict[str, str] | None] | None = None,
+                   full: bool = False) -> list[dict[str, Any]]:
         """Results per row; each carries ``hop_s``: this call's round trip minus the server's
         own time (queue + forward pass), i.e. what the hop itself cost. A row that failed on
         its own carries ``error`` (the exception to raise for that request).
 
-        ``trace``: one W3C carrier for every row, or ``traces``: one per row. ``full``: this
+        ``traces``: each row's W3C carrier (its request's span), or none. ``full``: this
         frame holds every row the caller has for this replica now (a step scheduler's
         frame), so the replica's batcher does not wait for more from it."""
         packer = _Packer()
         t0 = time.perf_counter()
-        traces = traces if traces is not None else [trace] * len(rows)
+        traces = traces if traces is not None else [None] * len(rows)
         header = {"op": "step", "rows": [row_header(r, packer, t) for r, t in zip(rows, traces)]}
         if full:
             header["full"] = True

@@ -108,6 +108,7 @@ class Router:
         self._epoch = None
         self._grace: tuple[float, list[Endpoint]] = (0.0, [])  # (until, endpoints of the previous epoch)
         self._task: asyncio.Task | None = None
+        self._soon: asyncio.Task | None = None  # an out-of-turn refresh in flight
 
     def start(self) -> None:
         """Keep the view fresh from a background task of the running loop (idempotent)."""
@@ -125,6 +126,12 @@ class Router:
         self.start()
         if not self.endpoints:
             await self.refresh()
+
+    def refresh_soon(self) -> None:
+        """Read the registry in the background now, unless a read asked for this way is
+        still running (a replica failing many sequences at once asks once per sequence)."""
+        if self._soon is None or self._soon.done():
+            self._soon = asyncio.get_running_loop().create_task(self.refresh())
 
     async def refresh(self) -> None:
         """Read the registry now (bounded by :data:`LOOKUP_TIMEOUT_S`)."""
@@ -525,7 +532,7 @@ class PipelineBackend:
         self._new_session(seq)
         seq.waits += 1
         seq.retry_at = now + min(2.0, 0.1 * 2**seq.waits, max(0.0, seq.deadline - now))
-        self._spawn(self.router.refresh())
+        self.router.refresh_soon()
 
     def _hop(self, seq: _Seq, layer: int) -> Endpoint:
         """The replica this sequence enters at ``layer`` (kept for the sequence: its KV)."""

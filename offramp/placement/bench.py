@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import tempfile
 import threading
@@ -74,12 +73,6 @@ def register(bsub) -> None:
     p.add_argument("--png", type=Path, default=Path("placement-timeline.png"), help="timeline figure")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pools(emulate: bool) -> list[str]:
@@ -173,7 +166,7 @@ def _run(args, emit) -> int:
     from ray.cluster_utils import Cluster
 
     from offramp.cluster import rayops
-    from offramp.cluster.local import node_options
+    from offramp.cluster.local import free_port, node_options
     from offramp.ops.presets import make_checkpoint
     from offramp.placement.controller import ControllerActor, ControllerConfig, controller_name
 
@@ -185,7 +178,7 @@ def _run(args, emit) -> int:
     if args.target_utilisation is None:  # raw CPU: busy fractions are low and noisy
         args.target_utilisation = 0.4 if args.emulate else args.busy_threshold / 2
     model_dir = make_checkpoint(tempfile.mkdtemp(prefix="offramp-bench-placement-"), "tiny", seed=11)
-    port = _free_port()
+    port = free_port()
     cluster = Cluster(initialize_head=True, shutdown_at_exit=True,
                       head_node_args={"num_cpus": 2, "node_ip_address": "127.0.0.1", "include_dashboard": False})
     load = None
