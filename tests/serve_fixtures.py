@@ -170,7 +170,25 @@ def start_ray_cluster():
     because ``ray.util.state`` - where replicas' nodes are read - is served by it.
     Raises :class:`RayCannotStart` only if the head cannot start or be joined; a pool node
     that fails to join is an ordinary error."""
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # makes Ray use 127.0.0.1 as the node IP
+    from offramp.cluster.local import LOOPBACK_ENV, private_haproxy_env
+
+    os.environ.update(LOOPBACK_ENV)  # makes Ray use 127.0.0.1 as the node IP
+    # Serve's HAProxy mode, as the README runs it: read by the processes started below, and
+    # only by them (restored after, so a bench a test starts makes its own choice).
+    ha_env = private_haproxy_env()
+    saved = {k: os.environ.get(k) for k in ha_env}
+    os.environ.update(ha_env)
+    try:
+        return _start_ray_cluster()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _start_ray_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
@@ -201,6 +219,26 @@ def start_ray_cluster():
         cluster.shutdown()
         raise
     return cluster
+
+
+def haproxy_binds() -> set[str]:
+    """``host:port`` of every HAProxy ``bind`` line in the configs of the running HAProxy
+    processes (Serve's HAProxy mode starts them with ``-f <config>``)."""
+    binds = set()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if not argv or not argv[0].endswith(b"haproxy") or b"-f" not in argv:
+            continue
+        try:
+            text = Path(argv[argv.index(b"-f") + 1].decode()).read_text()
+        except (OSError, IndexError):
+            continue
+        binds |= {line.split()[1] for line in text.splitlines() if line.strip().startswith("bind ")}
+    return binds
+
 
 def registry_endpoints() -> list[dict[str, Any]]:
     """Live stage endpoints as the ingress sees them (the app's registry actor), with each

@@ -204,6 +204,7 @@ def test_bench_serve_smoke_json():
     assert p.returncode == 0, p.stderr[-3000:]
     report = json.loads(p.stdout)
     assert set(report["contenders"]) == set(bs.CONTENDERS)
+    assert report["proxy"] == "haproxy"
     for name, d in report["contenders"].items():
         for c in ("c1", "c2"):
             assert d[c]["failed"] == 0, (name, c, d[c]["errors"])

@@ -530,3 +530,15 @@ def test_dockerfile_instructions():
     assert "offramp" in copied and "pyproject.toml" in copied
     ignored = (REPO / ".dockerignore").read_text().split()
     assert {".git", ".venv", "tests"} <= set(ignored) and "offramp" not in ignored
+
+
+def test_haproxy_mode_is_an_opt_in_for_every_ray_container():
+    def env_of(docs) -> dict[str, set[str]]:
+        (rs,) = kinds(docs, "RayService")
+        return {group: {e["name"] for c in spec["containers"] for e in c.get("env", [])}
+                for group, spec in ray_pod_specs(rs).items()}
+
+    assert all("RAY_SERVE_ENABLE_HA_PROXY" not in names for names in env_of(render("values.yaml")).values())
+    on = env_of(render("values.yaml", sets=("serve.haproxy=true",)))
+    assert set(on) == {"head", "gpu", "cpu"}  # the controller (head) and the replicas read it
+    assert all("RAY_SERVE_ENABLE_HA_PROXY" in names for names in on.values())

@@ -13,8 +13,8 @@ import httpx
 import numpy as np
 import pytest
 
-from serve_fixtures import (GPU_STAGES, MODEL_NAME, NUM_STAGES, actor_of_replica, apply_config, node_pools,
-                            registry_endpoints, replica_actors, serve_config, wait_running)
+from serve_fixtures import (GPU_STAGES, MODEL_NAME, NUM_STAGES, actor_of_replica, apply_config, haproxy_binds,
+                            node_pools, registry_endpoints, replica_actors, serve_config, wait_running)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -97,6 +97,12 @@ def test_stages_land_on_their_pools(serve_cluster):
 
 
 # ------------------------------------------------------------------ 2. OpenAI surface
+
+
+def test_http_reaches_the_ingress_through_haproxy(serve_cluster):
+    """The session cluster runs Serve's HAProxy mode (as the README's `serve run` does): the
+    API port is HAProxy's, not the Python proxy's, so every HTTP test below goes through it."""
+    assert f"127.0.0.1:{serve_cluster.port}" in haproxy_binds()
 
 
 def test_completions_chat_and_streaming_with_openai_client(serve_cluster):

@@ -240,3 +240,15 @@ def test_startup_profile_times_bare_layers_and_leaves_no_trace(tiny_model_dir):
     h = torch.randn(3, load_spec(tiny_model_dir).hidden_size)
     ref = _worker(tiny_model_dir, (1, 3), 1, 3).step([StepRow("a", h, 2, policy=OFF)])[0].hidden
     assert torch.allclose(w.step([StepRow("a", h, 2, policy=OFF)])[0].hidden, ref)
+
+
+def test_stage_threads_order_of_precedence():
+    from offramp.deployments.config import StageArgs, stage_threads
+
+    assert stage_threads(3, "2", 0.5) == 3  # the stage's own setting wins
+    assert stage_threads(None, "2", 0.5) == 2  # then OMP_NUM_THREADS (Ray sets it from num_cpus)
+    assert stage_threads(None, None, 2.7) == 2  # then the CPUs reserved, rounded down
+    assert stage_threads(None, "0", 0.5) == 1  # never 0 threads
+    assert stage_threads(None, "x", None) is None  # nothing known: torch's default
+    with pytest.raises(ValueError):
+        StageArgs(threads=0)

@@ -287,6 +287,14 @@ def assigned_pool(default: str) -> str:
         return default
 
 
+def assigned_cpus() -> float | None:
+    """CPU cores Ray reserved for this actor (its ``num_cpus``), None outside a Ray worker."""
+    try:
+        return float(ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0))
+    except Exception:  # noqa: BLE001 - not in a Ray worker
+        return None
+
+
 def pool_capacity() -> dict[str, int]:
     """Units of each ``pool_<name>`` custom resource in the cluster."""
     return {k.removeprefix("pool_"): int(v) for k, v in ray.cluster_resources().items() if k.startswith("pool_")}

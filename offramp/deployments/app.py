@@ -20,7 +20,8 @@ from ray.serve import Application
 
 from offramp.api.grpc_service import GrpcIngressMixin
 from offramp.cluster import rayops
-from offramp.deployments.config import STAGE_DTYPE_ENV, STAGE_LAYERS_ENV, AppArgs, StageArgs, stage_range
+from offramp.deployments.config import (STAGE_DTYPE_ENV, STAGE_LAYERS_ENV, AppArgs, StageArgs, stage_range,
+                                       stage_threads)
 
 log = logging.getLogger("offramp")
 INGRESS_TPOT_WINDOW_S = 30.0  # the TPOT percentiles an ingress replica reports to the registry cover this
@@ -76,8 +77,8 @@ class StageDeployment:
         # pool resource, not the app args.
         pool = rayops.assigned_pool(sa.pool)
         device = "cuda" if pool == "gpu" and torch.cuda.is_available() else "cpu"
-        threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
-        if threads > 0:
+        threads = stage_threads(sa.threads, os.environ.get("OMP_NUM_THREADS"), rayops.assigned_cpus())
+        if threads is not None:
             torch.set_num_threads(threads)
         stage = load_stage(model_dir, spec, layers, first=index == 0, last=index == len(ranges) - 1,
                            exits=exits, dtype=sa.dtype, device=device)
@@ -217,6 +218,11 @@ class OfframpIngress(GrpcIngressMixin):
         # Publish this replica's counters to the registry, so the placement controller
         # sees every ingress replica's traffic, not whichever one answers an HTTP GET.
         self.heartbeat = rayops.Heartbeat(app_name, rayops.replica_context()[1], self._beat, "offramp-ingress-beat")
+        if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1" and \
+                os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") != "1":
+            log.info("streamed tokens pass through Serve's Python proxy (one Ray object per SSE event); start "
+                     "Ray with RAY_SERVE_ENABLE_HA_PROXY=1 (e.g. `RAY_SERVE_ENABLE_HA_PROXY=1 serve run "
+                     "configs/local.yaml`) so HAProxy forwards them straight from this replica")
         host = rayops.http_host()
         if host is not None:
             from offramp.api.auth import check_bind

@@ -10,7 +10,9 @@ groups of ``c`` that start together).
 Contenders (see ``CONTENDERS``):
 
 * ``served``            the Offramp app, ``--stages`` stages, exits off, streamed over HTTP
-                        (``/v1/completions``) through Serve's proxy;
+                        (``/v1/completions``) through Serve's proxy (``--proxy``: HAProxy
+                        by default, as ``RAY_SERVE_ENABLE_HA_PROXY=1 serve run`` in the
+                        README, or Serve's Python proxy);
 * ``served_calibrated`` the same app, calibrated exits (with the prompt's task hint);
 * ``served_1stage``     a second Offramp app with one stage, exits off, streamed;
 * ``in_process``        ``StagedModel`` in this process, ``--stages`` stages, batched
@@ -44,7 +46,7 @@ from typing import Any, Callable, Iterable
 TASKS = ("qa", "math", "coding")
 STREAMED = ("served", "served_calibrated", "served_1stage")
 CONTENDERS = {
-    "served": "Offramp served, N stages, exits off, HTTP streaming through Serve's proxy",
+    "served": "Offramp served, N stages, exits off, HTTP streaming through Serve's proxy (--proxy)",
     "served_calibrated": "the same app, calibrated exits (task hint sent)",
     "served_1stage": "a second Offramp app, 1 stage, exits off, HTTP streaming",
     "in_process": "StagedModel in the driver, N stages, batched generate (no Ray, no HTTP)",
@@ -56,7 +58,8 @@ PLAIN_BATCH_WAIT_S = 0.005
 HELP = """\
 Contenders, each warm (one discarded warm-up wave first), same prompts, same max_tokens:
   served             Offramp app with --stages stages, exits off, streamed over HTTP
-                     (/v1/completions, stream=true) through Serve's proxy
+                     (/v1/completions, stream=true) through Serve's proxy: HAProxy
+                     (default, as the README runs it) or Serve's Python proxy (--proxy)
   served_calibrated  the same app with calibrated exits (prompt's task hint sent)
   served_1stage      a second Offramp app with 1 stage (against plain_serve)
   in_process         offramp.ops.engine.StagedModel in this process, --stages stages,
@@ -87,6 +90,9 @@ def register(bsub) -> None:
     s.add_argument("--no-transformers", action="store_true", help="skip batched transformers in the driver")
     s.add_argument("--tracing", action="store_true", help="also measure 100%% tracing (OTLP to a local sink) "
                    "against no tracing, tokens/s at C")
+    s.add_argument("--proxy", choices=("haproxy", "python"), default="haproxy",
+                   help="Serve's HTTP proxy for every HTTP contender: 'haproxy' (default; Serve's HAProxy mode, "
+                   "RAY_SERVE_ENABLE_HA_PROXY=1, how the README runs it) or 'python' (Serve's own proxy actor)")
     s.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     s.set_defaults(func=run_serve)
 
@@ -464,7 +470,14 @@ def _requests_at(args, c: int) -> int:
 
 
 def _run_serve(args, emit) -> int:
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from offramp.cluster.local import HAPROXY_ENV, LOOPBACK_ENV, private_haproxy_env
+
+    # Read by the processes the cluster below starts (they inherit this environment).
+    os.environ.update(LOOPBACK_ENV)
+    if args.proxy == "haproxy":
+        os.environ.update(private_haproxy_env())
+    else:
+        os.environ.update({k: "0" for k in HAPROXY_ENV})
     import ray
     import torch
     from ray import serve
@@ -578,7 +591,7 @@ def _run_serve(args, emit) -> int:
             summary.setdefault(name, {})[f"c{c}"] = s
 
         report: dict[str, Any] = {
-            "model": str(model_dir), "stages": args.stages, "concurrency": levels,
+            "model": str(model_dir), "stages": args.stages, "concurrency": levels, "proxy": args.proxy,
             "requests_per_wave": {f"c{c}": _requests_at(args, c) for c in levels},
             "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "repeats": args.repeats,
             "prompt_tasks": {t: sum(1 for pt, _ in prompts if pt == t) for t in TASKS},
@@ -668,7 +681,7 @@ def _fmt(v) -> str:
 def _table(report: dict) -> str:
     lines = [f"model {report['model']}, {report['stages']} stages, prompts of {report['prompt_tokens']} tokens "
              f"({report['prompt_tasks']}), {report['max_tokens']} tokens/request, {report['repeats']} repeats, "
-             f"requests per wave {report['requests_per_wave']}", ""]
+             f"requests per wave {report['requests_per_wave']}, proxy {report.get('proxy', 'python')}", ""]
     head = f"{'contender':<18}{'conc':>5}{'tok/s':>9}{'TTFT p50':>10}{'TTFT p99':>10}{'TPOT p50':>10}" \
            f"{'TPOT p99':>10}{'failed':>8}  notes"
     lines += [head, "-" * len(head)]

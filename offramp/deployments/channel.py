@@ -12,8 +12,9 @@ cluster token (constant-time compared); anything else closes the connection.
 
 Server side (:class:`StageServer`): an asyncio loop in its own thread parses frames into
 one queue; a batcher drains it into ragged batches (continuous batching: rows of
-different sequences and positions share one forward pass), runs the forward pass in a
-worker thread, and answers each caller. A frame marked ``full`` (the ingress's step
+different sequences and positions share one forward pass), runs the forward pass (on the
+loop's thread when it is short, see ``INLINE_MAX_POSITIONS``; else in a worker thread),
+and answers each caller. A frame marked ``full`` (the ingress's step
 scheduler sends every row it has for this replica in one) ends the batch wait at once.
 Client side (:class:`StageClient`): one multiplexed connection per stage replica, a
 timeout on every call.
@@ -62,6 +63,13 @@ MAX_FRAME = 256 * 2**20
 HELLO_MAX_FRAME = 4096  # before the token is checked, a peer may send no more than this
 WRITE_TIMEOUT_S = 10.0  # a peer that reads nothing for this long loses its connection
 WRITE_BUFFER_CAP = 64 * 2**20  # replies a peer may leave unread before it is cut off
+# A pass over at most this many positions (decode steps, short chunks) runs on the channel
+# loop's own thread: handing it to a worker thread costs two thread switches and, while it
+# runs, the loop thread and the pass contend for the GIL (a small model's forward is mostly
+# Python dispatch). Measured +13-34% tokens/s at 16 streams on the 2-core machine
+# (docs/benchmarks.md). Longer passes (prefills) still go to a worker thread, so the loop
+# keeps answering frames and health checks while they run.
+INLINE_MAX_POSITIONS = 64
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64}
 ERRORS = {c.__name__: c for c in (errors.BadRequest, errors.Overloaded, errors.StageUnavailable,
                                     errors.DeadlineExceeded, errors.RowFailed, KVMissing)}
@@ -415,7 +423,10 @@ class StageServer:
         with tracing.stage_spans(carriers, w.index, list(w.stage.layer_range), lb["pool"], lb["replica"],
                                  lb["precision"], lengths) as spans:
             try:
-                results = await self.loop.run_in_executor(None, w.step, flat)
+                if sum(lengths) <= INLINE_MAX_POSITIONS:
+                    results = w.step(flat)
+                else:
+                    results = await self.loop.run_in_executor(None, w.step, flat)
             except Exception as e:  # noqa: BLE001
                 if len(flat) == 1:
                     log.exception("stage %d forward failed", w.index)

@@ -51,6 +51,28 @@ def stage_range(default: tuple[int, int], index: int, num_stages: int, num_layer
     return a, b
 
 
+def stage_threads(configured: int | None, env: str | None, num_cpus: float | None) -> int | None:
+    """Intra-op threads of a stage's forward pass: the configured count, else
+    ``OMP_NUM_THREADS``, else the replica's CPU reservation rounded down (at least 1).
+    None: leave torch's default (outside a Ray worker, nothing reserved).
+
+    torch's default is every core of the machine: replicas that share a machine (two stages,
+    the ingress, the proxy on the 2-core dev machine) would then run more threads than there
+    are cores, and OpenMP's spinning barriers make each forward pass slower. Ray already sets
+    ``OMP_NUM_THREADS`` from ``num_cpus`` in its workers; ``threads`` overrides it (e.g. a
+    replica alone on a node that reserves 0.5 CPU for scheduling but may use every core)."""
+    if configured is not None:
+        return configured
+    try:
+        if env and int(env) > 0:
+            return int(env)
+    except ValueError:
+        pass
+    if num_cpus is None or num_cpus <= 0:
+        return None
+    return max(1, int(num_cpus))
+
+
 def pool_of(resources: dict, default: str) -> str:
     """The pool named by a ``pool_<name>`` custom resource among ``resources`` (how a
     deployment is placed on a pool), else ``default``."""
@@ -70,6 +92,10 @@ class StageArgs(BaseModel):
     drain_s: float = Field(15.0, ge=0, le=600, description="On shutdown (scale-down, rolling update), how long "
                            "sequences in flight may finish on this replica before they replay elsewhere; keep it "
                            "below the deployment's graceful_shutdown_timeout_s (30 s by default).")
+    threads: int | None = Field(
+        None, ge=1, le=512, description="Intra-op CPU threads of this stage's forward pass. Default: "
+        "OMP_NUM_THREADS when set, else the replica's num_cpus rounded down, at least 1. More threads than the "
+        "cores a replica owns make replicas that share a machine spin against each other.")
     profile_on_start: bool = Field(True, description="Warm up and time the stage's layers at a few batch sizes "
                                    "before serving; the placement controller fits the pool's speed from it.")
 

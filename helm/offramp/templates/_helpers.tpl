@@ -56,6 +56,10 @@ app.kubernetes.io/part-of: offramp
     secretKeyRef:
       name: {{ include "offramp.apiKeySecretName" . }}
       key: {{ .Values.apiKey.secretKey }}
+{{- if .Values.serve.haproxy }}
+- name: RAY_SERVE_ENABLE_HA_PROXY
+  value: "1"
+{{- end }}
 - name: OTEL_SERVICE_NAME
   value: {{ .Values.otel.serviceName | quote }}
 {{- if .Values.otel.endpoint }}
