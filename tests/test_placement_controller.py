@@ -324,6 +324,61 @@ def test_failed_move_rolls_back():
     assert replicas(ops) == [1, 1, 1, 1] and ops.kv.get("intent/offramp") is None
 
 
+def test_a_failed_restore_keeps_the_intent_until_a_reconcile_restores_it():
+    class RefusingOps(FakeOps):
+        refuse = False  # Serve refuses every apply (a controller outage during the rollback)
+
+        def deploy_app_config(self, app, config):
+            if self.refuse:
+                raise RuntimeError("the Serve controller is unreachable")
+            super().deploy_app_config(app, config)
+            self.refuse = self.refuse_after_first
+
+    ops = RefusingOps(app_config())
+    ops.refuse_after_first = True
+    ctl = controller(ops, policy={"max_busy_fraction": 0.6}, move_deadline_s=10)
+    ops.busy[3] = 0.95
+    ops.fail_deployment = "Stage3"
+    recs = [r for rs in run(ctl, ops, 3) for r in rs]
+    (failed,) = [r for r in recs if r["outcome"] == "failed"]
+    assert "intent is kept" in failed["result"]
+    kept = json.loads(ops.kv["intent/offramp"])  # the move and the config to restore survive
+    assert deployment_entry(kept["before"], "Stage3")["num_replicas"] == 1
+    assert replicas(ops)[3] == 2  # the half-applied move is still live
+    with pytest.raises(MoveDeferred):  # no new move on top of it
+        ctl.mover.apply(Move.model_validate(kept["move"]))
+    held = ctl.tick()  # the controller retries the restore first; Serve still refuses
+    assert held[0]["outcome"] == "hold" and "could not be restored" in held[0]["reason"]
+    assert "intent/offramp" in ops.kv
+    ops.refuse_after_first = ops.refuse = False  # Serve is back
+    ops.fail_deployment = None
+    ops.advance(5.0)
+    ctl.tick()
+    assert "intent/offramp" not in ops.kv and replicas(ops) == [1, 1, 1, 1]
+
+
+def test_redeploy_keeps_what_the_operator_set():
+    """A placement move re-applies the whole declarative config: proxy location, HTTP and
+    gRPC options, target capacity and tracing stay as they are live."""
+    from offramp.cluster.rayops import redeploy_schema
+
+    details = {"proxy_location": "EveryNode",
+               "http_options": {"host": "0.0.0.0", "port": 8000, "root_path": "", "request_timeout_s": 30.0,
+                                "keep_alive_timeout_s": 90},
+               "grpc_options": {"port": 9000, "grpc_servicer_functions": [
+                   "offramp.api.proto.offramp_pb2_grpc.add_OfframpServicer_to_server"]},
+               "target_capacity": 50.0, "applications": {}}
+    app = {"name": APP, "import_path": "offramp.deployments.app:build_app", "route_prefix": "/"}
+    schema = redeploy_schema(details, [app], {"exporter_import_path": "offramp.observability.tracing:exporter",
+                                              "sampling_ratio": 1.0})
+    out = schema.model_dump(mode="json", exclude_unset=True)
+    assert out["proxy_location"] == "EveryNode" and out["target_capacity"] == 50.0
+    assert out["http_options"] == {k: v for k, v in details["http_options"].items()}
+    assert out["grpc_options"] == details["grpc_options"]
+    assert out["tracing_config"]["sampling_ratio"] == 1.0
+    assert [a["name"] for a in out["applications"]] == [APP]
+
+
 RANGES8 = [(0, 2), (2, 4), (4, 6), (6, 8)]  # the mover needs only the ranges, not the model
 
 

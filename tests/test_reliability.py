@@ -399,3 +399,17 @@ def test_in_process_engine_fails_only_the_poison_request(tiny_model_dir):
 
     solo, (good, poison) = asyncio.run(scenario())
     assert good == solo and isinstance(poison, errors.RowFailed)
+
+
+def test_a_stats_reset_does_not_blank_what_the_controller_reads():
+    """``GET /v1/offramp/stats?reset=true`` starts a new view for whoever resets; the
+    heartbeat's windowed view (what the placement controller reads) keeps its samples."""
+    router = pl.Router(2, "tok", lambda: None, num_layers=4)
+    backend = pl.PipelineBackend(2, router, eos_token_ids=(), max_seq=128, vocab_size=64)
+    now = time.monotonic()
+    backend.tpot_s.extend((now - 1.0, 0.010 + i / 1000) for i in range(10))
+    assert backend.stats(reset=True)["tpot_ms_p50"] is not None
+    assert backend.stats()["tpot_ms_p50"] is None  # the reset view starts after the reset
+    assert backend.stats(window_s=30)["tpot_ms_p50"] == pytest.approx(15.0)  # the controller's view is intact
+    backend.tpot_s.append((time.monotonic(), 0.020))
+    assert backend.stats()["tpot_ms_p50"] == pytest.approx(20.0)

@@ -19,8 +19,8 @@ LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # makes Ray use 127.0
 # Serve's HAProxy mode: a native HAProxy takes the HTTP/gRPC port and forwards each
 # connection to the ingress replica's own listener (Serve's "direct ingress"), so streamed
 # tokens skip the Python proxy and its per-chunk Ray object transfer (docs/benchmarks.md:
-# +26-40% tokens/s at 16 streams on the 2-core machine). Read by the Serve controller and
-# replicas when their processes start, so it must be in the environment Ray starts from.
+# +26% to +65% tokens/s at 16 streams on the 2-core machine). Read by the Serve controller
+# and replicas when their processes start, so it must be in the environment Ray starts from.
 HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
 
 

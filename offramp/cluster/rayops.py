@@ -11,10 +11,12 @@ registry actor (old and new replicas still accept each other), and re-applying a
 """
 from __future__ import annotations
 
+import copy
 import logging
 import secrets
 import threading
 import time
+from typing import Any
 
 import ray
 
@@ -191,13 +193,11 @@ def deployed_app_config(app_name: str) -> dict | None:
 
 
 def deploy_app_config(app_name: str, app_config: dict) -> None:
-    """Apply ``app_config`` for one application - the in-process ``serve deploy``. The other
-    applications' last applied configs and the instance options are re-sent unchanged
-    (a ServeDeploySchema replaces the whole set of declarative apps)."""
-    import copy
-
-    from ray.serve.schema import ServeDeploySchema
-
+    """Apply ``app_config`` for one application - the in-process ``serve deploy``. Everything
+    else the operator set is re-sent as it is live: the other applications' last applied
+    configs, the proxy location, HTTP and gRPC options, the target capacity and the tracing
+    config (a ServeDeploySchema replaces the whole declarative set, and an omitted
+    ``target_capacity`` would mean 100%)."""
     details = serve_details()
     apps = []
     for name, app in details.get("applications", {}).items():
@@ -208,14 +208,48 @@ def deploy_app_config(app_name: str, app_config: dict) -> None:
                                "controller can only re-apply configs when every app is config-deployed")
         apps.append(app["deployed_app_config"])
     apps.append(copy.deepcopy(app_config))
-    schema = {"applications": apps}
+    _serve_client().deploy_apps(redeploy_schema(details, apps, _tracing_config()), _blocking=False)
+
+
+def redeploy_schema(details: dict, apps: list[dict], tracing: dict | None = None):
+    """The ServeDeploySchema that re-applies ``apps`` over the live instance ``details``
+    (``ServeInstanceDetails`` as a dict) and changes nothing else."""
+    from ray.serve.schema import ServeDeploySchema
+
+    schema: dict[str, Any] = {"applications": apps}
     if details.get("proxy_location"):
         schema["proxy_location"] = details["proxy_location"]
-    http = details.get("http_options") or {}
-    if http:
-        schema["http_options"] = {k: http[k] for k in ("host", "port", "root_path", "request_timeout_s",
-                                                        "keep_alive_timeout_s") if http.get(k) is not None}
-    _serve_client().deploy_apps(ServeDeploySchema.model_validate(schema), _blocking=False)
+    for key, fields in (("http_options", ServeDeploySchema.model_fields["http_options"]),
+                        ("grpc_options", ServeDeploySchema.model_fields["grpc_options"])):
+        live = details.get(key) or {}
+        known = set(_schema_fields(fields.annotation))
+        kept = {k: v for k, v in live.items() if v is not None and (not known or k in known)}
+        if kept:
+            schema[key] = kept
+    if details.get("target_capacity") is not None:
+        schema["target_capacity"] = details["target_capacity"]
+    if tracing:
+        schema["tracing_config"] = tracing
+    return ServeDeploySchema.model_validate(schema)
+
+
+def _schema_fields(annotation) -> list[str]:
+    """Field names of a pydantic model type (or of the model in an ``Optional[...]``)."""
+    for t in (annotation, *getattr(annotation, "__args__", ())):
+        if hasattr(t, "model_fields"):
+            return list(t.model_fields)
+    return []
+
+
+def _tracing_config() -> dict | None:
+    """The Serve controller's global tracing config as a dict (None if unset or unreadable)."""
+    try:
+        cfg = get(_serve_client()._controller.get_tracing_config.remote(), timeout=10)
+    except Exception:  # noqa: BLE001 - an older controller: leaving it out keeps the live one
+        return None
+    if cfg is None:
+        return None
+    return cfg.model_dump(exclude_unset=True) if hasattr(cfg, "model_dump") else dict(cfg)
 
 
 def _enum_str(v) -> str:

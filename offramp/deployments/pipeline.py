@@ -241,6 +241,7 @@ class PipelineBackend:
         self.ttft_s: deque[tuple[float, float]] = deque(maxlen=8192)
         self.tpot_s: deque[tuple[float, float]] = deque(maxlen=8192)
         self._lat_lock = threading.Lock()
+        self._reset_at = -float("inf")  # start of the resettable view (stats(reset=True))
         self._background: set[asyncio.Task] = set()
         self.max_active, self.active = max_active, 0
         self.model_name = model_name
@@ -292,17 +293,21 @@ class PipelineBackend:
 
     def stats(self, reset: bool = False, window_s: float | None = None) -> dict:
         """Stage calls (cumulative) and TTFT/TPOT percentiles over the samples since the
-        last reset (at most the newest 8192), or over the last ``window_s`` seconds."""
+        last reset (at most the newest 8192), or over the last ``window_s`` seconds
+        (whatever any reset did: the heartbeat's view)."""
         def pct(xs, q):
             return round(1000 * sorted(xs)[min(len(xs) - 1, int(q * len(xs)))], 3) if xs else None
 
-        since = -float("inf") if window_s is None else time.monotonic() - window_s
+        now = time.monotonic()
         with self._lat_lock:
+            # A reset only moves this view's start: the samples stay, so a client resetting
+            # the HTTP stats cannot blank the windowed view the placement controller reads
+            # through the registry heartbeat.
+            since = self._reset_at if window_s is None else now - window_s
             ttft = [s for t, s in self.ttft_s if t >= since]
             tpot = [s for t, s in self.tpot_s if t >= since]
             if reset:
-                self.ttft_s.clear()
-                self.tpot_s.clear()
+                self._reset_at = now
         steps = sum(lane.steps for lane in self.lanes)
         return {"stage_calls": list(self.calls), "stage_frames": list(self.frames),
                 "hop_s_sum": [round(h, 6) for h in self.hop_s_sum],

@@ -400,6 +400,13 @@ class PlacementController:
     def tick(self) -> list[dict]:
         """One interval: observe, plan, decide, apply at most the policy's bounded moves."""
         now = self.ops.clock()
+        if self.mover.intent() is not None:  # a move whose restore failed earlier: finish it first
+            report = self.recover()
+            if self.mover.intent() is not None:
+                rec = {"time": now, "outcome": "hold", "reason": "an earlier move could not be restored "
+                       f"({report['outcome'] if report else 'unknown'}); no new move until it is"}
+                self._log(rec)
+                return [rec]
         obs = self.observe()
         if obs is None:
             rec = {"time": now, "outcome": "hold", "reason": "first sample: rates need two intervals"}

@@ -397,6 +397,8 @@ class Mover:
     # apply -----------------------------------------------------------------------------
     def apply(self, move: Move) -> MoveResult:
         t0 = self.ops.clock()
+        if self.intent() is not None:  # a move whose restore failed: reconcile it first
+            raise MoveDeferred("an earlier move is not yet restored (its intent is kept); reconcile it first")
         before = self._config()
         steps = plan_steps(before, self.ranges, move)
         if not steps:
@@ -418,10 +420,13 @@ class Mover:
                 self.wait(step.deployment, step.stage, entry_replicas(deployment_entry(cfg, step.deployment)),
                           replaced=old)
             except Exception as e:  # noqa: BLE001 - any failure: restore, then report
-                self._restore(steps[: i + 1], before)
+                what = f"{step.deployment}: step {i + 1}/{len(steps)} ({step.knob}={step.value}) failed: {e}"
+                if not self._restore(steps[: i + 1], before):
+                    # The intent stays: the next reconcile (controller tick or restart) retries.
+                    raise MoveFailed(f"{what}; restoring its previous settings failed too, the intent is kept "
+                                     "for reconcile") from e
                 self.ops.kv_del(self.key)
-                raise MoveFailed(f"{step.deployment}: step {i + 1}/{len(steps)} ({step.knob}={step.value}) failed: "
-                                 f"{e}; restored its previous settings") from e
+                raise MoveFailed(f"{what}; restored its previous settings") from e
         self.ops.kv_del(self.key)
         return MoveResult(move.model_dump(mode="json"), [asdict(s) for s in steps], self.ops.clock() - t0, "applied")
 
@@ -450,10 +455,12 @@ class Mover:
                                    f"{deadline_s or self.deadline_s:.0f}s (last state: {last})")
             self.ops.sleep(self.poll_s)
 
-    def _restore(self, steps: list[Step], before: dict) -> None:
+    def _restore(self, steps: list[Step], before: dict) -> bool:
         """Put the entries of the deployments ``steps`` touched back as in ``before`` (others
         as they are now), the last touched first: undoing a split move shrinks the grown side
-        back only after the other side holds its old layers again, so chains stay complete."""
+        back only after the other side holds its old layers again, so chains stay complete.
+        False when a deployment could not be restored (the caller keeps the intent)."""
+        ok = True
         touched = list(dict.fromkeys((s.deployment, s.stage) for s in steps))
         for deployment, stage in reversed(touched):
             entry = deployment_entry(before, deployment)
@@ -463,8 +470,10 @@ class Mover:
                     self.ops.deploy_app_config(self.app, with_entry(live, entry))
                 self.wait(deployment, stage, entry_replicas(entry))
             except Exception as e:  # noqa: BLE001 - the operator must look; the intent log says what
+                ok = False
                 log.error("restoring %s failed: %s", deployment, e)
                 self.on_event({"event": "restore_failed", "deployment": deployment, "error": str(e)})
+        return ok
 
     # recovery --------------------------------------------------------------------------
     def reconcile(self) -> dict | None:
@@ -479,20 +488,24 @@ class Mover:
         target = {n: deployment_entry(intent["target"], n) for n in touched}
         before = {n: deployment_entry(intent["before"], n) for n in touched}
         last = intent["step"] == len(steps) - 1
+        restored = True
         if live == target and last:
             step = steps[-1]
             try:
                 self.wait(step.deployment, step.stage, entry_replicas(target[step.deployment]))
                 outcome = "completed"
             except Exception as e:  # noqa: BLE001
-                self._restore(steps, intent["before"])
+                restored = self._restore(steps, intent["before"])
                 outcome = f"rolled back: the applied move did not become healthy ({e})"
         elif live == before:
             outcome = "dropped: the move was never applied"
         else:
-            self._restore(steps[: max(intent["step"], 0) + 1], intent["before"])
+            restored = self._restore(steps[: max(intent["step"], 0) + 1], intent["before"])
             outcome = f"rolled back: stopped at step {intent['step'] + 1}/{len(steps)}"
-        self.ops.kv_del(self.key)
+        if restored:
+            self.ops.kv_del(self.key)
+        else:  # kept: the next reconcile tries again; no new move starts meanwhile
+            outcome = f"restore failed, intent kept for the next reconcile ({outcome})"
         report = {"intent": intent["id"], "move": intent["move"], "outcome": outcome}
         self.on_event({"event": "reconcile", **report})
         return report
