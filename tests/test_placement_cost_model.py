@@ -9,7 +9,7 @@ from offramp.placement.cost_model import (
     Calibration, CostModel, ModelSpec, PlacementError, PoolSpec, ProfileSample, _sample_work, fit_profile,
     reach_from_exit_rates,
 )
-from offramp.placement.signals import SlidingWindow, StageRecorder, stage_arrival_rates
+from offramp.placement.signals import StageSignals, stage_arrival_rates
 
 M = ModelSpec.tiny()
 CPU = PoolSpec(name="cpu", kind="cpu", count=2, memory_bytes=8e9, mem_bandwidth=2e10, flops=5e10,
@@ -102,27 +102,14 @@ def test_online_correction_converges():
     assert cm.calibration.factor("gpu", "decode") == 1.0
 
 
-def test_sliding_window_expires_and_rates():
-    w = SlidingWindow(window_s=10, buckets=10)
-    for t in range(10):
-        w.add(t + 0.5, 2.0)
-    assert w.count(9.9) == 10 and w.rate(9.9) == pytest.approx(2.0) and w.max(9.9) == 2.0
-    assert w.count(15.0) == 4  # buckets 6..9 still live at t=15 (bucket 15 current)
-    assert w.count(100.0) == 0 and math.isnan(w.mean(100.0))
+def test_stage_arrival_rates_sum_replicas_and_skip_unknown():
+    def sig(stage, replica, rate):
+        nan = float("nan")
+        return StageSignals(stage=stage, replica=replica, window_s=10, prefill_step_s=nan, decode_step_s=0.01,
+                            batch_size=8, tokens_per_s=rate, arrival_tokens_per_s=rate, prefill_tokens_per_s=0,
+                            busy_fraction=0.1, queue_len=0, oldest_wait_s=0, kv_occupancy=0.5,
+                            memory_headroom_bytes=nan, hop_s=0.002, steps=20)
 
-
-def test_stage_recorder_snapshot():
-    r = StageRecorder(stage=1, replica="r0", window_s=10, buckets=5)
-    for i in range(20):
-        t = i * 0.5
-        r.record_step(t, "decode", 0.01, rows=8)
-        r.record_arrival(t, 8)
-        r.record_hop(t, 0.002)
-    r.record_step(9.0, "prefill", 0.05, rows=128)
-    r.set_gauges(queue_len=3, oldest_wait_s=0.2, kv_occupancy=0.5, memory_headroom_bytes=1e9)
-    s = r.snapshot(9.9)
-    assert s.steps == 20 and s.batch_size == 8 and s.tokens_per_s == pytest.approx(16.0)
-    assert s.arrival_tokens_per_s == pytest.approx(16.0) and s.prefill_tokens_per_s == pytest.approx(12.8)
-    assert s.busy_fraction == pytest.approx((20 * 0.01 + 0.05) / 10)
-    assert s.queue_len == 3 and s.hop_s == pytest.approx(0.002) and s.to_dict()["replica"] == "r0"
-    assert stage_arrival_rates([s, s]) == {1: pytest.approx(32.0)}
+    out = stage_arrival_rates([sig(1, "a", 16.0), sig(1, "b", 16.0), sig(0, "c", 5.0), sig(2, "d", float("nan"))])
+    assert out == {0: 5.0, 1: pytest.approx(32.0)} and list(out) == [0, 1]
+    assert sig(1, "a", 1.0).to_dict()["replica"] == "a"

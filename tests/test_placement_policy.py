@@ -5,9 +5,7 @@ import json
 import random
 
 from offramp.placement.planner import Plan, StageDeployment, StagePlan
-from offramp.placement.policy import (
-    Policy, PolicyConfig, apply_move, covered_layers, diff, escalating_plan,
-)
+from offramp.placement.policy import Policy, PolicyConfig, apply_move, covered_layers, diff
 
 L = 16
 
@@ -122,9 +120,3 @@ def test_oscillating_load_yields_bounded_moves():
     assert n_moves <= 2 * (horizon // cfg.cooldown_s + 1) * 2
 
 
-def test_escalating_plan_prefers_replicas_knob():
-    from test_placement_planner import CPU, GPU, M
-    from offramp.placement.planner import Constraints, Workload
-    cur = [D(0, 16, replicas=1)]
-    knob, p = escalating_plan(M, [GPU, CPU], Workload(decode_tokens_per_s=3000), Constraints(tpot_slo_s=0.02), cur)
-    assert knob == "replicas" and [(s.start, s.end, s.pool, s.replicas) for s in p.stages] == [(0, 16, "gpu", 2)]

@@ -18,7 +18,7 @@ close over what the constructor built (stage handles, tokenizer)::
     @serve.ingress()                     # no app: built per replica, below
     class OfframpIngress:                # must not define __call__
         def __init__(self, args: AppArgs, *stage_handles):
-            backend = ServePipelineBackend(stage_handles, ...)   # implements offramp.protocol.Backend
+            backend = PipelineBackend(...)       # offramp.deployments.pipeline; an offramp.protocol.Backend
             self.frontend = Frontend.from_app_args(args, backend, load_tokenizer(model_dir),
                                                    model_context=...)
 

@@ -155,10 +155,6 @@ def replica_context() -> tuple[str, str]:
     return ctx.app_name, ctx.replica_id.unique_id
 
 
-def cluster_has_gpus() -> bool:
-    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
-
-
 def http_host() -> str | None:
     """The host Serve's HTTP proxies bind, as configured (None if it cannot be read)."""
     try:

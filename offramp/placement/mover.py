@@ -76,7 +76,8 @@ class MoveFailed(OfframpError):
 
 
 class MoveDeferred(OfframpError):
-    """A move this mover does not make (split points, autoscaled deployments)."""
+    """A move this mover does not make now: stale against the live config (re-plan), an
+    autoscaled deployment, a last replica of its layers, or an earlier move not yet restored."""
 
 
 class Ops(Protocol):

@@ -4,8 +4,8 @@ Rules (ARCHITECTURE.md, "Placement controller"):
 
 * act only on a breach sustained for ``sustain_intervals`` intervals, or a predicted
   gain (device cost or TPOT) of at least ``min_gain``;
-* knobs in order of cost: routing < replicas < pool < split points; ``escalating_plan``
-  prefers the cheapest knob whose plan is within ``min_gain`` of the best;
+* knobs in order of cost: routing < replicas < pool < split points; the controller's
+  ``max_knob`` caps which of them a plan may turn;
 * per-stage (per-layer) cool-down, at most ``max_moves_per_interval`` moves per interval;
 * make before break: new deployments are added before old ones are removed, and a move
   that would leave any layer without a replica is never emitted;
@@ -21,8 +21,7 @@ from typing import Literal, Mapping, Sequence
 
 from pydantic import BaseModel, Field
 
-from offramp.placement.cost_model import CostModel, ModelSpec, PoolSpec
-from offramp.placement.planner import Constraints, Pin, Plan, StageDeployment, Workload, plan
+from offramp.placement.planner import Plan, StageDeployment
 from offramp.placement.signals import StageSignals
 
 Knob = Literal["routing", "replicas", "pool", "split"]
@@ -231,33 +230,3 @@ class Policy:
                 if m.action != "remove":
                     self._breach = {r: 0 for r in self._breach}  # measure the new placement afresh
         return out
-
-
-def current_constraints(current: Sequence[StageDeployment], base: Constraints, knob: Knob) -> Constraints:
-    """Constraints that let ``plan`` turn only knobs up to ``knob`` from ``current``."""
-    cur = sorted(current, key=lambda d: d.start)
-    if knob == "split":
-        return base
-    split = [d.start for d in cur[1:]]
-    pins = [] if knob == "pool" else [Pin(stage=i, pool=d.pool, precision=d.precision) for i, d in enumerate(cur)]
-    return base.model_copy(update={"split": split, "num_stages": len(cur), "pins": pins})
-
-
-def escalating_plan(model: ModelSpec, pools: Sequence[PoolSpec], workload: Workload, constraints: Constraints,
-                    current: Sequence[StageDeployment], min_gain: float = 0.25,
-                    cost_model: CostModel | None = None) -> tuple[Knob, Plan]:
-    """Plan with the cheapest knob that does nearly as well as turning them all.
-
-    Tries replicas only, then pool (split fixed), then split; returns the first whose
-    plan meets the SLO and whose cost is within ``min_gain`` of the unrestricted best.
-    ``current`` must be a contiguous placement (one deployment per layer range).
-    """
-    best = plan(model, pools, workload, constraints, cost_model)
-    for knob in ("replicas", "pool"):
-        try:
-            p = plan(model, pools, workload, current_constraints(current, constraints, knob), cost_model)  # type: ignore[arg-type]
-        except ValueError:
-            continue
-        if p.meets_slo >= best.meets_slo and (best.cost <= 0 or (p.cost - best.cost) / max(p.cost, 1e-12) < min_gain):
-            return knob, p  # type: ignore[return-value]
-    return "split", best
