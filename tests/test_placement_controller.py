@@ -313,13 +313,20 @@ def test_pins_from_app_args():
     assert replicas(ops)[0] == 3
 
 
-def test_failed_move_rolls_back():
-    ops = FakeOps(app_config())
+def _failing_stage3_move(ops):
+    """A controller whose first move (a Stage3 replica) never becomes healthy; returns it
+    and the move's failed decision."""
     ctl = controller(ops, policy={"max_busy_fraction": 0.6}, move_deadline_s=10)
     ops.busy[3] = 0.95
     ops.fail_deployment = "Stage3"
     recs = [r for rs in run(ctl, ops, 3) for r in rs]
     (failed,) = [r for r in recs if r["outcome"] == "failed"]
+    return ctl, failed
+
+
+def test_failed_move_rolls_back():
+    ops = FakeOps(app_config())
+    _, failed = _failing_stage3_move(ops)
     assert "restored" in failed["result"]
     assert replicas(ops) == [1, 1, 1, 1] and ops.kv.get("intent/offramp") is None
 
@@ -336,11 +343,7 @@ def test_a_failed_restore_keeps_the_intent_until_a_reconcile_restores_it():
 
     ops = RefusingOps(app_config())
     ops.refuse_after_first = True
-    ctl = controller(ops, policy={"max_busy_fraction": 0.6}, move_deadline_s=10)
-    ops.busy[3] = 0.95
-    ops.fail_deployment = "Stage3"
-    recs = [r for rs in run(ctl, ops, 3) for r in rs]
-    (failed,) = [r for r in recs if r["outcome"] == "failed"]
+    ctl, failed = _failing_stage3_move(ops)
     assert "intent is kept" in failed["result"]
     kept = json.loads(ops.kv["intent/offramp"])  # the move and the config to restore survive
     assert deployment_entry(kept["before"], "Stage3")["num_replicas"] == 1
