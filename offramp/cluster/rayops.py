@@ -215,11 +215,8 @@ def redeploy_schema(details: dict, apps: list[dict], tracing: dict | None = None
     schema: dict[str, Any] = {"applications": apps}
     if details.get("proxy_location"):
         schema["proxy_location"] = details["proxy_location"]
-    for key, fields in (("http_options", ServeDeploySchema.model_fields["http_options"]),
-                        ("grpc_options", ServeDeploySchema.model_fields["grpc_options"])):
-        live = details.get(key) or {}
-        known = set(_schema_fields(fields.annotation))
-        kept = {k: v for k, v in live.items() if v is not None and (not known or k in known)}
+    for key in ("http_options", "grpc_options"):  # the same schema classes in details and deploy configs
+        kept = {k: v for k, v in (details.get(key) or {}).items() if v is not None}
         if kept:
             schema[key] = kept
     if details.get("target_capacity") is not None:
@@ -227,14 +224,6 @@ def redeploy_schema(details: dict, apps: list[dict], tracing: dict | None = None
     if tracing:
         schema["tracing_config"] = tracing
     return ServeDeploySchema.model_validate(schema)
-
-
-def _schema_fields(annotation) -> list[str]:
-    """Field names of a pydantic model type (or of the model in an ``Optional[...]``)."""
-    for t in (annotation, *getattr(annotation, "__args__", ())):
-        if hasattr(t, "model_fields"):
-            return list(t.model_fields)
-    return []
 
 
 def _tracing_config() -> dict | None:

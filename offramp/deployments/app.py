@@ -20,6 +20,7 @@ from ray.serve import Application
 
 from offramp.api.grpc_service import GrpcIngressMixin
 from offramp.cluster import rayops
+from offramp.cluster.local import HAPROXY_ENV
 from offramp.deployments.config import (STAGE_DTYPE_ENV, STAGE_LAYERS_ENV, AppArgs, StageArgs, stage_range,
                                        stage_threads)
 
@@ -218,7 +219,7 @@ class OfframpIngress(GrpcIngressMixin):
         # Publish this replica's counters to the registry, so the placement controller
         # sees every ingress replica's traffic, not whichever one answers an HTTP GET.
         self.heartbeat = rayops.Heartbeat(app_name, rayops.replica_context()[1], self._beat, "offramp-ingress-beat")
-        if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1" and \
+        if any(os.environ.get(k) != v for k, v in HAPROXY_ENV.items()) and \
                 os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") != "1":
             log.info("streamed tokens pass through Serve's Python proxy (one Ray object per SSE event); start "
                      "Ray with RAY_SERVE_ENABLE_HA_PROXY=1 (e.g. `RAY_SERVE_ENABLE_HA_PROXY=1 serve run "

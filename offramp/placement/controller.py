@@ -401,10 +401,10 @@ class PlacementController:
         """One interval: observe, plan, decide, apply at most the policy's bounded moves."""
         now = self.ops.clock()
         if self.mover.intent() is not None:  # a move whose restore failed earlier: finish it first
-            report = self.recover()
+            report = self.recover()  # not None: there was an intent
             if self.mover.intent() is not None:
-                rec = {"time": now, "outcome": "hold", "reason": "an earlier move could not be restored "
-                       f"({report['outcome'] if report else 'unknown'}); no new move until it is"}
+                rec = {"time": now, "outcome": "hold", "reason": f"an earlier move could not be restored "
+                       f"({report['outcome']}); no new move until it is"}
                 self._log(rec)
                 return [rec]
         obs = self.observe()
