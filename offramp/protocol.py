@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Literal, Protocol, Union
 
-ExitMode = Union[Literal["off", "calibrated"], float]
+ExitMode = Union[Literal["off", "calibrated", "speculative"], float]
 # The smallest positive temperature: (logits - max) / T stays finite in float32 for any
 # T >= this (1e-300 is a float32 zero). The API refuses (0, MIN_TEMPERATURE); the sampler
 # treats anything below it as greedy.
@@ -35,7 +35,8 @@ class GenerationRequest:
     request_id: str
     prompt_ids: tuple[int, ...]
     sampling: SamplingParams = field(default_factory=SamplingParams)
-    exit_mode: ExitMode = "calibrated"  # "off", "calibrated" or a confidence threshold in [0, 1]
+    exit_mode: ExitMode = "calibrated"  # "off", "calibrated", "speculative" or a confidence threshold in [0, 1]
+    max_draft: int | None = None  # "speculative": most tokens drafted per deep visit (None: the server's)
     task: str | None = None  # gate task type: "qa", "math", "coding"
     trace_context: dict[str, str] | None = None  # W3C carrier (traceparent, tracestate)
     deadline_s: float | None = None  # seconds from submission; None = backend default

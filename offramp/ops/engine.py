@@ -22,7 +22,7 @@ from offramp.ops import exits as ex
 from offramp.ops.checkpoint import ModelSpec, WeightReader, load_spec
 from offramp.ops.partition import partition_layers
 from offramp.ops.stage import load_stage
-from offramp.ops.worker import ExitPolicy, StageWorker, StepRow
+from offramp.ops.worker import MAX_DRAFT_LIMIT, ExitPolicy, StageWorker, StepRow
 from offramp.protocol import GenerationRequest, SamplingParams, TokenEvent, finish_reason
 
 
@@ -53,10 +53,27 @@ class Sequence:
     fed: int = 0  # tokens already fed into stage 0
     exit_stages: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    drafted: int = 0  # speculative: tokens drafted, accepted, and deep visits (verify rounds)
+    accepted: int = 0
+    rounds: int = 0
 
     @property
     def generated(self) -> list[int]:
         return self.tokens[self.prompt_len:]
+
+
+def check_speculative(policy: ExitPolicy, kv_fill: str, drafting_stage: bool, first_end: int) -> None:
+    """Why a speculative request cannot run here, as the error its client gets."""
+    if not 1 <= policy.max_draft <= MAX_DRAFT_LIMIT:
+        raise BadRequest(f"max_draft={policy.max_draft} is out of range; use 1 to {MAX_DRAFT_LIMIT}", param="max_draft")
+    if kv_fill == "propagate":
+        raise BadRequest("exit 'speculative' cannot run with kv_fill 'propagate' (its skipped-layer K/V is "
+                         "approximate, speculative output is exact); use exit 'calibrated', or serve with "
+                         "kv_fill 'exact'", param="exit")
+    if not drafting_stage:
+        raise BadRequest(f"exit 'speculative' needs an exit head where the first stage ends (after layer "
+                         f"{first_end}) and this model has none there; use exit 'off' or 'calibrated', or serve "
+                         "a checkpoint with exit heads (offramp train-gates) at that split", param="exit")
 
 
 class StagedModel:
@@ -100,16 +117,28 @@ class StagedModel:
                              f"{self.max_seq}; shorten the prompt or lower max_tokens", param="max_tokens")
 
     # -- one decode step for a batch ---------------------------------------------------
-    def step(self, seqs: list[Sequence]) -> list[tuple[int, int] | Exception]:
-        """Feed every sequence its unfed tokens; returns (token, exit_stage) per sequence, or
-        that sequence's own error (its row failed; the others are unaffected)."""
-        rows = []
+    def draft_budget(self, s: Sequence) -> int:
+        """How many tokens a speculative sequence may draft this step: its max_draft, capped
+        so the committed tokens (drafts + one) fit max_tokens and the context."""
+        if not s.policy.speculative:
+            return 0
+        return max(0, min(s.policy.max_draft, s.sampling.max_tokens - len(s.generated) - 1,
+                          self.max_seq - len(s.tokens) - 1))
+
+    def step(self, seqs: list[Sequence]) -> list[list[tuple[int, int]] | Exception]:
+        """Feed every sequence its unfed tokens; returns the new (token, exit_stage) pairs per
+        sequence (one, or for a speculative sequence its accepted drafts plus one), or that
+        sequence's own error (its row failed; the others are unaffected)."""
+        rows, before = [], {}
         for s in seqs:
             new = s.tokens[s.fed:]
             rows.append(StepRow(s.seq_id, torch.tensor(new, dtype=torch.long), len(s.tokens) - 1,
-                                s.sampling, s.policy, step=len(s.generated)))
+                                s.sampling, s.policy, step=len(s.generated), draft=self.draft_budget(s)))
+            before[s.seq_id] = len(s.tokens)
             s.fed = len(s.tokens)
-        out: dict[str, tuple[int, int] | Exception] = {}
+        out: dict[str, list[tuple[int, int]] | Exception] = {}
+        drafted: dict[str, int] = {}
+        last = self.num_stages - 1
         for k, worker in enumerate(self.workers):
             if not rows:
                 break
@@ -118,14 +147,34 @@ class StagedModel:
                 if res.error is not None:
                     out[row.seq_id] = res.error
                     continue
+                if res.tokens is not None:
+                    out[row.seq_id] = [(t, last) for t in res.tokens]
+                    continue
                 if res.token is not None:
-                    out[row.seq_id] = (res.token, k)
+                    out[row.seq_id] = [(res.token, k)]
                     if res.exited and self.kv_fill == "propagate":
                         for later in self.workers[k + 1:]:
                             later.propagate(row.seq_id, res.hidden, row.position)
                     continue
-                nxt.append(StepRow(row.seq_id, res.hidden, row.position, row.sampling, row.policy, row.step))
+                if res.drafts is not None:  # the drafting stage's chunk: the drafted positions ride along
+                    drafts, probs, pos = tuple(res.drafts), res.draft_probs, row.position + len(res.drafts)
+                    drafted[row.seq_id] = len(drafts)
+                else:
+                    drafts, probs, pos = row.drafts, row.draft_probs, row.position
+                nxt.append(StepRow(row.seq_id, res.hidden, pos, row.sampling, row.policy, row.step,
+                                   drafts=drafts, draft_probs=probs))
             rows = nxt
+        by_id = {s.seq_id: s for s in seqs}
+        for seq_id, res in out.items():
+            s = by_id[seq_id]
+            if s.policy.speculative and not isinstance(res, Exception):
+                keep = before[seq_id] + len(res) - 1  # positions whose inputs were committed
+                for w in self.workers:
+                    w.truncate(seq_id, keep)
+                s.fed = keep
+                s.rounds += 1
+                s.drafted += drafted.get(seq_id, 0)
+                s.accepted += len(res) - 1
         return [out[s.seq_id] for s in seqs]
 
     def flush(self, seq: Sequence) -> None:
@@ -148,10 +197,25 @@ class StagedModel:
     def new_sequence(self, prompt_ids: list[int], sampling: SamplingParams, policy: ExitPolicy,
                      seq_id: str | None = None) -> Sequence:
         self.check_prompt(list(prompt_ids), sampling.max_tokens)
+        if policy.speculative:
+            check_speculative(policy, self.kv_fill, self.workers[0].drafts, self.ranges[0][1])
         return Sequence(seq_id or f"seq-{next(self._ids)}", list(prompt_ids), len(prompt_ids), sampling, policy)
 
     def finished(self, s: Sequence, token: int) -> str | None:
         return finish_reason(s.sampling, token, len(s.generated), len(s.tokens), self.spec.eos_token_ids, self.max_seq)
+
+    def commit(self, s: Sequence, new: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Append a step's tokens to ``s`` up to the first that finishes it (drafts accepted
+        past a stop token are dropped); returns the ones appended."""
+        taken = []
+        for tok, stage in new:
+            s.tokens.append(tok)
+            s.exit_stages.append(stage)
+            taken.append((tok, stage))
+            s.finish_reason = self.finished(s, tok)
+            if s.finish_reason:
+                break
+        return taken
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams = SamplingParams(),
                  policy: ExitPolicy = ExitPolicy("off"), keep_kv: bool = False,
@@ -171,10 +235,7 @@ class StagedModel:
                     for r in seqs:
                         self.release(r)
                     raise res
-                tok, stage = res
-                s.tokens.append(tok)
-                s.exit_stages.append(stage)
-                s.finish_reason = self.finished(s, tok)
+                self.commit(s, res)
             if on_step is not None:
                 on_step()
             done = [s for s in active if s.finish_reason]
@@ -204,7 +265,8 @@ class InProcessBackend:
 
     async def generate(self, request: GenerationRequest):
         seq = self.model.new_sequence(list(request.prompt_ids), request.sampling,
-                                      ExitPolicy.from_request(request.exit_mode, request.task), request.request_id)
+                                      ExitPolicy.from_request(request.exit_mode, request.task, request.max_draft),
+                                      request.request_id)
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
             self._joining.append((seq, queue, asyncio.get_running_loop()))
@@ -245,14 +307,12 @@ class InProcessBackend:
                 results = [e] * len(entries)
             for (seq, q, loop), res in zip(entries, results):
                 if isinstance(res, Exception):  # this request's own failure: it alone ends
-                    event = res
+                    loop.call_soon_threadsafe(q.put_nowait, res)
                 else:
-                    tok, stage = res
-                    seq.tokens.append(tok)
-                    seq.exit_stages.append(stage)
-                    seq.finish_reason = self.model.finished(seq, tok)
-                    event = TokenEvent(tok, stage, seq.finish_reason)
-                loop.call_soon_threadsafe(q.put_nowait, event)
+                    taken = self.model.commit(seq, res)
+                    for i, (tok, stage) in enumerate(taken):
+                        done = seq.finish_reason if i == len(taken) - 1 else None
+                        loop.call_soon_threadsafe(q.put_nowait, TokenEvent(tok, stage, done))
                 if isinstance(res, Exception) or seq.finish_reason:
                     self.model.release(seq)
                     active.pop(seq.seq_id, None)

@@ -39,6 +39,9 @@ EXITS_JSON = "offramp_exits.json"
 EXITS_TENSORS = "offramp_exits.safetensors"
 FORMAT = "offramp-exits/1"
 DEFAULT_TASKS = ("qa", "math", "coding")
+# Speculative drafting goes on while the exit head's confidence is at least this; without
+# calibrated draft thresholds every draft runs to max_draft (forced drafts).
+DEFAULT_DRAFT_THRESHOLD = float("-inf")
 
 ConfidenceMetric = Literal["max_prob", "margin", "entropy"]
 
@@ -70,6 +73,12 @@ class ExitsConfig(BaseModel):
         "A missing layer means that exit never fires.",
     )
     min_layers: int = Field(1, description="No exit before this many layers have run.")
+    draft_thresholds: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description="Speculative mode: draft_thresholds[str(L)][task], the exit confidence a drafted token "
+        "needs for drafting to go on, chosen for expected speed (`offramp calibrate --draft`). Missing: "
+        "DEFAULT_DRAFT_THRESHOLD.",
+    )
     calibration: Calibration | None = Field(None, description="Provenance of the thresholds.")
     training: dict = Field(default_factory=dict, description="Provenance of the exit heads.")
 
@@ -82,7 +91,7 @@ class ExitsConfig(BaseModel):
 
     @model_validator(mode="after")
     def _thresholds_match_layers(self) -> "ExitsConfig":
-        for key in self.thresholds:
+        for key in [*self.thresholds, *self.draft_thresholds]:
             if int(key) not in self.exit_layers:
                 raise ValueError(
                     f"thresholds has layer {key} but exit_layers is {self.exit_layers}; "
@@ -98,6 +107,14 @@ class ExitsConfig(BaseModel):
         if task is not None and task in per_task:
             return per_task[task]
         return per_task.get("default", max(per_task.values()))
+
+    def draft_threshold(self, layer: int, task: str | None) -> float:
+        per_task = self.draft_thresholds.get(str(layer))
+        if not per_task:
+            return DEFAULT_DRAFT_THRESHOLD
+        if task is not None and task in per_task:
+            return per_task[task]
+        return per_task.get("default", DEFAULT_DRAFT_THRESHOLD)
 
     def task_index(self, task: str | None) -> int:
         if task is None or task not in self.task_types:

@@ -38,7 +38,14 @@ def choose_tokens(logits: torch.Tensor, params: list[SamplingParams], steps: lis
 
 
 def _sample(logits: torch.Tensor, p: SamplingParams, step: int) -> int:
-    logits = (logits - logits.max()) / p.temperature  # (V,) max 0: exp cannot overflow
+    return draw(processed_probs(logits, p), p.seed, step)
+
+
+def processed_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """The distribution a sampled token is drawn from: softmax of ``logits`` (V,) after
+    temperature, top-k and top-p. Speculative decoding applies the same processing to the
+    drafter's and the full model's logits, so acceptance targets exactly this."""
+    logits = (logits.float() - logits.max()) / p.temperature  # (V,) max 0: exp cannot overflow
     if p.top_k and p.top_k > 0:
         kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -48,8 +55,71 @@ def _sample(logits: torch.Tensor, p: SamplingParams, step: int) -> int:
         drop = probs.cumsum(-1) - probs > p.top_p  # keep the smallest prefix reaching top_p (never empty)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(0, idx, sorted_logits)
-    probs = torch.softmax(logits, dim=-1)
-    gen = None
-    if p.seed is not None:
-        gen = torch.Generator().manual_seed((p.seed * 1_000_003 + step) % (2**63))
-    return int(torch.multinomial(probs.cpu(), 1, generator=gen).item())
+    return torch.softmax(logits, dim=-1)
+
+
+# Random streams of one seeded request, per token index: SAMPLE is the plain draw (the same
+# with exits off, calibrated or speculative, so a step nothing was drafted for draws what
+# exits off draws); DRAFT, ACCEPT and RESIDUAL are speculative decoding's own.
+SAMPLE, DRAFT, ACCEPT, RESIDUAL = 0, 1, 2, 3
+
+
+def generator(seed: int | None, step: int, stream: int = SAMPLE) -> torch.Generator | None:
+    if seed is None:
+        return None
+    mixed = seed * 1_000_003 + step
+    if stream != SAMPLE:
+        mixed = mixed * 7919 + stream
+    return torch.Generator().manual_seed(mixed % (2**63))
+
+
+def draw(probs: torch.Tensor, seed: int | None, step: int, stream: int = SAMPLE) -> int:
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator(seed, step, stream)).item())
+
+
+def verify_drafts(logits: torch.Tensor, drafts: list[int], draft_probs: torch.Tensor | None, p: SamplingParams,
+                  step: int) -> list[int] | RowFailed:
+    """Speculative verification of one row: ``logits`` (k+1, V) are the full model's at the
+    k drafted positions and the one after; ``drafts`` the k drafted tokens, ``draft_probs``
+    (k, V) the drafter's processed distributions they were drawn from (sampled rows only).
+    Returns the committed tokens: the accepted drafts plus one token of the full model
+    (the correction at the first rejection, else the bonus after the last draft).
+
+    Greedy: a draft is accepted iff it is the full model's argmax, so the output equals
+    exits off token for token. Sampled: the speculative-sampling rule (Leviathan et al.,
+    Chen et al.): accept draft x with probability min(1, p(x)/q(x)), on rejection draw from
+    norm(max(p - q, 0)); the committed tokens are then distributed exactly as the full
+    model's samples. ``step`` is the token index of the first draft (seeded streams)."""
+    k = len(drafts)
+    top, greedy = logits.max(dim=-1)
+    if not bool(torch.isfinite(top).all()):
+        return RowFailed("the model produced non-finite logits for this request (numerical overflow in the "
+                         "stage's precision); retry with exits off or report it to the operator")
+    greedy = greedy.tolist()
+    if p.temperature < MIN_TEMPERATURE:
+        out = []
+        for i in range(k):
+            out.append(greedy[i])
+            if greedy[i] != drafts[i]:
+                return out
+        return out + [greedy[k]]
+    if k and (draft_probs is None or draft_probs.shape[0] != k):
+        return RowFailed("a sampled speculative row arrived without its draft distributions")
+    try:
+        out = []
+        for i in range(k):
+            target = processed_probs(logits[i], p)
+            q = draft_probs[i].float()
+            x = drafts[i]
+            u = torch.rand(1, generator=generator(p.seed, step + i, ACCEPT)).item()
+            if q[x] > 0 and u * float(q[x]) < float(target[x]):
+                out.append(x)
+                continue
+            residual = (target - q).clamp_min(0)
+            if float(residual.sum()) <= 0:
+                residual = target
+            out.append(draw(residual / residual.sum(), p.seed, step + i, RESIDUAL))
+            return out
+        return out + [draw(processed_probs(logits[k], p), p.seed, step + k)]
+    except (RuntimeError, ValueError, OverflowError) as e:
+        return RowFailed(f"sampling failed for this request ({type(e).__name__}); check temperature, top_p and top_k")

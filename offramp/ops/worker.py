@@ -26,9 +26,9 @@ from offramp.errors import BadRequest, StageUnavailable
 from offramp.ops import exits as ex
 from offramp.ops.kv_cache import KVCache
 from offramp.ops.layers import StepMeta
-from offramp.ops.sampling import choose_tokens
+from offramp.ops.sampling import DRAFT, choose_tokens, draw, processed_probs, verify_drafts
 from offramp.ops.stage import Stage
-from offramp.protocol import SamplingParams
+from offramp.protocol import MIN_TEMPERATURE, SamplingParams
 
 
 PROFILE_PREFIX = "\x00profile/"  # reserved sequence ids of the start-up profile
@@ -39,18 +39,29 @@ class KVMissing(StageUnavailable):
     replica): the caller must replay the sequence from its tokens."""
 
 
+DEFAULT_MAX_DRAFT = 6
+MAX_DRAFT_LIMIT = 32
+
+
 @dataclass(frozen=True)
 class ExitPolicy:
-    mode: Literal["off", "calibrated", "threshold"] = "calibrated"
-    threshold: float | None = None
+    mode: Literal["off", "calibrated", "threshold", "speculative"] = "calibrated"
+    threshold: float | None = None  # "threshold": the gate threshold; "speculative": the draft threshold (None: the exits file's)
     task: str | None = None
     offset: float = 0.0  # "calibrated": added to the gate's threshold (online tuning under drift)
+    max_draft: int = DEFAULT_MAX_DRAFT  # "speculative": most tokens drafted per deep visit
 
     @staticmethod
-    def from_request(exit_mode, task: str | None) -> "ExitPolicy":
+    def from_request(exit_mode, task: str | None, max_draft: int | None = None) -> "ExitPolicy":
+        if exit_mode == "speculative":
+            return ExitPolicy("speculative", None, task, max_draft=DEFAULT_MAX_DRAFT if max_draft is None else max_draft)
         if exit_mode in ("off", "calibrated"):
             return ExitPolicy(exit_mode, None, task)
         return ExitPolicy("threshold", float(exit_mode), task)
+
+    @property
+    def speculative(self) -> bool:
+        return self.mode == "speculative"
 
 
 @dataclass
@@ -64,6 +75,13 @@ class StepRow:
     flush: bool = False  # backfill only: no gate, no token
     layer: int | None = None  # global layer this row enters at (None: the stage's first layer)
     verify: bool = False  # last stage: also return the full-depth greedy token of the backfilled positions
+    # Speculative rows. On the drafting stage (the first, ending at an exit head): ``draft``
+    # is how many tokens it may draft on from this row. On the last stage: ``drafts`` are
+    # the drafted tokens of the chunk's last ``len(drafts)`` positions but one, to verify,
+    # with ``draft_probs`` (k, V), the distributions they were drawn from (sampled rows).
+    draft: int = 0
+    drafts: tuple[int, ...] = ()
+    draft_probs: torch.Tensor | None = None
 
 
 @dataclass
@@ -75,6 +93,12 @@ class StepResult:
     confidence: float | None = None
     backfill: list[int] | None = None  # verify rows: full-depth argmax at positions before the last
     error: Exception | None = None  # this row's own failure (sampling math, non-finite logits): it alone fails
+    # Speculative rows: the drafting stage's drafts (and their distributions, sampled rows)
+    # ride with ``hidden``; the last stage answers the committed ``tokens`` (accepted
+    # drafts + one) and has already rolled its KV back to them.
+    drafts: list[int] | None = None
+    draft_probs: torch.Tensor | None = None
+    tokens: list[int] | None = None
 
 
 class StageWorker:
@@ -158,18 +182,73 @@ class StageWorker:
         return self._threshold(policy)
 
     def _threshold(self, policy: ExitPolicy) -> float:
-        if policy.mode == "off" or not self.stage.has_exit or self.end_layer < self.min_layers:
+        if policy.mode in ("off", "speculative") or not self.stage.has_exit or self.end_layer < self.min_layers:
             return float("inf")
         if policy.mode == "threshold":
             return policy.threshold
         return self.exits.threshold(self.end_layer, policy.task) + policy.offset if self.exits else float("inf")
 
+    @property
+    def drafts(self) -> bool:
+        """Whether this stage drafts for speculative rows: the first stage, ending at an exit head."""
+        return self.stage.first and self.stage.has_exit
+
+    def draft_threshold(self, policy: ExitPolicy) -> float:
+        """The exit confidence a drafted token needs for drafting to go on past it."""
+        if policy.threshold is not None:
+            return policy.threshold
+        return self.exits.draft_threshold(self.end_layer, policy.task) if self.exits else ex.DEFAULT_DRAFT_THRESHOLD
+
+    def truncate(self, seq_id: str, length: int) -> None:
+        """Roll a sequence's KV back to its first ``length`` positions (rejected drafts).
+        Positions past ``length`` are dead: every later write lands on them before any
+        attention can read them (reads stop at each row's own position)."""
+        if seq_id in self.cache.length and self.cache.length[seq_id] > length:
+            self.cache.length[seq_id] = length
+
     # -- the forward pass --------------------------------------------------------------
     @torch.inference_mode()
     def step(self, rows: list[StepRow]) -> list[StepResult]:
-        """One forward pass per entry layer present (one in steady state)."""
+        """One forward pass per entry layer present (one in steady state); on the drafting
+        stage, speculative rows that drafted a confident token go round again with it as
+        input (batched together, no hop) until their draft ends, and answer one chunk."""
         if not rows:
             return []
+        for r in rows:  # a speculative row may come back after rejected drafts: roll back to it
+            if r.policy.speculative:
+                self.truncate(r.seq_id, r.position + 1 - r.inputs.shape[0])
+        results = self._step_entries(rows)
+        if not self.drafts:
+            return results
+        drafting = {b: (rows[b], res) for b, res in enumerate(results)
+                    if rows[b].draft > 0 and res.exited and res.error is None}
+        drafted: dict[int, tuple[list[int], list[torch.Tensor]]] = {b: ([], []) for b in drafting}
+        while drafting:
+            for b, (row, res) in drafting.items():
+                drafted[b][0].append(res.token)
+                if res.draft_probs is not None:
+                    drafted[b][1].append(res.draft_probs)
+            order = list(drafting)
+            nxt = [StepRow(row.seq_id, torch.tensor([res.token]), row.position + 1, row.sampling, row.policy,
+                           row.step + 1, draft=row.draft - 1) for row, res in drafting.values()]
+            again = self._step_entries(nxt)
+            drafting = {}
+            for b, row, res in zip(order, nxt, again):
+                if res.error is not None:
+                    self.pending.pop(row.seq_id, None)
+                    results[b] = res
+                elif row.draft > 0 and res.exited:
+                    drafting[b] = (row, res)
+                else:
+                    results[b] = res
+        for b, (toks, probs) in drafted.items():
+            res = results[b]
+            if res.error is None:
+                res.token, res.exited, res.confidence = None, False, None
+                res.drafts, res.draft_probs = toks, (torch.stack(probs) if probs else None)
+        return results
+
+    def _step_entries(self, rows: list[StepRow]) -> list[StepResult]:
         skips = [self._skip(r) for r in rows]
         if len(set(skips)) == 1:
             return self._step(rows, skips[0])
@@ -210,6 +289,10 @@ class StageWorker:
         results = [StepResult(r.seq_id) for r in rows]
         live = [b for b, r in enumerate(rows) if not r.flush]
         if self.stage.last:
+            spec = [b for b in live if rows[b].policy.speculative]
+            if spec:
+                self._verify(rows, spec, h, lengths, results)
+                live = [b for b in live if b not in spec]
             if live:
                 logits = self.stage.final_logits(h_last[live])  # (b, V)
                 toks = choose_tokens(logits, [rows[b].sampling for b in live], [rows[b].step for b in live])
@@ -226,6 +309,8 @@ class StageWorker:
                     results[b].backfill, i = full[i: i + lengths[b] - 1], i + lengths[b] - 1
             return results
         exited = self._gate(rows, live, h_last, results)
+        if self.drafts:
+            exited |= self._draft(rows, live, h_last, results)
         for b, r in enumerate(rows):
             chunk = h[b, : lengths[b]]  # (n, d)
             if b in exited:
@@ -275,6 +360,51 @@ class StageWorker:
             else:
                 results[b].token, results[b].exited, results[b].confidence = t, True, conf[i]
         return set(chosen)
+
+    def _draft(self, rows, live, h_last, results) -> set[int]:
+        """Speculative rows on the drafting stage: the exit head proposes the next token;
+        a row whose proposal is confident enough parks its chunk (like an exit) and drafts
+        on, the others continue to the deep stages with every parked position."""
+        cand = [b for b in live if rows[b].policy.speculative and rows[b].draft > 0]
+        if not cand:
+            return set()
+        logits = self.stage.exit_logits(h_last[cand])  # (c, V)
+        conf = ex.confidence(logits, self.metric).tolist()
+        out = set()
+        for i, b in enumerate(cand):
+            row = rows[b]
+            if conf[i] < self.draft_threshold(row.policy) or not bool(torch.isfinite(logits[i]).all()):
+                continue  # not worth drafting: the row goes deep now
+            if row.sampling.temperature < MIN_TEMPERATURE:
+                tok, probs = int(logits[i].argmax()), None
+            else:
+                probs = processed_probs(logits[i], row.sampling)
+                tok = draw(probs, row.sampling.seed, row.step, DRAFT)
+            results[b].token, results[b].exited, results[b].confidence = tok, True, conf[i]
+            results[b].draft_probs = probs
+            out.add(b)
+        return out
+
+    def _verify(self, rows, spec, h, lengths, results) -> None:
+        """Last stage, speculative rows: the full model's logits at the drafted positions
+        and the one after decide what commits; the rejected positions leave this stage's KV."""
+        ks = [len(rows[b].drafts) for b in spec]
+        if any(k >= lengths[b] for k, b in zip(ks, spec)):
+            bad = next(b for k, b in zip(ks, spec) if k >= lengths[b])
+            raise BadRequest(f"sequence {rows[bad].seq_id}: {len(rows[bad].drafts)} drafts need a chunk of more "
+                             f"than {lengths[bad]} positions")
+        logits = self.stage.final_logits(torch.cat([h[b, lengths[b] - k - 1: lengths[b]] for b, k in zip(spec, ks)]))
+        i = 0
+        for b, k in zip(spec, ks):
+            row = rows[b]
+            out = verify_drafts(logits[i: i + k + 1], list(row.drafts), row.draft_probs, row.sampling, row.step)
+            i += k + 1
+            if isinstance(out, Exception):
+                results[b].error = out
+                continue
+            results[b].tokens = out
+            results[b].token = out[-1]
+            self.truncate(row.seq_id, row.position + 1 - k + len(out) - 1)
 
     @torch.inference_mode()
     def propagate(self, seq_id: str, hidden: torch.Tensor, position: int, layer: int | None = None) -> None:
