@@ -47,6 +47,9 @@ class TokenEvent:
     token_id: int
     exit_stage: int  # stage after which this token left; num_stages-1 = full depth
     finish_reason: FinishReason | None = None  # set on the last event of a request
+    # Speculative exits: on the first token of each verify round (one deep-stage visit),
+    # (drafted, accepted) of that round; the round committed ``accepted + 1`` tokens.
+    verified: tuple[int, int] | None = None
 
 
 class Backend(Protocol):

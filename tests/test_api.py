@@ -445,3 +445,54 @@ def test_concurrent_good_requests_survive_bad_ones(server):
     assert [results[f"bad{i}"] for i in range(8)] == [400, 400, 404, 400] * 2
     assert len(backend.requests) == 6
     assert all(o.finished and not o.error for o in backend.outcomes.values())
+
+
+# --------------------------------------------------------------------------- speculative, in-process engine
+
+
+@pytest.fixture(scope="module")
+def engine_server(tiny_model_dir):
+    """The app over the in-process engine (tiny model, 2 stages): real TokenEvent.verified."""
+    from offramp.ops.engine import InProcessBackend, StagedModel
+
+    staged = StagedModel(tiny_model_dir, num_stages=2)
+    settings = ApiSettings(model_name=MODEL, max_context=staged.max_seq, api_key=KEY, request_timeout_s=30.0)
+    app = create_app(Frontend(backend=InProcessBackend(staged), tokenizer=load_tokenizer(tiny_model_dir),
+                              settings=settings))
+    with LiveServer(app) as server:
+        yield server.url
+
+
+def _spec_body(**kw) -> dict:
+    return {"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 12, "temperature": 0, "ignore_eos": True,
+            "offramp": {"exit": "speculative", "max_draft": 3}, **kw}
+
+
+def test_speculative_counters_in_the_offramp_block(engine_server):
+    off = post(engine_server, "/v1/completions", _spec_body(offramp={"exit": "off"})).json()
+    assert "speculative" not in off["offramp"] and "speculative" not in off["choices"][0]["offramp"]
+    r = post(engine_server, "/v1/completions", _spec_body())
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["choices"][0]["offramp"]["token_ids"] == off["choices"][0]["offramp"]["token_ids"]  # greedy: exact
+    spec = body["offramp"]["speculative"]
+    d, a, rounds = spec["drafted"], spec["accepted"], spec["verify_rounds"]
+    assert 0 < a <= d <= 3 * rounds and rounds + a == 12  # each round commits its accepted drafts + 1
+    assert spec["mean_accepted"] == round(a / rounds, 4) and spec["deep_visits_per_token"] == round(rounds / 12, 4)
+    assert body["choices"][0]["offramp"]["speculative"] == spec  # n = 1: the choice's block is the whole
+
+    # Streamed: the choice's last chunk and the usage chunk carry the same totals.
+    events = sse_events(post(engine_server, "/v1/completions", _spec_body(
+        stream=True, stream_options={"include_usage": True})))[:-1]
+    last = [e for e in events if e["choices"] and e["choices"][0]["finish_reason"]]
+    assert last[0]["choices"][0]["offramp"]["speculative"] == spec
+    assert all("speculative" not in e["choices"][0]["offramp"] for e in events if e["choices"] and e not in last)
+    assert events[-1]["offramp"]["speculative"] == spec and events[-1]["usage"]["completion_tokens"] == 12
+
+    # n = 2: the top-level block sums the choices.
+    two = post(engine_server, "/v1/completions", _spec_body(n=2)).json()
+    per = [c["offramp"]["speculative"] for c in two["choices"]]
+    total = two["offramp"]["speculative"]
+    for key in ("drafted", "accepted", "verify_rounds"):
+        assert total[key] == sum(p[key] for p in per)
+    assert total["deep_visits_per_token"] == round(total["verify_rounds"] / 24, 4)

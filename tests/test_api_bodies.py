@@ -160,6 +160,20 @@ MALFORMED = [
     Case("exit-1e400", extra(b',"offramp":{"exit":1e400}'), param="offramp.exit"),
     Case("exit--1e-320", extra(b',"offramp":{"exit":-1e-320}'), param="offramp.exit"),
     Case("exit-1.0000001", extra(b',"offramp":{"exit":1.0000001}'), param="offramp.exit"),
+    Case("max_draft-0", extra(b',"offramp":{"exit":"speculative","max_draft":0}'), param="offramp.max_draft",
+         says="max_draft must be 1..32"),
+    Case("max_draft-33", extra(b',"offramp":{"exit":"speculative","max_draft":33}'), param="offramp.max_draft",
+         says="max_draft must be 1..32"),
+    Case("max_draft-10^30", extra(b',"offramp":{"exit":"speculative","max_draft":1' + b"0" * 30 + b"}"),
+         param="offramp.max_draft", says="max_draft must be 1..32"),
+    Case("max_draft-float", extra(b',"offramp":{"exit":"speculative","max_draft":4.0}'), param="offramp.max_draft"),
+    Case("max_draft-string", extra(b',"offramp":{"exit":"speculative","max_draft":"4"}'), param="offramp.max_draft"),
+    Case("max_draft-exit-off", extra(b',"offramp":{"exit":"off","max_draft":4}'), param="offramp.max_draft",
+         says="set offramp.exit to 'speculative'"),
+    Case("max_draft-exit-threshold", extra(b',"offramp":{"exit":0.5,"max_draft":4}'), param="offramp.max_draft",
+         says="only to exit 'speculative'"),
+    Case("max_draft-exit-default", extra(b',"offramp":{"max_draft":4}'), param="offramp.max_draft",
+         says="only to exit 'speculative'"),
     # -- wrong types
     Case("text-dict", text(b'{"text":"hi"}'), param="@text"),
     Case("text-number", text(b"5"), param="@text"),
@@ -257,6 +271,18 @@ def test_extreme_but_valid_values_are_served(server, name, fields, check, path):
     r = post(url, path, body(path, extra=fields))
     assert r.status_code == 200, r.text
     assert check(backend.requests[-1].sampling)
+
+
+@pytest.mark.parametrize("path", PATHS, ids=["completions", "chat"])
+@pytest.mark.parametrize("fields,max_draft", [(b',"offramp":{"exit":"speculative","max_draft":1}', 1),
+                                              (b',"offramp":{"exit":"speculative","max_draft":32}', 32),
+                                              (b',"offramp":{"exit":"speculative"}', None)])
+def test_speculative_exit_reaches_the_backend(server, path, fields, max_draft):  # noqa: F811
+    r = post(server[0].url, path, body(path, extra=fields))
+    assert r.status_code == 200, r.text
+    req = server[1].requests[-1]
+    assert (req.exit_mode, req.max_draft) == ("speculative", max_draft)
+    assert r.json()["offramp"]["speculative"]["verify_rounds"] == 0  # the fake backend verifies nothing
 
 
 @pytest.mark.parametrize("path", PATHS, ids=["completions", "chat"])
@@ -407,6 +433,12 @@ GRPC_BAD = [
     ("exit-inf", req(exit_threshold=float("inf")), "exit"),
     ("exit-negative-subnormal", req(exit_threshold=-5e-324), "exit"),
     ("exit_mode-unknown", req(exit_mode=99), "ExitMode"),
+    ("max_draft-0", req(exit_mode=pb.EXIT_MODE_SPECULATIVE, max_draft=0), "max_draft must be 1..32"),
+    ("max_draft-33", req(exit_mode=pb.EXIT_MODE_SPECULATIVE, max_draft=33), "max_draft must be 1..32"),
+    ("max_draft-uint32-max", req(exit_mode=pb.EXIT_MODE_SPECULATIVE, max_draft=2**32 - 1), "max_draft must be 1..32"),
+    ("max_draft-exit-off", req(exit_mode=pb.EXIT_MODE_OFF, max_draft=4), "set offramp.exit to 'speculative'"),
+    ("max_draft-exit-threshold", req(exit_threshold=0.5, max_draft=4), "only to exit 'speculative'"),
+    ("max_draft-exit-unset", req(max_draft=4), "only to exit 'speculative'"),
     ("token-id-int32-min", pb.GenerateRequest(prompt_token_ids=[-2**31], max_tokens=3), "vocabulary"),
 ]
 
@@ -453,6 +485,9 @@ def test_grpc_extremes_that_are_valid(grpc_stub):
               req(exit_threshold=1e-320), req(temperature=MIN_TEMPERATURE)):
         assert stub.Generate(r, timeout=10).usage.completion_tokens == 3
     assert backend.requests[-1].sampling.temperature == MIN_TEMPERATURE
+    for n in (1, 32):
+        stub.Generate(req(exit_mode=pb.EXIT_MODE_SPECULATIVE, max_draft=n), timeout=10)
+        assert (backend.requests[-1].exit_mode, backend.requests[-1].max_draft) == ("speculative", n)
 
 
 def test_grpc_maps_body_errors_to_invalid_argument():

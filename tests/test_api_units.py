@@ -128,3 +128,79 @@ def test_generation_close_before_start_closes_backend(tokenizers):
     asyncio.run(main())
     assert sorted(backend.outcomes) == ["r-0", "r-1"]
     assert all(o.closed and o.emitted == 1 for o in backend.outcomes.values())
+
+
+class VerifyingBackend:
+    """Plays rounds of (drafted, accepted): each round emits accepted + 1 tokens, the first with ``verified``."""
+
+    num_stages = 2
+
+    def __init__(self, rounds: list[tuple[int, int]]):
+        self.rounds = rounds
+        self.requests = []
+
+    async def generate(self, request):
+        from offramp.protocol import TokenEvent
+
+        self.requests.append(request)
+        events = [TokenEvent(7, 1, None, (d, a) if i == 0 else None)
+                  for d, a in self.rounds for i in range(a + 1)]
+        for k, ev in enumerate(events):
+            yield TokenEvent(ev.token_id, ev.exit_stage, "length" if k == len(events) - 1 else None, ev.verified)
+
+
+def test_generation_sums_verify_rounds_per_choice(tokenizers):
+    backend = VerifyingBackend([(0, 0), (4, 4), (4, 1), (2, 0)])  # 1 + 5 + 2 + 1 = 9 tokens
+
+    async def run(exit_mode, n, max_draft=None):
+        gen = Generation(backend, tokenizers[0], request_id="r", prompt_ids=[1], n=n, max_draft=max_draft,
+                         sampling=SamplingParams(max_tokens=9), stops=[], exit_mode=exit_mode, task=None, timeout_s=5)
+        try:
+            await gen.start()
+            results = await gen.collect()
+        finally:
+            await gen.aclose()
+        return gen, results
+
+    gen, results = asyncio.run(run("speculative", 2, max_draft=4))
+    assert [r.max_draft for r in backend.requests] == [4, 4]
+    one = {"drafted": 10, "accepted": 5, "verify_rounds": 4, "mean_accepted": 1.25, "deep_visits_per_token": 0.4444}
+    assert [gen.speculative([r]) for r in results] == [one, one]
+    assert gen.speculative(results) == {**one, "drafted": 20, "accepted": 10, "verify_rounds": 8}
+    # A server whose default is speculative runs a 'calibrated' request speculative: counted too.
+    gen, results = asyncio.run(run("calibrated", 1))
+    assert gen.speculative(results) == one
+    # Nothing verified and not asked for: no block. Asked for but nothing verified: zeros.
+    backend.rounds = []
+    gen, results = asyncio.run(run("off", 1))
+    assert gen.speculative(results) is None
+    gen, results = asyncio.run(run("speculative", 1))
+    assert gen.speculative(results)["verify_rounds"] == 0 and gen.speculative(results)["mean_accepted"] == 0.0
+
+
+def test_exit_args_speculative():
+    from pydantic import ValidationError
+
+    from offramp.deployments.config import ExitArgs
+    from offramp.ops import worker
+
+    assert ExitArgs().max_draft == worker.DEFAULT_MAX_DRAFT
+    args = ExitArgs(mode="speculative", max_draft=12)
+    assert (args.mode, args.max_draft, args.kv_fill) == ("speculative", 12, "exact")
+    ExitArgs(mode="speculative", max_draft=worker.MAX_DRAFT_LIMIT)
+    for bad in (0, worker.MAX_DRAFT_LIMIT + 1):
+        with pytest.raises(ValidationError, match="max_draft"):
+            ExitArgs(mode="speculative", max_draft=bad)
+    with pytest.raises(ValidationError, match="exit.mode is 'speculative' but exit.kv_fill is 'propagate'.*"
+                                              "set exit.kv_fill to 'exact'"):
+        ExitArgs(mode="speculative", kv_fill="propagate")
+    ExitArgs(mode="calibrated", kv_fill="propagate")  # fine without speculative
+
+
+def test_api_max_draft_limit_matches_the_engine():
+    from offramp.api import protocol
+    from offramp.deployments import config
+    from offramp.ops import worker
+
+    assert protocol.MAX_DRAFT_LIMIT == config.MAX_DRAFT_LIMIT == worker.MAX_DRAFT_LIMIT
+    assert config.DEFAULT_MAX_DRAFT == worker.DEFAULT_MAX_DRAFT

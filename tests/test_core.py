@@ -286,6 +286,10 @@ def test_bad_inputs(checkpoint, tmp_path):
     (["--prompt-ids", "1", "--max-tokens", "100000"], "exceeds the context"),
     (["--split", "99"], "out of range"),
     (["--stages", "99"], "at most"),
+    (["--max-draft", "4"], "only with --exit speculative"),
+    (["--exit", "speculative", "--stages", "2", "--max-draft", "33"], "must be 1..32"),
+    (["--exit", "speculative"], "at least 2 stages"),
+    (["--exit", "speculative", "--stages", "2", "--kv-fill", "propagate"], "--kv-fill exact"),
 ])
 def test_cli_errors_are_one_line(argv, needle, capsys, checkpoint):
     from offramp.cli import main
@@ -304,3 +308,22 @@ def test_cli_json_output(capsys, checkpoint):
                  "--stages", "2", "--exit", "off", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert len(out["token_ids"]) == 4 and out["exit_stages"] == [1, 1, 1, 1] and isinstance(out["text"], str)
+
+
+def test_cli_speculative_summary(capsys, checkpoint):
+    from offramp.cli import main
+
+    argv = ["generate", "--model", str(checkpoint), "--prompt-ids", "5,6,7", "--max-tokens", "10", "--stages", "2"]
+    assert main([*argv, "--exit", "off", "--json"]) == 0
+    off = json.loads(capsys.readouterr().out)
+    assert "speculative" not in off
+    assert main([*argv, "--exit", "speculative", "--max-draft", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    spec = out["speculative"]
+    assert out["token_ids"] == off["token_ids"]  # greedy speculative equals exits off
+    assert 0 < spec["accepted"] <= spec["drafted"] <= 3 * spec["verify_rounds"]
+    assert spec["mean_accepted"] == round(spec["accepted"] / spec["verify_rounds"], 4)
+    assert main([*argv, "--exit", "speculative", "--max-draft", "3"]) == 0
+    err = capsys.readouterr().err
+    assert (f"drafted {spec['drafted']}, accepted {spec['accepted']}, {spec['verify_rounds']} verify rounds, "
+            f"mean accepted {spec['mean_accepted']:.2f}") in err

@@ -90,12 +90,31 @@ def test_token_id_prompt_and_threshold_exit(stub):
     assert r.usage.prompt_tokens == 3 and r.usage.completion_tokens >= 1
 
 
+def test_speculative_exit_mode_and_max_draft(stub):
+    """EXIT_MODE_SPECULATIVE with max_draft: greedy output equals exits off, and Usage.speculative
+    counts the drafts (the tiny model has no draft thresholds: every draft runs to max_draft)."""
+    assert pb.EXIT_MODE_SPECULATIVE == 3 and pb.GenerateRequest.DESCRIPTOR.fields_by_name["max_draft"].number == 14
+    off = stub.Generate(greedy(max_tokens=16, ignore_eos=True), metadata=AUTH, timeout=30)
+    assert not off.usage.HasField("speculative")
+    spec_req = greedy(max_tokens=16, ignore_eos=True, exit_mode=pb.EXIT_MODE_SPECULATIVE, max_draft=3)
+    r = stub.Generate(spec_req, metadata=AUTH, timeout=30)
+    assert list(r.token_ids) == list(off.token_ids) and r.usage.HasField("speculative")
+    s = r.usage.speculative
+    assert 0 < s.accepted <= s.drafted <= 3 * s.verify_rounds
+    assert s.verify_rounds + s.accepted == r.usage.completion_tokens == 16  # a round commits accepted + 1
+    msgs = list(stub.GenerateStream(spec_req, metadata=AUTH, timeout=30))
+    assert [t for m in msgs for t in m.token_ids] == list(r.token_ids)
+    assert msgs[-1].usage.speculative == s and not any(m.HasField("usage") for m in msgs[:-1])
+
+
 @pytest.mark.parametrize("req, words", [
     (greedy(max_tokens=0), "max_tokens"),
     (greedy(temperature=-1.0), "temperature"),
     (greedy(prompt="x " * 400), "context"),
     (greedy(top_p=0.0), "top_p"),
     (greedy(exit_threshold=1.5), "threshold"),
+    (greedy(exit_mode=pb.EXIT_MODE_SPECULATIVE, max_draft=33), "max_draft must be 1..32"),
+    (greedy(max_draft=4), "max_draft applies only to exit 'speculative'"),
     (greedy(task="poetry"), "task"),
     (greedy(stop=["a"] * 9), "stop"),
     (pb.GenerateRequest(max_tokens=2), "prompt"),

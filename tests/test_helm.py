@@ -175,7 +175,7 @@ def test_serve_config_values_flow_through(tmp_path):
         yaml.safe_dump(
             {
                 "model": {"name": "tiny", "maxContext": 512},
-                "exit": {"mode": "threshold", "threshold": 0.9, "kvFill": "propagate"},
+                "exit": {"mode": "threshold", "threshold": 0.9, "kvFill": "propagate", "maxDraft": 3},
                 "split": [3],
                 "stages": [{"pool": "cpu"}, {"pool": "cpu", "numReplicas": 3, "dtype": "bf16"}],
                 "apiKey": {"envName": "MY_KEY"},
@@ -195,9 +195,17 @@ def test_serve_config_values_flow_through(tmp_path):
     args = AppArgs.model_validate(app["args"])
     assert (args.model_name, args.max_context, args.split, args.api_key_env) == ("tiny", 512, [3], "MY_KEY")
     assert (args.exit.mode, args.exit.threshold, args.exit.kv_fill) == ("threshold", 0.9, "propagate")
+    assert args.exit.max_draft == 3
     assert args.stages[1].dtype == "bf16" and args.stages[1].max_batch_size == 16  # stageDefaults merged
     stage1 = next(d for d in app["deployments"] if d["name"] == "Stage1")
     assert stage1["num_replicas"] == 3 and "num_gpus" not in stage1["ray_actor_options"]
+
+
+def test_speculative_exit_renders():
+    from offramp.deployments.config import AppArgs
+
+    args = AppArgs.model_validate(sc.serve_config(render(sets=("exit.mode=speculative",)))["applications"][0]["args"])
+    assert (args.exit.mode, args.exit.max_draft, args.exit.kv_fill) == ("speculative", 6, "exact")
 
 
 def test_serve_config_extracted_for_local_run(tmp_path):
@@ -466,6 +474,10 @@ BAD_VALUES = {
     "split_mismatch": ("split: [2, 4]\n", "split has 2 entries but stages has 2"),
     "gpu_stage_without_gpu_workers": ("gpuWorkers:\n  enabled: false\n", "stages[0].pool is \"gpu\" but gpuWorkers.enabled is false"),
     "threshold_without_value": ("exit:\n  mode: threshold\n", "exit.threshold"),
+    "speculative_with_propagate": ("exit:\n  mode: speculative\n  kvFill: propagate\n",
+                                   "exit.mode is \"speculative\" but exit.kvFill is \"propagate\""),
+    "max_draft_above_limit": ("exit:\n  maxDraft: 33\n", "exit/maxDraft"),
+    "bad_exit_mode": ("exit:\n  mode: sometimes\n", "exit/mode"),
     "min_above_max": ("cpuWorkers:\n  minReplicas: 5\n", "cpuWorkers.minReplicas=5"),
     "managed_ray_start_param": ("cpuWorkers:\n  rayStartParams:\n    num-cpus: \"8\"\n", "cpuWorkers.rayStartParams.num-cpus"),
 }

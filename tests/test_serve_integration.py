@@ -210,6 +210,37 @@ def test_exits_on_matches_in_process_and_skips_stages(serve_cluster, staged, mix
         assert tokens[pos] == greedy[pos - 1], f"full-depth token {i} differs from the full model's greedy token"
 
 
+def test_speculative_equals_exits_off_over_http(serve_cluster, staged):
+    """Speculative exits through the whole served path (HAProxy, ingress, stage replicas):
+    the greedy tokens equal the in-process model's with exits off, non-streamed and
+    streamed; the deep stage is visited once per verify round, not once per token."""
+    from offramp.ops.worker import ExitPolicy
+
+    client = serve_cluster.openai()
+    n = 20
+    for p in PROMPTS:
+        ref = reference(staged, p, n, ExitPolicy("off"))
+        before = serve_cluster.stats()
+        r = client.completions.create(model=MODEL_NAME, prompt=p, max_tokens=n, temperature=0,
+                                      extra_body={"offramp": {"exit": "speculative", "max_draft": 3},
+                                                  "ignore_eos": True})
+        after = serve_cluster.stats()
+        extra = offramp_of(r.choices[0])
+        assert extra["token_ids"] == ref.generated, f"prompt {p}"
+        spec = extra["speculative"]
+        assert spec["verify_rounds"] + spec["accepted"] == n
+        assert spec["drafted"] <= 3 * spec["verify_rounds"]
+        assert after[-1] - before[-1] == spec["verify_rounds"], "one deep visit per verify round"
+        chunks = list(client.completions.create(
+            model=MODEL_NAME, prompt=p, max_tokens=n, temperature=0, stream=True,
+            extra_body={"offramp": {"exit": "speculative", "max_draft": 3}, "ignore_eos": True}))
+        assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == r.choices[0].text
+    bad = httpx.post(f"{serve_cluster.base_url}/completions", json={
+        "model": MODEL_NAME, "prompt": PROMPTS[0], "max_tokens": 4,
+        "offramp": {"exit": "speculative", "max_draft": 99}}, timeout=30)
+    assert bad.status_code == 400 and "max_draft" in bad.json()["error"]["message"]
+
+
 # ------------------------------------------------------------------ 5. concurrency
 
 

@@ -230,3 +230,109 @@ def test_speculative_sampling_matches_the_full_model_over_two_tokens(checkpoint)
     assert counts[-1] == 0, "a pair outside the full model's top-k support was sampled"
     probs = torch.tensor([joint[c] for c in cells] + [0.0])
     assert _chi2_pvalue(counts[:-1], probs[:-1] / probs.sum()) > 1e-3
+
+
+# -- served: real stage channels and the ingress step scheduler (no Ray) -------------------------
+def _served(model_dir, stages: int):
+    from offramp.deployments import pipeline as pl
+    from test_split_moves import _Replicas
+
+    from offramp.ops.partition import partition_layers
+
+    reps = _Replicas(model_dir)
+    for i, rng in enumerate(partition_layers(reps.spec.num_layers, stages)):
+        reps.add(f"s{i}", i, rng, num_stages=stages)
+    router = pl.Router(stages, "tok", reps.lookup, num_layers=reps.spec.num_layers)
+    backend = pl.PipelineBackend(stages, router, eos_token_ids=(), max_seq=128, vocab_size=reps.spec.vocab_size,
+                                 request_timeout_s=30)
+    return reps, backend
+
+
+def _spec_req(i: int, prompt, n: int = 16, max_draft: int | None = None, exit_mode="speculative", **sampling):
+    from offramp.protocol import GenerationRequest
+
+    return GenerationRequest(f"sp{i}", tuple(prompt), SamplingParams(max_tokens=n, ignore_eos=True, **sampling),
+                             exit_mode=exit_mode, max_draft=max_draft)
+
+
+async def _events(backend, req):
+    return [ev async for ev in backend.generate(req)]
+
+
+@pytest.mark.parametrize("stages", [2, 4])
+def test_served_speculative_equals_exits_off_and_reports_rounds(checkpoint, stages):
+    """Concurrent speculative streams through real stage channels: each equals the unsplit
+    model's greedy output; the verify rounds each event reports add up."""
+    import asyncio
+
+    whole = StagedModel(checkpoint, num_stages=1)
+    ref = [whole.generate([p], GREEDY, ExitPolicy("off"))[0].generated for p in PROMPTS]
+
+    async def scenario():
+        reps, backend = _served(checkpoint, stages)
+        try:
+            outs = await asyncio.gather(*(_events(backend, _spec_req(i, p, n=20, max_draft=3))
+                                          for i, p in enumerate(PROMPTS)))
+            await asyncio.sleep(0.2)
+            held = {n: len(s.worker.cache.slot_of) + len(s.worker.pending) for n, s in reps.servers.items()}
+            return outs, backend.stats(), held
+        finally:
+            reps.close()
+
+    outs, stats, held = asyncio.run(scenario())
+    assert [[e.token_id for e in evs] for evs in outs] == ref
+    rounds = [e.verified for evs in outs for e in evs if e.verified is not None]
+    assert len(rounds) == stats["speculative"]["verify_rounds"]
+    assert sum(a for _, a in rounds) + len(rounds) == sum(len(r) for r in ref)
+    assert stats["speculative"]["drafted"] >= stats["speculative"]["accepted"]
+    assert stats["stage_calls"][-1] == len(rounds), "one deep visit per verify round"
+    assert not any(held.values()), held
+
+
+def test_served_seeded_speculative_sampling_is_reproducible(checkpoint):
+    import asyncio
+
+    async def scenario():
+        reps, backend = _served(checkpoint, 2)
+        try:
+            sampled = dict(temperature=0.8, top_k=20, seed=5)
+            a = await _events(backend, _spec_req(1, PROMPTS[0], **sampled))
+            b = await _events(backend, _spec_req(2, PROMPTS[0], **sampled))
+            return [e.token_id for e in a], [e.token_id for e in b]
+        finally:
+            reps.close()
+
+    a, b = asyncio.run(scenario())
+    assert a == b and len(a) == 16
+
+
+def test_served_speculative_bad_requests(checkpoint):
+    import asyncio
+
+    from offramp.deployments import pipeline as pl
+
+    async def first(backend, req):
+        async for _ in backend.generate(req):
+            return
+
+    async def scenario():
+        reps, backend = _served(checkpoint, 2)
+        try:
+            with pytest.raises(BadRequest, match="max_draft"):
+                await first(backend, _spec_req(1, PROMPTS[0], max_draft=0))
+            router = pl.Router(2, "tok", reps.lookup, num_layers=reps.spec.num_layers)
+            prop = pl.PipelineBackend(2, router, eos_token_ids=(), max_seq=128, vocab_size=reps.spec.vocab_size,
+                                      kv_fill="propagate")
+            with pytest.raises(BadRequest, match="kv_fill"):
+                await first(prop, _spec_req(2, PROMPTS[0]))
+            # the server's default mode: a request that leaves "calibrated" gets speculative
+            router2 = pl.Router(2, "tok", reps.lookup, num_layers=reps.spec.num_layers)
+            spec_default = pl.PipelineBackend(2, router2, eos_token_ids=(), max_seq=128,
+                                              vocab_size=reps.spec.vocab_size, default_exit="speculative", max_draft=2)
+            evs = await _events(spec_default, _spec_req(3, PROMPTS[0], exit_mode="calibrated"))
+            return evs
+        finally:
+            reps.close()
+
+    evs = asyncio.run(scenario())
+    assert any(e.verified for e in evs) and all(e.verified[0] <= 2 for e in evs if e.verified)

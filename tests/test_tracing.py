@@ -181,7 +181,8 @@ def test_metric_definitions_follow_ray_rules():
     for wanted in ("offramp_early_exit_total", "offramp_gate_activation_ratio", "offramp_exit_agreement_ratio",
                    "offramp_stage_step_seconds", "offramp_stage_queue_depth", "offramp_stage_batch_size",
                    "offramp_tokens_total", "offramp_ttft_seconds", "offramp_tpot_seconds",
-                   "offramp_hops_saved_total"):
+                   "offramp_hops_saved_total", "offramp_draft_tokens_total", "offramp_accepted_draft_tokens_total",
+                   "offramp_verify_rounds_total"):
         assert wanted in metrics.SPECS
 
 
@@ -196,7 +197,28 @@ def test_metrics_are_noop_without_ray(monkeypatch):
     metrics.record_tokens("tiny", [0, 3, 3, 1], num_stages=4)
     metrics.record_ttft("tiny", 0.1)
     metrics.record_tpot("tiny", 0.01)
+    metrics.record_verify("tiny", "qa", drafted=4, accepted=2)
     assert metrics.get("offramp_tokens_total") is metrics.NOOP and not metrics._objects
+
+
+def test_record_verify_counts_drafts_accepts_and_rounds(monkeypatch):
+    class Counter:
+        def __init__(self):
+            self.calls = []
+
+        def inc(self, value=1.0, tags=None):
+            assert value > 0  # Ray counters refuse 0
+            self.calls.append((value, tags))
+
+    names = ("offramp_draft_tokens_total", "offramp_accepted_draft_tokens_total", "offramp_verify_rounds_total")
+    counters = {n: Counter() for n in names}
+    monkeypatch.setattr(metrics, "_objects", dict(counters))
+    metrics.record_verify("tiny", "math", drafted=5, accepted=3)
+    metrics.record_verify("tiny", None, drafted=0, accepted=0)  # a round with nothing drafted (the first token)
+    drafted, accepted, rounds = (counters[n].calls for n in names)
+    assert drafted == [(5, {"task": "math", "model": "tiny"})]
+    assert accepted == [(3, {"task": "math", "model": "tiny"})]
+    assert rounds == [(1, {"task": "math", "model": "tiny"}), (1, {"task": "none", "model": "tiny"})]
 
 
 def test_ewma_ratio():

@@ -322,8 +322,24 @@ def trace_context(request: Request) -> dict[str, str] | None:
     return carrier or None
 
 
-def offramp_block(gen: Generation, exit_stages: list[int]) -> dict[str, Any]:
-    return {"exit_stages": exit_stages, "stages_skipped": gen.stages_skipped(exit_stages)}
+def offramp_block(gen: Generation, exit_stages: list[int], choices: list) -> dict[str, Any]:
+    """The response's ``offramp`` block over ``choices`` (whose tokens are ``exit_stages``);
+    ``speculative`` (drafted, accepted, verify rounds) only when the request ran speculative."""
+    block: dict[str, Any] = {"exit_stages": exit_stages, "stages_skipped": gen.stages_skipped(exit_stages)}
+    spec = gen.speculative(choices)
+    if spec is not None:
+        block["speculative"] = spec
+    return block
+
+
+def chunk_offramp(gen: Generation, d: ChoiceDelta) -> dict[str, Any]:
+    """A streamed chunk's per-choice ``offramp``: its tokens' exit stages, and on the
+    choice's last chunk its ``speculative`` totals."""
+    block: dict[str, Any] = {"exit_stages": d.exit_stages}
+    spec = gen.speculative([gen.choices[d.index]]) if d.finish_reason else None
+    if spec is not None:
+        block["speculative"] = spec
+    return block
 
 
 # --------------------------------------------------------------------------- app
@@ -379,11 +395,12 @@ def create_app(frontend: Frontend) -> FastAPI:
             "text_completion" if isinstance(req, CompletionRequest) else "chat", trace_context(request),
             {"gen_ai.request.model": settings.model_name, "gen_ai.request.max_tokens": max_tokens,
              "gen_ai.request.temperature": req.temperature, "gen_ai.request.top_p": req.top_p,
-             "offramp.exit": str(req.offramp.exit), "offramp.task": req.offramp.task}))
+             "offramp.exit": str(req.offramp.exit), "offramp.max_draft": req.offramp.max_draft,
+             "offramp.task": req.offramp.task}))
         gen = Generation(
             frontend.backend, tokenizer, request_id=request_id, prompt_ids=prompt_ids, n=req.n,
             sampling=sampling, stops=req.stop_list + extra_stops, exit_mode=req.offramp.exit,
-            task=req.offramp.task, timeout_s=settings.request_timeout_s,
+            max_draft=req.offramp.max_draft, task=req.offramp.task, timeout_s=settings.request_timeout_s,
             trace_context=tracing.inject(span, trace_context(request)) if span.is_recording() else trace_context(request),
         )
         gen.span, gen.span_stack = span, spans
@@ -432,8 +449,11 @@ def create_app(frontend: Frontend) -> FastAPI:
                     yield sse(chunk(d))
                 if req.include_usage:
                     all_stages = [s for c in gen.choices for s in c.exit_stages]
-                    yield sse({**envelope(), "choices": [], "usage": gen.usage(),
-                               "offramp": {"stages_skipped": gen.stages_skipped(all_stages)}})
+                    block: dict[str, Any] = {"stages_skipped": gen.stages_skipped(all_stages)}
+                    spec = gen.speculative(gen.choices)
+                    if spec is not None:
+                        block["speculative"] = spec
+                    yield sse({**envelope(), "choices": [], "usage": gen.usage(), "offramp": block})
             except Exception as e:  # mid-stream: one error event, then [DONE]
                 err = api_errors.from_offramp(e) if isinstance(e, OfframpError) else api_errors.internal(e)
                 log.warning("request %s failed mid-stream: %s", gen.request_id, err.message)
@@ -475,15 +495,16 @@ def create_app(frontend: Frontend) -> FastAPI:
 
         def chunk(d: ChoiceDelta) -> dict[str, Any]:
             choice = {"index": d.index, "text": d.text, "logprobs": None, "finish_reason": d.finish_reason,
-                      "offramp": {"exit_stages": d.exit_stages}}
+                      "offramp": chunk_offramp(gen, d)}
             return {**envelope(), "choices": [choice], **({"usage": None} if req.include_usage else {})}
 
         def final(results: list) -> dict[str, Any]:
             choices = [{"index": r.index, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason,
-                        "offramp": {**offramp_block(gen, r.exit_stages), "token_ids": r.token_ids}} for r in results]
+                        "offramp": {**offramp_block(gen, r.exit_stages, [r]), "token_ids": r.token_ids}}
+                       for r in results]
             all_stages = [s for r in results for s in r.exit_stages]
             return {**envelope(), "choices": choices, "usage": gen.usage(),
-                    "offramp": {"num_stages": gen.num_stages, **offramp_block(gen, all_stages)}}
+                    "offramp": {"num_stages": gen.num_stages, **offramp_block(gen, all_stages, results)}}
 
         return await respond(request, gen, req, chunk, [], final, envelope)
 
@@ -510,16 +531,17 @@ def create_app(frontend: Frontend) -> FastAPI:
         def chunk(d: ChoiceDelta) -> dict[str, Any]:
             delta = {"content": d.text} if d.text else {}
             choice = {"index": d.index, "delta": delta, "logprobs": None, "finish_reason": d.finish_reason,
-                      "offramp": {"exit_stages": d.exit_stages}}
+                      "offramp": chunk_offramp(gen, d)}
             return {**envelope(), "choices": [choice], **usage_null}
 
         def final(results: list) -> dict[str, Any]:
             choices = [{"index": r.index, "message": {"role": "assistant", "content": r.text},
                         "logprobs": None, "finish_reason": r.finish_reason,
-                        "offramp": {**offramp_block(gen, r.exit_stages), "token_ids": r.token_ids}} for r in results]
+                        "offramp": {**offramp_block(gen, r.exit_stages, [r]), "token_ids": r.token_ids}}
+                       for r in results]
             all_stages = [s for r in results for s in r.exit_stages]
             return {**envelope(), "object": "chat.completion", "choices": choices, "usage": gen.usage(),
-                    "offramp": {"num_stages": gen.num_stages, **offramp_block(gen, all_stages)}}
+                    "offramp": {"num_stages": gen.num_stages, **offramp_block(gen, all_stages, results)}}
 
         return await respond(request, gen, req, chunk, first_chunks, final, envelope)
 

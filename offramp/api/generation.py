@@ -29,12 +29,39 @@ class ChoiceDelta:
 
 
 @dataclass
+class Verified:
+    """Speculative exits, summed over a choice's verify rounds (TokenEvent.verified)."""
+
+    drafted: int = 0  # tokens the first stage drafted
+    accepted: int = 0  # of them, tokens the deep stages accepted
+    rounds: int = 0  # verify rounds = deep-stage visits; each commits its accepted drafts + 1
+
+    def add(self, drafted: int, accepted: int) -> None:
+        self.drafted += drafted
+        self.accepted += accepted
+        self.rounds += 1
+
+    def __iadd__(self, other: "Verified") -> "Verified":
+        self.drafted += other.drafted
+        self.accepted += other.accepted
+        self.rounds += other.rounds
+        return self
+
+    def block(self, tokens: int) -> dict[str, Any]:
+        """The response's ``offramp.speculative`` block for ``tokens`` generated tokens."""
+        return {"drafted": self.drafted, "accepted": self.accepted, "verify_rounds": self.rounds,
+                "mean_accepted": round(self.accepted / self.rounds, 4) if self.rounds else 0.0,
+                "deep_visits_per_token": round(self.rounds / tokens, 4) if tokens else 0.0}
+
+
+@dataclass
 class ChoiceResult:
     index: int
     text: str = ""
     exit_stages: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     token_ids: list[int] = field(default_factory=list)
+    verified: Verified = field(default_factory=Verified)
 
 
 async def _close(it: Any) -> None:
@@ -57,6 +84,7 @@ class _Choice:
         self.timeout_s = timeout_s
         self.exit_stages: list[int] = []
         self.token_ids: list[int] = []
+        self.verified = Verified()
         self.finish_reason: str | None = None
         self.ended = False
 
@@ -92,6 +120,8 @@ class _Choice:
                     return
                 self.exit_stages.append(ev.exit_stage)
                 self.token_ids.append(ev.token_id)
+                if ev.verified is not None:
+                    self.verified.add(*ev.verified)
                 pending.append(ev.exit_stage)
                 text, stopped = self.stopper.feed(self.detok.add(ev.token_id))
                 if stopped:
@@ -134,8 +164,9 @@ class Generation:
 
     def __init__(self, backend: Any, tokenizer: Any, *, request_id: str, prompt_ids: list[int], n: int,
                  sampling: SamplingParams, stops: list[str], exit_mode: ExitMode, task: str | None,
-                 timeout_s: float, trace_context: dict[str, str] | None = None):
+                 timeout_s: float, trace_context: dict[str, str] | None = None, max_draft: int | None = None):
         self.request_id = request_id
+        self.exit_mode = exit_mode
         self.prompt_ids = prompt_ids
         self.num_stages = int(getattr(backend, "num_stages", 1))
         deadline = time.monotonic() + timeout_s
@@ -146,8 +177,8 @@ class Generation:
                 s = SamplingParams(**{**s.__dict__, "seed": s.seed + i})
             req = GenerationRequest(
                 request_id=request_id if n == 1 else f"{request_id}-{i}",
-                prompt_ids=tuple(prompt_ids), sampling=s, exit_mode=exit_mode, task=task,
-                trace_context=trace_context, deadline_s=timeout_s,
+                prompt_ids=tuple(prompt_ids), sampling=s, exit_mode=exit_mode, max_draft=max_draft,
+                task=task, trace_context=trace_context, deadline_s=timeout_s,
             )
             self.choices.append(_Choice(i, backend.generate(req), tokenizer, prompt_ids, stops,
                                         sampling.max_tokens, deadline, timeout_s))
@@ -203,6 +234,7 @@ class Generation:
             r.text = "".join(p)
             r.exit_stages = list(c.exit_stages)
             r.token_ids = list(c.token_ids)
+            r.verified = c.verified
         return results
 
     async def aclose(self) -> None:
@@ -223,6 +255,17 @@ class Generation:
 
     def stages_skipped(self, exit_stages: list[int]) -> int:
         return sum(self.num_stages - 1 - s for s in exit_stages)
+
+    def speculative(self, choices: list[Any]) -> dict[str, Any] | None:
+        """``offramp.speculative`` over ``choices`` (ChoiceResults or the running choices),
+        or None when the request did not run speculative (no verify round, not asked for;
+        a server whose default is speculative runs 'calibrated' requests speculative)."""
+        total = Verified()
+        for c in choices:
+            total += c.verified
+        if not total.rounds and self.exit_mode != "speculative":
+            return None
+        return total.block(sum(len(c.exit_stages) for c in choices))
 
     def usage(self) -> dict[str, int]:
         p, c = self.prompt_tokens, self.completion_tokens

@@ -130,7 +130,7 @@ class GrpcIngressMixin:
                     (result,) = await gen.collect()
                 finally:
                     await gen.aclose()
-                usage = self._usage(gen, result.exit_stages)
+                usage = self._usage(gen, result)
                 tracing.set_response(span, response_id=rid, input_tokens=usage.prompt_tokens,
                                      output_tokens=usage.completion_tokens, finish_reasons=[result.finish_reason],
                                      stages_skipped=usage.stages_skipped)
@@ -162,7 +162,7 @@ class GrpcIngressMixin:
                                                         exit_stages=d.exit_stages)
                         if d.finish_reason:
                             msg.finish_reason = d.finish_reason
-                            msg.usage.CopyFrom(self._usage(gen, choice.exit_stages))
+                            msg.usage.CopyFrom(self._usage(gen, choice))
                             tracing.set_response(span, response_id=rid, input_tokens=gen.prompt_tokens,
                                                  output_tokens=gen.completion_tokens,
                                                  finish_reasons=[d.finish_reason])
@@ -216,17 +216,24 @@ class GrpcIngressMixin:
             "gen_ai.request.model": settings.model_name, "gen_ai.request.max_tokens": max_tokens,
             "gen_ai.request.temperature": req.temperature, "gen_ai.request.top_p": req.top_p,
             "gen_ai.request.seed": req.seed, "offramp.rpc": "grpc",
-            "offramp.exit_mode": str(req.offramp.exit), "offramp.task": req.offramp.task})
+            "offramp.exit_mode": str(req.offramp.exit), "offramp.max_draft": req.offramp.max_draft,
+            "offramp.task": req.offramp.task})
         gen = _LazyGeneration(lambda trace_context: Generation(
             fe.backend, fe.tokenizer, request_id=rid, prompt_ids=prompt_ids, n=1, sampling=sampling,
-            stops=req.stop_list, exit_mode=req.offramp.exit, task=req.offramp.task, timeout_s=timeout,
-            trace_context=trace_context), len(prompt_ids), int(getattr(fe.backend, "num_stages", 1)))
+            stops=req.stop_list, exit_mode=req.offramp.exit, max_draft=req.offramp.max_draft, task=req.offramp.task,
+            timeout_s=timeout, trace_context=trace_context), len(prompt_ids), int(getattr(fe.backend, "num_stages", 1)))
         return gen, rid, carrier, span_cm
 
-    def _usage(self, gen: Any, exit_stages: list[int]) -> pb.Usage:
-        p, c = gen.prompt_tokens, len(exit_stages)
-        return pb.Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c,
-                        stages_skipped=gen.stages_skipped(exit_stages))
+    def _usage(self, gen: Any, choice: Any) -> pb.Usage:
+        """Usage of the one choice (a ChoiceResult or the running choice)."""
+        p, c = gen.prompt_tokens, len(choice.exit_stages)
+        usage = pb.Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c,
+                         stages_skipped=gen.stages_skipped(choice.exit_stages))
+        spec = gen.speculative([choice])
+        if spec is not None:
+            usage.speculative.CopyFrom(pb.SpeculativeStats(drafted=spec["drafted"], accepted=spec["accepted"],
+                                                           verify_rounds=spec["verify_rounds"]))
+        return usage
 
 
 class _LazyGeneration:
@@ -255,6 +262,10 @@ class _LazyGeneration:
             await self._gen.aclose()
 
 
+_EXIT_MODES = {pb.EXIT_MODE_OFF: "off", pb.EXIT_MODE_CALIBRATED: "calibrated",
+               pb.EXIT_MODE_SPECULATIVE: "speculative"}
+
+
 def _completion_body(request: pb.GenerateRequest, served: str) -> dict[str, Any]:
     """The proto request as a /v1/completions body, so one validator serves both APIs."""
     from offramp.errors import BadRequest
@@ -276,9 +287,11 @@ def _completion_body(request: pb.GenerateRequest, served: str) -> dict[str, Any]
     if which == "exit_threshold":
         extras["exit"] = float(request.exit_threshold)
     elif which == "exit_mode" and request.exit_mode != pb.EXIT_MODE_UNSPECIFIED:
-        if request.exit_mode not in (pb.EXIT_MODE_OFF, pb.EXIT_MODE_CALIBRATED):  # proto3 enums are open
+        if request.exit_mode not in _EXIT_MODES:  # proto3 enums are open
             raise BadRequest(f"exit_mode {request.exit_mode} is not a known ExitMode", param="offramp.exit")
-        extras["exit"] = "off" if request.exit_mode == pb.EXIT_MODE_OFF else "calibrated"
+        extras["exit"] = _EXIT_MODES[request.exit_mode]
+    if request.HasField("max_draft"):
+        extras["max_draft"] = request.max_draft
     if request.task:
         extras["task"] = request.task
     if extras:

@@ -25,6 +25,8 @@ from pydantic import StrictInt, StrictStr
 from offramp.errors import BadRequest
 from offramp.protocol import MIN_TEMPERATURE
 
+MAX_DRAFT_LIMIT = 32  # = offramp.ops.worker.MAX_DRAFT_LIMIT (not imported: the API needs no torch)
+
 TaskName = Literal["qa", "math", "coding"]
 
 MAX_TEMPERATURE = 2.0  # OpenAI's range
@@ -39,11 +41,16 @@ class _Strict(BaseModel):
 class OfframpRequestExtras(_Strict):
     """Offramp's namespaced request field ``offramp``."""
 
-    exit: Union[Literal["off", "calibrated"], float] = Field(
+    exit: Union[Literal["off", "calibrated", "speculative"], float] = Field(
         "calibrated",
-        description="'off' = full depth for every token, 'calibrated' = the server's thresholds, "
-        "or a confidence threshold in [0, 1] used at every gate (lower = more exits).",
+        description="'off' = full depth for every token, 'calibrated' = the server's default policy, "
+        "'speculative' = the first stage drafts with its exit head and the deep stages verify each draft in "
+        "one visit (greedy output equals 'off'), or a confidence threshold in [0, 1] used at every gate "
+        "(lower = more exits).",
     )
+    max_draft: StrictInt | None = Field(
+        None, description=f"exit 'speculative' only: most tokens drafted per deep visit, 1..{MAX_DRAFT_LIMIT} "
+        "(None = the server's exit.max_draft).")
     task: TaskName | None = Field(None, description="Task hint for the exit gates.")
 
     @field_validator("exit")
@@ -52,6 +59,21 @@ class OfframpRequestExtras(_Strict):
         if isinstance(v, float) and not 0.0 <= v <= 1.0:
             raise ValueError(f"offramp.exit threshold must be within [0, 1], got {v}")
         return v
+
+    @field_validator("max_draft")
+    @classmethod
+    def _max_draft_range(cls, v: int | None) -> int | None:
+        if v is not None and not 1 <= v <= MAX_DRAFT_LIMIT:
+            got = v if abs(v) < 10**9 else f"a {len(str(abs(v)))}-digit number"
+            raise BadRequestValue("offramp.max_draft", f"max_draft must be 1..{MAX_DRAFT_LIMIT}, got {got}")
+        return v
+
+    @model_validator(mode="after")
+    def _max_draft_needs_speculative(self):
+        if self.max_draft is not None and self.exit != "speculative":
+            raise BadRequestValue("offramp.max_draft", f"max_draft applies only to exit 'speculative' (exit is "
+                                  f"{self.exit!r}); set offramp.exit to 'speculative' or omit max_draft")
+        return self
 
 
 class StreamOptions(_Strict):

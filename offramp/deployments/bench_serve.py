@@ -14,6 +14,8 @@ Contenders (see ``CONTENDERS``):
                         by default, as ``RAY_SERVE_ENABLE_HA_PROXY=1 serve run`` in the
                         README, or Serve's Python proxy);
 * ``served_calibrated`` the same app, calibrated exits (with the prompt's task hint);
+* ``served_speculative`` the same app, speculative exits (stage 0 drafts, the deep stages
+                        verify; output identical to exits off);
 * ``served_1stage``     a second Offramp app with one stage, exits off, streamed;
 * ``in_process``        ``StagedModel`` in this process, ``--stages`` stages, batched
                         ``generate`` of each group of ``c`` prompts (no Ray, no HTTP);
@@ -44,10 +46,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 TASKS = ("qa", "math", "coding")
-STREAMED = ("served", "served_calibrated", "served_1stage")
+STREAMED = ("served", "served_calibrated", "served_speculative", "served_1stage")
 CONTENDERS = {
     "served": "Offramp served, N stages, exits off, HTTP streaming through Serve's proxy (--proxy)",
     "served_calibrated": "the same app, calibrated exits (task hint sent)",
+    "served_speculative": "the same app, speculative exits (drafts at stage 0's exit head, verified deep)",
     "served_1stage": "a second Offramp app, 1 stage, exits off, HTTP streaming",
     "in_process": "StagedModel in the driver, N stages, batched generate (no Ray, no HTTP)",
     "transformers": "transformers generate in the driver, batched (left padding), greedy",
@@ -61,6 +64,8 @@ Contenders, each warm (one discarded warm-up wave first), same prompts, same max
                      (/v1/completions, stream=true) through Serve's proxy: HAProxy
                      (default, as the README runs it) or Serve's Python proxy (--proxy)
   served_calibrated  the same app with calibrated exits (prompt's task hint sent)
+  served_speculative the same app with speculative exits: stage 0 drafts with its exit
+                     head, the deep stages verify each draft in one visit (lossless)
   served_1stage      a second Offramp app with 1 stage (against plain_serve)
   in_process         offramp.ops.engine.StagedModel in this process, --stages stages,
                      batched generate over each group of c prompts
@@ -220,6 +225,11 @@ def ratios(summary: dict, c: int) -> dict:
     # TPOT of off over TPOT of calibrated: > 1 means calibrated is faster, like the others.
     put("calibrated_vs_off_tpot_c1", _div(s_tpot1, get("served_calibrated", 1, "tpot_ms_p50")), ">= 1",
         ("served", "served_calibrated"))
+    put("speculative_vs_off_tpot_c1", _div(s_tpot1, get("served_speculative", 1, "tpot_ms_p50")), ">= 1.5",
+        ("served", "served_speculative"))
+    put(f"speculative_vs_off_tokens_per_s_c{c}",
+        _div(get("served_speculative", c, "tokens_per_s"), get("served", c, "tokens_per_s")), ">= 1.2",
+        ("served", "served_speculative"))
     return out
 
 
@@ -314,7 +324,9 @@ async def _served_wave(base: str, prompts: list[tuple[str, list[int]]], exit_mod
     hop_s = sum(after.get("hop_s_sum", [])) - sum(before.get("hop_s_sum", []))
     hop_n = sum(after.get("hop_n", [])) - sum(before.get("hop_n", []))
     stages = [s for _, st in res for s in st]
-    extra = {"stage_calls": calls, "hop_s": hop_s, "hop_n": hop_n, "exit_stages": stages,
+    spec = {k: (after.get("speculative") or {}).get(k, 0) - (before.get("speculative") or {}).get(k, 0)
+            for k in ("drafted", "accepted", "verify_rounds")}
+    extra = {"stage_calls": calls, "hop_s": hop_s, "hop_n": hop_n, "exit_stages": stages, "speculative": spec,
              **{f"server_{k}": after.get(k) for k in ("ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50", "tpot_ms_p99")}}
     return Wave(wall, [r for r, _ in res], extra)
 
@@ -547,6 +559,8 @@ def _run_serve(args, emit) -> int:
                 return asyncio.run(_served_wave(base, ps, "off", c, args.max_tokens, model_name))
             if name == "served_calibrated":
                 return asyncio.run(_served_wave(base, ps, "calibrated", c, args.max_tokens, model_name))
+            if name == "served_speculative":
+                return asyncio.run(_served_wave(base, ps, "speculative", c, args.max_tokens, model_name))
             if name == "served_1stage":
                 return asyncio.run(_served_wave(base + "/one", ps, "off", c, args.max_tokens, model_name))
             if name == "in_process":
@@ -578,6 +592,11 @@ def _run_serve(args, emit) -> int:
                 s["stage_calls_per_token"] = round(calls / tokens, 3) if tokens else None
                 s["server_hop_ms_mean"] = round(1000 * sum(w.extra["hop_s"] for w in ws) / hop_n, 3) if hop_n else None
                 s["exit_histogram"] = [stages.count(k) for k in range(n_st)]
+                if name == "served_speculative":
+                    sp = {k: sum(w.extra["speculative"][k] for w in ws) for k in ("drafted", "accepted", "verify_rounds")}
+                    sp["mean_accepted"] = round(sp["accepted"] / sp["verify_rounds"], 3) if sp["verify_rounds"] else None
+                    sp["deep_visits_per_token"] = round(sp["verify_rounds"] / tokens, 3) if tokens else None
+                    s["speculative"] = sp
                 s["mean_fraction_of_stages"] = round(statistics.mean((x + 1) / n_st for x in stages), 3) \
                     if stages else None
                 for k in ("ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50", "tpot_ms_p99"):

@@ -125,6 +125,12 @@ def row_header(row: StepRow, packer: _Packer, trace: dict[str, str] | None = Non
         h["layer"] = row.layer
     if row.verify:
         h["verify"] = True
+    if row.draft:
+        h["draft"] = row.draft
+    if row.drafts:
+        h["drafts"] = list(row.drafts)
+    if row.draft_probs is not None:
+        h["dq"] = packer.tensor(row.draft_probs)
     if trace:
         h["trace"] = trace  # W3C carrier: the stage span becomes a child of the request span
     return h
@@ -135,7 +141,9 @@ def row_from_header(h: dict, payload: memoryview) -> StepRow:
     s["stop_token_ids"] = tuple(s.get("stop_token_ids", ()))
     return StepRow(str(h["seq"]), unpack_tensor(payload, h["x"]), int(h["pos"]), SamplingParams(**s),
                    ExitPolicy(**h["policy"]), int(h["step"]), bool(h.get("flush", False)),
-                   None if h.get("layer") is None else int(h["layer"]), bool(h.get("verify", False)))
+                   None if h.get("layer") is None else int(h["layer"]), bool(h.get("verify", False)),
+                   draft=int(h.get("draft", 0)), drafts=tuple(int(t) for t in h.get("drafts", ())),
+                   draft_probs=unpack_tensor(payload, h["dq"]) if h.get("dq") is not None else None)
 
 
 def error_body(e: Exception) -> dict:
@@ -445,6 +453,8 @@ class StageServer:
             for span, row, res in zip(spans, flat, results):
                 if res.exited and res.error is None:
                     tracing.exit_event(span, w.index, res.confidence, w.threshold(row.policy), row.policy.task)
+                elif res.tokens is not None:
+                    tracing.verify_event(span, len(row.drafts), len(res.tokens) - 1)
         seconds = time.perf_counter() - t0
         if self.stats:
             self.stats(len(flat), sum(lengths), seconds)
@@ -485,6 +495,12 @@ class StageServer:
                         "h": packer.tensor(res.hidden) if res.hidden is not None else None})
             if res.backfill is not None:
                 out[-1]["bf"] = res.backfill
+            if res.drafts is not None:
+                out[-1]["drafts"] = res.drafts
+                if res.draft_probs is not None:
+                    out[-1]["dq"] = packer.tensor(res.draft_probs)
+            if res.tokens is not None:
+                out[-1]["tokens"] = res.tokens
         # server_s: arrival -> reply on this server, so the caller can tell the hop (wire,
         # framing, event loops) from the stage's own time
         server_s = time.monotonic() - header.get("_queued_at", time.monotonic())
@@ -497,9 +513,9 @@ class StageServer:
             err = self.worker.entry_error(r)
             if err is not None:
                 return err
-            have = self.worker.cached_length(r.seq_id)
-            if have + r.inputs.shape[0] != r.position + 1:
-                return KVMissing(f"stage {self.worker.index} holds {have} positions of {r.seq_id}; replay it")
+            if not self.worker.fits_cache(r):
+                return KVMissing(f"stage {self.worker.index} holds {self.worker.cached_length(r.seq_id)} positions "
+                                 f"of {r.seq_id}; replay it")
         new = sum(1 for r in rows if r.seq_id not in self.worker.cache.slot_of)
         if self.worker.cache.free_slots() < new + new_slots:
             return errors.Overloaded(f"stage {self.worker.index} has no free KV slot; retry later")
@@ -645,6 +661,8 @@ class StageClient:
             if r.get("error") is not None:
                 r["error"] = error_from_body(r["error"])
             r["h"] = unpack_tensor(payload, r["h"]) if r.get("h") is not None else None
+            if r.get("dq") is not None:
+                r["dq"] = unpack_tensor(payload, r["dq"])
             r["hop_s"] = hop
         return out
 

@@ -21,6 +21,9 @@ STAGE_DTYPE_ENV = "OFFRAMP_STAGE_DTYPE"
 # a placement split move; read by StageDeployment before the app's split.
 STAGE_LAYERS_ENV = "OFFRAMP_STAGE_LAYERS"
 DEFAULT_KV_LEASE_S = 30.0  # see AppArgs.kv_lease_s
+# = offramp.ops.worker.DEFAULT_MAX_DRAFT / MAX_DRAFT_LIMIT (not imported: this module needs no torch)
+DEFAULT_MAX_DRAFT = 6
+MAX_DRAFT_LIMIT = 32
 
 
 def parse_layers(value: str) -> tuple[int, int]:
@@ -123,13 +126,20 @@ class ExitArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    mode: Literal["calibrated", "off", "threshold"] = Field(
-        "calibrated", description="'calibrated' uses the exits file's thresholds; 'threshold' uses `threshold` at every gate."
+    mode: Literal["calibrated", "off", "threshold", "speculative"] = Field(
+        "calibrated", description="Policy of requests that ask for 'calibrated' (the API's default): 'calibrated' "
+        "uses the exits file's thresholds; 'threshold' uses `threshold` at every gate; 'speculative' drafts with "
+        "the first stage's exit head and verifies each draft in one visit to the deep stages (needs kv_fill "
+        "'exact' and an exit head where Stage0 ends)."
     )
     threshold: float | None = Field(None, ge=0, le=1, description="Confidence threshold when mode='threshold'.")
     kv_fill: Literal["exact", "propagate"] = Field(
         "exact", description="KV of skipped layers: exact deferred backfill, or approximate state propagation."
     )
+    max_draft: int = Field(
+        DEFAULT_MAX_DRAFT, ge=1, le=MAX_DRAFT_LIMIT, description="Speculative requests that do not set max_draft: "
+        "most tokens Stage0 drafts per visit to the deep stages. Longer drafts save more visits when the exit "
+        "head agrees with the full model, and waste more deep compute when it does not.")
     audit_rate: float = Field(
         0.25, ge=0, le=1, description="Fraction of greedy steps reaching the last stage that also check the "
         "exited tokens they backfill against full depth (one LM-head call on those rows; exact backfill only).")
@@ -141,6 +151,9 @@ class ExitArgs(BaseModel):
     def _threshold_given(self) -> "ExitArgs":
         if self.mode == "threshold" and self.threshold is None:
             raise ValueError("exit.mode is 'threshold' but exit.threshold is not set; set exit.threshold (0..1)")
+        if self.mode == "speculative" and self.kv_fill == "propagate":
+            raise ValueError("exit.mode is 'speculative' but exit.kv_fill is 'propagate' (approximate K/V; "
+                             "speculative output is exact); set exit.kv_fill to 'exact' or exit.mode to 'calibrated'")
         return self
 
 

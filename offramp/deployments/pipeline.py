@@ -36,7 +36,8 @@ from offramp.deployments.channel import StageClient
 from offramp.deployments.config import DEFAULT_KV_LEASE_S
 from offramp.observability import metrics
 from offramp.ops.online_tuning import AgreementTuner
-from offramp.ops.worker import ExitPolicy, KVMissing, StepRow
+from offramp.ops.engine import check_speculative
+from offramp.ops.worker import DEFAULT_MAX_DRAFT, ExitPolicy, KVMissing, StepRow, draft_budget
 from offramp.protocol import GenerationRequest, TokenEvent, finish_reason
 
 log = logging.getLogger(__name__)
@@ -223,12 +224,15 @@ class PipelineBackend:
                  request_timeout_s: float = 60.0, max_replays: int = 4, default_exit: str = "calibrated",
                  default_threshold: float | None = None, max_active: int = 256, model_name: str = "offramp",
                  audit_rate: float = 0.0, tuner: AgreementTuner | None = None, lease_s: float = DEFAULT_KV_LEASE_S,
-                 micro_batches: int = 2):
+                 micro_batches: int = 2, max_draft: int = DEFAULT_MAX_DRAFT):
         self.num_stages, self.router = num_stages, router
         self.eos_token_ids, self.max_seq, self.vocab_size = eos_token_ids, max_seq, vocab_size
         self.kv_fill, self.call_timeout, self.request_timeout = kv_fill, call_timeout_s, request_timeout_s
         self.max_replays = max_replays
         self.default_exit, self.default_threshold = default_exit, default_threshold
+        self.max_draft = max_draft  # speculative requests that do not say
+        # speculative exits: tokens drafted, drafts accepted, verify rounds (deep visits)
+        self.drafted = self.accepted = self.verify_rounds = 0
         self._ids = itertools.count()
         self.calls = [0] * num_stages  # stage visits on this ingress (exit skipping is visible here)
         self.frames = [0] * num_stages  # step frames sent to each stage (a frame carries many rows)
@@ -270,10 +274,13 @@ class PipelineBackend:
         if self.active >= self.max_active:
             raise errors.Overloaded(f"this ingress replica already runs {self.max_active} requests; retry shortly "
                                     "or add OfframpIngress replicas")
+        policy = self._policy(request)
+        if policy.speculative:
+            check_speculative(policy, self.kv_fill)  # the drafting stage checks its exit head itself
         self.active += 1
         self._start_renewer()
         now = time.monotonic()
-        seq = _Seq(request, self._policy(request), prompt, len(prompt),
+        seq = _Seq(request, policy, prompt, len(prompt),
                    deadline=now + (request.deadline_s or self.request_timeout), last=now)
         self._new_session(seq)
         self._join(seq)
@@ -315,16 +322,19 @@ class PipelineBackend:
                 "replays": self.replays, "scheduler_steps": steps,
                 "rows_per_step": round(sum(lane.rows for lane in self.lanes) / steps, 2) if steps else None,
                 "exit_audit": self.tuner.snapshot(),
+                "speculative": {"drafted": self.drafted, "accepted": self.accepted, "verify_rounds": self.verify_rounds,
+                                "mean_accepted": round(self.accepted / self.verify_rounds, 3) if self.verify_rounds else None},
                 "ttft_ms_p50": pct(ttft, 0.5), "ttft_ms_p99": pct(ttft, 0.99),
                 "tpot_ms_p50": pct(tpot, 0.5), "tpot_ms_p99": pct(tpot, 0.99)}
 
     def _policy(self, request: GenerationRequest) -> ExitPolicy:
         mode = request.exit_mode
-        if mode == "calibrated" and self.default_exit == "off":
-            mode = "off"
+        if mode == "calibrated" and self.default_exit in ("off", "speculative"):
+            mode = self.default_exit
         elif mode == "calibrated" and self.default_exit == "threshold":
             mode = self.default_threshold
-        return ExitPolicy.from_request(mode, request.task)
+        return ExitPolicy.from_request(mode, request.task,
+                                       self.max_draft if request.max_draft is None else request.max_draft)
 
     def _new_session(self, seq: _Seq) -> None:
         seq.session = f"{seq.request.request_id}/{uuid.uuid4().hex[:8]}"
@@ -406,7 +416,8 @@ class PipelineBackend:
         for seq in seqs:
             req = seq.request
             row = StepRow(seq.session, torch.tensor(seq.tokens[seq.fed:], dtype=torch.long), len(seq.tokens) - 1,
-                          req.sampling, seq.policy, step=seq.generated)
+                          req.sampling, seq.policy, step=seq.generated,
+                          draft=draft_budget(seq.policy, req.sampling, seq.generated, len(seq.tokens), self.max_seq))
             todo.append((seq, row, 0))
         last = self.num_stages - 1
         for _ in range(self.router.num_layers or 1_000_000):
@@ -478,6 +489,9 @@ class PipelineBackend:
             position = row.position
             if k == last:
                 self._audited(seq, position, res.get("bf"))
+            if res.get("tokens") is not None:  # a speculative row verified: accepted drafts + one
+                self._verified(seq, row, [int(t) for t in res["tokens"]], k)
+                continue
             if res["token"] is not None:
                 if res["exited"] and self.kv_fill == "propagate":
                     self._propagate(seq, ep.end, res["h"], position)
@@ -485,22 +499,42 @@ class PipelineBackend:
                     seq.exited[position] = (k, ep.end)
                 self._emit(seq, int(res["token"]), k)
                 continue
+            drafts, probs = row.drafts, row.draft_probs
+            if res.get("drafts") is not None:  # the drafting stage's chunk: drafted positions ride along
+                drafts, probs = tuple(int(t) for t in res["drafts"]), res.get("dq")
+                position += len(drafts)
             onward.append((seq, StepRow(seq.session, res["h"], position, seq.request.sampling, seq.policy,
-                                        step=seq.generated), ep.end))
+                                        step=seq.generated, drafts=drafts, draft_probs=probs), ep.end))
         return onward
 
-    def _emit(self, seq: _Seq, token: int, stage: int) -> None:
+    def _verified(self, seq: _Seq, row: StepRow, tokens: list[int], stage: int) -> None:
+        """Commit a verify round: the stages roll back the rejected positions when this
+        sequence's next row arrives (the last stage already has); the next step feeds
+        only the last token."""
+        drafted, accepted = len(row.drafts), len(tokens) - 1
+        self.drafted += drafted
+        self.accepted += accepted
+        self.verify_rounds += 1
+        seq.fed = len(seq.tokens) + accepted
+        for i, tok in enumerate(tokens):
+            if seq.done:
+                break
+            self._emit(seq, tok, stage, (drafted, accepted) if i == 0 else None)
+
+    def _emit(self, seq: _Seq, token: int, stage: int, verified: tuple[int, int] | None = None) -> None:
         now = time.monotonic()
         with self._lat_lock:
             (self.tpot_s if seq.generated else self.ttft_s).append((now, now - seq.last))
         (metrics.record_tpot if seq.generated else metrics.record_ttft)(self.model_name, now - seq.last)
         metrics.record_tokens(self.model_name, [stage], self.num_stages)
+        if verified is not None:
+            metrics.record_verify(self.model_name, seq.policy.task, *verified)
         seq.last = now
         seq.failures = seq.waits = 0
         seq.tokens.append(token)
         reason = finish_reason(seq.request.sampling, token, seq.generated, len(seq.tokens), self.eos_token_ids,
                                self.max_seq)
-        seq.events.put_nowait(TokenEvent(token, stage, reason))
+        seq.events.put_nowait(TokenEvent(token, stage, reason, verified))
         if reason:
             seq.done = True
 

@@ -65,6 +65,14 @@ SPECS: dict[str, MetricSpec] = {s.name: s for s in (
                "Time per output token after the first, server side.", ("model",), tuple(TPOT_BUCKETS)),
     MetricSpec("counter", "offramp_hops_saved_total",
                "Stage visits skipped by early exits: num_stages-1-exit_stage per token.", ("exit_stage",)),
+    MetricSpec("counter", "offramp_draft_tokens_total",
+               "Speculative exits: tokens the first stage drafted with its exit head.", ("task", "model")),
+    MetricSpec("counter", "offramp_accepted_draft_tokens_total",
+               "Speculative exits: drafted tokens the deep stages accepted (acceptance rate = this / drafted).",
+               ("task", "model")),
+    MetricSpec("counter", "offramp_verify_rounds_total",
+               "Speculative exits: verify rounds (deep-stage visits); each commits its accepted drafts + 1 token.",
+               ("task", "model")),
 )}
 
 
@@ -182,6 +190,17 @@ def record_tokens(model: str, exit_stages: list[int], num_stages: int) -> None:
         saved = (num_stages - 1 - s) * n
         if saved > 0:
             get("offramp_hops_saved_total").inc(saved, {"exit_stage": str(s)})
+
+
+def record_verify(model: str, task: str | None, drafted: int, accepted: int) -> None:
+    """One speculative verify round of a request (a ``TokenEvent.verified``): ``drafted``
+    tokens went to the deep stages, ``accepted`` of them were kept."""
+    tags = {"task": _task(task), "model": model}
+    get("offramp_verify_rounds_total").inc(1, tags)
+    if drafted > 0:
+        get("offramp_draft_tokens_total").inc(drafted, tags)
+    if accepted > 0:
+        get("offramp_accepted_draft_tokens_total").inc(accepted, tags)
 
 
 def record_ttft(model: str, seconds: float) -> None:

@@ -312,3 +312,11 @@ def exit_event(span: Span, gate: int, confidence: float, threshold: float | None
     if token_id is not None:
         attrs["offramp.exit.token_id"] = token_id
     span.add_event(EXIT_EVENT, attrs)
+
+
+def verify_event(span: Span, drafted: int, accepted: int) -> None:
+    """Mark on the last stage's span one speculative verify round (an event
+    ``offramp.verify``): how many drafted tokens it checked and how many it kept."""
+    if not span.is_recording():
+        return
+    span.add_event("offramp.verify", {"offramp.verify.drafted": drafted, "offramp.verify.accepted": accepted})

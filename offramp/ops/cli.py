@@ -32,22 +32,28 @@ def register(sub) -> None:
     src.add_argument("--prompt", help="prompt text (tokenized with the model's tokenizer)")
     src.add_argument("--prompt-ids", type=_int_list, help="prompt as token ids, e.g. 1,2,3")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens to generate (default 32)")
-    p.add_argument("--exit", choices=("off", "on"), default="on",
-                   help="early exits: 'on' uses calibrated thresholds (or --threshold), 'off' runs full depth")
-    p.add_argument("--threshold", type=float, help="confidence threshold at every gate (0..1); implies --exit on")
+    p.add_argument("--exit", choices=("off", "on", "speculative"), default="on",
+                   help="early exits: 'on' uses calibrated thresholds (or --threshold), 'off' runs full depth, "
+                   "'speculative' drafts with the first stage's exit head and verifies each draft in one deep "
+                   "visit (greedy output equals 'off')")
+    p.add_argument("--max-draft", type=int, help="--exit speculative: most tokens drafted per deep visit "
+                   "(1..32, default 6)")
+    p.add_argument("--threshold", type=float, help="confidence threshold at every gate (0..1); with --exit "
+                   "speculative the draft threshold (default: the exits file's)")
     p.add_argument("--task", choices=("qa", "math", "coding"), help="task type for the gates")
     p.add_argument("--kv-fill", choices=("exact", "propagate"), default="exact",
                    help="KV of skipped layers: exact deferred backfill (default) or approximate propagation")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="precision of every stage")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--seed", type=int, help="sampling seed")
-    p.add_argument("--json", action="store_true", help='print {"token_ids", "text", "exit_stages"} as JSON')
+    p.add_argument("--json", action="store_true", help='print {"token_ids", "text", "exit_stages", ...} as JSON '
+                   '(with --exit speculative also "speculative": drafted, accepted, verify_rounds)')
     p.set_defaults(func=run_generate)
 
 
 def run_generate(args) -> int:
     from offramp.ops.engine import StagedModel, resolve_model_dir
-    from offramp.ops.worker import ExitPolicy
+    from offramp.ops.worker import DEFAULT_MAX_DRAFT, MAX_DRAFT_LIMIT, ExitPolicy
     from offramp.protocol import SamplingParams
 
     if args.max_tokens < 1:
@@ -56,6 +62,16 @@ def run_generate(args) -> int:
         raise ConfigError(f"--threshold {args.threshold}: must be between 0 and 1")
     if args.temperature < 0:
         raise ConfigError(f"--temperature {args.temperature}: must be >= 0")
+    if args.max_draft is not None and args.exit != "speculative":
+        raise ConfigError(f"--max-draft {args.max_draft}: only with --exit speculative")
+    if args.max_draft is not None and not 1 <= args.max_draft <= MAX_DRAFT_LIMIT:
+        raise ConfigError(f"--max-draft {args.max_draft}: must be 1..{MAX_DRAFT_LIMIT}")
+    if args.exit == "speculative" and (args.stages or (len(args.split) + 1 if args.split else 1)) < 2:
+        raise ConfigError("--exit speculative needs at least 2 stages (the first drafts, the rest verify); "
+                          "pass --stages 2 or --split")
+    if args.exit == "speculative" and args.kv_fill == "propagate":
+        raise ConfigError("--exit speculative needs --kv-fill exact (propagated K/V is approximate, speculative "
+                          "output is exact)")
     model_dir = resolve_model_dir(args.model)
     tokenizer = _load_tokenizer(model_dir)
     if args.prompt_ids is not None:
@@ -70,6 +86,9 @@ def run_generate(args) -> int:
                         max_seq=None, max_slots=1, kv_fill=args.kv_fill)
     if args.exit == "off":
         policy = ExitPolicy("off")
+    elif args.exit == "speculative":
+        policy = ExitPolicy("speculative", args.threshold, args.task,
+                            max_draft=DEFAULT_MAX_DRAFT if args.max_draft is None else args.max_draft)
     elif args.threshold is not None:
         policy = ExitPolicy("threshold", args.threshold, args.task)
     else:
@@ -77,16 +96,33 @@ def run_generate(args) -> int:
     sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     (seq,) = model.generate([prompt], sampling, policy)
     text = tokenizer.decode(seq.generated, skip_special_tokens=False) if tokenizer is not None else None
+    spec = speculative_summary(seq) if policy.speculative else None
     if args.json:
-        print(json.dumps({"token_ids": seq.generated, "text": text, "exit_stages": seq.exit_stages,
-                          "finish_reason": seq.finish_reason, "num_stages": model.num_stages}))
+        out = {"token_ids": seq.generated, "text": text, "exit_stages": seq.exit_stages,
+               "finish_reason": seq.finish_reason, "num_stages": model.num_stages}
+        if spec is not None:
+            out["speculative"] = spec
+        print(json.dumps(out))
     else:
         print(text if text is not None else " ".join(map(str, seq.generated)))
         n = model.num_stages
         hist = [seq.exit_stages.count(k) for k in range(n)]
-        print(f"[{len(seq.generated)} tokens, {n} stages, exits per stage {hist}, finish={seq.finish_reason}]",
-              file=sys.stderr)
+        what = f"exits per stage {hist}"
+        if spec is not None:
+            what = (f"drafted {spec['drafted']}, accepted {spec['accepted']}, {spec['verify_rounds']} verify rounds, "
+                    f"mean accepted {spec['mean_accepted']:.2f}, deep visits per token "
+                    f"{spec['deep_visits_per_token']:.2f}")
+        print(f"[{len(seq.generated)} tokens, {n} stages, {what}, finish={seq.finish_reason}]", file=sys.stderr)
     return 0
+
+
+def speculative_summary(seq) -> dict:
+    """Drafted, accepted and verify rounds of a speculative Sequence, as the HTTP API's
+    ``offramp.speculative`` block."""
+    tokens = len(seq.generated)
+    return {"drafted": seq.drafted, "accepted": seq.accepted, "verify_rounds": seq.rounds,
+            "mean_accepted": round(seq.accepted / seq.rounds, 4) if seq.rounds else 0.0,
+            "deep_visits_per_token": round(seq.rounds / tokens, 4) if tokens else 0.0}
 
 
 def _load_tokenizer(model_dir):

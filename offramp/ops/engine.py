@@ -22,7 +22,7 @@ from offramp.ops import exits as ex
 from offramp.ops.checkpoint import ModelSpec, WeightReader, load_spec
 from offramp.ops.partition import partition_layers
 from offramp.ops.stage import load_stage
-from offramp.ops.worker import MAX_DRAFT_LIMIT, ExitPolicy, StageWorker, StepRow
+from offramp.ops.worker import MAX_DRAFT_LIMIT, ExitPolicy, StageWorker, StepRow, draft_budget
 from offramp.protocol import GenerationRequest, SamplingParams, TokenEvent, finish_reason
 
 
@@ -56,14 +56,16 @@ class Sequence:
     drafted: int = 0  # speculative: tokens drafted, accepted, and deep visits (verify rounds)
     accepted: int = 0
     rounds: int = 0
+    last_drafted: int = 0
 
     @property
     def generated(self) -> list[int]:
         return self.tokens[self.prompt_len:]
 
 
-def check_speculative(policy: ExitPolicy, kv_fill: str, drafting_stage: bool, first_end: int) -> None:
-    """Why a speculative request cannot run here, as the error its client gets."""
+def check_speculative(policy: ExitPolicy, kv_fill: str, drafting_stage: bool = True, first_end: int = 0) -> None:
+    """Why a speculative request cannot run here, as the error its client gets (a served
+    ingress leaves the drafting stage's check to that stage: its split may move)."""
     if not 1 <= policy.max_draft <= MAX_DRAFT_LIMIT:
         raise BadRequest(f"max_draft={policy.max_draft} is out of range; use 1 to {MAX_DRAFT_LIMIT}", param="max_draft")
     if kv_fill == "propagate":
@@ -117,14 +119,6 @@ class StagedModel:
                              f"{self.max_seq}; shorten the prompt or lower max_tokens", param="max_tokens")
 
     # -- one decode step for a batch ---------------------------------------------------
-    def draft_budget(self, s: Sequence) -> int:
-        """How many tokens a speculative sequence may draft this step: its max_draft, capped
-        so the committed tokens (drafts + one) fit max_tokens and the context."""
-        if not s.policy.speculative:
-            return 0
-        return max(0, min(s.policy.max_draft, s.sampling.max_tokens - len(s.generated) - 1,
-                          self.max_seq - len(s.tokens) - 1))
-
     def step(self, seqs: list[Sequence]) -> list[list[tuple[int, int]] | Exception]:
         """Feed every sequence its unfed tokens; returns the new (token, exit_stage) pairs per
         sequence (one, or for a speculative sequence its accepted drafts plus one), or that
@@ -133,7 +127,8 @@ class StagedModel:
         for s in seqs:
             new = s.tokens[s.fed:]
             rows.append(StepRow(s.seq_id, torch.tensor(new, dtype=torch.long), len(s.tokens) - 1,
-                                s.sampling, s.policy, step=len(s.generated), draft=self.draft_budget(s)))
+                                s.sampling, s.policy, step=len(s.generated),
+                                draft=draft_budget(s.policy, s.sampling, len(s.generated), len(s.tokens), self.max_seq)))
             before[s.seq_id] = len(s.tokens)
             s.fed = len(s.tokens)
         out: dict[str, list[tuple[int, int]] | Exception] = {}
@@ -173,7 +168,8 @@ class StagedModel:
                     w.truncate(seq_id, keep)
                 s.fed = keep
                 s.rounds += 1
-                s.drafted += drafted.get(seq_id, 0)
+                s.last_drafted = drafted.get(seq_id, 0)
+                s.drafted += s.last_drafted
                 s.accepted += len(res) - 1
         return [out[s.seq_id] for s in seqs]
 
@@ -312,7 +308,8 @@ class InProcessBackend:
                     taken = self.model.commit(seq, res)
                     for i, (tok, stage) in enumerate(taken):
                         done = seq.finish_reason if i == len(taken) - 1 else None
-                        loop.call_soon_threadsafe(q.put_nowait, TokenEvent(tok, stage, done))
+                        verified = (seq.last_drafted, len(res) - 1) if i == 0 and seq.policy.speculative else None
+                        loop.call_soon_threadsafe(q.put_nowait, TokenEvent(tok, stage, done, verified))
                 if isinstance(res, Exception) or seq.finish_reason:
                     self.model.release(seq)
                     active.pop(seq.seq_id, None)

@@ -64,6 +64,14 @@ class ExitPolicy:
         return self.mode == "speculative"
 
 
+def draft_budget(policy: ExitPolicy, sampling: SamplingParams, generated: int, total: int, max_seq: int) -> int:
+    """How many tokens a speculative sequence may draft this step: its max_draft, capped so
+    the committed tokens (drafts + one) fit max_tokens and the context."""
+    if not policy.speculative:
+        return 0
+    return max(0, min(policy.max_draft, sampling.max_tokens - generated - 1, max_seq - total - 1))
+
+
 @dataclass
 class StepRow:
     seq_id: str
@@ -153,6 +161,10 @@ class StageWorker:
 
     def entry_error(self, row: StepRow) -> Exception | None:
         """Why ``row`` cannot enter this stage where it asks to (None: it can)."""
+        if row.draft > 0 and self.stage.first and not self.stage.has_exit:
+            return BadRequest(f"exit 'speculative' needs an exit head where the first stage ends (after layer "
+                              f"{self.end_layer}) and this model has none there; use exit 'off' or 'calibrated', "
+                              "or serve a checkpoint with exit heads at that split", param="exit")
         layer = self.start_layer if row.layer is None else row.layer
         if not self.start_layer <= layer < self.end_layer:
             return BadRequest(f"stage {self.index} holds layers {self.start_layer}-{self.end_layer - 1}; "
@@ -170,6 +182,12 @@ class StageWorker:
         if err is not None:
             raise err
         return 0 if row.layer is None else row.layer - self.start_layer
+
+    def fits_cache(self, row: StepRow) -> bool:
+        """Does ``row`` continue what this stage holds of its sequence? A speculative row may
+        also come after rejected drafts (more cached; :meth:`step` rolls them back)."""
+        have, start = self.cached_length(row.seq_id), row.position + 1 - row.inputs.shape[0]
+        return have == start or (row.policy.speculative and have > start)
 
     def cached_length(self, seq_id: str) -> int:
         return self.cache.length.get(seq_id, 0)

@@ -186,6 +186,9 @@ Cross-field checks that a JSON schema cannot express; each message names the val
 {{- if and (eq .Values.exit.mode "threshold") (kindIs "invalid" .Values.exit.threshold) -}}
 {{- fail "exit.mode is \"threshold\" but exit.threshold is not set; set exit.threshold (0..1)" -}}
 {{- end -}}
+{{- if and (eq .Values.exit.mode "speculative") (eq .Values.exit.kvFill "propagate") -}}
+{{- fail "exit.mode is \"speculative\" but exit.kvFill is \"propagate\" (approximate K/V; speculative output is exact): set exit.kvFill to \"exact\" or exit.mode to \"calibrated\"" -}}
+{{- end -}}
 {{- range $g := list "gpuWorkers" "cpuWorkers" -}}
 {{- $w := index $.Values $g -}}
 {{- if and $w.enabled (gt (int $w.minReplicas) (int $w.maxReplicas)) -}}

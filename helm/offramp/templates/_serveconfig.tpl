@@ -91,6 +91,7 @@ applications:
         mode: {{ $v.exit.mode }}
         threshold: {{ toJson $v.exit.threshold }}
         kv_fill: {{ $v.exit.kvFill }}
+        max_draft: {{ $v.exit.maxDraft | default 6 | int }}
       max_context: {{ toJson $v.model.maxContext }}
       max_tokens_cap: {{ $v.model.maxTokensCap }}
       api_key_env: {{ toJson $v.apiKey.envName }}

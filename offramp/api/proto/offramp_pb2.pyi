@@ -12,12 +12,14 @@ class ExitMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EXIT_MODE_UNSPECIFIED: _ClassVar[ExitMode]
     EXIT_MODE_OFF: _ClassVar[ExitMode]
     EXIT_MODE_CALIBRATED: _ClassVar[ExitMode]
+    EXIT_MODE_SPECULATIVE: _ClassVar[ExitMode]
 EXIT_MODE_UNSPECIFIED: ExitMode
 EXIT_MODE_OFF: ExitMode
 EXIT_MODE_CALIBRATED: ExitMode
+EXIT_MODE_SPECULATIVE: ExitMode
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "prompt_token_ids", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "exit_mode", "exit_threshold", "task", "model")
+    __slots__ = ("prompt", "prompt_token_ids", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "exit_mode", "exit_threshold", "task", "model", "max_draft")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +33,7 @@ class GenerateRequest(_message.Message):
     EXIT_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    MAX_DRAFT_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     max_tokens: int
@@ -44,19 +47,32 @@ class GenerateRequest(_message.Message):
     exit_threshold: float
     task: str
     model: str
-    def __init__(self, prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ..., exit_mode: _Optional[_Union[ExitMode, str]] = ..., exit_threshold: _Optional[float] = ..., task: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
+    max_draft: int
+    def __init__(self, prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ..., exit_mode: _Optional[_Union[ExitMode, str]] = ..., exit_threshold: _Optional[float] = ..., task: _Optional[str] = ..., model: _Optional[str] = ..., max_draft: _Optional[int] = ...) -> None: ...
+
+class SpeculativeStats(_message.Message):
+    __slots__ = ("drafted", "accepted", "verify_rounds")
+    DRAFTED_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    drafted: int
+    accepted: int
+    verify_rounds: int
+    def __init__(self, drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., verify_rounds: _Optional[int] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens", "total_tokens", "stages_skipped")
+    __slots__ = ("prompt_tokens", "completion_tokens", "total_tokens", "stages_skipped", "speculative")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     STAGES_SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    SPECULATIVE_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     stages_skipped: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ..., stages_skipped: _Optional[int] = ...) -> None: ...
+    speculative: SpeculativeStats
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ..., stages_skipped: _Optional[int] = ..., speculative: _Optional[_Union[SpeculativeStats, _Mapping]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("id", "model", "text", "token_ids", "exit_stages", "finish_reason", "usage", "num_stages")
