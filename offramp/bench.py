@@ -6,6 +6,7 @@ repeats, and the targets are ratios between them rather than absolute times.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import resource
@@ -26,6 +27,13 @@ def register(sub) -> None:
     c.add_argument("--batches", default="1,16", help="batch sizes, comma separated")
     c.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the median is reported")
     c.add_argument("--json", action="store_true", help="machine-readable output")
+    c.add_argument("--exits", action="store_true",
+                   help="exit modes instead: off, calibrated and speculative side by side on a checkpoint with "
+                        "exit heads (default: the embedded model) over held-out text prompts, against "
+                        "transformers generate and transformers assistant_early_exit (self-speculative, batch 1) "
+                        "at the draft layer; --stages sets the split (default 2)")
+    c.add_argument("--stages", type=int, default=2, help="with --exits: pipeline stages (stage 0 drafts)")
+    c.add_argument("--prompts-per-task", type=int, default=2, help="with --exits: held-out prompts per task")
     c.set_defaults(func=run_core)
     from offramp.deployments import bench_serve
     from offramp.placement import bench as bench_placement
@@ -65,6 +73,8 @@ def _rss_mb() -> float:
 
 
 def run_core(args) -> int:
+    if args.exits:
+        return run_exits(args)
     import torch
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM
@@ -147,4 +157,110 @@ def run_core(args) -> int:
     for k, v in ratios.items():
         print(f"{k}: {v}x")
     print(f"memory (MB): {report['memory_mb']}")
+    return 0
+
+
+def run_exits(args) -> int:
+    """``offramp bench core --exits``: exit modes side by side in one process (docs/benchmarks.md)."""
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM
+
+    from offramp.api.text import load_tokenizer
+    from offramp.deployments.bench_serve import TASKS, build_prompts
+    from offramp.ops.engine import StagedModel, resolve_model_dir
+    from offramp.ops.worker import ExitPolicy
+    from offramp.protocol import SamplingParams
+    from offramp.training.data import DataSpec, build_corpus
+
+    model_dir = resolve_model_dir(args.model)
+    batches = [int(b) for b in args.batches.split(",")]
+    n_new, plen = args.new_tokens, args.prompt_len
+    tok = load_tokenizer(model_dir)
+    heldout = build_corpus(DataSpec(), None)[1]
+    prompts = build_prompts(heldout, lambda t: tok.encode(t, add_special_tokens=True, verbose=False),
+                            args.prompts_per_task * len(TASKS), plen)
+    staged = StagedModel(model_dir, num_stages=args.stages, max_slots=max(batches), max_seq=plen + n_new + 8)
+    if not staged.workers[0].drafts:
+        raise ValueError(f"{model_dir}: no exit head where stage 0 ends (layer {staged.ranges[0][1]}); "
+                         "speculative cannot run with this split (try --stages 2)")
+    draft_layer = staged.ranges[0][1]
+    hf = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    sp = SamplingParams(max_tokens=n_new, ignore_eos=True)
+    modes = {"offramp-off": ExitPolicy("off"), "offramp-calibrated": ExitPolicy("calibrated"),
+             "offramp-speculative": ExitPolicy("speculative")}
+    times: dict[tuple[str, int], list[float]] = {}
+    accept: dict[str, list[int]] = {t: [0, 0, 0] for t in TASKS}  # drafted, accepted, rounds
+
+    def hf_generate(group, early_exit: int | None) -> None:
+        ids = torch.tensor([p for _, p in group])  # prompts are all plen long: no padding
+        kw = {"assistant_early_exit": early_exit} if early_exit else {}
+        hf.generate(ids, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=0,
+                    eos_token_id=None, **kw)
+
+    def contenders(b: int) -> list[str]:
+        names = ["transformers", *modes]
+        return names + ["transformers-early-exit"] if b == 1 else names  # assistant_early_exit: batch 1 only
+
+    total = args.repeats * sum(len(contenders(b)) for b in batches)
+    with tqdm(total=total, desc="bench core --exits", file=sys.stderr, disable=args.json) as bar, \
+            torch.inference_mode():
+        for r in range(args.repeats + 1):  # repeat 0 warms every contender up, discarded
+            for b in batches:
+                for name in contenders(b):
+                    t0 = time.perf_counter()
+                    for i in range(0, len(prompts), b):
+                        group = prompts[i:i + b]
+                        if name == "transformers":
+                            hf_generate(group, None)
+                        elif name == "transformers-early-exit":
+                            hf_generate(group, draft_layer)
+                        else:
+                            # batch 1: the prompt's task hint (per-task thresholds); a mixed group: none
+                            policy = dataclasses.replace(modes[name], task=group[0][0]) if b == 1 else modes[name]
+                            seqs = staged.generate([p for _, p in group], sp, policy)
+                            if name == "offramp-speculative" and r > 0 and b == 1:
+                                for (task, _), s in zip(group, seqs):
+                                    for j, v in enumerate((s.drafted, s.accepted, s.rounds)):
+                                        accept[task][j] += v
+                    if r > 0:
+                        times.setdefault((name, b), []).append(time.perf_counter() - t0)
+                        bar.update()
+
+    rows = []
+    for (name, b), ts in times.items():
+        t = statistics.median(ts)
+        rows.append({"contender": name, "batch": b, "tokens_per_s": round(len(prompts) * n_new / t, 1),
+                     "ms_per_token": round(1000 * t / (len(prompts) * n_new) * b, 2)})
+    tps = {(r["contender"], r["batch"]): r["tokens_per_s"] for r in rows}
+    ratios = {}
+    for b in batches:
+        ratios[f"speculative_vs_off_b{b}"] = round(tps[("offramp-speculative", b)] / tps[("offramp-off", b)], 2)
+        ratios[f"calibrated_vs_off_b{b}"] = round(tps[("offramp-calibrated", b)] / tps[("offramp-off", b)], 2)
+        ratios[f"off_vs_transformers_b{b}"] = round(tps[("offramp-off", b)] / tps[("transformers", b)], 2)
+    if 1 in batches:
+        ratios["speculative_vs_transformers_early_exit_b1"] = round(
+            tps[("offramp-speculative", 1)] / tps[("transformers-early-exit", 1)], 2)
+        ratios["transformers_early_exit_vs_transformers_b1"] = round(
+            tps[("transformers-early-exit", 1)] / tps[("transformers", 1)], 2)
+    acceptance = {t: {"drafted": d, "accepted": a, "verify_rounds": n,
+                      "mean_accepted": round(a / n, 2) if n else None,
+                      "deep_visits_per_token": round(n / (a + n), 3) if n else None}
+                  for t, (d, a, n) in accept.items()}
+    report = {"model": str(model_dir), "stages": args.stages, "draft_layer": draft_layer, "prompt_len": plen,
+              "new_tokens": n_new, "prompts": len(prompts), "threads": torch.get_num_threads(),
+              "results": rows, "ratios": ratios, "speculative_acceptance_b1": acceptance,
+              "targets": {"speculative_vs_transformers_early_exit_b1": "> 1"}}
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"model: {model_dir}, {args.stages} stages (drafts after layer {draft_layer}), {len(prompts)} held-out "
+          f"prompts of {plen} tokens, {n_new} new tokens, {report['threads']} threads")
+    print(f"{'contender':<26}{'batch':>6}{'tok/s':>10}{'ms/token':>10}")
+    for r in sorted(rows, key=lambda r: (r["batch"], r["contender"])):
+        print(f"{r['contender']:<26}{r['batch']:>6}{r['tokens_per_s']:>10}{r['ms_per_token']:>10}")
+    for k, v in ratios.items():
+        print(f"{k}: {v}x")
+    for t, a in acceptance.items():
+        print(f"speculative acceptance ({t}): {a}")
     return 0

@@ -101,3 +101,31 @@ def test_eval_json_keys_and_ranges(gated_model, capsys):
         # no exits -> everything at full depth and agreement 1
         if r["exit_rate"] == 0:
             assert r["agreement"] == 1 and r["frac_layers"] == 1
+
+
+def test_calibrate_draft_writes_draft_thresholds_and_keeps_the_agreement_ones(gated_model, capsys):
+    from offramp.cli import main
+    from offramp.ops.engine import StagedModel
+    from offramp.ops.exits import load_exits_config
+    from offramp.ops.worker import ExitPolicy
+    from offramp.protocol import SamplingParams
+
+    model_dir, data = gated_model
+    before = load_exits_config(model_dir).thresholds
+    rc = main(["calibrate-draft", "--model", str(model_dir), "--data", str(data), "--max-tokens", "200",
+               "--new-tokens", "16", "--max-draft", "4"])
+    assert rc == 0
+    cfg = load_exits_config(model_dir)
+    assert cfg.thresholds == before
+    assert set(cfg.draft_thresholds) == {str(L) for L in cfg.exit_layers}
+    assert all("default" in per for per in cfg.draft_thresholds.values())
+    assert cfg.draft_calibration["max_draft"] == 4 and cfg.draft_calibration["expected_speedup"]
+    assert "speedup" in capsys.readouterr().out
+    # the served worker reads them: greedy speculative still equals exits off
+    model = StagedModel(model_dir, num_stages=2)
+    sp = SamplingParams(max_tokens=12, ignore_eos=True)
+    off = model.generate([[5, 6, 7, 8]], sp, ExitPolicy("off"))[0].generated
+    spec = model.generate([[5, 6, 7, 8]], sp, ExitPolicy("speculative"))[0]
+    assert spec.generated == off
+    L = model.ranges[0][1]
+    assert model.workers[0].draft_threshold(ExitPolicy("speculative")) == cfg.draft_thresholds[str(L)]["default"]

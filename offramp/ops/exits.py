@@ -76,9 +76,11 @@ class ExitsConfig(BaseModel):
     draft_thresholds: dict[str, dict[str, float]] = Field(
         default_factory=dict,
         description="Speculative mode: draft_thresholds[str(L)][task], the exit confidence a drafted token "
-        "needs for drafting to go on, chosen for expected speed (`offramp calibrate --draft`). Missing: "
+        "needs for drafting to go on, chosen for expected speed (`offramp calibrate-draft`). Missing: "
         "DEFAULT_DRAFT_THRESHOLD.",
     )
+    draft_calibration: dict = Field(default_factory=dict, description="Provenance of the draft thresholds: "
+                                    "cost model and the expected speedup per layer and task.")
     calibration: Calibration | None = Field(None, description="Provenance of the thresholds.")
     training: dict = Field(default_factory=dict, description="Provenance of the exit heads.")
 

@@ -88,6 +88,17 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def cmd_calibrate_draft(args) -> int:
+    from offramp.training.draft import DraftSpec, calibrate_draft, format_report
+
+    model_dir = _model_dir(args.model)
+    spec = DraftSpec(max_draft=args.max_draft, visit_overhead=args.visit_overhead, max_tokens=args.max_tokens,
+                     prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, threads=args.threads)
+    res = calibrate_draft(model_dir, _data_dir(args.data), spec)
+    print(format_report(res["report"]))
+    return 0
+
+
 def cmd_eval(args) -> int:
     from offramp.training.evaluate import evaluate, format_table
 
@@ -174,6 +185,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("calibrate-draft", help="choose speculative draft thresholds for expected speed",
+                       description="Replays speculative rounds over held-out text (teacher forcing) per exit "
+                       "layer and task, and keeps the draft threshold with the most tokens per unit of work "
+                       "(docs/speculative.md). Writes draft_thresholds into offramp_exits.json.")
+    p.add_argument("--model", help="checkpoint directory (default: the embedded model)")
+    p.add_argument("--data", default="data/offramp")
+    p.add_argument("--max-draft", type=int, default=6, help="the max_draft the server runs with (default 6)")
+    p.add_argument("--visit-overhead", type=float, default=0.5,
+                   help="cost of one pipeline round trip in full-depth tokens: ~0.5 for the 2-stage CPU "
+                        "pipeline served (docs/benchmarks.md), 0 in one process")
+    p.add_argument("--max-tokens", type=int, default=4_000,
+                   help="held-out prompt tokens per task (prompts of --prompt-tokens each)")
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=64, help="greedy continuation scored per prompt")
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=cmd_calibrate_draft)
 
     p = sub.add_parser("eval", help="held-out agreement, perplexity and exit histogram per task")
     p.add_argument("--model", help="checkpoint directory (default: the embedded model)")
