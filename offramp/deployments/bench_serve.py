@@ -98,6 +98,11 @@ def register(bsub) -> None:
     s.add_argument("--proxy", choices=("haproxy", "python"), default="haproxy",
                    help="Serve's HTTP proxy for every HTTP contender: 'haproxy' (default; Serve's HAProxy mode, "
                    "RAY_SERVE_ENABLE_HA_PROXY=1, how the README runs it) or 'python' (Serve's own proxy actor)")
+    s.add_argument("--slow-deep-stages", metavar="STEP_MS,TOKEN_MS",
+                   help="put every stage after stage 0 of the served app on an emulated slow pool (the placement "
+                        "bench's emulation, AppArgs.emulate_pools): each forward pass there takes at least STEP_MS "
+                        "+ TOKEN_MS x positions, e.g. 20,2; the in-process and 1-stage contenders stay unemulated, "
+                        "so read the served-vs-served ratios (speculative / calibrated vs off)")
     s.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     s.set_defaults(func=run_serve)
 
@@ -509,6 +514,15 @@ def _run_serve(args, emit) -> int:
         raise ValueError("--concurrency, --stages, --repeats, --prompt-tokens and --requests must be >= 1, "
                          "--max-tokens >= 2 (TPOT needs two tokens)")
     levels = [1] if C == 1 else [1, C]
+    slow_deep = None
+    if args.slow_deep_stages:
+        try:
+            slow_deep = tuple(float(x) for x in args.slow_deep_stages.split(","))
+            assert len(slow_deep) == 2 and min(slow_deep) >= 0
+        except (ValueError, AssertionError):
+            raise ValueError(f"--slow-deep-stages {args.slow_deep_stages!r}: give STEP_MS,TOKEN_MS, e.g. 20,2") from None
+        if args.stages < 2:
+            raise ValueError("--slow-deep-stages needs --stages 2 or more (stage 0 stays fast)")
     names = [n for n in CONTENDERS if not (n == "plain_serve" and args.no_plain)
              and not (n == "transformers" and args.no_transformers)]
     model_dir = resolve_model_dir(args.model)
@@ -533,11 +547,17 @@ def _run_serve(args, emit) -> int:
         ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
 
-        def offramp_args(stages: int) -> AppArgs:
+        def offramp_args(stages: int, slow_deep: tuple[float, float] | None = None) -> AppArgs:
+            sa = StageArgs(max_batch_size=max(16, C), max_sequences=max(64, C))
+            if slow_deep is None:
+                return AppArgs(model=str(model_dir), num_stages=stages, model_name=model_name, api_key_env="",
+                               stages=[sa] * stages)
+            deep = sa.model_copy(update={"pool": "cpu"})
             return AppArgs(model=str(model_dir), num_stages=stages, model_name=model_name, api_key_env="",
-                           stages=[StageArgs(max_batch_size=max(16, C), max_sequences=max(64, C))] * stages)
+                           stages=[sa.model_copy(update={"pool": "gpu"})] + [deep] * (stages - 1),
+                           emulate_pools={"cpu": {"step_s": slow_deep[0] / 1000, "per_token_s": slow_deep[1] / 1000}})
 
-        serve.run(build_app(offramp_args(args.stages)), name="offramp", route_prefix="/")
+        serve.run(build_app(offramp_args(args.stages, slow_deep)), name="offramp", route_prefix="/")
         bar.update()
         serve.run(build_app(offramp_args(1)), name="offramp-1stage", route_prefix="/one")
         bar.update()
@@ -611,6 +631,7 @@ def _run_serve(args, emit) -> int:
 
         report: dict[str, Any] = {
             "model": str(model_dir), "stages": args.stages, "concurrency": levels, "proxy": args.proxy,
+            "slow_deep_stages_ms": slow_deep,
             "requests_per_wave": {f"c{c}": _requests_at(args, c) for c in levels},
             "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "repeats": args.repeats,
             "prompt_tasks": {t: sum(1 for pt, _ in prompts if pt == t) for t in TASKS},
