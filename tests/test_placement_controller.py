@@ -191,6 +191,18 @@ def test_signals_rates_and_reach_from_exits():
     assert w.context_len == 256 and w.concurrent_sequences == 3
 
 
+def test_speculative_traffic_counts_drafting_passes_and_deep_visits():
+    """An ingress that reports stage_passes (speculative rows: 4 passes of stage 0 per deep
+    visit): stage 0's arrival is its passes, the deep stages' their visits, so their reach
+    is deep visits per stage-0 pass."""
+    col = SignalCollector(RANGES)
+    eps = [{"stage": k, "replica": f"r{k}", "stats": {}} for k in range(4)]
+    col.sample(0.0, eps, {"stage_calls": [0] * 4, "stage_passes": [0] * 4})
+    obs = col.sample(10.0, eps, {"stage_calls": [250] * 4, "stage_passes": [1000, 250, 250, 250]})
+    assert [s.arrival_per_s for s in obs.stages] == [100, 25, 25, 25]
+    assert workload_from(obs, FACTS, 512).reach == pytest.approx([1.0, 0.25, 0.25, 0.25])
+
+
 def test_signals_split_prefill_and_decode_and_carry_gauges():
     col = SignalCollector(RANGES)
 

@@ -286,6 +286,9 @@ def test_served_speculative_equals_exits_off_and_reports_rounds(checkpoint, stag
     assert sum(a for _, a in rounds) + len(rounds) == sum(len(r) for r in ref)
     assert stats["speculative"]["drafted"] >= stats["speculative"]["accepted"]
     assert stats["stage_calls"][-1] == len(rounds), "one deep visit per verify round"
+    drafted = sum(d for d, _ in rounds)
+    assert stats["stage_passes"][0] == stats["stage_calls"][0] + drafted, "stage 0: a pass per draft more"
+    assert stats["stage_passes"][1:] == stats["stage_calls"][1:]
     assert not any(held.values()), held
 
 

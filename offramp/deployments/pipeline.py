@@ -235,6 +235,9 @@ class PipelineBackend:
         self.drafted = self.accepted = self.verify_rounds = 0
         self._ids = itertools.count()
         self.calls = [0] * num_stages  # stage visits on this ingress (exit skipping is visible here)
+        # forward passes caused per stage: visits, plus the drafting passes a speculative
+        # row makes inside stage 0 (the placement controller's arrival rates)
+        self.passes = [0] * num_stages
         self.frames = [0] * num_stages  # step frames sent to each stage (a frame carries many rows)
         self.hop_s_sum = [0.0] * num_stages  # summed hop cost of the step calls into each stage
         self.hop_n = [0] * num_stages
@@ -316,7 +319,7 @@ class PipelineBackend:
             if reset:
                 self._reset_at = now
         steps = sum(lane.steps for lane in self.lanes)
-        return {"stage_calls": list(self.calls), "stage_frames": list(self.frames),
+        return {"stage_calls": list(self.calls), "stage_passes": list(self.passes), "stage_frames": list(self.frames),
                 "hop_s_sum": [round(h, 6) for h in self.hop_s_sum],
                 "hop_n": list(self.hop_n), "num_stages": self.num_stages, "tokens": len(tpot) + len(ttft),
                 "replays": self.replays, "scheduler_steps": steps,
@@ -455,6 +458,7 @@ class PipelineBackend:
     async def _call(self, ep: Endpoint, items: list[tuple[_Seq, StepRow, int]]) -> list[dict]:
         k = ep.stage
         self.calls[k] += len(items)
+        self.passes[k] += len(items)
         self.frames[k] += 1
         now = time.monotonic()
         timeout = min(self.call_timeout, max(seq.deadline - now for seq, _, _ in items))
@@ -503,6 +507,7 @@ class PipelineBackend:
             if res.get("drafts") is not None:  # the drafting stage's chunk: drafted positions ride along
                 drafts, probs = tuple(int(t) for t in res["drafts"]), res.get("dq")
                 position += len(drafts)
+                self.passes[k] += len(drafts)
             onward.append((seq, StepRow(seq.session, res["h"], position, seq.request.sampling, seq.policy,
                                         step=seq.generated, drafts=drafts, draft_probs=probs), ep.end))
         return onward

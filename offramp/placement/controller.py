@@ -6,10 +6,14 @@ path: each stage replica's heartbeat stats in the registry (cumulative ``batches
 ingress's ``stage_calls`` (post-exit arrivals per stage). Rates are differences of the
 cumulative counters between two samples. From them:
 
-* arrival rate at stage k = d(stage_calls[k])/dt (falls back to the stage's summed
-  ``rows`` rate when the ingress cannot be read or its counters moved backwards, e.g.
-  a different ingress replica answered);
-* ``reach`` of every layer of stage k = arrival[k] / arrival[0] (exits between stages);
+* arrival rate at stage k = d(stage_passes[k])/dt: the forward passes the ingress caused
+  there, i.e. its visits plus, at stage 0, the drafting passes of speculative rows
+  (``stage_calls`` from an ingress that does not report passes; falls back to the stage's
+  summed ``rows`` rate when the ingress cannot be read or its counters moved backwards,
+  e.g. a different ingress replica answered);
+* ``reach`` of every layer of stage k = arrival[k] / arrival[0] (exits between stages;
+  with speculative traffic, deep visits per stage-0 pass: verification visits the deep
+  stages once per draft, so they look like stages behind an exit);
 * per-replica utilisation = d(busy_s)/dt, step time = d(busy_s)/d(batches), batch =
   d(rows)/d(batches); these also calibrate the cost model online
   (:class:`~offramp.placement.cost_model.Calibration`).
@@ -149,7 +153,8 @@ class SignalCollector:
     def sample(self, now: float, endpoints: list[dict], ingress: dict | None) -> Observation | None:
         """None on the first sample (rates need two)."""
         stats = {e["replica"]: {**(e.get("stats") or {}), "stage": e["stage"]} for e in endpoints}
-        calls = list(ingress["stage_calls"]) if ingress and "stage_calls" in ingress else None
+        key = "stage_passes" if ingress and "stage_passes" in ingress else "stage_calls"
+        calls = list(ingress[key]) if ingress and key in ingress else None
         hops = (list(ingress["hop_s_sum"]), list(ingress["hop_n"])) if ingress and "hop_n" in ingress else None
         prev, self._prev = self._prev, (now, stats, calls, hops)
         if prev is None or now <= prev[0]:
