@@ -339,3 +339,26 @@ def test_served_speculative_bad_requests(checkpoint):
 
     evs = asyncio.run(scenario())
     assert any(e.verified for e in evs) and all(e.verified[0] <= 2 for e in evs if e.verified)
+
+
+def test_served_speculative_rows_stop_drafting_above_draft_max_active(checkpoint):
+    """Past draft_max_active active requests a speculative row decodes one token per step
+    (no drafting pass, still the full model's tokens); at or below it, it drafts."""
+    import asyncio
+
+    whole = StagedModel(checkpoint, num_stages=1)
+    ref = [whole.generate([p], GREEDY, ExitPolicy("off"))[0].generated for p in PROMPTS]
+
+    async def scenario(limit):
+        reps, backend = _served(checkpoint, 2)
+        backend.draft_max_active = limit
+        try:
+            outs = await asyncio.gather(*(_events(backend, _spec_req(i, p, n=20)) for i, p in enumerate(PROMPTS)))
+            return outs, backend.stats()
+        finally:
+            reps.close()
+
+    for limit, drafts in ((0, False), (3, True)):
+        outs, stats = asyncio.run(scenario(limit))
+        assert [[e.token_id for e in evs] for evs in outs] == ref
+        assert (stats["speculative"]["drafted"] > 0) == drafts, limit

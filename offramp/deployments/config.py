@@ -140,6 +140,12 @@ class ExitArgs(BaseModel):
         DEFAULT_MAX_DRAFT, ge=1, le=MAX_DRAFT_LIMIT, description="Speculative requests that do not set max_draft: "
         "most tokens Stage0 drafts per visit to the deep stages. Longer drafts save more visits when the exit "
         "head agrees with the full model, and waste more deep compute when it does not.")
+    draft_max_active: int | None = Field(
+        4, ge=0, description="Speculative rows draft only while this ingress replica runs at most this many "
+        "requests; above it they decode one token per step (still exact). Drafting adds an exit-head pass per "
+        "drafted token: it pays when a deep visit costs more than its compute (one stream, a slow deep pool) and "
+        "costs throughput when the stages are compute-bound (docs/benchmarks.md, speculative exits). null: always "
+        "draft.")
     audit_rate: float = Field(
         0.25, ge=0, le=1, description="Fraction of greedy steps reaching the last stage that also check the "
         "exited tokens they backfill against full depth (one LM-head call on those rows; exact backfill only).")

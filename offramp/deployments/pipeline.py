@@ -224,13 +224,14 @@ class PipelineBackend:
                  request_timeout_s: float = 60.0, max_replays: int = 4, default_exit: str = "calibrated",
                  default_threshold: float | None = None, max_active: int = 256, model_name: str = "offramp",
                  audit_rate: float = 0.0, tuner: AgreementTuner | None = None, lease_s: float = DEFAULT_KV_LEASE_S,
-                 micro_batches: int = 2, max_draft: int = DEFAULT_MAX_DRAFT):
+                 micro_batches: int = 2, max_draft: int = DEFAULT_MAX_DRAFT, draft_max_active: int | None = None):
         self.num_stages, self.router = num_stages, router
         self.eos_token_ids, self.max_seq, self.vocab_size = eos_token_ids, max_seq, vocab_size
         self.kv_fill, self.call_timeout, self.request_timeout = kv_fill, call_timeout_s, request_timeout_s
         self.max_replays = max_replays
         self.default_exit, self.default_threshold = default_exit, default_threshold
         self.max_draft = max_draft  # speculative requests that do not say
+        self.draft_max_active = draft_max_active  # above this many active requests, speculative rows do not draft
         # speculative exits: tokens drafted, drafts accepted, verify rounds (deep visits)
         self.drafted = self.accepted = self.verify_rounds = 0
         self._ids = itertools.count()
@@ -416,11 +417,12 @@ class PipelineBackend:
         until every row exited at a gate, reached the last stage or failed."""
         await self.router.ready()
         todo: list[tuple[_Seq, StepRow, int]] = []
+        drafting = self.draft_max_active is None or self.active <= self.draft_max_active
         for seq in seqs:
             req = seq.request
+            budget = draft_budget(seq.policy, req.sampling, seq.generated, len(seq.tokens), self.max_seq)
             row = StepRow(seq.session, torch.tensor(seq.tokens[seq.fed:], dtype=torch.long), len(seq.tokens) - 1,
-                          req.sampling, seq.policy, step=seq.generated,
-                          draft=draft_budget(seq.policy, req.sampling, seq.generated, len(seq.tokens), self.max_seq))
+                          req.sampling, seq.policy, step=seq.generated, draft=budget if drafting else 0)
             todo.append((seq, row, 0))
         last = self.num_stages - 1
         for _ in range(self.router.num_layers or 1_000_000):

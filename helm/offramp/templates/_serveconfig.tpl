@@ -92,6 +92,7 @@ applications:
         threshold: {{ toJson $v.exit.threshold }}
         kv_fill: {{ $v.exit.kvFill }}
         max_draft: {{ $v.exit.maxDraft | default 6 | int }}
+        draft_max_active: {{ toJson $v.exit.draftMaxActive }}
       max_context: {{ toJson $v.model.maxContext }}
       max_tokens_cap: {{ $v.model.maxTokensCap }}
       api_key_env: {{ toJson $v.apiKey.envName }}
