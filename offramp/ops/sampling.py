@@ -77,6 +77,19 @@ def draw(probs: torch.Tensor, seed: int | None, step: int, stream: int = SAMPLE)
     return int(torch.multinomial(probs.cpu(), 1, generator=generator(seed, step, stream)).item())
 
 
+NON_FINITE = ("the model produced non-finite logits for this request (numerical overflow in the stage's "
+              "precision); retry with exits off or report it to the operator")
+
+
+def accept_greedy(argmax: list[int], drafts) -> list[int]:
+    """Greedy verification: the full model's argmax at the k drafted positions and the one
+    after (``argmax``, k+1 ids) -> the accepted drafts plus the full model's next token."""
+    for i, d in enumerate(drafts):
+        if argmax[i] != d:
+            return argmax[: i + 1]
+    return argmax[: len(drafts) + 1]
+
+
 def verify_drafts(logits: torch.Tensor, drafts: list[int], draft_probs: torch.Tensor | None, p: SamplingParams,
                   step: int) -> list[int] | RowFailed:
     """Speculative verification of one row: ``logits`` (k+1, V) are the full model's at the
@@ -93,16 +106,9 @@ def verify_drafts(logits: torch.Tensor, drafts: list[int], draft_probs: torch.Te
     k = len(drafts)
     top, greedy = logits.max(dim=-1)
     if not bool(torch.isfinite(top).all()):
-        return RowFailed("the model produced non-finite logits for this request (numerical overflow in the "
-                         "stage's precision); retry with exits off or report it to the operator")
-    greedy = greedy.tolist()
+        return RowFailed(NON_FINITE)
     if p.temperature < MIN_TEMPERATURE:
-        out = []
-        for i in range(k):
-            out.append(greedy[i])
-            if greedy[i] != drafts[i]:
-                return out
-        return out + [greedy[k]]
+        return accept_greedy(greedy.tolist(), drafts)
     if k and (draft_probs is None or draft_probs.shape[0] != k):
         return RowFailed("a sampled speculative row arrived without its draft distributions")
     try:

@@ -22,11 +22,12 @@ from typing import Literal
 
 import torch
 
-from offramp.errors import BadRequest, StageUnavailable
+from offramp.errors import BadRequest, RowFailed, StageUnavailable
 from offramp.ops import exits as ex
 from offramp.ops.kv_cache import KVCache
 from offramp.ops.layers import StepMeta
-from offramp.ops.sampling import DRAFT, choose_tokens, draw, processed_probs, verify_drafts
+from offramp.ops.sampling import (DRAFT, NON_FINITE, accept_greedy, choose_tokens, draw, processed_probs,
+                                  verify_drafts)
 from offramp.ops.stage import Stage
 from offramp.protocol import MIN_TEMPERATURE, SamplingParams
 
@@ -309,7 +310,7 @@ class StageWorker:
         if self.stage.last:
             spec = [b for b in live if rows[b].policy.speculative]
             if spec:
-                self._verify(rows, spec, h, lengths, results)
+                self._verify(rows, spec, h, h_last, lengths, results)
                 live = [b for b in live if b not in spec]
             if live:
                 logits = self.stage.final_logits(h_last[live])  # (b, V)
@@ -403,19 +404,31 @@ class StageWorker:
             out.add(b)
         return out
 
-    def _verify(self, rows, spec, h, lengths, results) -> None:
+    def _verify(self, rows, spec, h, h_last, lengths, results) -> None:
         """Last stage, speculative rows: the full model's logits at the drafted positions
-        and the one after decide what commits; the rejected positions leave this stage's KV."""
+        and the one after decide what commits; the rejected positions leave this stage's KV.
+        One LM-head call for all rows; greedy rows are checked on one argmax."""
         ks = [len(rows[b].drafts) for b in spec]
         if any(k >= lengths[b] for k, b in zip(ks, spec)):
             bad = next(b for k, b in zip(ks, spec) if k >= lengths[b])
             raise BadRequest(f"sequence {rows[bad].seq_id}: {len(rows[bad].drafts)} drafts need a chunk of more "
                              f"than {lengths[bad]} positions")
-        logits = self.stage.final_logits(torch.cat([h[b, lengths[b] - k - 1: lengths[b]] for b, k in zip(spec, ks)]))
+        if any(ks):
+            flat = torch.cat([h[b, lengths[b] - k - 1: lengths[b]] for b, k in zip(spec, ks)])
+        else:  # nothing drafted (e.g. under load): the rows' last positions
+            flat = h_last[spec]
+        logits = self.stage.final_logits(flat)  # (sum(k + 1), V)
+        top, argmax = logits.max(dim=-1)
+        finite, argmax = torch.isfinite(top).tolist(), argmax.tolist()
         i = 0
         for b, k in zip(spec, ks):
             row = rows[b]
-            out = verify_drafts(logits[i: i + k + 1], list(row.drafts), row.draft_probs, row.sampling, row.step)
+            if not all(finite[i: i + k + 1]):
+                out = RowFailed(NON_FINITE)
+            elif row.sampling.temperature < MIN_TEMPERATURE:
+                out = accept_greedy(argmax[i: i + k + 1], row.drafts)
+            else:
+                out = verify_drafts(logits[i: i + k + 1], list(row.drafts), row.draft_probs, row.sampling, row.step)
             i += k + 1
             if isinstance(out, Exception):
                 results[b].error = out
