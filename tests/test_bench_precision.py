@@ -19,7 +19,7 @@ def heldout(tmp_path):
 
 
 def test_precision_quality_and_time_ratios(tiny_model_dir, heldout):
-    from offramp.placement.bench_precision import measure
+    from offramp.bench.precision import measure
 
     res = measure(tiny_model_dir, heldout, ["fp32", "bf16", "int8"], max_tokens=256, seq_len=64, repeats=1,
                   progress=False)

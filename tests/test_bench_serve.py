@@ -11,20 +11,21 @@ import time
 
 import pytest
 
-from offramp.deployments import bench_serve as bs
+from offramp.bench import serve as bs
+from offramp.bench.common import percentile
 
 # ----------------------------------------------------------------------------- statistics
 
 
 def test_percentile_nearest_rank():
     xs = [5.0, 1.0, 4.0, 2.0, 3.0]
-    assert bs.percentile(xs, 0.5) == 3.0
-    assert bs.percentile(xs, 0.99) == 5.0
-    assert bs.percentile(xs, 0.0) == 1.0
-    assert bs.percentile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.0  # lower middle of an even count
-    assert bs.percentile(list(range(1, 201)), 0.99) == 198
-    assert bs.percentile([float("nan"), 2.0, None], 0.5) == 2.0  # non-finite values are skipped
-    assert math.isnan(bs.percentile([], 0.5))
+    assert percentile(xs, 0.5) == 3.0
+    assert percentile(xs, 0.99) == 5.0
+    assert percentile(xs, 0.0) == 1.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.0  # lower middle of an even count
+    assert percentile(list(range(1, 201)), 0.99) == 198
+    assert percentile([float("nan"), 2.0, None], 0.5) == 2.0  # non-finite values are skipped
+    assert math.isnan(percentile([], 0.5))
 
 
 def test_request_stats_ttft_tpot_and_failures():

@@ -1,25 +1,17 @@
-"""``offramp bench``: speed measured side by side in one run, printed as ratios.
-
-Machines here are noisy, so every contender runs in the same process, interleaved over
-repeats, and the targets are ratios between them rather than absolute times.
-"""
+"""``offramp bench core``: transformers ``generate`` against the staged model in one process;
+``--exits``: the exit modes side by side against transformers' ``assistant_early_exit``."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
-import os
-import resource
 import statistics
 import sys
 import tempfile
 import time
 
+from offramp.bench.common import json_stdout, peak_rss_mb
 
-def register(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks (ratios measured side by side)",
-                       description="Benchmarks that print ratios measured side by side in one run.")
-    bsub = p.add_subparsers(dest="bench", metavar="WHICH", required=True)
+
+def register(bsub) -> None:
     c = bsub.add_parser("core", help="transformers generate vs Offramp staged in-process (1 and 4 stages)")
     c.add_argument("--model", help="checkpoint dir (default: a random ~20M-parameter Llama-style model)")
     c.add_argument("--prompt-len", type=int, default=32)
@@ -35,46 +27,35 @@ def register(sub) -> None:
     c.add_argument("--stages", type=int, default=2, help="with --exits: pipeline stages (stage 0 drafts)")
     c.add_argument("--prompts-per-task", type=int, default=2, help="with --exits: held-out prompts per task")
     c.set_defaults(func=run_core)
-    from offramp.deployments import bench_serve
-    from offramp.placement import bench as bench_placement
-    from offramp.placement import bench_precision
-
-    bench_serve.register(bsub)
-    bench_placement.register(bsub)
-    bench_precision.register(bsub)
-
-
-@contextlib.contextmanager
-def json_stdout(enabled: bool):
-    """For ``--json``: while active, everything written to file descriptor 1 (Ray's worker
-    log lines echoed by the driver, library prints) goes to stderr instead, so stdout
-    carries only the JSON, written with the yielded ``emit(obj)``."""
-    if not enabled:
-        yield lambda obj: print(json.dumps(obj, indent=2))
-        return
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-
-    def emit(obj) -> None:
-        sys.stdout.flush()
-        os.write(saved, (json.dumps(obj, indent=2) + "\n").encode())
-
-    try:
-        yield emit
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
-
-
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_core(args) -> int:
-    if args.exits:
-        return run_exits(args)
+    with json_stdout(args.json) as emit:
+        return (_run_exits if args.exits else _run_core)(args, emit)
+
+
+def _median_rows(times: dict[tuple[str, int], list[float]], new_tokens: int,
+                 sequences: int | None = None) -> list[dict]:
+    """One row per (contender, batch) from its repeats' times, median: tokens/s, and ms per
+    token of one sequence. A timed run generates ``new_tokens`` for each of ``sequences``
+    prompts (default: the batch) in batches of ``batch``."""
+    rows = []
+    for (name, b), ts in times.items():
+        t, n = statistics.median(ts), (sequences or b) * new_tokens
+        rows.append({"contender": name, "batch": b, "tokens_per_s": round(n / t, 1),
+                     "ms_per_token": round(1000 * t / n * b, 2)})
+    return rows
+
+
+def _print_results(rows: list[dict], ratios: dict, width: int) -> None:
+    print(f"{'contender':<{width}}{'batch':>6}{'tok/s':>10}{'ms/token':>10}")
+    for r in sorted(rows, key=lambda r: (r["batch"], r["contender"])):
+        print(f"{r['contender']:<{width}}{r['batch']:>6}{r['tokens_per_s']:>10}{r['ms_per_token']:>10}")
+    for k, v in ratios.items():
+        print(f"{k}: {v}x")
+
+
+def _run_core(args, emit) -> int:
     import torch
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM
@@ -88,15 +69,15 @@ def run_core(args) -> int:
                                               with_tokenizer=False, tie_word_embeddings=True)
     batches = [int(b) for b in args.batches.split(",")]
     n_new, plen = args.new_tokens, args.prompt_len
-    rss0 = _rss_mb()
+    rss0 = peak_rss_mb()
     hf = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
     n_params = sum(p.numel() for p in hf.parameters())
     vocab = hf.config.vocab_size
-    rss_hf = _rss_mb()
+    rss_hf = peak_rss_mb()
     staged = {n: StagedModel(model_dir, num_stages=n, max_slots=max(batches), max_seq=plen + n_new + 1)
               for n in (1, 4)}
     bf16 = StagedModel(model_dir, num_stages=1, dtypes="bf16", max_slots=max(batches), max_seq=plen + n_new + 1)
-    rss_staged = _rss_mb()
+    rss_staged = peak_rss_mb()
     stage_mb = {n: [round((w.stage.layer_bytes() + sum(p.numel() * p.element_size() for name, p in
                 w.stage.named_parameters() if not name.startswith("layers.")) + w.cache.bytes) / 2**20, 1)
                     for w in m.workers] for n, m in staged.items()}
@@ -125,11 +106,7 @@ def run_core(args) -> int:
                     times.setdefault((name, b), []).append(time.perf_counter() - t0)
                     bar.update()
 
-    rows = []
-    for (name, b), ts in times.items():
-        t = statistics.median(ts)
-        rows.append({"contender": name, "batch": b, "tokens_per_s": round(b * n_new / t, 1),
-                     "ms_per_token": round(1000 * t / n_new, 2)})
+    rows = _median_rows(times, n_new)
     tps = {(r["contender"], r["batch"]): r["tokens_per_s"] for r in rows}
     ratios = {}
     for b in batches:
@@ -147,27 +124,23 @@ def run_core(args) -> int:
                     "offramp_4stage_vs_1stage": ">= 0.9"},
     }
     if args.json:
-        print(json.dumps(report, indent=2))
+        emit(report)
         return 0
     print(f"model: {report['model']}, {report['params_m']}M params, prompt {plen}, {n_new} new tokens, "
           f"{report['threads']} threads")
-    print(f"{'contender':<18}{'batch':>6}{'tok/s':>10}{'ms/token':>10}")
-    for r in sorted(rows, key=lambda r: (r["batch"], r["contender"])):
-        print(f"{r['contender']:<18}{r['batch']:>6}{r['tokens_per_s']:>10}{r['ms_per_token']:>10}")
-    for k, v in ratios.items():
-        print(f"{k}: {v}x")
+    _print_results(rows, ratios, 18)
     print(f"memory (MB): {report['memory_mb']}")
     return 0
 
 
-def run_exits(args) -> int:
+def _run_exits(args, emit) -> int:
     """``offramp bench core --exits``: exit modes side by side in one process (docs/benchmarks.md)."""
     import torch
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM
 
     from offramp.api.text import load_tokenizer
-    from offramp.deployments.bench_serve import TASKS, build_prompts
+    from offramp.bench.serve import TASKS, build_prompts
     from offramp.ops.engine import StagedModel, resolve_model_dir
     from offramp.ops.worker import ExitPolicy
     from offramp.protocol import SamplingParams
@@ -227,11 +200,7 @@ def run_exits(args) -> int:
                         times.setdefault((name, b), []).append(time.perf_counter() - t0)
                         bar.update()
 
-    rows = []
-    for (name, b), ts in times.items():
-        t = statistics.median(ts)
-        rows.append({"contender": name, "batch": b, "tokens_per_s": round(len(prompts) * n_new / t, 1),
-                     "ms_per_token": round(1000 * t / (len(prompts) * n_new) * b, 2)})
+    rows = _median_rows(times, n_new, len(prompts))
     tps = {(r["contender"], r["batch"]): r["tokens_per_s"] for r in rows}
     ratios = {}
     for b in batches:
@@ -252,15 +221,11 @@ def run_exits(args) -> int:
               "results": rows, "ratios": ratios, "speculative_acceptance_b1": acceptance,
               "targets": {"speculative_vs_transformers_early_exit_b1": "> 1"}}
     if args.json:
-        print(json.dumps(report, indent=2))
+        emit(report)
         return 0
     print(f"model: {model_dir}, {args.stages} stages (drafts after layer {draft_layer}), {len(prompts)} held-out "
           f"prompts of {plen} tokens, {n_new} new tokens, {report['threads']} threads")
-    print(f"{'contender':<26}{'batch':>6}{'tok/s':>10}{'ms/token':>10}")
-    for r in sorted(rows, key=lambda r: (r["batch"], r["contender"])):
-        print(f"{r['contender']:<26}{r['batch']:>6}{r['tokens_per_s']:>10}{r['ms_per_token']:>10}")
-    for k, v in ratios.items():
-        print(f"{k}: {v}x")
+    _print_results(rows, ratios, 26)
     for t, a in acceptance.items():
         print(f"speculative acceptance ({t}): {a}")
     return 0

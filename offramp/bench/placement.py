@@ -28,13 +28,14 @@ low busy threshold): it shows the mechanism (act, zero failures) but not a recov
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+
+from offramp.bench.common import json_stdout, percentile
 
 APP = "offramp"
 
@@ -149,12 +150,11 @@ class _Load:
 
 
 def _p99(xs: list[float]) -> float | None:
-    return round(1000 * sorted(xs)[min(len(xs) - 1, int(0.99 * len(xs)))], 2) if xs else None
+    """p99 of TPOT samples (seconds) in ms, None without samples."""
+    return round(1000 * percentile(xs, 0.99), 2) if xs else None
 
 
 def run(args) -> int:
-    from offramp.bench import json_stdout
-
     with json_stdout(args.json) as emit:
         return _run(args, emit)
 

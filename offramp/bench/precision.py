@@ -21,6 +21,8 @@ import statistics
 import time
 from pathlib import Path
 
+from offramp.bench.common import json_stdout
+
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 
 
@@ -105,18 +107,17 @@ def _in_precision(model, precision: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
     import torch
 
     from offramp.ops.engine import resolve_model_dir
 
     torch.set_num_threads(args.threads)
-    res = measure(resolve_model_dir(args.model), args.data, [p.strip() for p in args.precisions.split(",")],
-                  args.max_tokens, args.seq_len, args.repeats, progress=not args.json)
-    if args.json:
-        print(json.dumps(res, indent=2))
-        return 0
+    with json_stdout(args.json) as emit:
+        res = measure(resolve_model_dir(args.model), args.data, [p.strip() for p in args.precisions.split(",")],
+                      args.max_tokens, args.seq_len, args.repeats, progress=not args.json)
+        if args.json:
+            emit(res)
+            return 0
     precs = list(res["overall"])
     print(f"{'task':8} " + " ".join(f"{p + ' agree':>11} {p + ' ppl':>9}" for p in precs))
     for task, row in [*res["tasks"].items(), ("overall", res["overall"])]:

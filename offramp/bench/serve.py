@@ -43,8 +43,9 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
+from offramp.bench.common import json_stdout, percentile
 TASKS = ("qa", "math", "coding")
 STREAMED = ("served", "served_calibrated", "served_speculative", "served_1stage")
 CONTENDERS = {
@@ -108,15 +109,6 @@ def register(bsub) -> None:
 
 
 # ----------------------------------------------------------------------------- statistics
-
-
-def percentile(xs: Iterable[float], q: float) -> float:
-    """Nearest-rank percentile (``q`` in [0, 1]) of the finite values; NaN when there are none.
-    p50 of an even count is the lower middle value; p99 of fewer than 100 values is the max."""
-    v = sorted(x for x in xs if x is not None and math.isfinite(x))
-    if not v:
-        return float("nan")
-    return v[min(len(v) - 1, max(0, math.ceil(q * len(v)) - 1))]
 
 
 def request_stats(t_send: float, stamps: list[float], expected: int | None = None,
@@ -474,8 +466,6 @@ def plain_serve_deployment(max_batch_size: int, num_cpus: float, threads: int = 
 
 
 def run_serve(args) -> int:
-    from offramp.bench import json_stdout
-
     with json_stdout(args.json) as emit:
         return _run_serve(args, emit)
 

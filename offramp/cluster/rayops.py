@@ -298,12 +298,13 @@ def registry_endpoints(app_name: str, timeout: float = 10.0) -> list[dict]:
 def assigned_pool(default: str) -> str:
     """The pool this actor was scheduled on: the ``pool_<name>`` custom resource it holds
     (the placement mover moves a stage by changing that resource), else ``default``."""
-    from offramp.deployments.config import pool_of
+    from offramp.cluster import pool_of
 
     try:
-        return pool_of(ray.get_runtime_context().get_assigned_resources(), default)
+        held = ray.get_runtime_context().get_assigned_resources()
     except Exception:  # noqa: BLE001 - not in a Ray worker
         return default
+    return pool_of(held, default)
 
 
 def assigned_cpus() -> float | None:

@@ -76,12 +76,6 @@ def stage_threads(configured: int | None, env: str | None, num_cpus: float | Non
     return max(1, int(num_cpus))
 
 
-def pool_of(resources: dict, default: str) -> str:
-    """The pool named by a ``pool_<name>`` custom resource among ``resources`` (how a
-    deployment is placed on a pool), else ``default``."""
-    return next((k.removeprefix("pool_") for k in sorted(resources) if k.startswith("pool_")), default)
-
-
 class StageArgs(BaseModel):
     """Settings of one stage deployment (index = position in ``AppArgs.stages``)."""
 

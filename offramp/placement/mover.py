@@ -61,7 +61,8 @@ import uuid
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Literal, Protocol
 
-from offramp.deployments.config import PRECISIONS, STAGE_DTYPE_ENV, STAGE_LAYERS_ENV, parse_layers, pool_of
+from offramp.cluster import pool_of
+from offramp.deployments.config import PRECISIONS, STAGE_DTYPE_ENV, STAGE_LAYERS_ENV, parse_layers
 from offramp.errors import OfframpError
 from offramp.placement.planner import StageDeployment
 from offramp.placement.policy import Move
