@@ -135,7 +135,7 @@ class ExitArgs(BaseModel):
         "most tokens Stage0 drafts per visit to the deep stages. Longer drafts save more visits when the exit "
         "head agrees with the full model, and waste more deep compute when it does not.")
     draft_max_active: int | None = Field(
-        4, ge=0, description="Speculative rows draft only while this ingress replica runs at most this many "
+        1, ge=0, description="Speculative rows draft only while this ingress replica runs at most this many "
         "requests; above it they decode one token per step (still exact). Drafting adds an exit-head pass per "
         "drafted token: it pays when a deep visit costs more than its compute (one stream, a slow deep pool) and "
         "costs throughput when the stages are compute-bound (docs/benchmarks.md, speculative exits). null: always "
