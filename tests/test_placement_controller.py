@@ -600,6 +600,12 @@ def test_registry_combines_every_ingress_replica(monkeypatch):
     assert reg.ingress_totals()["stage_calls"] == [12, 7, 2]
     reg.deregister("a")
     assert reg.ingress_totals() is None
+    # speculative load: passes (stage 0's drafting passes) are summed when every replica has them
+    reg.ingress_heartbeat("a", {"stage_calls": [4, 4], "stage_passes": [10, 4], "tokens": 9})
+    reg.ingress_heartbeat("b", {"stage_calls": [2, 2], "stage_passes": [5, 2], "tokens": 4})
+    assert reg.ingress_totals()["stage_passes"] == [15, 6]
+    reg.ingress_heartbeat("c", {"stage_calls": [1, 1], "tokens": 1})  # an older ingress: no passes
+    assert "stage_passes" not in reg.ingress_totals() and reg.ingress_totals()["stage_calls"] == [7, 7]
 
 
 def test_precision_move_is_make_before_break_and_touches_one_deployment(surge):

@@ -58,8 +58,9 @@ class RegistryCore:
         self._ingress[replica] = {"stats": stats, "seen": time.time()}
 
     def ingress_totals(self) -> dict | None:
-        """Every live ingress replica's stats combined: ``stage_calls`` and ``tokens``
-        summed, latency percentiles the worst replica's (a conservative p99), ``replicas``."""
+        """Every live ingress replica's stats combined: ``stage_calls`` (``stage_passes``
+        when every replica reports it) and ``tokens`` summed, latency percentiles the worst
+        replica's (a conservative p99), ``replicas``."""
         now = time.time()
         for k in [k for k, e in self._ingress.items() if now - e["seen"] > STALE_S * 4]:
             del self._ingress[k]
@@ -69,7 +70,10 @@ class RegistryCore:
         n = max(len(s.get("stage_calls", ())) for s in live)
         out = {"num_stages": n, "tokens": sum(s.get("tokens", 0) for s in live), "replicas": len(live),
                "replays": sum(s.get("replays", 0) for s in live)}
-        for key in ("stage_calls", "hop_s_sum", "hop_n"):  # cumulative per-stage counters: summed
+        summed = ["stage_calls", "hop_s_sum", "hop_n"]  # cumulative per-stage counters
+        if all(len(s.get("stage_passes", ())) == n for s in live):  # not with a replica that lacks them
+            summed.append("stage_passes")
+        for key in summed:
             out[key] = [sum(s[key][k] for s in live if len(s.get(key, ())) == n) for k in range(n)]
         for key in ("ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50", "tpot_ms_p99"):
             vals = [s[key] for s in live if s.get(key) is not None]
