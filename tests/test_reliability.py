@@ -137,6 +137,36 @@ def test_a_batch_that_fails_as_a_whole_is_retried_request_by_request(tiny_model_
     assert backend.router.dead == {} and backend.replays == 0
 
 
+def test_a_row_the_stage_cannot_admit_fails_alone_in_its_frame(tiny_model_dir):
+    """A frame with established sequences and one that finds no free KV slot (or one whose
+    KV the stage lacks): only that row gets its error; the others run in the same pass."""
+    w = _worker(tiny_model_dir, (0, 2), 0, 2)
+    w.cache = type(w.cache)(len(w.stage.layers), 2, w.max_seq, w.stage.spec.num_kv_heads, w.stage.spec.head_dim,
+                            w.stage.lm_dtype)
+    srv = StageServer(w, "tok", batch_wait_timeout_s=0.0)
+
+    async def scenario():
+        client = StageClient("127.0.0.1", srv.port, "tok")
+        try:
+            for seq in ("a", "b"):  # both slots taken
+                await client.step([StepRow(seq, torch.tensor([5, 9, 17]), 2)], timeout=10)
+            return await client.step([StepRow("a", torch.tensor([4]), 3), StepRow("new", torch.tensor([5, 6]), 1),
+                                      StepRow("b", torch.tensor([4]), 9), StepRow("b2", torch.tensor([7, 8]), 1)],
+                                     timeout=10)
+        finally:
+            client.close()
+
+    try:
+        a, new, b_gap, b2 = asyncio.run(scenario())
+        assert a.get("error") is None and a["h"] is not None
+        assert isinstance(new["error"], errors.Overloaded)
+        assert isinstance(b_gap["error"], pl.KVMissing)
+        assert isinstance(b2["error"], errors.Overloaded)  # a new sequence again: no slot
+        assert w.cached_length("a") == 4 and w.cached_length("b") == 3 and "new" not in w.cache.slot_of
+    finally:
+        srv.close()
+
+
 # -- KV leases ------------------------------------------------------------------------------
 def test_kv_lease_reclaims_abandoned_sequences_and_renewal_keeps_live_ones(tiny_model_dir):
     srv = StageServer(_worker(tiny_model_dir, (0, 2), 0, 2), "tok", batch_wait_timeout_s=0.0, lease_s=0.6)

@@ -408,20 +408,33 @@ class StageServer:
                     conn.send(_error_header(header.get("id"), e))
 
     async def _run_steps(self, steps: list[tuple]) -> None:
-        good, seen = [], set()
+        """One forward pass over the admitted rows of every frame. A row that cannot be
+        admitted (KV it lacks, no free slot, sent twice) gets its own error in its frame's
+        answer; the frame's other rows run (a new sequence finding no slot fails alone, not
+        the established sequences it shares a frame with)."""
+        good, seen, new = [], set(), set()
         for item, rows, carriers in steps:
-            err = self._check(rows, seen, new_slots=sum(1 for s in seen if s not in self.worker.cache.slot_of))
-            if err is not None:
-                item[2].send(_error_header(item[0].get("id"), err))
-            else:
-                good.append((item, rows, carriers))
+            order: list[int | StepResult] = []  # per row of the frame: index into the kept rows, or its error
+            kept, kept_carriers = [], []
+            for r, c in zip(rows, carriers):
+                err = self._check_row(r, seen, new)
+                if err is not None:
+                    order.append(StepResult(r.seq_id, error=err))
+                else:
+                    order.append(len(kept))
+                    kept.append(r)
+                    kept_carriers.append(c)
+            if not kept:
+                self._answer(item[0], item[2], order)
+                continue
+            good.append((item, kept, kept_carriers, order))
         if not good:
             return
-        flat = [r for _, rows, _ in good for r in rows]
-        carriers = [c for _, _, cs in good for c in cs]
+        flat = [r for _, rows, _, _ in good for r in rows]
+        carriers = [c for _, _, cs, _ in good for c in cs]
         lengths = [r.inputs.shape[0] for r in flat]  # positions per row
         now = time.monotonic()
-        for (header, *_), rows, _ in good:
+        for (header, *_), rows, _, _ in good:
             wait = max(0.0, now - header.get("_queued_at", now))
             self.wait_s += wait * len(rows)
             self.waited_rows += len(rows)
@@ -438,7 +451,9 @@ class StageServer:
             except Exception as e:  # noqa: BLE001
                 if len(flat) == 1:
                     log.exception("stage %d forward failed", w.index)
-                    good[0][0][2].send(_error_header(good[0][0][0].get("id"), e))
+                    (header, _, conn), _, _, order = good[0]
+                    self._answer(header, conn, [StepResult(flat[0].seq_id, error=e) if isinstance(o, int) else o
+                                                for o in order])
                     return
                 # The batch as a whole failed: one sequence at a time, so only the row that
                 # breaks it fails (the others' KV is untouched by a failed pass).
@@ -463,14 +478,14 @@ class StageServer:
             live = [(row, res) for row, res in zip(flat, results) if not row.flush]
             metrics.record_gate(w.index, evaluated=len(live), exited=sum(res.exited for _, res in live))
         i = 0
-        for (header, _, conn), rows, _ in good:
-            self._answer(header, conn, results[i: i + len(rows)])
+        for (header, _, conn), rows, _, order in good:
+            self._answer(header, conn, _in_order(order, results[i: i + len(rows)]))
             i += len(rows)
 
     async def _one_by_one(self, good: list[tuple]) -> None:
         """After a whole-batch failure: every row (one sequence) alone, so only the rows
         that break the pass fail; each frame is answered with its rows' results."""
-        for (header, _, conn), rows, _ in good:
+        for (header, _, conn), rows, _, order in good:
             results = []
             for row in rows:
                 try:
@@ -479,7 +494,7 @@ class StageServer:
                     log.exception("stage %d forward failed for sequence %s", self.worker.index, row.seq_id)
                     res = StepResult(row.seq_id, error=e)
                 results.append(res)
-            self._answer(header, conn, results)
+            self._answer(header, conn, _in_order(order, results))
 
     def _answer(self, header: dict, conn: _Conn, results) -> None:
         packer = _Packer()
@@ -506,20 +521,22 @@ class StageServer:
         server_s = time.monotonic() - header.get("_queued_at", time.monotonic())
         conn.send({"id": header.get("id"), "ok": True, "results": out, "server_s": round(server_s, 6)}, packer)
 
-    def _check(self, rows: list[StepRow], seen: set, new_slots: int) -> Exception | None:
-        for r in rows:
-            if r.seq_id in seen:
-                return errors.BadRequest(f"sequence {r.seq_id} sent twice in one batch")
-            err = self.worker.entry_error(r)
-            if err is not None:
-                return err
-            if not self.worker.fits_cache(r):
-                return KVMissing(f"stage {self.worker.index} holds {self.worker.cached_length(r.seq_id)} positions "
-                                 f"of {r.seq_id}; replay it")
-        new = sum(1 for r in rows if r.seq_id not in self.worker.cache.slot_of)
-        if self.worker.cache.free_slots() < new + new_slots:
-            return errors.Overloaded(f"stage {self.worker.index} has no free KV slot; retry later")
-        seen.update(r.seq_id for r in rows)
+    def _check_row(self, r: StepRow, seen: set, new: set) -> Exception | None:
+        """Why one row cannot join this pass (None: it can). ``seen``: sequences already in
+        the pass; ``new``: those among them that take a free KV slot."""
+        if r.seq_id in seen:
+            return errors.BadRequest(f"sequence {r.seq_id} sent twice in one batch")
+        err = self.worker.entry_error(r)
+        if err is not None:
+            return err
+        if not self.worker.fits_cache(r):
+            return KVMissing(f"stage {self.worker.index} holds {self.worker.cached_length(r.seq_id)} positions "
+                             f"of {r.seq_id}; replay it")
+        if r.seq_id not in self.worker.cache.slot_of:
+            if self.worker.cache.free_slots() <= len(new):
+                return errors.Overloaded(f"stage {self.worker.index} has no free KV slot; retry later")
+            new.add(r.seq_id)
+        seen.add(r.seq_id)
         return None
 
     def info(self) -> dict:
@@ -536,6 +553,12 @@ class StageServer:
 
 
 # -- client -------------------------------------------------------------------------------
+def _in_order(order: list, results: list) -> list:
+    """A frame's answer in its rows' order: the pass's results for the admitted rows
+    (``order`` holds their index) and the refused rows' own errors."""
+    return [results[o] if isinstance(o, int) else o for o in order]
+
+
 class StageClient:
     """One multiplexed connection to a stage replica; every call and write has a timeout.
 
