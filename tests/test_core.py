@@ -142,6 +142,12 @@ def test_exact_backfill_kv_equals_full_prefill(checkpoint, mixed_exits, stages):
                           ExitPolicy("threshold", 0.5), keep_kv=True)
     stages_seen = {st for s in seqs for st in s.exit_stages}
     assert len(stages_seen) > 1, "the test needs a mix of early and full-depth tokens"
+    assert_kv_equals_full_prefill(model, checkpoint, seqs, stages)
+
+
+def assert_kv_equals_full_prefill(model: StagedModel, checkpoint, seqs, stages: int) -> None:
+    """Every stage's KV of each sequence (kept with ``keep_kv``) equals a full-depth prefill
+    of its final tokens, and nothing is left parked."""
     ref = StagedModel(checkpoint, num_stages=stages)
     for s in seqs:
         final = s.tokens[:-1]  # the last token is output, never fed
@@ -149,6 +155,7 @@ def test_exact_backfill_kv_equals_full_prefill(checkpoint, mixed_exits, stages):
         ref_id = f"seq-{next(ref._ids) - 1}"
         for w, rw in zip(model.workers, ref.workers):
             assert w.cached_length(s.seq_id) == len(final)
+            assert not w.pending.get(s.seq_id)
             for layer in range(len(w.stage.layers)):
                 k, v = w.cache.layer_kv(s.seq_id, layer)
                 rk, rv = rw.cache.layer_kv(ref_id, layer)

@@ -19,6 +19,7 @@ from offramp.ops.presets import make_checkpoint
 from offramp.ops.sampling import processed_probs, verify_drafts
 from offramp.ops.worker import ExitPolicy
 from offramp.protocol import SamplingParams
+from test_core import assert_kv_equals_full_prefill
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [20, 30, 40, 50, 60]]
 GREEDY = SamplingParams(max_tokens=20, ignore_eos=True)
@@ -38,22 +39,6 @@ def mixed_confidence(monkeypatch):
     monkeypatch.setattr(ex, "confidence", lambda logits, metric: (logits.float().sum(-1) * 1000).remainder(1.0))
 
 
-def _kv_equals_full_prefill(model: StagedModel, checkpoint, seqs, stages: int) -> None:
-    ref = StagedModel(checkpoint, num_stages=stages)
-    for s in seqs:
-        final = s.tokens[:-1]  # the last token is output, never fed
-        ref.generate([final], SamplingParams(max_tokens=1, ignore_eos=True), ExitPolicy("off"), keep_kv=True)
-        ref_id = f"seq-{next(ref._ids) - 1}"
-        for w, rw in zip(model.workers, ref.workers):
-            assert w.cached_length(s.seq_id) == len(final)
-            assert not w.pending.get(s.seq_id)
-            for layer in range(len(w.stage.layers)):
-                k, v = w.cache.layer_kv(s.seq_id, layer)
-                rk, rv = rw.cache.layer_kv(ref_id, layer)
-                torch.testing.assert_close(k, rk, atol=1e-5, rtol=1e-4)
-                torch.testing.assert_close(v, rv, atol=1e-5, rtol=1e-4)
-
-
 @pytest.mark.parametrize("stages", [2, 4])
 @pytest.mark.parametrize("max_draft", [1, 4])
 def test_forced_drafts_equal_exits_off(checkpoint, stages, max_draft):
@@ -63,7 +48,7 @@ def test_forced_drafts_equal_exits_off(checkpoint, stages, max_draft):
     assert [s.generated for s in spec] == [s.generated for s in off]
     assert sum(s.drafted for s in spec) > 0
     assert all(s.rounds + s.accepted == len(s.generated) for s in spec), "a round commits its accepted drafts + 1"
-    _kv_equals_full_prefill(model, checkpoint, spec, stages)
+    assert_kv_equals_full_prefill(model, checkpoint, spec, stages)
 
 
 @pytest.mark.parametrize("stages", [2, 4])
@@ -75,7 +60,7 @@ def test_mixed_draft_lengths_after_rejections_keep_exact_kv(checkpoint, mixed_co
     assert [s.generated for s in spec] == [s.generated for s in off]
     drafted, accepted = sum(s.drafted for s in spec), sum(s.accepted for s in spec)
     assert drafted > accepted > 0, "the test needs accepted and rejected drafts"
-    _kv_equals_full_prefill(model, checkpoint, spec, stages)
+    assert_kv_equals_full_prefill(model, checkpoint, spec, stages)
 
 
 def test_rows_with_different_draft_lengths_batch_like_one_at_a_time(checkpoint, mixed_confidence):
