@@ -17,6 +17,10 @@ ExitMode = Union[Literal["off", "calibrated", "speculative"], float]
 # treats anything below it as greedy.
 MIN_TEMPERATURE = 1e-2
 FinishReason = Literal["stop", "length"]
+# Speculative exits: tokens drafted per deep-stage visit when a request does not say, and
+# the most a request may ask for (the API, the Serve config and the stages share them).
+DEFAULT_MAX_DRAFT = 6
+MAX_DRAFT_LIMIT = 32
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,37 @@ class TokenEvent:
     # Speculative exits: on the first token of each verify round (one deep-stage visit),
     # (drafted, accepted) of that round; the round committed ``accepted + 1`` tokens.
     verified: tuple[int, int] | None = None
+
+
+@dataclass
+class DraftCounts:
+    """Speculative exits, counted over verify rounds (``TokenEvent.verified``): tokens
+    drafted, drafts accepted, and rounds, i.e. deep-stage visits, each committing its
+    accepted drafts + 1 token. One request's, one ingress's or one benchmark's."""
+
+    drafted: int = 0
+    accepted: int = 0
+    rounds: int = 0
+
+    def add(self, drafted: int, accepted: int) -> None:
+        self.drafted += drafted
+        self.accepted += accepted
+        self.rounds += 1
+
+    def __iadd__(self, other: "DraftCounts") -> "DraftCounts":
+        self.drafted += other.drafted
+        self.accepted += other.accepted
+        self.rounds += other.rounds
+        return self
+
+    def report(self, tokens: int | None = None) -> dict:
+        """As the API's ``offramp.speculative`` block; ``deep_visits_per_token`` when the
+        generated ``tokens`` are known."""
+        out = {"drafted": self.drafted, "accepted": self.accepted, "verify_rounds": self.rounds,
+               "mean_accepted": round(self.accepted / self.rounds, 4) if self.rounds else 0.0}
+        if tokens is not None:
+            out["deep_visits_per_token"] = round(self.rounds / tokens, 4) if tokens else 0.0
+        return out
 
 
 class Backend(Protocol):

@@ -195,12 +195,3 @@ def test_exit_args_speculative():
                                               "set exit.kv_fill to 'exact'"):
         ExitArgs(mode="speculative", kv_fill="propagate")
     ExitArgs(mode="calibrated", kv_fill="propagate")  # fine without speculative
-
-
-def test_api_max_draft_limit_matches_the_engine():
-    from offramp.api import protocol
-    from offramp.deployments import config
-    from offramp.ops import worker
-
-    assert protocol.MAX_DRAFT_LIMIT == config.MAX_DRAFT_LIMIT == worker.MAX_DRAFT_LIMIT
-    assert config.DEFAULT_MAX_DRAFT == worker.DEFAULT_MAX_DRAFT

@@ -14,7 +14,7 @@ from typing import Any, AsyncIterator
 
 from offramp.api.text import IncrementalDetokenizer, StopMatcher
 from offramp.errors import DeadlineExceeded
-from offramp.protocol import ExitMode, GenerationRequest, SamplingParams, TokenEvent
+from offramp.protocol import DraftCounts, ExitMode, GenerationRequest, SamplingParams, TokenEvent
 
 
 @dataclass
@@ -29,39 +29,13 @@ class ChoiceDelta:
 
 
 @dataclass
-class Verified:
-    """Speculative exits, summed over a choice's verify rounds (TokenEvent.verified)."""
-
-    drafted: int = 0  # tokens the first stage drafted
-    accepted: int = 0  # of them, tokens the deep stages accepted
-    rounds: int = 0  # verify rounds = deep-stage visits; each commits its accepted drafts + 1
-
-    def add(self, drafted: int, accepted: int) -> None:
-        self.drafted += drafted
-        self.accepted += accepted
-        self.rounds += 1
-
-    def __iadd__(self, other: "Verified") -> "Verified":
-        self.drafted += other.drafted
-        self.accepted += other.accepted
-        self.rounds += other.rounds
-        return self
-
-    def block(self, tokens: int) -> dict[str, Any]:
-        """The response's ``offramp.speculative`` block for ``tokens`` generated tokens."""
-        return {"drafted": self.drafted, "accepted": self.accepted, "verify_rounds": self.rounds,
-                "mean_accepted": round(self.accepted / self.rounds, 4) if self.rounds else 0.0,
-                "deep_visits_per_token": round(self.rounds / tokens, 4) if tokens else 0.0}
-
-
-@dataclass
 class ChoiceResult:
     index: int
     text: str = ""
     exit_stages: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     token_ids: list[int] = field(default_factory=list)
-    verified: Verified = field(default_factory=Verified)
+    verified: DraftCounts = field(default_factory=DraftCounts)
 
 
 async def _close(it: Any) -> None:
@@ -84,7 +58,7 @@ class _Choice:
         self.timeout_s = timeout_s
         self.exit_stages: list[int] = []
         self.token_ids: list[int] = []
-        self.verified = Verified()
+        self.verified = DraftCounts()
         self.finish_reason: str | None = None
         self.ended = False
 
@@ -260,12 +234,12 @@ class Generation:
         """``offramp.speculative`` over ``choices`` (ChoiceResults or the running choices),
         or None when the request did not run speculative (no verify round, not asked for;
         a server whose default is speculative runs 'calibrated' requests speculative)."""
-        total = Verified()
+        total = DraftCounts()
         for c in choices:
             total += c.verified
         if not total.rounds and self.exit_mode != "speculative":
             return None
-        return total.block(sum(len(c.exit_stages) for c in choices))
+        return total.report(sum(len(c.exit_stages) for c in choices))
 
     def usage(self) -> dict[str, int]:
         p, c = self.prompt_tokens, self.completion_tokens

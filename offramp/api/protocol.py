@@ -23,9 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic import StrictInt, StrictStr
 
 from offramp.errors import BadRequest
-from offramp.protocol import MIN_TEMPERATURE
-
-MAX_DRAFT_LIMIT = 32  # = offramp.ops.worker.MAX_DRAFT_LIMIT (not imported: the API needs no torch)
+from offramp.protocol import MAX_DRAFT_LIMIT, MIN_TEMPERATURE
 
 TaskName = Literal["qa", "math", "coding"]
 

@@ -143,7 +143,7 @@ def _run_exits(args, emit) -> int:
     from offramp.bench.serve import TASKS, build_prompts
     from offramp.ops.engine import StagedModel, resolve_model_dir
     from offramp.ops.worker import ExitPolicy
-    from offramp.protocol import SamplingParams
+    from offramp.protocol import DraftCounts, SamplingParams
     from offramp.training.data import DataSpec, build_corpus
 
     model_dir = resolve_model_dir(args.model)
@@ -163,7 +163,8 @@ def _run_exits(args, emit) -> int:
     modes = {"offramp-off": ExitPolicy("off"), "offramp-calibrated": ExitPolicy("calibrated"),
              "offramp-speculative": ExitPolicy("speculative")}
     times: dict[tuple[str, int], list[float]] = {}
-    accept: dict[str, list[int]] = {t: [0, 0, 0] for t in TASKS}  # drafted, accepted, rounds
+    accept = {t: DraftCounts() for t in TASKS}  # speculative, batch 1, per task
+    generated = dict.fromkeys(TASKS, 0)
 
     def hf_generate(group, early_exit: int | None) -> None:
         ids = torch.tensor([p for _, p in group])  # prompts are all plen long: no padding
@@ -194,8 +195,8 @@ def _run_exits(args, emit) -> int:
                             seqs = staged.generate([p for _, p in group], sp, policy)
                             if name == "offramp-speculative" and r > 0 and b == 1:
                                 for (task, _), s in zip(group, seqs):
-                                    for j, v in enumerate((s.drafted, s.accepted, s.rounds)):
-                                        accept[task][j] += v
+                                    accept[task] += s.draft_counts
+                                    generated[task] += len(s.generated)
                     if r > 0:
                         times.setdefault((name, b), []).append(time.perf_counter() - t0)
                         bar.update()
@@ -212,10 +213,7 @@ def _run_exits(args, emit) -> int:
             tps[("offramp-speculative", 1)] / tps[("transformers-early-exit", 1)], 2)
         ratios["transformers_early_exit_vs_transformers_b1"] = round(
             tps[("transformers-early-exit", 1)] / tps[("transformers", 1)], 2)
-    acceptance = {t: {"drafted": d, "accepted": a, "verify_rounds": n,
-                      "mean_accepted": round(a / n, 2) if n else None,
-                      "deep_visits_per_token": round(n / (a + n), 3) if n else None}
-                  for t, (d, a, n) in accept.items()}
+    acceptance = {t: counts.report(generated[t]) for t, counts in accept.items()}
     report = {"model": str(model_dir), "stages": args.stages, "draft_layer": draft_layer, "prompt_len": plen,
               "new_tokens": n_new, "prompts": len(prompts), "threads": torch.get_num_threads(),
               "results": rows, "ratios": ratios, "speculative_acceptance_b1": acceptance,

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from offramp.bench.common import json_stdout, percentile
+from offramp.protocol import DraftCounts
 TASKS = ("qa", "math", "coding")
 STREAMED = ("served", "served_calibrated", "served_speculative", "served_1stage")
 CONTENDERS = {
@@ -321,8 +322,8 @@ async def _served_wave(base: str, prompts: list[tuple[str, list[int]]], exit_mod
     hop_s = sum(after.get("hop_s_sum", [])) - sum(before.get("hop_s_sum", []))
     hop_n = sum(after.get("hop_n", [])) - sum(before.get("hop_n", []))
     stages = [s for _, st in res for s in st]
-    spec = {k: (after.get("speculative") or {}).get(k, 0) - (before.get("speculative") or {}).get(k, 0)
-            for k in ("drafted", "accepted", "verify_rounds")}
+    b0, b1 = before.get("speculative") or {}, after.get("speculative") or {}
+    spec = DraftCounts(*(b1.get(k, 0) - b0.get(k, 0) for k in ("drafted", "accepted", "verify_rounds")))
     extra = {"stage_calls": calls, "hop_s": hop_s, "hop_n": hop_n, "exit_stages": stages, "speculative": spec,
              **{f"server_{k}": after.get(k) for k in ("ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50", "tpot_ms_p99")}}
     return Wave(wall, [r for r, _ in res], extra)
@@ -508,9 +509,10 @@ def _run_serve(args, emit) -> int:
     if args.slow_deep_stages:
         try:
             slow_deep = tuple(float(x) for x in args.slow_deep_stages.split(","))
-            assert len(slow_deep) == 2 and min(slow_deep) >= 0
-        except (ValueError, AssertionError):
-            raise ValueError(f"--slow-deep-stages {args.slow_deep_stages!r}: give STEP_MS,TOKEN_MS, e.g. 20,2") from None
+        except ValueError:
+            slow_deep = ()
+        if len(slow_deep) != 2 or min(slow_deep) < 0:
+            raise ValueError(f"--slow-deep-stages {args.slow_deep_stages!r}: give STEP_MS,TOKEN_MS, e.g. 20,2")
         if args.stages < 2:
             raise ValueError("--slow-deep-stages needs --stages 2 or more (stage 0 stays fast)")
     names = [n for n in CONTENDERS if not (n == "plain_serve" and args.no_plain)
@@ -603,10 +605,10 @@ def _run_serve(args, emit) -> int:
                 s["server_hop_ms_mean"] = round(1000 * sum(w.extra["hop_s"] for w in ws) / hop_n, 3) if hop_n else None
                 s["exit_histogram"] = [stages.count(k) for k in range(n_st)]
                 if name == "served_speculative":
-                    sp = {k: sum(w.extra["speculative"][k] for w in ws) for k in ("drafted", "accepted", "verify_rounds")}
-                    sp["mean_accepted"] = round(sp["accepted"] / sp["verify_rounds"], 3) if sp["verify_rounds"] else None
-                    sp["deep_visits_per_token"] = round(sp["verify_rounds"] / tokens, 3) if tokens else None
-                    s["speculative"] = sp
+                    total = DraftCounts()
+                    for w in ws:
+                        total += w.extra["speculative"]
+                    s["speculative"] = total.report(tokens)
                 s["mean_fraction_of_stages"] = round(statistics.mean((x + 1) / n_st for x in stages), 3) \
                     if stages else None
                 for k in ("ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50", "tpot_ms_p99"):

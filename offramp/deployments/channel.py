@@ -211,6 +211,12 @@ class _Conn:
 
 
 # -- server -------------------------------------------------------------------------------
+def _in_order(order: list, results: list) -> list:
+    """A frame's answer in its rows' order: the pass's results for the admitted rows
+    (``order`` holds their index) and the refused rows' own errors."""
+    return [results[o] if isinstance(o, int) else o for o in order]
+
+
 class StageServer:
     """Serves one :class:`StageWorker` on ``host:port`` from a background thread."""
 
@@ -452,8 +458,7 @@ class StageServer:
                 if len(flat) == 1:
                     log.exception("stage %d forward failed", w.index)
                     (header, _, conn), _, _, order = good[0]
-                    self._answer(header, conn, [StepResult(flat[0].seq_id, error=e) if isinstance(o, int) else o
-                                                for o in order])
+                    self._answer(header, conn, _in_order(order, [StepResult(flat[0].seq_id, error=e)]))
                     return
                 # The batch as a whole failed: one sequence at a time, so only the row that
                 # breaks it fails (the others' KV is untouched by a failed pass).
@@ -553,12 +558,6 @@ class StageServer:
 
 
 # -- client -------------------------------------------------------------------------------
-def _in_order(order: list, results: list) -> list:
-    """A frame's answer in its rows' order: the pass's results for the admitted rows
-    (``order`` holds their index) and the refused rows' own errors."""
-    return [results[o] if isinstance(o, int) else o for o in order]
-
-
 class StageClient:
     """One multiplexed connection to a stage replica; every call and write has a timeout.
 

@@ -11,6 +11,8 @@ from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from offramp.protocol import DEFAULT_MAX_DRAFT, MAX_DRAFT_LIMIT
+
 Pool = Literal["gpu", "cpu", "any"]
 Precision = Literal["fp32", "bf16", "fp16", "int8"]  # int8: weight-only (offramp.ops.quant)
 PRECISIONS: tuple[str, ...] = get_args(Precision)
@@ -21,9 +23,6 @@ STAGE_DTYPE_ENV = "OFFRAMP_STAGE_DTYPE"
 # a placement split move; read by StageDeployment before the app's split.
 STAGE_LAYERS_ENV = "OFFRAMP_STAGE_LAYERS"
 DEFAULT_KV_LEASE_S = 30.0  # see AppArgs.kv_lease_s
-# = offramp.ops.worker.DEFAULT_MAX_DRAFT / MAX_DRAFT_LIMIT (not imported: this module needs no torch)
-DEFAULT_MAX_DRAFT = 6
-MAX_DRAFT_LIMIT = 32
 
 
 def parse_layers(value: str) -> tuple[int, int]:

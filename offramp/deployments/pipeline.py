@@ -36,9 +36,8 @@ from offramp.deployments.channel import StageClient
 from offramp.deployments.config import DEFAULT_KV_LEASE_S
 from offramp.observability import metrics
 from offramp.ops.online_tuning import AgreementTuner
-from offramp.ops.engine import check_speculative
-from offramp.ops.worker import DEFAULT_MAX_DRAFT, ExitPolicy, KVMissing, StepRow, draft_budget
-from offramp.protocol import GenerationRequest, TokenEvent, finish_reason
+from offramp.ops.worker import ExitPolicy, KVMissing, StepRow, check_speculative, draft_budget
+from offramp.protocol import DEFAULT_MAX_DRAFT, DraftCounts, GenerationRequest, TokenEvent, finish_reason
 
 log = logging.getLogger(__name__)
 RETRYABLE = (errors.StageUnavailable, errors.DeadlineExceeded, KVMissing)
@@ -232,8 +231,7 @@ class PipelineBackend:
         self.default_exit, self.default_threshold = default_exit, default_threshold
         self.max_draft = max_draft  # speculative requests that do not say
         self.draft_max_active = draft_max_active  # above this many active requests, speculative rows do not draft
-        # speculative exits: tokens drafted, drafts accepted, verify rounds (deep visits)
-        self.drafted = self.accepted = self.verify_rounds = 0
+        self.speculative = DraftCounts()  # this ingress's verify rounds
         self._ids = itertools.count()
         self.calls = [0] * num_stages  # stage visits on this ingress (exit skipping is visible here)
         # forward passes caused per stage: visits, plus the drafting passes a speculative
@@ -326,8 +324,7 @@ class PipelineBackend:
                 "replays": self.replays, "scheduler_steps": steps,
                 "rows_per_step": round(sum(lane.rows for lane in self.lanes) / steps, 2) if steps else None,
                 "exit_audit": self.tuner.snapshot(),
-                "speculative": {"drafted": self.drafted, "accepted": self.accepted, "verify_rounds": self.verify_rounds,
-                                "mean_accepted": round(self.accepted / self.verify_rounds, 3) if self.verify_rounds else None},
+                "speculative": self.speculative.report(),
                 "ttft_ms_p50": pct(ttft, 0.5), "ttft_ms_p99": pct(ttft, 0.99),
                 "tpot_ms_p50": pct(tpot, 0.5), "tpot_ms_p99": pct(tpot, 0.99)}
 
@@ -505,13 +502,9 @@ class PipelineBackend:
                     seq.exited[position] = (k, ep.end)
                 self._emit(seq, int(res["token"]), k)
                 continue
-            drafts, probs = row.drafts, row.draft_probs
-            if res.get("drafts") is not None:  # the drafting stage's chunk: drafted positions ride along
-                drafts, probs = tuple(int(t) for t in res["drafts"]), res.get("dq")
-                position += len(drafts)
-                self.passes[k] += len(drafts)
-            onward.append((seq, StepRow(seq.session, res["h"], position, seq.request.sampling, seq.policy,
-                                        step=seq.generated, drafts=drafts, draft_probs=probs), ep.end))
+            if res.get("drafts") is not None:  # the drafting stage's passes beyond the visit
+                self.passes[k] += len(res["drafts"])
+            onward.append((seq, row.onward(res["h"], res.get("drafts"), res.get("dq")), ep.end))
         return onward
 
     def _verified(self, seq: _Seq, row: StepRow, tokens: list[int], stage: int) -> None:
@@ -519,9 +512,7 @@ class PipelineBackend:
         sequence's next row arrives (the last stage already has); the next step feeds
         only the last token."""
         drafted, accepted = len(row.drafts), len(tokens) - 1
-        self.drafted += drafted
-        self.accepted += accepted
-        self.verify_rounds += 1
+        self.speculative.add(drafted, accepted)
         seq.fed = len(seq.tokens) + accepted
         for i, tok in enumerate(tokens):
             if seq.done:

@@ -53,8 +53,8 @@ def register(sub) -> None:
 
 def run_generate(args) -> int:
     from offramp.ops.engine import StagedModel, resolve_model_dir
-    from offramp.ops.worker import DEFAULT_MAX_DRAFT, MAX_DRAFT_LIMIT, ExitPolicy
-    from offramp.protocol import SamplingParams
+    from offramp.ops.worker import ExitPolicy
+    from offramp.protocol import DEFAULT_MAX_DRAFT, MAX_DRAFT_LIMIT, SamplingParams
 
     if args.max_tokens < 1:
         raise ConfigError(f"--max-tokens {args.max_tokens}: must be at least 1")
@@ -96,7 +96,7 @@ def run_generate(args) -> int:
     sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     (seq,) = model.generate([prompt], sampling, policy)
     text = tokenizer.decode(seq.generated, skip_special_tokens=False) if tokenizer is not None else None
-    spec = speculative_summary(seq) if policy.speculative else None
+    spec = seq.draft_counts.report(len(seq.generated)) if policy.speculative else None
     if args.json:
         out = {"token_ids": seq.generated, "text": text, "exit_stages": seq.exit_stages,
                "finish_reason": seq.finish_reason, "num_stages": model.num_stages}
@@ -114,15 +114,6 @@ def run_generate(args) -> int:
                     f"{spec['deep_visits_per_token']:.2f}")
         print(f"[{len(seq.generated)} tokens, {n} stages, {what}, finish={seq.finish_reason}]", file=sys.stderr)
     return 0
-
-
-def speculative_summary(seq) -> dict:
-    """Drafted, accepted and verify rounds of a speculative Sequence, as the HTTP API's
-    ``offramp.speculative`` block."""
-    tokens = len(seq.generated)
-    return {"drafted": seq.drafted, "accepted": seq.accepted, "verify_rounds": seq.rounds,
-            "mean_accepted": round(seq.accepted / seq.rounds, 4) if seq.rounds else 0.0,
-            "deep_visits_per_token": round(seq.rounds / tokens, 4) if tokens else 0.0}
 
 
 def _load_tokenizer(model_dir):

@@ -22,8 +22,8 @@ from offramp.ops import exits as ex
 from offramp.ops.checkpoint import ModelSpec, WeightReader, load_spec
 from offramp.ops.partition import partition_layers
 from offramp.ops.stage import load_stage
-from offramp.ops.worker import MAX_DRAFT_LIMIT, ExitPolicy, StageWorker, StepRow, draft_budget
-from offramp.protocol import GenerationRequest, SamplingParams, TokenEvent, finish_reason
+from offramp.ops.worker import ExitPolicy, StageWorker, StepRow, check_speculative, draft_budget
+from offramp.protocol import DraftCounts, GenerationRequest, SamplingParams, TokenEvent, finish_reason
 
 
 def resolve_model_dir(model: str | Path | None) -> Path:
@@ -56,26 +56,15 @@ class Sequence:
     drafted: int = 0  # speculative: tokens drafted, accepted, and deep visits (verify rounds)
     accepted: int = 0
     rounds: int = 0
-    last_drafted: int = 0
+    last_round: tuple[int, int] | None = None  # (drafted, accepted) of the step just taken
+
+    @property
+    def draft_counts(self) -> DraftCounts:
+        return DraftCounts(self.drafted, self.accepted, self.rounds)
 
     @property
     def generated(self) -> list[int]:
         return self.tokens[self.prompt_len:]
-
-
-def check_speculative(policy: ExitPolicy, kv_fill: str, drafting_stage: bool = True, first_end: int = 0) -> None:
-    """Why a speculative request cannot run here, as the error its client gets (a served
-    ingress leaves the drafting stage's check to that stage: its split may move)."""
-    if not 1 <= policy.max_draft <= MAX_DRAFT_LIMIT:
-        raise BadRequest(f"max_draft={policy.max_draft} is out of range; use 1 to {MAX_DRAFT_LIMIT}", param="max_draft")
-    if kv_fill == "propagate":
-        raise BadRequest("exit 'speculative' cannot run with kv_fill 'propagate' (its skipped-layer K/V is "
-                         "approximate, speculative output is exact); use exit 'calibrated', or serve with "
-                         "kv_fill 'exact'", param="exit")
-    if not drafting_stage:
-        raise BadRequest(f"exit 'speculative' needs an exit head where the first stage ends (after layer "
-                         f"{first_end}) and this model has none there; use exit 'off' or 'calibrated', or serve "
-                         "a checkpoint with exit heads (offramp train-gates) at that split", param="exit")
 
 
 class StagedModel:
@@ -123,16 +112,15 @@ class StagedModel:
         """Feed every sequence its unfed tokens; returns the new (token, exit_stage) pairs per
         sequence (one, or for a speculative sequence its accepted drafts plus one), or that
         sequence's own error (its row failed; the others are unaffected)."""
-        rows, before = [], {}
+        rows = []
         for s in seqs:
             new = s.tokens[s.fed:]
             rows.append(StepRow(s.seq_id, torch.tensor(new, dtype=torch.long), len(s.tokens) - 1,
                                 s.sampling, s.policy, step=len(s.generated),
                                 draft=draft_budget(s.policy, s.sampling, len(s.generated), len(s.tokens), self.max_seq)))
-            before[s.seq_id] = len(s.tokens)
             s.fed = len(s.tokens)
+        by_id = {s.seq_id: s for s in seqs}
         out: dict[str, list[tuple[int, int]] | Exception] = {}
-        drafted: dict[str, int] = {}
         last = self.num_stages - 1
         for k, worker in enumerate(self.workers):
             if not rows:
@@ -144,6 +132,7 @@ class StagedModel:
                     continue
                 if res.tokens is not None:
                     out[row.seq_id] = [(t, last) for t in res.tokens]
+                    self._end_round(by_id[row.seq_id], len(row.drafts), len(res.tokens) - 1)
                     continue
                 if res.token is not None:
                     out[row.seq_id] = [(res.token, k)]
@@ -151,27 +140,21 @@ class StagedModel:
                         for later in self.workers[k + 1:]:
                             later.propagate(row.seq_id, res.hidden, row.position)
                     continue
-                if res.drafts is not None:  # the drafting stage's chunk: the drafted positions ride along
-                    drafts, probs, pos = tuple(res.drafts), res.draft_probs, row.position + len(res.drafts)
-                    drafted[row.seq_id] = len(drafts)
-                else:
-                    drafts, probs, pos = row.drafts, row.draft_probs, row.position
-                nxt.append(StepRow(row.seq_id, res.hidden, pos, row.sampling, row.policy, row.step,
-                                   drafts=drafts, draft_probs=probs))
+                nxt.append(row.onward(res.hidden, res.drafts, res.draft_probs))
             rows = nxt
-        by_id = {s.seq_id: s for s in seqs}
-        for seq_id, res in out.items():
-            s = by_id[seq_id]
-            if s.policy.speculative and not isinstance(res, Exception):
-                keep = before[seq_id] + len(res) - 1  # positions whose inputs were committed
-                for w in self.workers:
-                    w.truncate(seq_id, keep)
-                s.fed = keep
-                s.rounds += 1
-                s.last_drafted = drafted.get(seq_id, 0)
-                s.drafted += s.last_drafted
-                s.accepted += len(res) - 1
         return [out[s.seq_id] for s in seqs]
+
+    def _end_round(self, s: Sequence, drafted: int, accepted: int) -> None:
+        """A speculative round verified: only the positions whose inputs were committed
+        stay in any stage's KV (the served stages drop the rest when the next row comes; in
+        one process there may be no next row), and the next step feeds the last token."""
+        s.fed = len(s.tokens) + accepted
+        for w in self.workers:
+            w.truncate(s.seq_id, s.fed)
+        s.last_round = (drafted, accepted)
+        s.drafted += drafted
+        s.accepted += accepted
+        s.rounds += 1
 
     def flush(self, seq: Sequence) -> None:
         """Push every deferred chunk through to the last stage (complete, exact KV).
@@ -194,7 +177,10 @@ class StagedModel:
                      seq_id: str | None = None) -> Sequence:
         self.check_prompt(list(prompt_ids), sampling.max_tokens)
         if policy.speculative:
-            check_speculative(policy, self.kv_fill, self.workers[0].drafts, self.ranges[0][1])
+            check_speculative(policy, self.kv_fill)
+            err = self.workers[0].draft_error()
+            if err is not None:
+                raise err
         return Sequence(seq_id or f"seq-{next(self._ids)}", list(prompt_ids), len(prompt_ids), sampling, policy)
 
     def finished(self, s: Sequence, token: int) -> str | None:
@@ -308,7 +294,7 @@ class InProcessBackend:
                     taken = self.model.commit(seq, res)
                     for i, (tok, stage) in enumerate(taken):
                         done = seq.finish_reason if i == len(taken) - 1 else None
-                        verified = (seq.last_drafted, len(res) - 1) if i == 0 and seq.policy.speculative else None
+                        verified = seq.last_round if i == 0 and seq.policy.speculative else None
                         loop.call_soon_threadsafe(q.put_nowait, TokenEvent(tok, stage, done, verified))
                 if isinstance(res, Exception) or seq.finish_reason:
                     self.model.release(seq)

@@ -18,27 +18,11 @@ from offramp.protocol import MIN_TEMPERATURE, SamplingParams
 
 
 def choose_tokens(logits: torch.Tensor, params: list[SamplingParams], steps: list[int]) -> list[int | RowFailed]:
-    """logits (B, V) -> one token id per row, or the row's :class:`RowFailed`."""
-    top, greedy_t = logits.max(dim=-1)  # (B,): max is NaN/inf iff the row has NaN/+inf (or is all -inf)
-    finite, greedy = torch.isfinite(top).tolist(), greedy_t.tolist()
-    out: list[int | RowFailed] = []
-    for b, p in enumerate(params):
-        if not finite[b]:
-            out.append(RowFailed("the model produced non-finite logits for this request (numerical overflow in "
-                                 "the stage's precision); retry with exits off or report it to the operator"))
-        elif p.temperature < MIN_TEMPERATURE:
-            out.append(greedy[b])
-        else:
-            try:
-                out.append(_sample(logits[b].float(), p, steps[b]))
-            except (RuntimeError, ValueError, OverflowError) as e:
-                out.append(RowFailed(f"sampling failed for this request ({type(e).__name__}); check temperature, "
-                                     "top_p and top_k"))
-    return out
-
-
-def _sample(logits: torch.Tensor, p: SamplingParams, step: int) -> int:
-    return draw(processed_probs(logits, p), p.seed, step)
+    """logits (B, V) -> one token id per row, or the row's :class:`RowFailed` (a row with
+    no drafts to verify: :func:`verify_batch`'s plain case)."""
+    B = len(params)
+    return [r if isinstance(r, RowFailed) else r[0]
+            for r in verify_batch(logits, [()] * B, [None] * B, params, steps)]
 
 
 def processed_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
@@ -81,6 +65,49 @@ NON_FINITE = ("the model produced non-finite logits for this request (numerical 
               "precision); retry with exits off or report it to the operator")
 
 
+def verify_batch(logits: torch.Tensor, drafts: list[tuple[int, ...]], draft_probs: list[torch.Tensor | None],
+                 params: list[SamplingParams], steps: list[int]) -> list[list[int] | RowFailed]:
+    """The tokens each row commits. Row ``b`` owns ``len(drafts[b]) + 1`` consecutive rows
+    of ``logits`` (the full model's at its drafted positions and the one after; one row
+    when nothing was drafted) and gets back its accepted drafts plus one token of the full
+    model (the correction at the first rejection, else the bonus), or its own
+    :class:`RowFailed`: a row's failure never raises for the others. ``draft_probs[b]``
+    (k, V): the distributions its drafts were drawn from (sampled rows); ``steps[b]``: the
+    token index of its first position (seeded streams).
+
+    Greedy: a draft is accepted iff it is the full model's argmax, so the output equals
+    exits off token for token. Sampled: the speculative-sampling rule (Leviathan et al.,
+    Chen et al.): accept draft x with probability min(1, p(x)/q(x)), on rejection draw from
+    norm(max(p - q, 0)); the committed tokens are then distributed exactly as the full
+    model's samples. With no drafts this is the plain draw of exits off."""
+    top, argmax = logits.max(dim=-1)  # max is NaN/inf iff the row has NaN/+inf (or is all -inf)
+    finite, argmax = torch.isfinite(top).tolist(), argmax.tolist()
+    out: list[list[int] | RowFailed] = []
+    i = 0
+    for d, q, p, step in zip(drafts, draft_probs, params, steps):
+        n = len(d) + 1
+        if not all(finite[i: i + n]):
+            out.append(RowFailed(NON_FINITE))
+        elif p.temperature < MIN_TEMPERATURE:
+            out.append(accept_greedy(argmax[i: i + n], d))
+        elif d and (q is None or q.shape[0] != len(d)):
+            out.append(RowFailed("a sampled speculative row arrived without its draft distributions"))
+        else:
+            try:
+                out.append(_accept_sampled(logits[i: i + n], d, q, p, step))
+            except (RuntimeError, ValueError, OverflowError) as e:
+                out.append(RowFailed(f"sampling failed for this request ({type(e).__name__}); check temperature, "
+                                     "top_p and top_k"))
+        i += n
+    return out
+
+
+def verify_drafts(logits: torch.Tensor, drafts: list[int], draft_probs: torch.Tensor | None, p: SamplingParams,
+                  step: int) -> list[int] | RowFailed:
+    """:func:`verify_batch` for one row: ``logits`` (k+1, V), ``drafts`` k tokens."""
+    return verify_batch(logits, [tuple(drafts)], [draft_probs], [p], [step])[0]
+
+
 def accept_greedy(argmax: list[int], drafts) -> list[int]:
     """Greedy verification: the full model's argmax at the k drafted positions and the one
     after (``argmax``, k+1 ids) -> the accepted drafts plus the full model's next token."""
@@ -90,42 +117,20 @@ def accept_greedy(argmax: list[int], drafts) -> list[int]:
     return argmax[: len(drafts) + 1]
 
 
-def verify_drafts(logits: torch.Tensor, drafts: list[int], draft_probs: torch.Tensor | None, p: SamplingParams,
-                  step: int) -> list[int] | RowFailed:
-    """Speculative verification of one row: ``logits`` (k+1, V) are the full model's at the
-    k drafted positions and the one after; ``drafts`` the k drafted tokens, ``draft_probs``
-    (k, V) the drafter's processed distributions they were drawn from (sampled rows only).
-    Returns the committed tokens: the accepted drafts plus one token of the full model
-    (the correction at the first rejection, else the bonus after the last draft).
-
-    Greedy: a draft is accepted iff it is the full model's argmax, so the output equals
-    exits off token for token. Sampled: the speculative-sampling rule (Leviathan et al.,
-    Chen et al.): accept draft x with probability min(1, p(x)/q(x)), on rejection draw from
-    norm(max(p - q, 0)); the committed tokens are then distributed exactly as the full
-    model's samples. ``step`` is the token index of the first draft (seeded streams)."""
+def _accept_sampled(logits: torch.Tensor, drafts, draft_probs: torch.Tensor | None, p: SamplingParams,
+                    step: int) -> list[int]:
+    out = []
+    for i, x in enumerate(drafts):
+        target = processed_probs(logits[i], p)
+        q = draft_probs[i].float()
+        u = torch.rand(1, generator=generator(p.seed, step + i, ACCEPT)).item()
+        if q[x] > 0 and u * float(q[x]) < float(target[x]):
+            out.append(x)
+            continue
+        residual = (target - q).clamp_min(0)
+        if float(residual.sum()) <= 0:
+            residual = target
+        out.append(draw(residual / residual.sum(), p.seed, step + i, RESIDUAL))
+        return out
     k = len(drafts)
-    top, greedy = logits.max(dim=-1)
-    if not bool(torch.isfinite(top).all()):
-        return RowFailed(NON_FINITE)
-    if p.temperature < MIN_TEMPERATURE:
-        return accept_greedy(greedy.tolist(), drafts)
-    if k and (draft_probs is None or draft_probs.shape[0] != k):
-        return RowFailed("a sampled speculative row arrived without its draft distributions")
-    try:
-        out = []
-        for i in range(k):
-            target = processed_probs(logits[i], p)
-            q = draft_probs[i].float()
-            x = drafts[i]
-            u = torch.rand(1, generator=generator(p.seed, step + i, ACCEPT)).item()
-            if q[x] > 0 and u * float(q[x]) < float(target[x]):
-                out.append(x)
-                continue
-            residual = (target - q).clamp_min(0)
-            if float(residual.sum()) <= 0:
-                residual = target
-            out.append(draw(residual / residual.sum(), p.seed, step + i, RESIDUAL))
-            return out
-        return out + [draw(processed_probs(logits[k], p), p.seed, step + k)]
-    except (RuntimeError, ValueError, OverflowError) as e:
-        return RowFailed(f"sampling failed for this request ({type(e).__name__}); check temperature, top_p and top_k")
+    return out + [draw(processed_probs(logits[k], p), p.seed, step + k)]

@@ -22,14 +22,13 @@ from typing import Literal
 
 import torch
 
-from offramp.errors import BadRequest, RowFailed, StageUnavailable
+from offramp.errors import BadRequest, StageUnavailable
 from offramp.ops import exits as ex
 from offramp.ops.kv_cache import KVCache
 from offramp.ops.layers import StepMeta
-from offramp.ops.sampling import (DRAFT, NON_FINITE, accept_greedy, choose_tokens, draw, processed_probs,
-                                  verify_drafts)
+from offramp.ops.sampling import DRAFT, choose_tokens, draw, processed_probs, verify_batch
 from offramp.ops.stage import Stage
-from offramp.protocol import MIN_TEMPERATURE, SamplingParams
+from offramp.protocol import DEFAULT_MAX_DRAFT, MAX_DRAFT_LIMIT, MIN_TEMPERATURE, SamplingParams
 
 
 PROFILE_PREFIX = "\x00profile/"  # reserved sequence ids of the start-up profile
@@ -40,8 +39,6 @@ class KVMissing(StageUnavailable):
     replica): the caller must replay the sequence from its tokens."""
 
 
-DEFAULT_MAX_DRAFT = 6
-MAX_DRAFT_LIMIT = 32
 
 
 @dataclass(frozen=True)
@@ -63,6 +60,17 @@ class ExitPolicy:
     @property
     def speculative(self) -> bool:
         return self.mode == "speculative"
+
+
+def check_speculative(policy: ExitPolicy, kv_fill: str) -> None:
+    """Why a speculative request cannot run with this policy and KV fill, as the error its
+    client gets (whether the first stage can draft, that stage says: :meth:`StageWorker.draft_error`)."""
+    if not 1 <= policy.max_draft <= MAX_DRAFT_LIMIT:
+        raise BadRequest(f"max_draft={policy.max_draft} is out of range; use 1 to {MAX_DRAFT_LIMIT}", param="max_draft")
+    if kv_fill == "propagate":
+        raise BadRequest("exit 'speculative' cannot run with kv_fill 'propagate' (its skipped-layer K/V is "
+                         "approximate, speculative output is exact); use exit 'calibrated', or serve with "
+                         "kv_fill 'exact'", param="exit")
 
 
 def draft_budget(policy: ExitPolicy, sampling: SamplingParams, generated: int, total: int, max_seq: int) -> int:
@@ -91,6 +99,17 @@ class StepRow:
     draft: int = 0
     drafts: tuple[int, ...] = ()
     draft_probs: torch.Tensor | None = None
+
+    def onward(self, hidden: torch.Tensor, drafts=None, draft_probs: torch.Tensor | None = None) -> "StepRow":
+        """The row that carries this row's continuing ``hidden`` chunk to the next stage. A
+        drafting stage's chunk (``drafts`` given) ends ``len(drafts)`` positions later and
+        brings its drafts along; any other stage's passes on the drafts it was given."""
+        if drafts is None:
+            drafts, draft_probs, position = self.drafts, self.draft_probs, self.position
+        else:
+            drafts, position = tuple(drafts), self.position + len(drafts)
+        return StepRow(self.seq_id, hidden, position, self.sampling, self.policy, self.step,
+                       drafts=drafts, draft_probs=draft_probs)
 
 
 @dataclass
@@ -162,10 +181,10 @@ class StageWorker:
 
     def entry_error(self, row: StepRow) -> Exception | None:
         """Why ``row`` cannot enter this stage where it asks to (None: it can)."""
-        if row.draft > 0 and self.stage.first and not self.stage.has_exit:
-            return BadRequest(f"exit 'speculative' needs an exit head where the first stage ends (after layer "
-                              f"{self.end_layer}) and this model has none there; use exit 'off' or 'calibrated', "
-                              "or serve a checkpoint with exit heads at that split", param="exit")
+        if row.draft > 0 and self.stage.first:
+            err = self.draft_error()
+            if err is not None:
+                return err
         layer = self.start_layer if row.layer is None else row.layer
         if not self.start_layer <= layer < self.end_layer:
             return BadRequest(f"stage {self.index} holds layers {self.start_layer}-{self.end_layer - 1}; "
@@ -211,6 +230,14 @@ class StageWorker:
     def drafts(self) -> bool:
         """Whether this stage drafts for speculative rows: the first stage, ending at an exit head."""
         return self.stage.first and self.stage.has_exit
+
+    def draft_error(self) -> BadRequest | None:
+        """Why this first stage cannot draft for speculative rows (None: it can)."""
+        if self.drafts:
+            return None
+        return BadRequest(f"exit 'speculative' needs an exit head where the first stage ends (after layer "
+                          f"{self.end_layer}) and this model has none there; use exit 'off' or 'calibrated', or "
+                          "serve a checkpoint with exit heads (offramp train-gates) at that split", param="exit")
 
     def draft_threshold(self, policy: ExitPolicy) -> float:
         """The exit confidence a drafted token needs for drafting to go on past it."""
@@ -308,18 +335,8 @@ class StageWorker:
         results = [StepResult(r.seq_id) for r in rows]
         live = [b for b, r in enumerate(rows) if not r.flush]
         if self.stage.last:
-            spec = [b for b in live if rows[b].policy.speculative]
-            if spec:
-                self._verify(rows, spec, h, h_last, lengths, results)
-                live = [b for b in live if b not in spec]
             if live:
-                logits = self.stage.final_logits(h_last[live])  # (b, V)
-                toks = choose_tokens(logits, [rows[b].sampling for b in live], [rows[b].step for b in live])
-                for b, t in zip(live, toks):
-                    if isinstance(t, Exception):
-                        results[b].error = t
-                    else:
-                        results[b].token = t
+                self._final_tokens(rows, live, h, h_last, lengths, results)
             audit = [b for b, r in enumerate(rows) if r.verify and lengths[b] > 1]
             if audit:  # the online audit of earlier exits: one LM-head call over their backfilled positions
                 full = self.stage.final_logits(torch.cat([h[b, : lengths[b] - 1] for b in audit])).argmax(-1).tolist()
@@ -380,6 +397,34 @@ class StageWorker:
                 results[b].token, results[b].exited, results[b].confidence = t, True, conf[i]
         return set(chosen)
 
+    def _final_tokens(self, rows, live, h, h_last, lengths, results) -> None:
+        """Last stage: the token(s) each live row commits, from one LM-head call over each
+        row's last ``k + 1`` positions (``k`` drafts to verify; 0 for a row that did not
+        draft). A speculative row answers its committed ``tokens`` and its rejected
+        positions leave this stage's KV at once."""
+        bad = [b for b in live if len(rows[b].drafts) >= lengths[b]]
+        for b in bad:
+            results[b].error = BadRequest(f"sequence {rows[b].seq_id}: {len(rows[b].drafts)} drafts need a chunk of "
+                                          f"more than {lengths[b]} positions")
+        live = [b for b in live if b not in bad]
+        if not live:
+            return
+        ks = [len(rows[b].drafts) for b in live]
+        flat = (torch.cat([h[b, lengths[b] - k - 1: lengths[b]] for b, k in zip(live, ks)]) if any(ks)
+                else h_last[live])  # (sum(k + 1), d)
+        outs = verify_batch(self.stage.final_logits(flat), [rows[b].drafts for b in live],
+                            [rows[b].draft_probs for b in live], [rows[b].sampling for b in live],
+                            [rows[b].step for b in live])
+        for b, k, out in zip(live, ks, outs):
+            row = rows[b]
+            if isinstance(out, Exception):
+                results[b].error = out
+                continue
+            results[b].token = out[-1]
+            if row.policy.speculative:
+                results[b].tokens = out
+                self.truncate(row.seq_id, row.position - k + len(out))
+
     def _draft(self, rows, live, h_last, results) -> set[int]:
         """Speculative rows on the drafting stage: the exit head proposes the next token;
         a row whose proposal is confident enough parks its chunk (like an exit) and drafts
@@ -389,13 +434,15 @@ class StageWorker:
             return set()
         logits = self.stage.exit_logits(h_last[cand])  # (c, V)
         conf = ex.confidence(logits, self.metric).tolist()
+        top, argmax = logits.max(dim=-1)
+        finite, argmax = torch.isfinite(top).tolist(), argmax.tolist()
         out = set()
         for i, b in enumerate(cand):
             row = rows[b]
-            if conf[i] < self.draft_threshold(row.policy) or not bool(torch.isfinite(logits[i]).all()):
+            if not finite[i] or conf[i] < self.draft_threshold(row.policy):
                 continue  # not worth drafting: the row goes deep now
             if row.sampling.temperature < MIN_TEMPERATURE:
-                tok, probs = int(logits[i].argmax()), None
+                tok, probs = argmax[i], None
             else:
                 probs = processed_probs(logits[i], row.sampling)
                 tok = draw(probs, row.sampling.seed, row.step, DRAFT)
@@ -403,39 +450,6 @@ class StageWorker:
             results[b].draft_probs = probs
             out.add(b)
         return out
-
-    def _verify(self, rows, spec, h, h_last, lengths, results) -> None:
-        """Last stage, speculative rows: the full model's logits at the drafted positions
-        and the one after decide what commits; the rejected positions leave this stage's KV.
-        One LM-head call for all rows; greedy rows are checked on one argmax."""
-        ks = [len(rows[b].drafts) for b in spec]
-        if any(k >= lengths[b] for k, b in zip(ks, spec)):
-            bad = next(b for k, b in zip(ks, spec) if k >= lengths[b])
-            raise BadRequest(f"sequence {rows[bad].seq_id}: {len(rows[bad].drafts)} drafts need a chunk of more "
-                             f"than {lengths[bad]} positions")
-        if any(ks):
-            flat = torch.cat([h[b, lengths[b] - k - 1: lengths[b]] for b, k in zip(spec, ks)])
-        else:  # nothing drafted (e.g. under load): the rows' last positions
-            flat = h_last[spec]
-        logits = self.stage.final_logits(flat)  # (sum(k + 1), V)
-        top, argmax = logits.max(dim=-1)
-        finite, argmax = torch.isfinite(top).tolist(), argmax.tolist()
-        i = 0
-        for b, k in zip(spec, ks):
-            row = rows[b]
-            if not all(finite[i: i + k + 1]):
-                out = RowFailed(NON_FINITE)
-            elif row.sampling.temperature < MIN_TEMPERATURE:
-                out = accept_greedy(argmax[i: i + k + 1], row.drafts)
-            else:
-                out = verify_drafts(logits[i: i + k + 1], list(row.drafts), row.draft_probs, row.sampling, row.step)
-            i += k + 1
-            if isinstance(out, Exception):
-                results[b].error = out
-                continue
-            results[b].tokens = out
-            results[b].token = out[-1]
-            self.truncate(row.seq_id, row.position + 1 - k + len(out) - 1)
 
     @torch.inference_mode()
     def propagate(self, seq_id: str, hidden: torch.Tensor, position: int, layer: int | None = None) -> None:

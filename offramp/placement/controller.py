@@ -147,8 +147,8 @@ class SignalCollector:
 
     def __init__(self, ranges: list[tuple[int, int]]):
         self.ranges = ranges
-        # (time, stats by replica, ingress stage_calls, ingress (hop_s_sum, hop_n)) of the last sample
-        self._prev: tuple[float, dict[str, dict], list[int] | None, tuple | None] | None = None
+        # (time, stats by replica, (counter name, ingress counts), ingress (hop_s_sum, hop_n)) of the last sample
+        self._prev: tuple[float, dict[str, dict], tuple[str, list[int]] | None, tuple | None] | None = None
 
     def sample(self, now: float, endpoints: list[dict], ingress: dict | None) -> Observation | None:
         """None on the first sample (rates need two)."""
@@ -156,12 +156,14 @@ class SignalCollector:
         key = "stage_passes" if ingress and "stage_passes" in ingress else "stage_calls"
         calls = list(ingress[key]) if ingress and key in ingress else None
         hops = (list(ingress["hop_s_sum"]), list(ingress["hop_n"])) if ingress and "hop_n" in ingress else None
-        prev, self._prev = self._prev, (now, stats, calls, hops)
+        prev, self._prev = self._prev, (now, stats, None if calls is None else (key, calls), hops)
         if prev is None or now <= prev[0]:
             return None
-        t0, s0, c0, prev_hops = prev
+        t0, s0, prev_calls, prev_hops = prev
         dt = now - t0
         stages, signals = [], {}
+        # differences of one counter only (an ingress replica without passes may join)
+        c0 = prev_calls[1] if prev_calls is not None and prev_calls[0] == key else None
         use_ingress = (calls is not None and c0 is not None and len(calls) == len(c0) == len(self.ranges)
                        and all(b >= a for a, b in zip(c0, calls)))
         for k, rng in enumerate(self.ranges):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -120,8 +121,12 @@ def _cat(stats: list[ExitStats]) -> ExitStats:
 
 
 def task_stats(model_dir: Path, data_dir: Path, part: str, max_tokens: int, seq_len: int,
-               metric: str, tasks: list[str] | None = None):
-    """(exits config, {task: ExitStats}) over one half of the held-out split."""
+               metric: str | None, tasks: list[str] | None = None,
+               prepare: Callable[[Any, torch.Tensor], torch.Tensor] | None = None):
+    """(exits config, {task: ExitStats}) over one half of the held-out split. ``metric``
+    None: the exits file's. ``prepare(model, windows)``, when given, turns each task's
+    windows into the sequences scored (``offramp calibrate-draft``: prompts and the
+    model's own continuations)."""
     if not exits_present(model_dir):
         raise ConfigError(f"{model_dir} has no exits file; run `offramp train-gates "
                           f"--model {model_dir}` first")
@@ -135,7 +140,9 @@ def task_stats(model_dir: Path, data_dir: Path, part: str, max_tokens: int, seq_
         wins = token_windows(docs, tok, task, seq_len, max_tokens)
         if len(wins) == 0:
             continue
-        out[task] = collect(model, heads, wins, cfg.task_index(task), metric, has_gate,
+        if prepare is not None:
+            wins = prepare(model, wins)
+        out[task] = collect(model, heads, wins, cfg.task_index(task), metric or cfg.metric, has_gate,
                             progress=True, desc=f"{part}:{task}")
     if not out:
         raise ConfigError(f"no held-out text for tasks {tasks or cfg.task_types} in {data_dir}")

@@ -73,16 +73,22 @@ def _runs(flags: list[bool]) -> list[int]:
 def simulate(conf: torch.Tensor, agree: torch.Tensor, threshold: float, max_draft: int, layers: int,
              num_layers: int, layer_cost: float, head_cost: float, visit: float) -> dict:
     """Replay speculative rounds over windows ``conf``/``agree`` (W, T) of one exit layer."""
+    return _replay([_runs((c >= threshold).tolist()) for c in conf], [_runs(a.tolist()) for a in agree],
+                   max_draft, layers, num_layers, layer_cost, head_cost, visit)
+
+
+def _replay(confident: list[list[int]], agreeing: list[list[int]], max_draft: int, layers: int, num_layers: int,
+            layer_cost: float, head_cost: float, visit: float) -> dict:
+    """Rounds over windows given, per position, the run of confident and of agreeing
+    positions starting there."""
     tokens = rounds = drafted = accepted = 0
     work = 0.0
     deep = (num_layers - layers) * layer_cost + head_cost + visit
-    for w in range(conf.shape[0]):
-        confident = _runs((conf[w] >= threshold).tolist())
-        agreeing = _runs(agree[w].tolist())
-        T, s = conf.shape[1], 0
+    for conf_runs, agree_runs in zip(confident, agreeing):
+        T, s = len(conf_runs), 0
         while s < T:
-            k = min(confident[s], max_draft, T - s - 1)
-            a = min(agreeing[s], k)
+            k = min(conf_runs[s], max_draft, T - s - 1)
+            a = min(agree_runs[s], k)
             heads = k + 1 if k < max_draft else k
             work += (k + 1) * layers * layer_cost + heads * head_cost + deep
             rounds += 1
@@ -96,14 +102,15 @@ def simulate(conf: torch.Tensor, agree: torch.Tensor, threshold: float, max_draf
 def choose(conf: torch.Tensor, agree: torch.Tensor, layers: int, num_layers: int, layer_cost: float,
            head_cost: float, spec: DraftSpec) -> dict:
     """The draft threshold with the most tokens per unit of work for one exit layer."""
-    full = num_layers * layer_cost + head_cost + spec.visit_overhead * (num_layers * layer_cost + head_cost)
-    flat = conf.flatten()
-    cands = [-math.inf] + sorted({float(torch.quantile(flat, q)) for q in QUANTILES})
+    token = num_layers * layer_cost + head_cost  # one full-depth token's work
+    visit = spec.visit_overhead * token
+    agreeing = [_runs(a.tolist()) for a in agree]  # does not depend on the threshold
+    cands = [-math.inf] + sorted({float(torch.quantile(conf.flatten(), q)) for q in QUANTILES})
     best = None
     for t in cands:
-        r = simulate(conf, agree, t, spec.max_draft, layers, num_layers, layer_cost, head_cost,
-                     spec.visit_overhead * (num_layers * layer_cost + head_cost))
-        speedup = r["tokens"] / r["work"] * full
+        r = _replay([_runs((c >= t).tolist()) for c in conf], agreeing, spec.max_draft, layers, num_layers,
+                    layer_cost, head_cost, visit)
+        speedup = r["tokens"] / r["work"] * (token + visit)
         if best is None or speedup >= best["speedup"] - 1e-12:
             best = {"threshold": t, "speedup": speedup, **r}
     best["mean_accepted"] = best["accepted"] / best["rounds"]
@@ -114,35 +121,21 @@ def continuation_stats(model_dir: Path, data_dir: Path, spec: DraftSpec):
     """(exits config, {task: (conf, agree)}) with conf/agree (E, W, new_tokens): each window
     is a held-out prompt of ``prompt_tokens`` and the full model's own greedy continuation,
     scored at the continuation's positions (what a decoding server's drafts meet)."""
-    from offramp.ops.exits import load_exits_config
-    from offramp.training.heads import load_exit_tensors as _tensors
-    from offramp.training.teacher import collect, heldout_docs, load_heads, load_model, token_windows
+    from offramp.training.calibrate import task_stats
 
-    cfg = load_exits_config(model_dir)
-    model, tok = load_model(model_dir)
-    heads = load_heads(model, model_dir, cfg)
-    has_gate = cfg.gate_enabled and any(".gate." in k for k in _tensors(model_dir))
-    docs = heldout_docs(data_dir, "calib")
     P, G = spec.prompt_tokens, spec.new_tokens
-    out = {}
-    for task in cfg.task_types:
-        wins = token_windows(docs, tok, task, P, spec.max_tokens)
-        if len(wins) == 0:
-            continue
-        prompts = wins[:, :P]
-        seqs = []
+
+    def continued(model, wins: torch.Tensor) -> torch.Tensor:  # (W, P + 1) windows -> (W, P + G)
         with torch.inference_mode():
-            for i in range(0, len(prompts), 16):
-                seqs.append(model.generate(prompts[i:i + 16], max_new_tokens=G, min_new_tokens=G, do_sample=False,
-                                           pad_token_id=0, eos_token_id=None))
-        seqs = torch.cat(seqs)  # (W, P + G)
-        st = collect(model, heads, seqs, cfg.task_index(task), cfg.metric, has_gate, desc=f"draft:{task}")
-        E, T = len(cfg.exit_layers), P + G - 1
-        # position P-1 predicts the first continuation token; keep the G positions from there
-        conf = st.conf.reshape(E, -1, T)[:, :, P - 1: P - 1 + G]
-        agree = st.agree.reshape(E, -1, T)[:, :, P - 1: P - 1 + G]
-        out[task] = (conf, agree)
-    return cfg, out
+            return torch.cat([model.generate(wins[i:i + 16, :P], max_new_tokens=G, min_new_tokens=G,
+                                             do_sample=False, pad_token_id=0, eos_token_id=None)
+                              for i in range(0, len(wins), 16)])
+
+    cfg, stats, _ = task_stats(model_dir, data_dir, "calib", spec.max_tokens, P, None, prepare=continued)
+    E, T = len(cfg.exit_layers), P + G - 1
+    # position P-1 predicts the first continuation token; keep the G positions from there
+    return cfg, {task: (st.conf.reshape(E, -1, T)[:, :, P - 1: P - 1 + G],
+                        st.agree.reshape(E, -1, T)[:, :, P - 1: P - 1 + G]) for task, st in stats.items()}
 
 
 def calibrate_draft(model_dir: Path, data_dir: Path, spec: DraftSpec) -> dict:
