@@ -59,7 +59,7 @@ def gated_model(tmp_path_factory):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("calib")
     data = root / "data"
-    prepare(data, DataSpec(seed=1, heldout_frac=0.4, math_problems=600, coding_max_bytes=50_000,
+    prepare(data, DataSpec(seed=1, heldout_frac=0.4, math_problems=600, math_docs=2_000, coding_max_bytes=50_000,
                            qa_max_bytes=50_000, vocab_size=300, tokenizer_sample_bytes=30_000))
     model_dir = make_checkpoint(root / "tiny", "tiny", seed=3)
     train_gates(model_dir, data, GateSpec(steps=2, batch=3, seq_len=32))

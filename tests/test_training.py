@@ -10,7 +10,7 @@ import torch
 
 from offramp.training.data import DataSpec, TASKS, prepare, read_docs
 
-TINY = DataSpec(seed=3, heldout_frac=0.3, math_problems=400, coding_max_bytes=60_000,
+TINY = DataSpec(seed=3, heldout_frac=0.3, math_problems=400, math_docs=2_000, coding_max_bytes=60_000,
                 qa_max_bytes=60_000, vocab_size=400, tokenizer_sample_bytes=40_000)
 
 
@@ -200,3 +200,66 @@ def test_train_gates_other_families_and_joint_stage(data_dir, tmp_path, family):
     assert cfg.exit_layers == [2] and "stage2" in cfg.training["gates"]
     t = load_file(str(joint / EXITS_TENSORS))
     assert ("exits.2.norm.bias" in t) == (family == "gpt2")
+
+
+def test_math_is_graded_one_problem_per_document_and_terminates(data_dir):
+    train, held = read_docs(data_dir, "train"), read_docs(data_dir, "heldout")
+    two = {f"{a}{op}{b}" for a in range(100) for b in range(100) for op in "+-"}
+    seen_train = {d["key"] for d in train if d["task"] == "math" and d["level"] == "two_digit"}
+    seen_held = {d["key"] for d in held if d["task"] == "math" and d["level"] == "two_digit"}
+    # every one- and two-digit sum and difference is in exactly one split (training draws
+    # repeat problems, so a small draw covers only part of its side)
+    assert seen_held and not seen_train & seen_held and (seen_train | seen_held) <= two
+    assert len(seen_held) == sum(1 for k in two if k not in seen_train and k in seen_held)
+    levels = {d["level"] for d in train if d["task"] == "math"}
+    assert levels == {"two_digit", "three_digit", "product", "multi_step"}
+    for d in train + held:
+        if d["task"] == "math":
+            expr, _, rest = d["text"].partition("=")
+            assert "\n" not in d["text"] and d["key"] == expr  # one problem, no trailing text
+            assert int(rest.split("=")[-1]) == eval(expr)  # noqa: S307
+
+
+def test_code_has_functions_with_their_bodies(data_dir):
+    import ast
+
+    fns = [d for d in read_docs(data_dir, "train") if d.get("unit") == "function"]
+    assert len(fns) > 5
+    for d in fns:
+        node = ast.parse(d["text"]).body[0]
+        assert isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.body
+        assert d["key"].split("::")[0] in {x["key"] for x in read_docs(data_dir, "train")}
+
+
+def test_continued_training_shares_the_tokenizer_and_the_weights(data_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from offramp.ops.presets import make_checkpoint
+    from offramp.training.heads import ExitHeads, backbone
+    from offramp.training.pretrain import TrainSpec, build_model, export, load_init
+
+    spec = TrainSpec(hidden=32, intermediate=64, layers=3, heads=4, kv_heads=4)
+    tok = AutoTokenizer.from_pretrained(str(data_dir / "tokenizer"))
+    src = build_model(spec, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    heads = ExitHeads(backbone(src), [1, 2])
+    with torch.no_grad():
+        heads.norms["1"].weight.mul_(2.0)
+    export(src, heads, tok, tmp_path / "src", spec, [])
+    # prepare-data --tokenizer copies the checkpoint's vocabulary instead of training one
+    again = tmp_path / "data2"
+    prepare(again, TINY, cache=None, tokenizer=tmp_path / "src")
+    assert AutoTokenizer.from_pretrained(str(again / "tokenizer")).get_vocab() == tok.get_vocab()
+    spec2 = TrainSpec(**{**spec.__dict__, "seed": 9})
+    model = build_model(spec2, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    heads2 = ExitHeads(backbone(model), [1, 2])
+    load_init(model, heads2, str(tmp_path / "src"), tok)
+    ref = src.to(torch.bfloat16).float().state_dict()  # exported as bf16
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, ref[k])
+    torch.testing.assert_close(heads2.norms["1"].weight, heads.norms["1"].weight)
+    other = make_checkpoint(tmp_path / "other", "tiny", seed=1)  # another vocabulary
+    with pytest.raises(ValueError, match="vocabulary"):
+        load_init(model, heads2, str(other), tok)
+    big = build_model(TrainSpec(**{**spec.__dict__, "hidden": 64}), len(tok), 0, 1, 2)
+    with pytest.raises(ValueError, match="shape"):
+        load_init(big, ExitHeads(backbone(big), [1]), str(tmp_path / "src"), tok)

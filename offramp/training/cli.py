@@ -41,11 +41,30 @@ def cmd_prepare(args) -> int:
 
     spec = DataSpec(seed=args.seed, vocab_size=args.vocab_size,
                     heldout_frac=args.heldout_frac, math_problems=args.math_problems,
+                    math_docs=args.math_docs,
                     coding_max_bytes=args.coding_max_bytes, qa_max_bytes=args.qa_max_bytes)
     cache = None if args.no_fetch else Path(args.cache)
-    m = prepare(args.out, spec, cache)
+    m = prepare(args.out, spec, cache, tokenizer=args.tokenizer)
     print(json.dumps({"out": args.out, "sources": m["sources"], "docs": m["docs"]}, indent=2))
     return 0
+
+
+def _mix(s: str | None) -> dict:
+    from offramp.training.data import TASKS
+    from offramp.training.pretrain import TrainSpec
+
+    if not s:
+        return TrainSpec().mix
+    mix = {}
+    for part in s.split(","):
+        task, _, w = part.partition("=")
+        try:
+            mix[task.strip()] = float(w)
+        except ValueError:
+            raise ConfigError(f"--mix {s!r}: write task=weight pairs, e.g. qa=0.3,math=0.35,coding=0.35")
+    if set(mix) - set(TASKS) or not all(v >= 0 for v in mix.values()) or sum(mix.values()) <= 0:
+        raise ConfigError(f"--mix {s!r}: tasks are {', '.join(TASKS)}, weights >= 0, not all 0")
+    return mix
 
 
 def cmd_train(args) -> int:
@@ -58,7 +77,8 @@ def cmd_train(args) -> int:
                      threads=args.threads, time_budget_min=args.time_budget_min,
                      exits_per_step=args.exits_per_step, exit_weight=args.exit_weight,
                      exit_kd=args.exit_kd, exit_token_frac=args.exit_token_frac,
-                     layer_drop_max=args.layer_drop_max)
+                     layer_drop_max=args.layer_drop_max, init=args.init or "",
+                     mix=_mix(args.mix))
     print(json.dumps(train(args.data, args.out, spec), indent=2))
     return 0
 
@@ -103,9 +123,22 @@ def cmd_eval(args) -> int:
     from offramp.training.evaluate import evaluate, format_table
 
     model_dir = _model_dir(args.model)
-    res = evaluate(model_dir, _data_dir(args.data), max_tokens=args.max_tokens,
+    data_dir = _data_dir(args.data)
+    res = evaluate(model_dir, data_dir, max_tokens=args.max_tokens,
                    threads=args.threads, tasks=_tasks(args.tasks))
-    print(json.dumps(res, indent=2) if args.json else format_table(res))
+    if args.task_accuracy:
+        from offramp.training.tasks import format_report, task_accuracy
+
+        res["task_accuracy"] = task_accuracy(
+            model_dir, data_dir, modes=_tasks(args.modes), num_stages=args.stages,
+            math_per_level=args.samples, code_items_n=args.samples // 2, prose_n=args.samples // 5,
+            threads=args.threads, progress=not args.json)
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        print(format_table(res))
+        if args.task_accuracy:
+            print(format_report(res["task_accuracy"]))
     return 0
 
 
@@ -115,7 +148,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--heldout-frac", type=float, default=0.05)
-    p.add_argument("--math-problems", type=int, default=60_000)
+    p.add_argument("--math-problems", type=int, default=30_000,
+                   help="sampled three-digit and multi-step problems (one- and two-digit sums, "
+                   "differences and products are enumerated)")
+    p.add_argument("--math-docs", type=int, default=400_000,
+                   help="training documents drawn, one problem each, weighted toward two digits")
+    p.add_argument("--tokenizer", help="reuse this checkpoint's tokenizer instead of training one "
+                   "(needed to continue training it with `offramp train --init`)")
     p.add_argument("--coding-max-bytes", type=int, default=4_000_000)
     p.add_argument("--qa-max-bytes", type=int, default=4_500_000)
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "offramp"),
@@ -152,6 +191,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="share of positions an exit loss is taken on (cost vs signal)")
     p.add_argument("--layer-drop-max", type=float, default=d.layer_drop_max,
                    help="probability of skipping the last layer; rises linearly from 0 at layer 0")
+    p.add_argument("--init", help="continue from this checkpoint (same shape; prepare the data with "
+                   "--tokenizer of it) instead of random weights")
+    p.add_argument("--mix", help="task sampling weights, e.g. qa=0.3,math=0.35,coding=0.35 "
+                   f"(default {','.join(f'{k}={v}' for k, v in d.mix.items())})")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("train-gates", help="train exit heads and gates on a frozen backbone")
@@ -210,4 +253,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tasks", help="comma list (default: all)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--task-accuracy", action=argparse.BooleanOptionalAction, default=True,
+                   help="also generate on held-out problems, functions and prose: math exact match per "
+                   "level, code that parses with a body, speculative acceptance, per exit mode")
+    p.add_argument("--modes", default="off,calibrated,speculative",
+                   help="exit modes for --task-accuracy (comma list)")
+    p.add_argument("--samples", type=int, default=200,
+                   help="math problems per level (code: half as many functions, prose: a fifth)")
+    p.add_argument("--stages", type=int, default=2,
+                   help="pipeline stages, split as served (2: the default config's split)")
     p.set_defaults(func=cmd_eval)

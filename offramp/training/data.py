@@ -41,7 +41,8 @@ BIBLE_DEBS = ("bible-kjv", "bible-kjv-text")
 class DataSpec:
     seed: int = 0
     heldout_frac: float = 0.05  # share of units (problems, files, chapters) held out
-    math_problems: int = 60_000  # arithmetic problems generated before the split
+    math_problems: int = 30_000  # sampled 3-digit and multi-step problems (before the split)
+    math_docs: int = 400_000  # training documents drawn (one problem each), levels weighted
     coding_max_bytes: int = 4_000_000  # cap on stdlib source read
     qa_max_bytes: int = 4_500_000  # cap on prose read
     vocab_size: int = 4096
@@ -54,55 +55,77 @@ def is_heldout(key: str, seed: int, frac: float) -> bool:
 
 
 # ---------------------------------------------------------------- math
-def _math_problem(rng: random.Random) -> tuple[str, str]:
-    """(expression, full line). Difficulty levels 1..4 with rising share of steps."""
-    level = rng.choices((1, 2, 3, 4), weights=(3, 3, 2, 2))[0]
-    if level == 1:
-        a, b = rng.randint(0, 99), rng.randint(0, 99)
-        op = rng.choice("+-")
-        expr = f"{a}{op}{b}"
-        return expr, f"{expr}={eval(expr)}"
-    if level == 2:
+# Graded difficulty: every one- and two-digit sum and difference (all carries and
+# borrows, negative results included), then three-digit ones, products with one
+# digit, and multi-step expressions written out with their intermediate results.
+# A document is one problem, ``12+30=42``, closed by the stream's eos: the answer
+# terminates, which is what a prompt ``12+30=`` must learn.
+MATH_LEVELS = ("two_digit", "three_digit", "product", "multi_step")
+MATH_WEIGHTS = {"two_digit": 0.5, "three_digit": 0.2, "product": 0.15, "multi_step": 0.15}
+
+
+def _line(expr: str) -> str:
+    return f"{expr}={eval(expr)}"  # noqa: S307 - generated digits and operators only
+
+
+def _math_level(level: str, rng: random.Random) -> tuple[str, str]:
+    if level == "three_digit":
+        a, b = rng.randint(100, 999), rng.randint(0, 999)
         if rng.random() < 0.5:
-            a, b = rng.randint(2, 99), rng.randint(2, 9)
-            expr = f"{a}*{b}"
-        else:
-            a, b = rng.randint(100, 999), rng.randint(10, 999)
-            expr = f"{a}{rng.choice('+-')}{b}"
-        return expr, f"{expr}={eval(expr)}"
-    if level == 3:  # (a op b) op c, shown with the intermediate result
-        a, b, c = rng.randint(1, 99), rng.randint(1, 99), rng.randint(2, 9)
-        op1, op2 = rng.choice("+-"), rng.choice("*+-")
-        inner = eval(f"{a}{op1}{b}")
-        expr = f"({a}{op1}{b}){op2}{c}"
-        return expr, f"{expr}={inner}{op2}{c}={eval(expr)}"
-    # level 4: a*b+c*d-e, step by step left to right after the products
-    a, b, c, d, e = (rng.randint(2, 20) for _ in range(5))
-    p, q = a * b, c * d
-    expr = f"{a}*{b}+{c}*{d}-{e}"
-    return expr, f"{expr}={p}+{q}-{e}={p + q}-{e}={p + q - e}"
+            a, b = b, a
+        expr = f"{a}{rng.choice('+-')}{b}"
+        return expr, _line(expr)
+    if level == "multi_step":
+        if rng.random() < 0.5:  # (a op b) op c, with the inner result shown
+            a, b, c = rng.randint(1, 99), rng.randint(1, 99), rng.randint(2, 9)
+            op1, op2 = rng.choice("+-"), rng.choice("*+-")
+            inner = eval(f"{a}{op1}{b}")  # noqa: S307
+            expr = f"({a}{op1}{b}){op2}{c}"
+            return expr, f"{expr}={inner}{op2}{c}={eval(expr)}"  # noqa: S307
+        a, b, c, d, e = (rng.randint(2, 20) for _ in range(5))
+        p, q = a * b, c * d
+        expr = f"{a}*{b}+{c}*{d}-{e}"
+        return expr, f"{expr}={p}+{q}-{e}={p + q}-{e}={p + q - e}"
+    raise ValueError(level)
 
 
-def math_units(spec: DataSpec) -> list[tuple[str, str]]:
-    """(key, line) per distinct problem; the key is the expression (dedup by it)."""
+def math_units(spec: DataSpec) -> list[tuple[str, str, str]]:
+    """(key, line, level) per distinct problem; the key is the expression.
+
+    Enumerated where the space is small (every ``a±b`` with ``a, b < 100``, every
+    ``a*b`` with ``a < 100, b < 10``), sampled where it is not."""
+    units = [(f"{a}{op}{b}", _line(f"{a}{op}{b}"), "two_digit")
+             for a in range(100) for b in range(100) for op in "+-"]
+    units += [(f"{a}*{b}", _line(f"{a}*{b}"), "product")
+              for a in range(100) for b in range(10)]
     rng = random.Random(spec.seed * 1_000_003 + 7)
-    seen: dict[str, str] = {}
-    while len(seen) < spec.math_problems:
-        expr, line = _math_problem(rng)
-        seen.setdefault(expr, line)
-    return list(seen.items())
+    seen = {k for k, _, _ in units}
+    for level in ("three_digit", "multi_step"):
+        n = 0
+        while n < spec.math_problems // 2:
+            expr, line = _math_level(level, rng)
+            if expr not in seen:
+                seen.add(expr)
+                units.append((expr, line, level))
+                n += 1
+    return units
 
 
-def _math_docs(units: list[tuple[str, str]], seed: int, per_doc: int = 16) -> list[dict]:
+def _math_docs(units: list[tuple[str, str, str]], n_docs: int | None, seed: int) -> list[dict]:
+    """One problem per document. ``n_docs``: draw that many, levels weighted by
+    ``MATH_WEIGHTS`` (training); ``None``: every unit once (held out)."""
     rng = random.Random(seed)
-    units = list(units)
-    rng.shuffle(units)
-    docs = []
-    for i in range(0, len(units), per_doc):
-        chunk = units[i:i + per_doc]
-        docs.append({"task": "math", "key": "|".join(k for k, _ in chunk),
-                     "text": "\n".join(line for _, line in chunk) + "\n"})
-    return docs
+    if n_docs is None:
+        picked = list(units)
+        rng.shuffle(picked)
+    else:
+        by_level: dict[str, list] = {}
+        for u in units:
+            by_level.setdefault(u[2], []).append(u)
+        levels = [lv for lv in MATH_LEVELS if lv in by_level]
+        weights = [MATH_WEIGHTS[lv] for lv in levels]
+        picked = [rng.choice(by_level[lv]) for lv in rng.choices(levels, weights, k=n_docs)]
+    return [{"task": "math", "key": k, "level": lv, "text": line} for k, line, lv in picked]
 
 
 # ---------------------------------------------------------------- coding
@@ -126,6 +149,31 @@ def stdlib_files(max_bytes: int) -> list[tuple[str, str]]:
         total += len(text)
         if total >= max_bytes:
             break
+    return out
+
+
+def function_units(rel: str, text: str, max_chars: int = 2_000) -> list[tuple[str, str]]:
+    """(key, source) of every function and method in a file, dedented to column 0 with
+    its decorators: a definition followed by its body, the shape a prompt
+    ``def area(width, height):`` asks to continue (a random window of a file rarely
+    starts at a ``def``)."""
+    import ast
+    import textwrap
+
+    try:
+        tree = ast.parse(text)
+    except (SyntaxError, ValueError):
+        return []
+    lines = text.splitlines(keepends=True)
+    out = []
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        first = min([node.lineno, *(d.lineno for d in node.decorator_list)]) - 1
+        src = textwrap.dedent("".join(lines[first:node.end_lineno]))
+        if len(src) > max_chars or src.count("\n") < 2:
+            continue
+        out.append((f"stdlib:{rel}::{node.name}@{node.lineno}", src))
     return out
 
 
@@ -196,13 +244,19 @@ def build_corpus(spec: DataSpec, cache: Path | None) -> tuple[list[dict], list[d
     mu = math_units(spec)
     mtrain = [u for u in mu if not is_heldout("math:" + u[0], spec.seed, spec.heldout_frac)]
     mheld = [u for u in mu if is_heldout("math:" + u[0], spec.seed, spec.heldout_frac)]
-    train += _math_docs(mtrain, spec.seed)
-    held += _math_docs(mheld, spec.seed + 1)
+    train += _math_docs(mtrain, spec.math_docs, spec.seed)
+    held += _math_docs(mheld, None, spec.seed + 1)
 
     code = stdlib_files(spec.coding_max_bytes)
+    n_fn = 0
     for rel, text in code:
-        doc = {"task": "coding", "key": f"stdlib:{rel}", "text": text}
-        (held if is_heldout(doc["key"], spec.seed, spec.heldout_frac) else train).append(doc)
+        key = f"stdlib:{rel}"
+        docs = [{"task": "coding", "key": key, "text": text}]
+        docs += [{"task": "coding", "key": k, "unit": "function", "text": src}
+                 for k, src in function_units(rel, text)]
+        n_fn += len(docs) - 1
+        # a file's functions follow the file: never one in training, one held out
+        (held if is_heldout(key, spec.seed, spec.heldout_frac) else train).extend(docs)
 
     bible = bible_chapters(cache, spec.qa_max_bytes)
     prose = bible + pydoc_topics()
@@ -210,8 +264,10 @@ def build_corpus(spec: DataSpec, cache: Path | None) -> tuple[list[dict], list[d
         doc = {"task": "qa", "key": key, "text": text}
         (held if is_heldout(key, spec.seed, spec.heldout_frac) else train).append(doc)
     sources = {
-        "math": f"synthetic arithmetic, {len(mu)} distinct problems, levels 1-4",
-        "coding": f"Python {sys.version.split()[0]} standard library, {len(code)} files",
+        "math": (f"synthetic arithmetic, {len(mu)} distinct problems "
+                 f"({', '.join(MATH_LEVELS)}), {spec.math_docs} training draws"),
+        "coding": (f"Python {sys.version.split()[0]} standard library, {len(code)} files "
+                   f"and their {n_fn} functions"),
         "qa": (f"King James Bible (Debian bible-kjv-text), {len(bible)} chapters; " if bible
                else "King James Bible unavailable; ") + "pydoc_data.topics",
     }
@@ -255,7 +311,21 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def prepare(out_dir: str | Path, spec: DataSpec, cache: Path | None = None) -> dict:
+def copy_tokenizer(src: Path, out: Path) -> None:
+    """Reuse a checkpoint's tokenizer (continued training keeps its vocabulary)."""
+    from transformers import AutoTokenizer
+
+    if not (Path(src) / "tokenizer.json").is_file() and not (Path(src) / "tokenizer" / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{src} holds no tokenizer.json; pass a checkpoint or "
+                                "prepare-data directory, or drop --tokenizer to train one")
+    src = Path(src) / "tokenizer" if (Path(src) / "tokenizer" / "tokenizer.json").is_file() else Path(src)
+    AutoTokenizer.from_pretrained(str(src)).save_pretrained(str(out))
+
+
+def prepare(out_dir: str | Path, spec: DataSpec, cache: Path | None = None,
+            tokenizer: str | Path | None = None) -> dict:
+    """Write the corpus; train a tokenizer on it, or copy ``tokenizer`` (a checkpoint
+    or prepare-data directory) so a model trained on the old data can continue."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     train, held, sources = build_corpus(spec, cache)
@@ -266,12 +336,16 @@ def prepare(out_dir: str | Path, spec: DataSpec, cache: Path | None = None) -> d
     by_task: dict[str, list[str]] = {}
     for d in train:
         by_task.setdefault(d["task"], []).append(d["text"])
-    train_tokenizer(by_task, spec, out / "tokenizer")
+    if tokenizer is None:
+        train_tokenizer(by_task, spec, out / "tokenizer")
+    else:
+        copy_tokenizer(Path(tokenizer), out / "tokenizer")
     counts = {split: {t: sum(1 for d in docs if d["task"] == t) for t in TASKS}
               for split, docs in (("train", train), ("heldout", held))}
     chars = {t: sum(len(d["text"]) for d in train if d["task"] == t) for t in TASKS}
     manifest = {
-        "spec": spec.__dict__, "sources": sources, "docs": counts, "train_chars": chars,
+        "spec": spec.__dict__, "tokenizer": str(tokenizer) if tokenizer else "trained",
+        "sources": sources, "docs": counts, "train_chars": chars,
         "sha256": {n: _sha(out / n) for n in ("train.jsonl", "heldout.jsonl",
                                               "tokenizer/tokenizer.json")},
     }

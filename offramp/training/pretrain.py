@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from offramp.training.data import TASKS, read_docs
-from offramp.training.heads import ExitHeads, backbone, use_bf16
+from offramp.training.heads import ExitHeads, backbone, load_exit_tensors, use_bf16
 
 
 @dataclass
@@ -59,6 +59,7 @@ class TrainSpec:
     threads: int = 1
     bf16: bool | None = None  # CPU bf16 autocast (fp32 master weights); None: only where the CPU has native bf16
     time_budget_min: float = 0.0  # >0: schedule on max(step/steps, time/budget); stop at 1
+    init: str = ""  # checkpoint directory to continue from (same shape and tokenizer); "": from scratch
 
 
 def build_model(spec: TrainSpec, vocab: int, bos: int, eos: int, pad: int):
@@ -72,6 +73,27 @@ def build_model(spec: TrainSpec, vocab: int, bos: int, eos: int, pad: int):
         rms_norm_eps=1e-5, rope_theta=10000.0, attn_implementation="sdpa")
     torch.manual_seed(spec.seed)
     return LlamaForCausalLM(cfg)
+
+
+def load_init(model, heads: ExitHeads, init_dir: str, tok) -> None:
+    """Start from a trained checkpoint instead of random weights: its backbone, and its
+    exit norms where it has an exits file. Shapes and vocabulary must match."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = Path(init_dir)
+    if not (src / "config.json").is_file():
+        raise ValueError(f"--init {src}: no config.json there; pass a checkpoint directory")
+    if AutoTokenizer.from_pretrained(str(src)).get_vocab() != tok.get_vocab():
+        raise ValueError(f"--init {src} has another vocabulary than the data's tokenizer; run "
+                         f"`offramp prepare-data --tokenizer {src}` so both share it")
+    ref = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
+    theirs, ours = ref.state_dict(), model.state_dict()
+    bad = [k for k, v in ours.items() if k not in theirs or theirs[k].shape != v.shape]
+    if bad:
+        raise ValueError(f"--init {src} does not match the model's shape ({bad[0]}); use the "
+                         "same --hidden/--layers/--heads/--intermediate as that checkpoint")
+    model.load_state_dict({k: theirs[k] for k in ours})
+    heads.load_tensors(load_exit_tensors(src))
 
 
 def token_streams(data_dir: Path, tok, cache: Path) -> dict[str, torch.Tensor]:
@@ -206,6 +228,8 @@ def train(data_dir: str | Path, out_dir: str | Path, spec: TrainSpec,
     bb = backbone(model)
     exit_layers = list(range(1, spec.layers))
     heads = ExitHeads(bb, exit_layers)
+    if spec.init:
+        load_init(model, heads, spec.init, tok)
     params = list(model.parameters()) + list(heads.norms.parameters())
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
