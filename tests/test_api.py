@@ -135,6 +135,35 @@ def test_chat_stream_with_usage(server):
     assert streamed_stages == [0, 3, 1, 2, 0, 3, 1]
 
 
+def test_continuous_usage_stats_and_vllm_extras(server):
+    """What guidellm and other vLLM clients send: usage in every chunk, and extension
+    fields at their neutral values, accepted."""
+    url, backend = server[0].url, server[1]
+    for path, extra in (("/v1/completions", {"prompt": "hi"}),
+                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
+        events = sse_events(post(url, path, {
+            "model": MODEL, **extra, "max_tokens": 5, "stream": True, "ignore_eos": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+            "min_p": 0.0, "min_tokens": 0, "repetition_penalty": 1.0, "skip_special_tokens": True,
+            "spaces_between_special_tokens": True, "metadata": {"run": "x"}, "store": False}))
+        chunks = events[:-1]
+        assert events[-1] == "[DONE]" and all(c["usage"] is not None for c in chunks)
+        done = [c["usage"]["completion_tokens"] for c in chunks]
+        assert done == sorted(done) and done[-1] == 5  # running counts, then the total
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] == (
+            chunks[-1]["usage"]["prompt_tokens"] + 5)
+
+
+def test_stop_token_ids_end_a_choice(server):
+    url, backend, tok = server[0].url, server[1], server[2]
+    stop = backend.tokens[3]
+    resp = oai(url).completions.create(model=MODEL, prompt="hi", max_tokens=10,
+                                       extra_body={"stop_token_ids": [stop]})
+    assert resp.choices[0].finish_reason == "stop"
+    assert stop in backend.requests[-1].sampling.stop_token_ids
+    assert tok.eos_token_id in backend.requests[-1].sampling.stop_token_ids  # the model's stay
+
+
 def test_completion_stream_raw_sse_ends_with_done(server):
     url = server[0].url
     r = post(url, "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 5, "stream": True})
@@ -177,6 +206,7 @@ def test_models_and_health(server):
     assert [m.id for m in models.data] == [MODEL]
     assert httpx.get(url + "/healthz").json() == {"status": "ok"}  # no key needed
     assert httpx.get(url + "/-/healthz").status_code == 200
+    assert httpx.get(url + "/health").status_code == 200  # vLLM's route, open like the others
     assert_openai_error(httpx.get(url + "/v1/models/nope", headers={"Authorization": f"Bearer {KEY}"}),
                         404, code="model_not_found")
 
@@ -259,6 +289,17 @@ BAD_COMPLETIONS = [
     ({"model": MODEL, "prompt": "hi", "offramp": {"task": "poetry"}}, "offramp.task"),
     ({"model": MODEL, "prompt": "hi", "offramp": {"exits": "off"}}, "offramp.exits"),
     ({"model": MODEL, "prompt": "hi", "seed": -1}, "seed"),
+    # vLLM extensions: refused where ignoring them would change the result
+    ({"model": MODEL, "prompt": "hi", "min_p": 0.1}, "min_p"),
+    ({"model": MODEL, "prompt": "hi", "min_tokens": 3}, "min_tokens"),
+    ({"model": MODEL, "prompt": "hi", "repetition_penalty": 1.2}, "repetition_penalty"),
+    ({"model": MODEL, "prompt": "hi", "skip_special_tokens": False}, "skip_special_tokens"),
+    ({"model": MODEL, "prompt": "hi", "include_stop_str_in_output": True}, "include_stop_str_in_output"),
+    ({"model": MODEL, "prompt": "hi", "stop_token_ids": [99999]}, "stop_token_ids"),
+    ({"model": MODEL, "prompt": "hi", "stop_token_ids": [-1]}, "stop_token_ids"),
+    ({"model": MODEL, "prompt": "hi", "stop_token_ids": "3"}, "stop_token_ids"),
+    ({"model": MODEL, "prompt": "hi", "stream": True, "stream_options": {"continuous_usage_stats": 1}},
+     "stream_options.continuous_usage_stats"),
 ]
 
 

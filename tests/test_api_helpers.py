@@ -108,10 +108,14 @@ class FakeBackend:
                     out.finished = True
                     yield TokenEvent(self.eos_id, stage, "stop")
                     return
-                last = i == limit - 1
+                token = self.tokens[i % len(self.tokens)]
+                stop = token in request.sampling.stop_token_ids and token != self.eos_id
+                last = i == limit - 1 or stop
                 out.emitted += 1
                 out.finished = last
-                yield TokenEvent(self.tokens[i % len(self.tokens)], stage, "length" if last else None)
+                yield TokenEvent(token, stage, "stop" if stop else "length" if last else None)
+                if stop:
+                    return
         except (GeneratorExit, asyncio.CancelledError):
             out.closed = True
             raise

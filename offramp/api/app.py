@@ -56,7 +56,6 @@ from offramp.api.protocol import ChatCompletionRequest, CompletionRequest, Sampl
 from offramp.api.text import encode_chat, encode_prompt
 from offramp.errors import OfframpError
 from offramp.observability import tracing
-from offramp.protocol import SamplingParams
 
 log = logging.getLogger("offramp.api")
 
@@ -363,6 +362,7 @@ def create_app(frontend: Frontend) -> FastAPI:
 
     @app.get("/healthz")
     @app.get("/-/healthz")
+    @app.get("/health")  # vLLM's route; load generators (guidellm) check it first
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
@@ -383,11 +383,7 @@ def create_app(frontend: Frontend) -> FastAPI:
             max_n=settings.max_n, max_stop=settings.max_stop, max_stop_chars=settings.max_stop_chars,
             default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS if isinstance(req, CompletionRequest) else None,
         )
-        sampling = SamplingParams(
-            max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=max(0, req.top_k),
-            seed=req.seed, stop_token_ids=() if req.ignore_eos else frontend.stop_token_ids(),
-            ignore_eos=req.ignore_eos,
-        )
+        sampling = req.sampling(max_tokens, len(tokenizer), tuple(frontend.stop_token_ids()))
         # One trace per request: this span continues the caller's traceparent; stage spans
         # become its children through the carrier handed to the backend.
         spans = contextlib.ExitStack()
@@ -416,6 +412,13 @@ def create_app(frontend: Frontend) -> FastAPI:
             gen.span_stack.close()
         else:
             gen.span_stack.__exit__(type(error), error, error.__traceback__)
+
+    def chunk_usage(gen: Generation, req: SamplingFields) -> dict[str, Any]:
+        """A chunk's ``usage``: so far (``continuous_usage_stats``), null (``include_usage``:
+        the totals come in the last chunk) or absent."""
+        if req.continuous_usage:
+            return {"usage": gen.usage()}
+        return {"usage": None} if req.include_usage else {}
 
     async def respond(request: Request, gen: Generation, req: SamplingFields,
                       chunk: Callable[[ChoiceDelta], dict[str, Any]], first_chunks: list[dict[str, Any]],
@@ -496,7 +499,7 @@ def create_app(frontend: Frontend) -> FastAPI:
         def chunk(d: ChoiceDelta) -> dict[str, Any]:
             choice = {"index": d.index, "text": d.text, "logprobs": None, "finish_reason": d.finish_reason,
                       "offramp": chunk_offramp(gen, d)}
-            return {**envelope(), "choices": [choice], **({"usage": None} if req.include_usage else {})}
+            return {**envelope(), "choices": [choice], **chunk_usage(gen, req)}
 
         def final(results: list) -> dict[str, Any]:
             choices = [{"index": r.index, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason,
@@ -523,16 +526,15 @@ def create_app(frontend: Frontend) -> FastAPI:
             return {"id": rid, "object": "chat.completion.chunk", "created": now, "model": settings.model_name,
                     "system_fingerprint": None}
 
-        usage_null = {"usage": None} if req.include_usage else {}
         first_chunks = [{**envelope(), "choices": [
             {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-            for i in range(req.n)], **usage_null}]
+            for i in range(req.n)], **chunk_usage(gen, req)}]
 
         def chunk(d: ChoiceDelta) -> dict[str, Any]:
             delta = {"content": d.text} if d.text else {}
             choice = {"index": d.index, "delta": delta, "logprobs": None, "finish_reason": d.finish_reason,
                       "offramp": chunk_offramp(gen, d)}
-            return {**envelope(), "choices": [choice], **usage_null}
+            return {**envelope(), "choices": [choice], **chunk_usage(gen, req)}
 
         def final(results: list) -> dict[str, Any]:
             choices = [{"index": r.index, "message": {"role": "assistant", "content": r.text},

@@ -13,7 +13,7 @@ import json
 
 from offramp.errors import ConfigError
 
-OPEN_PATHS = frozenset({"/healthz", "/-/healthz"})
+OPEN_PATHS = frozenset({"/healthz", "/-/healthz", "/health"})
 
 
 def check_bind(host: str, api_key: str | None, key_env: str = "OFFRAMP_API_KEY") -> None:

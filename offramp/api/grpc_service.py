@@ -190,7 +190,6 @@ class GrpcIngressMixin:
         from offramp.api.generation import Generation
         from offramp.api.protocol import CompletionRequest, check_limits
         from offramp.api.text import encode_prompt
-        from offramp.protocol import SamplingParams
 
         fe, settings = self.frontend, self.frontend.settings
         body = _completion_body(request, settings.model_name)
@@ -199,10 +198,7 @@ class GrpcIngressMixin:
         max_tokens = check_limits(req, len(prompt_ids), max_context=settings.max_context,
                                   max_tokens_cap=settings.max_tokens_cap, max_n=1, max_stop=settings.max_stop,
                                   max_stop_chars=settings.max_stop_chars, default_max_tokens=DEFAULT_MAX_TOKENS)
-        sampling = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                  top_k=max(0, req.top_k), seed=req.seed,
-                                  stop_token_ids=() if req.ignore_eos else fe.stop_token_ids(),
-                                  ignore_eos=req.ignore_eos)
+        sampling = req.sampling(max_tokens, len(fe.tokenizer), tuple(fe.stop_token_ids()))
         timeout = settings.request_timeout_s
         remaining = getattr(grpc_context, "time_remaining", None)
         if callable(remaining):

@@ -3,7 +3,10 @@
 Validation is strict: unknown fields, wrong JSON types (``"0.5"`` for a number, ``true``
 for an integer) and non-finite numbers are rejected with a 400 that names the field.
 OpenAI fields Offramp does not implement (logprobs, penalties, tools, ...) are accepted
-only at their "off" value, so a client never silently gets something it did not ask for.
+only at their "off" value, so a client never silently gets something it did not ask for;
+the same holds for the vLLM extensions common clients send (``min_p``,
+``repetition_penalty``, ...). Fields without effect on the output (``metadata``,
+``store``, ``service_tier``, ``user``) are accepted and ignored.
 
 Sampling parameters are held to ranges the sampler cannot overflow on: ``temperature`` is
 0 (greedy) or within [:data:`MIN_TEMPERATURE`, :data:`MAX_TEMPERATURE`] (a tiny positive
@@ -23,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic import StrictInt, StrictStr
 
 from offramp.errors import BadRequest
-from offramp.protocol import MAX_DRAFT_LIMIT, MIN_TEMPERATURE
+from offramp.protocol import MAX_DRAFT_LIMIT, MIN_TEMPERATURE, SamplingParams
 
 TaskName = Literal["qa", "math", "coding"]
 
@@ -76,6 +79,8 @@ class OfframpRequestExtras(_Strict):
 
 class StreamOptions(_Strict):
     include_usage: bool = Field(False, description="Send a last chunk with `usage` before [DONE].")
+    continuous_usage_stats: bool = Field(
+        False, description="vLLM extension: every chunk carries `usage` so far (prompt, completion, total).")
 
 
 class SamplingFields(_Strict):
@@ -98,6 +103,21 @@ class SamplingFields(_Strict):
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
+    # vLLM extensions. stop_token_ids is honoured; the rest are accepted at the value that
+    # is Offramp's behaviour (refused otherwise, since ignoring them would change the result).
+    stop_token_ids: list[StrictInt] | None = Field(None, max_length=64, description="vLLM extension: extra "
+                                                   "token ids that end a choice (shown in the text, as in vLLM, "
+                                                   "unless special).")
+    min_tokens: StrictInt = Field(0, ge=0, le=0, description="vLLM extension: only 0 (not supported).")
+    repetition_penalty: float | None = Field(None, description="vLLM extension: only 1 (not supported).")
+    min_p: float = Field(0.0, ge=0.0, le=0.0, description="vLLM extension: only 0 (not supported).")
+    skip_special_tokens: bool = Field(True, description="vLLM extension: only true (special tokens are never shown).")
+    spaces_between_special_tokens: bool = Field(True, description="vLLM extension: accepted, no effect here.")
+    include_stop_str_in_output: bool = Field(False, description="vLLM extension: only false.")
+    # OpenAI fields with no effect on the output: accepted and ignored.
+    metadata: dict[StrictStr, StrictStr] | None = Field(None, max_length=16)
+    store: bool | None = None
+    service_tier: StrictStr | None = Field(None, max_length=32)
 
     @field_validator("temperature")
     @classmethod
@@ -122,6 +142,16 @@ class SamplingFields(_Strict):
                 raise BadRequestValue(name, f"{name} is not supported by Offramp; omit it or set it to 0")
         if self.logit_bias:
             raise BadRequestValue("logit_bias", "logit_bias is not supported by Offramp; omit it")
+        if self.repetition_penalty not in (None, 1.0):
+            raise BadRequestValue("repetition_penalty", "repetition_penalty is not supported by Offramp; omit it "
+                                  "or set it to 1")
+        if not self.skip_special_tokens:
+            raise BadRequestValue("skip_special_tokens", "skip_special_tokens=false is not supported; omit it")
+        if self.include_stop_str_in_output:
+            raise BadRequestValue("include_stop_str_in_output", "include_stop_str_in_output=true is not "
+                                  "supported; omit it")
+        if self.stop_token_ids and any(not 0 <= t <= INT32_MAX for t in self.stop_token_ids):
+            raise BadRequestValue("stop_token_ids", "stop_token_ids must be token ids (>= 0)")
         return self
 
     @property
@@ -132,7 +162,25 @@ class SamplingFields(_Strict):
 
     @property
     def include_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.include_usage)
+        return bool(self.stream_options and (self.stream_options.include_usage
+                                             or self.stream_options.continuous_usage_stats))
+
+    def sampling(self, max_tokens: int, vocab_size: int, eos_ids: tuple[int, ...]) -> SamplingParams:
+        """The backend's sampling parameters (one builder for HTTP and gRPC): the
+        request's stop token ids, plus the model's end-of-sequence ids unless ignore_eos."""
+        user_stops = tuple(self.stop_token_ids or ())
+        bad = [t for t in user_stops if t >= vocab_size]
+        if bad:
+            raise BadRequest(f"stop_token_ids {bad[:5]} are outside the vocabulary [0, {vocab_size})",
+                             param="stop_token_ids")
+        return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
+                              top_k=max(0, self.top_k), seed=self.seed,
+                              stop_token_ids=user_stops + (() if self.ignore_eos else tuple(eos_ids)),
+                              ignore_eos=self.ignore_eos)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
 
 class BadRequestValue(ValueError):
