@@ -68,8 +68,8 @@ class ControllerConfig(BaseModel):
     policy: PolicyConfig = Field(default_factory=PolicyConfig, description="Hysteresis, cool-down, dry-run.")
     pools: list[PoolSpec] | None = Field(None, description="Device pools; None = defaults sized from the "
                                          "cluster's pool_<name> resources.")
-    pins: list[Pin] = Field(default_factory=list, description="Operator pins (also read from the app's "
-                            "args.placement.pins when present).")
+    pins: list[Pin] = Field(default_factory=list, description="Operator pins: a stage's pool, replicas or "
+                            "precision the planner must keep.")
     max_knob: Literal["replicas", "pool", "precision", "split"] = Field(
         "replicas", description="Most expensive knob turned automatically, in cost order: replicas; + pools; "
         "+ precision; + split points (one boundary per move).")
@@ -345,9 +345,9 @@ class PlacementController:
         self.pool_fits[pool.name] = fit
         return fit.apply(pool)
     def pins(self) -> list[Pin]:
-        app_cfg = self.ops.deployed_app_config(self.cfg.app) or {}
-        extra = ((app_cfg.get("args") or {}).get("placement") or {}).get("pins") or []
-        return list(self.cfg.pins) + [Pin.model_validate(p) for p in extra]
+        """The operator's pins (``ControllerConfig.pins``: the app's arguments carry none,
+        so one config holds every input of the controller)."""
+        return list(self.cfg.pins)
 
     def observe(self) -> Observation | None:
         self.collector.ranges = self.ranges()
