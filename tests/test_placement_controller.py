@@ -15,7 +15,7 @@ from offramp.placement.mover import (
     MoveDeferred, MoveFailed, Mover, Step, deployment_entry, entry_pool, entry_precision, live_ranges, plan_steps,
     stage_placement,
 )
-from offramp.placement.planner import StageDeployment
+from offramp.placement.planner import Pin, StageDeployment
 from offramp.placement.policy import Move, PolicyConfig
 
 APP = "offramp"
@@ -316,11 +316,9 @@ def test_pins_hold_replicas():
     assert replicas(ops) == [1, 1, 1, 1]
 
 
-def test_pins_from_app_args():
-    cfg = app_config()
-    cfg["args"]["placement"] = {"pins": [{"stage": 0, "replicas": 3}]}
-    ops = FakeOps(cfg)
-    ctl = controller(ops, policy={"min_gain": 0.0})
+def test_pins_from_the_controller_config():
+    ops = FakeOps(app_config())
+    ctl = controller(ops, policy={"min_gain": 0.0}, pins=[Pin(stage=0, replicas=3)])
     run(ctl, ops, 2)
     assert replicas(ops)[0] == 3
 
