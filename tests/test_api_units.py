@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from offramp.api.auth import check_bind, key_matches, presented_key
+from offramp.api.auth import check_bind, check_exposure, key_matches, presented_key
 from offramp.api.frontend import ApiSettings, Frontend
 from offramp.api.generation import Generation
 from offramp.api.text import (FALLBACK_STOP, IncrementalDetokenizer, StopMatcher, encode_chat,
@@ -37,6 +37,16 @@ def test_public_bind_needs_a_key(host):
     with pytest.raises(ConfigError, match="MY_KEY"):
         check_bind(host, "", key_env="MY_KEY")
     check_bind(host, "sk-123")
+
+
+def test_serve_grpc_needs_a_key_even_with_a_loopback_http_host():
+    check_exposure("127.0.0.1", False, None)  # serve run configs/local.yaml: HTTP on loopback, no gRPC
+    check_exposure(None, None, None)  # unreadable: left to the operator
+    with pytest.raises(ConfigError, match="gRPC proxy.*OFFRAMP_API_KEY"):
+        check_exposure("127.0.0.1", True, None)  # Serve's gRPC proxy binds [::] whatever the HTTP host
+    with pytest.raises(ConfigError, match="'0.0.0.0'"):
+        check_exposure("0.0.0.0", False, None)
+    check_exposure("0.0.0.0", True, "sk-1")
 
 
 def test_presented_key_sources():

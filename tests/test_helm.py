@@ -245,6 +245,14 @@ def test_cluster_groups_default():
     rc = rs["spec"]["rayClusterConfig"]
     head = rc["headGroupSpec"]
     assert head["rayStartParams"]["num-cpus"] == "0"
+    # The dashboard listens on the pod IP only (Kubernetes expands $(POD_IP) from the env), and
+    # the head's probes ask it there, not on localhost where KubeRay's defaults would look.
+    assert head["rayStartParams"]["dashboard-host"] == "$(POD_IP)"
+    (hc,) = head["template"]["spec"]["containers"]
+    assert {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}} in hc["env"]
+    for probe in ("readinessProbe", "livenessProbe"):
+        cmd = hc[probe]["exec"]["command"]
+        assert "http://${POD_IP}:8265/api/gcs_healthz" in cmd[-1] and "localhost:8265" not in cmd[-1]
     # KubeRay rejects resources in both rayStartParams and the group `resources` field.
     assert "resources" not in head
     groups = {g["groupName"]: g for g in rc["workerGroupSpecs"]}

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "helm"))
 
 pytestmark = pytest.mark.integration
+KEY = "sk-helm-serve-test"
 
 
 @pytest.fixture
@@ -35,6 +36,12 @@ def chart_config(tiny_model_dir):
         config.pop("grpc_options")  # servicer module not generated in this checkout
     elif grpc:
         config["grpc_options"]["port"] = free_port()
+    # In the pods the chart's Secret puts the key in every container's environment; here the
+    # replicas get it through the app's runtime_env (Serve's gRPC proxy binds [::]: a key is
+    # required, and the HTTP API asks for it too).
+    app = config["applications"][0]
+    env = app.setdefault("runtime_env", {}).setdefault("env_vars", {})
+    env[app["args"].get("api_key_env", "OFFRAMP_API_KEY")] = KEY
     return config
 
 
@@ -48,7 +55,7 @@ def test_chart_serve_config_serves_on_its_pools(ray_cluster, chart_config):
     try:
         apply_config(chart_config, wait_s=240)
         base = f"http://127.0.0.1:{chart_config['http_options']['port']}/v1"
-        client = OpenAI(base_url=base, api_key="unused", max_retries=0, timeout=120)
+        client = OpenAI(base_url=base, api_key=KEY, max_retries=0, timeout=120)
         out = client.completions.create(model=app["args"]["model_name"], prompt="Hi", max_tokens=6, temperature=0)
         assert out.usage.completion_tokens == 6
         assert len(out.choices[0].model_extra["offramp"]["exit_stages"]) == 6

@@ -20,6 +20,7 @@ from otlp_receiver import otlp_receiver  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.integration
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+KEY = "sk-observability-test"
 
 
 @pytest.fixture
@@ -31,7 +32,9 @@ def traced_app(ray_cluster, tiny_model_dir, otlp_receiver):  # noqa: F811
     config["grpc_options"] = {"port": free_port(), "grpc_servicer_functions": [
         "offramp.api.proto.offramp_pb2_grpc.add_OfframpServicer_to_server"]}
     app = config["applications"][0]
+    app["args"]["api_key_env"] = "OFFRAMP_TEST_KEY"  # Serve's gRPC proxy binds [::]: a key is required
     app["runtime_env"] = {"env_vars": {  # standard OTEL_* variables, read once per replica
+        "OFFRAMP_TEST_KEY": KEY,
         "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_receiver.endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
         "OTEL_SERVICE_NAME": "offramp-test", "OTEL_TRACES_SAMPLER": "always_on", "OTEL_BSP_SCHEDULE_DELAY": "200"}}
     apply_config(config, wait_s=240)
@@ -41,7 +44,9 @@ def traced_app(ray_cluster, tiny_model_dir, otlp_receiver):  # noqa: F811
 
 
 def _complete(config, body, traceparent=None):
-    headers = {"traceparent": f"00-{traceparent}-00f067aa0ba902b7-01"} if traceparent else {}
+    headers = {"authorization": f"Bearer {KEY}"}
+    if traceparent:
+        headers["traceparent"] = f"00-{traceparent}-00f067aa0ba902b7-01"
     r = httpx.post(f"http://127.0.0.1:{config['http_options']['port']}/v1/completions", timeout=120, headers=headers,
                    json={"model": "offramp-default", "temperature": 0, **body})
     assert r.status_code == 200, r.text
@@ -117,7 +122,7 @@ def test_grpc_through_serve_proxy(traced_app):
 
     channel = grpc.insecure_channel(f"127.0.0.1:{traced_app['grpc_options']['port']}")
     stub = pb_grpc.OfframpStub(channel)
-    meta = (("application", "offramp"),)
+    meta = (("application", "offramp"), ("authorization", f"Bearer {KEY}"))
     r = stub.Generate(pb.GenerateRequest(prompt_token_ids=[5, 6, 7], max_tokens=4, temperature=0.0,
                                          exit_mode=pb.EXIT_MODE_OFF), metadata=meta, timeout=120)
     http = _complete(traced_app, {"prompt": [5, 6, 7], "max_tokens": 4, "offramp": {"exit": "off"}})

@@ -13,6 +13,7 @@ import asyncio
 import socket
 import struct
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -443,3 +444,20 @@ def test_a_stats_reset_does_not_blank_what_the_controller_reads():
     assert backend.stats(window_s=30)["tpot_ms_p50"] == pytest.approx(15.0)  # the controller's view is intact
     backend.tpot_s.append((time.monotonic(), 0.020))
     assert backend.stats()["tpot_ms_p50"] == pytest.approx(20.0)
+
+
+def test_local_config_keeps_every_offramp_listener_on_loopback():
+    """`serve run configs/local.yaml` on a laptop: the HTTP API and the stage channels bind
+    127.0.0.1 and no Serve gRPC proxy is opened (it would bind every interface)."""
+    import ipaddress
+
+    import yaml
+
+    from offramp.deployments.config import AppArgs
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/local.yaml").read_text())
+    assert ipaddress.ip_address(cfg["http_options"]["host"]).is_loopback
+    assert not (cfg.get("grpc_options") or {}).get("grpc_servicer_functions")
+    (app,) = cfg["applications"]
+    args = AppArgs.model_validate(app["args"])
+    assert args.channel_host != "node" and ipaddress.ip_address(args.channel_host).is_loopback

@@ -16,7 +16,7 @@ from offramp.errors import ConfigError
 OPEN_PATHS = frozenset({"/healthz", "/-/healthz", "/health"})
 
 
-def check_bind(host: str, api_key: str | None, key_env: str = "OFFRAMP_API_KEY") -> None:
+def check_bind(host: str, api_key: str | None, key_env: str = "OFFRAMP_API_KEY", what: str | None = None) -> None:
     """Refuse a non-loopback bind without an API key (raise ConfigError naming the fix)."""
     if api_key:
         return
@@ -28,8 +28,9 @@ def check_bind(host: str, api_key: str | None, key_env: str = "OFFRAMP_API_KEY")
     except ValueError:
         pass  # a host name other than localhost: may resolve anywhere, treat as public
     raise ConfigError(
-        f"refusing to serve on {host!r} without an API key: set the environment variable {key_env} "
-        "to a secret key (clients send it as 'Authorization: Bearer <key>'), or bind 127.0.0.1"
+        f"refusing to serve {what or 'on ' + repr(host)} without an API key: set the environment variable "
+        f"{key_env} to a secret key (clients send it as 'Authorization: Bearer <key>'), or "
+        + ("drop grpc_options from the Serve config" if what else "bind 127.0.0.1")
     )
 
 
@@ -71,3 +72,15 @@ class ApiKeyMiddleware:
             (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
             (b"www-authenticate", b"Bearer")]})
         await send({"type": "http.response.body", "body": body})
+
+
+def check_exposure(http_host: str | None, grpc_on: bool | None, api_key: str | None,
+                   key_env: str = "OFFRAMP_API_KEY") -> None:
+    """The ingress's start-up check of the listeners Serve opened for it: HTTP on its
+    configured host, and Serve's gRPC proxy, which binds every interface (``[::]:port``)
+    whatever the HTTP host - so with gRPC on, a key is required even for a loopback HTTP
+    bind. ``None``: not readable (left to the operator)."""
+    if http_host is not None:
+        check_bind(http_host, api_key, key_env)
+    if grpc_on:
+        check_bind("::", api_key, key_env, what="Serve's gRPC proxy (it binds every interface)")

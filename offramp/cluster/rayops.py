@@ -169,6 +169,19 @@ def http_host() -> str | None:
         return None
 
 
+def grpc_serving() -> bool | None:
+    """Whether Serve's gRPC proxy is on (servicer functions configured): it binds every
+    interface (``[::]:port``) whatever the HTTP host. None if it cannot be read."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        client = _get_global_client()
+        cfg = ray.get(client._controller.get_grpc_config.remote(), timeout=10)
+        return bool(cfg.grpc_servicer_functions)
+    except Exception:  # noqa: BLE001 - the bind check is then left to the operator
+        return None
+
+
 # -- placement controller: Serve config, deployment state, durable intent ----------------
 # (Everything below is used by offramp.placement; callers see plain dicts.)
 PLACEMENT_KV_NAMESPACE = "offramp-placement"

@@ -96,7 +96,8 @@ class StageDeployment:
         self.app_name, self.replica = rayops.replica_context()
         registry = rayops.registry(self.app_name)
         token = rayops.channel_token(self.app_name)
-        self.server = StageServer(self.worker, token, host=rayops.node_ip(), max_batch_size=sa.max_batch_size,
+        host = rayops.node_ip() if args.channel_host == "node" else args.channel_host
+        self.server = StageServer(self.worker, token, host=host, max_batch_size=sa.max_batch_size,
                                   batch_wait_timeout_s=sa.batch_wait_timeout_s, stats=self._record,
                                   labels={"pool": pool, "replica": self.replica, "precision": sa.dtype},
                                   emulate=emulate, lease_s=args.kv_lease_s)
@@ -225,12 +226,11 @@ class OfframpIngress(GrpcIngressMixin):
             log.info("streamed tokens pass through Serve's Python proxy (one Ray object per SSE event); start "
                      "Ray with RAY_SERVE_ENABLE_HA_PROXY=1 (e.g. `RAY_SERVE_ENABLE_HA_PROXY=1 serve run "
                      "configs/local.yaml`) so HAProxy forwards them straight from this replica")
-        host = rayops.http_host()
-        if host is not None:
-            from offramp.api.auth import check_bind
+        from offramp.api.auth import check_exposure
 
-            key = self.frontend.settings.api_key
-            check_bind(host, key.get_secret_value() if key else None, args.api_key_env)
+        key = self.frontend.settings.api_key
+        check_exposure(rayops.http_host(), rayops.grpc_serving(), key.get_secret_value() if key else None,
+                       args.api_key_env)
 
     def _beat(self, registry) -> None:
         stats = self.backend.stats(window_s=INGRESS_TPOT_WINDOW_S)

@@ -7,9 +7,11 @@ stay in the YAML's ``deployments:`` list under the names ``OfframpIngress`` and
 """
 from __future__ import annotations
 
+import ipaddress
+
 from typing import Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from offramp.protocol import DEFAULT_MAX_DRAFT, MAX_DRAFT_LIMIT
 
@@ -181,11 +183,27 @@ class AppArgs(BaseModel):
         DEFAULT_KV_LEASE_S, ge=2, le=3600, description="A stage replica reclaims a sequence's KV when nothing for it (a step, or "
         "the ingress's renewal of live sequences) arrived for this long: faults, lost releases and dead ingress "
         "replicas cannot leak KV slots. Renewals go out 4x per period.")
+    channel_host: str = Field(
+        "node", description="Where stage replicas listen for their stage channel (token-authenticated): 'node' = "
+        "the Ray node's IP, reachable from the other nodes (clusters); '127.0.0.1' = loopback only, for a "
+        "one-machine `serve run` (configs/local.yaml), where nothing else needs to reach them.")
     emulate_pools: dict[Pool, EmulatedDevice] = Field(
         default_factory=dict,
         description="Testing/benchmarks only: pool name -> modelled step time that replicas in that pool "
         "take at least (see EmulatedDevice). Empty in production.",
     )
+
+    @field_validator("channel_host")
+    @classmethod
+    def _channel_host(cls, v: str) -> str:
+        if v == "node":
+            return v
+        try:
+            ipaddress.ip_address(v)
+        except ValueError:
+            raise ValueError(f"channel_host {v!r}: use 'node' (the Ray node's IP) or an IP address such as "
+                             "'127.0.0.1'") from None
+        return v
 
     @model_validator(mode="after")
     def _split_xor_stages(self) -> "AppArgs":
