@@ -338,6 +338,23 @@ def test_pod_security_restricted(values):
             assert "OTEL_TRACES_SAMPLER_ARG" in env
 
 
+def test_channel_tls_secret_is_mounted_and_wired():
+    from offramp.deployments.config import AppArgs
+
+    plain = render()
+    assert AppArgs.model_validate(sc.serve_config(plain)["applications"][0]["args"]).channel_tls is None
+    docs = render(sets=("channel.tls.secretName=offramp-channel-tls",))
+    (rs,) = kinds(docs, "RayService")
+    for group, spec in ray_pod_specs(rs).items():
+        (vol,) = [v for v in spec["volumes"] if v["name"] == "channel-tls"]
+        assert vol["secret"]["secretName"] == "offramp-channel-tls", group
+        (mount,) = [m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "channel-tls"]
+        assert mount["readOnly"] and mount["mountPath"] == "/etc/offramp/channel-tls", group
+    tls = AppArgs.model_validate(sc.serve_config(docs)["applications"][0]["args"]).channel_tls
+    assert (tls.cert_file, tls.key_file, tls.ca_file) == tuple(
+        f"/etc/offramp/channel-tls/{k}" for k in ("tls.crt", "tls.key", "ca.crt"))
+
+
 def test_existing_api_key_secret():
     docs = render(sets=("apiKey.existingSecret=my-key", "apiKey.secretKey=token", "apiKey.envName=MY_KEY"))
     assert not kinds(docs, "Secret")

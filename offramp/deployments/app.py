@@ -100,7 +100,8 @@ class StageDeployment:
         self.server = StageServer(self.worker, token, host=host, max_batch_size=sa.max_batch_size,
                                   batch_wait_timeout_s=sa.batch_wait_timeout_s, stats=self._record,
                                   labels={"pool": pool, "replica": self.replica, "precision": sa.dtype},
-                                  emulate=emulate, lease_s=args.kv_lease_s)
+                                  emulate=emulate, lease_s=args.kv_lease_s,
+                                  ssl_context=args.channel_tls.server_context() if args.channel_tls else None)
         self.entry = {"stage": index, "replica": self.replica, "host": self.server.host, "port": self.server.port,
                       "layers": list(layers), "pool": pool, "device": device, "dtype": sa.dtype, "profile": profile}
         self.steps = {"batches": 0, "rows": 0, "positions": 0, "busy_s": 0.0,
@@ -206,7 +207,8 @@ class OfframpIngress(GrpcIngressMixin):
             return await registry.routing.remote()
 
         max_seq = min(args.max_context or spec.max_position, spec.max_position)
-        router = Router(len(ranges), token, lookup, num_layers=spec.num_layers)
+        router = Router(len(ranges), token, lookup, num_layers=spec.num_layers,
+                        ssl_context=args.channel_tls.client_context() if args.channel_tls else None)
         self.backend = PipelineBackend(
             len(ranges), router, eos_token_ids=spec.eos_token_ids, max_seq=max_seq,
             vocab_size=spec.vocab_size, kv_fill=args.exit.kv_fill, request_timeout_s=args.request_timeout_s,

@@ -44,6 +44,7 @@ import asyncio
 import hmac
 import json
 import logging
+import ssl
 import struct
 import threading
 import time
@@ -222,8 +223,10 @@ class StageServer:
 
     def __init__(self, worker: StageWorker, token: str, host: str = "127.0.0.1", port: int = 0,
                  max_batch_size: int = 16, batch_wait_timeout_s: float = 0.002, stats=None,
-                 labels: dict | None = None, emulate=None, lease_s: float = DEFAULT_KV_LEASE_S):
+                 labels: dict | None = None, emulate=None, lease_s: float = DEFAULT_KV_LEASE_S,
+                 ssl_context=None):
         self.worker, self.token = worker, token
+        self.ssl_context = ssl_context  # server-side TLS (ChannelTLS.server_context()); None = plain TCP
         self.emulate = emulate  # optional EmulatedDevice: modelled minimum step time
         # Queue wait of step rows (enqueued -> their forward pass starts): the saturation
         # signal that busy fraction is not (one closed-loop stream keeps a dominant stage
@@ -249,7 +252,8 @@ class StageServer:
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
         self.queue: asyncio.Queue = asyncio.Queue()
-        server = self.loop.run_until_complete(asyncio.start_server(self._conn, self.host, self.port))
+        server = self.loop.run_until_complete(asyncio.start_server(self._conn, self.host, self.port,
+                                                                   ssl=self.ssl_context))
         self.port = server.sockets[0].getsockname()[1]
         self._batcher_task = self.loop.create_task(self._batcher())
         self._ready.set()
@@ -564,8 +568,9 @@ class StageClient:
     ``label`` names the replica in errors the client may see ("stage 1"); the address
     only goes to the log."""
 
-    def __init__(self, host: str, port: int, token: str, label: str = "a stage replica"):
+    def __init__(self, host: str, port: int, token: str, label: str = "a stage replica", ssl_context=None):
         self.host, self.port, self.token, self.label = host, port, token, label
+        self.ssl_context = ssl_context  # client-side TLS (ChannelTLS.client_context()); None = plain TCP
         self._writer: asyncio.StreamWriter | None = None
         self._pending: dict[int, asyncio.Future] = {}
         self._next = 0
@@ -579,7 +584,13 @@ class StageClient:
         async with self._connecting:
             if self._writer is not None:
                 return
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), 5)
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(self.host, self.port, ssl=self.ssl_context,
+                                            server_hostname="" if self.ssl_context else None), 5)
+            except ssl.SSLError as e:  # a peer outside the channel CA, or one side without TLS
+                log.error("TLS with the stage at %s:%d failed: %s", self.host, self.port, e)
+                raise errors.StageUnavailable(f"{self.label} failed the channel's TLS handshake") from e
             writer.write(encode({"op": "hello", "id": 0, "token": self.token}))
             await asyncio.wait_for(writer.drain(), 5)
             hello, _ = await asyncio.wait_for(read_frame(reader), 5)

@@ -13,6 +13,7 @@ from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from offramp.errors import ConfigError
 from offramp.protocol import DEFAULT_MAX_DRAFT, MAX_DRAFT_LIMIT
 
 Pool = Literal["gpu", "cpu", "any"]
@@ -158,6 +159,47 @@ class ExitArgs(BaseModel):
         return self
 
 
+class ChannelTLS(BaseModel):
+    """Mutual TLS on the stage channels, from files a Secret mounts (cert-manager's
+    ``tls.crt`` / ``tls.key`` / ``ca.crt``): each stage replica serves with its certificate
+    and asks the connecting ingress for one; both sides verify the peer against ``ca_file``,
+    a CA for the channels alone. Host names are not checked (pod IPs change; the
+    certificates name no address), the private CA is what admits a peer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cert_file: str = Field(..., description="PEM certificate this process presents (server and client).")
+    key_file: str = Field(..., description="Its PEM private key.")
+    ca_file: str = Field(..., description="PEM CA that signed every channel certificate.")
+
+    def _context(self, purpose: "ssl.Purpose"):
+        import ssl
+        from pathlib import Path
+
+        for name in ("cert_file", "key_file", "ca_file"):
+            path = getattr(self, name)
+            if not Path(path).is_file():
+                raise ConfigError(f"channel_tls.{name} {path!r} is not a readable file in this process; mount "
+                                  "the channel TLS Secret there (Helm: channel.tls.secretName)")
+        ctx = ssl.create_default_context(purpose, cafile=self.ca_file)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(self.cert_file, self.key_file)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        return ctx
+
+    def server_context(self):
+        import ssl
+
+        return self._context(ssl.Purpose.CLIENT_AUTH)
+
+    def client_context(self):
+        import ssl
+
+        ctx = self._context(ssl.Purpose.SERVER_AUTH)
+        ctx.check_hostname = False  # the CA, not an address, admits the peer (see above)
+        return ctx
+
+
 class AppArgs(BaseModel):
     """Arguments of :func:`offramp.deployments.app.build_app`."""
 
@@ -187,6 +229,9 @@ class AppArgs(BaseModel):
         "node", description="Where stage replicas listen for their stage channel (token-authenticated): 'node' = "
         "the Ray node's IP, reachable from the other nodes (clusters); '127.0.0.1' = loopback only, for a "
         "one-machine `serve run` (configs/local.yaml), where nothing else needs to reach them.")
+    channel_tls: ChannelTLS | None = Field(
+        None, description="Mutual TLS on the stage channels (files mounted from a Secret); None = plain TCP, "
+        "peers admitted by the channel token only.")
     emulate_pools: dict[Pool, EmulatedDevice] = Field(
         default_factory=dict,
         description="Testing/benchmarks only: pool name -> modelled step time that replicas in that pool "

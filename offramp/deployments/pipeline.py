@@ -98,8 +98,9 @@ class Router:
     no request."""
 
     def __init__(self, num_stages: int, token: str, lookup: Callable[[], Awaitable[dict]],
-                 num_layers: int | None = None):
+                 num_layers: int | None = None, ssl_context=None):
         self.num_stages, self.token, self.lookup = num_stages, token, lookup
+        self.ssl_context = ssl_context  # channel TLS, client side (None = plain TCP)
         self.num_layers = num_layers
         self.endpoints: list[Endpoint] = []
         self.clients: dict[Endpoint, StageClient] = {}
@@ -173,7 +174,8 @@ class Router:
     def client(self, ep: Endpoint) -> StageClient:
         c = self.clients.get(ep)
         if c is None or c.broken:
-            c = self.clients[ep] = StageClient(ep.host, ep.port, self.token, label=f"stage {ep.stage}")
+            c = self.clients[ep] = StageClient(ep.host, ep.port, self.token, label=f"stage {ep.stage}",
+                                               ssl_context=self.ssl_context)
         return c
 
     def known(self, ep: Endpoint) -> bool:

@@ -124,6 +124,12 @@ Writable paths on a read-only root: /tmp (scratch), /tmp/ray (Ray session dir an
   emptyDir:
     medium: Memory
     sizeLimit: {{ .shm }}
+{{- with .tlsSecret }}
+- name: channel-tls
+  secret:
+    secretName: {{ . }}
+    defaultMode: 0400
+{{- end }}
 {{- end -}}
 
 {{- define "offramp.volumeMounts" -}}
@@ -133,7 +139,15 @@ Writable paths on a read-only root: /tmp (scratch), /tmp/ray (Ray session dir an
   mountPath: /tmp/ray
 - name: dshm
   mountPath: /dev/shm
+{{- if .Values.channel.tls.secretName }}
+- name: channel-tls
+  mountPath: {{ include "offramp.channelTlsDir" . }}
+  readOnly: true
+{{- end }}
 {{- end -}}
+
+{{/* Where the stage channel's TLS Secret is mounted in every Ray container. */}}
+{{- define "offramp.channelTlsDir" -}}/etc/offramp/channel-tls{{- end -}}
 
 {{/* Pod metadata labels shared by every Ray pod of the release (NetworkPolicy selects on them). */}}
 {{- define "offramp.podLabels" -}}

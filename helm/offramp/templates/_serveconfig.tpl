@@ -98,6 +98,13 @@ applications:
       api_key_env: {{ toJson $v.apiKey.envName }}
       request_timeout_s: {{ $v.model.requestTimeoutS }}
       kv_lease_s: {{ $v.model.kvLeaseS | default 30 }}
+      {{- if $v.channel.tls.secretName }}
+      {{- $dir := include "offramp.channelTlsDir" . }}
+      channel_tls:
+        cert_file: {{ printf "%s/%s" $dir $v.channel.tls.certKey }}
+        key_file: {{ printf "%s/%s" $dir $v.channel.tls.keyKey }}
+        ca_file: {{ printf "%s/%s" $dir $v.channel.tls.caKey }}
+      {{- end }}
     deployments:
 {{ include "offramp.deployment" (dict "d" $v.ingress "name" "OfframpIngress" "root" .) | indent 6 }}
       {{- range $i, $s := $stages }}
