@@ -1,0 +1,289 @@
+"""``offramp bench faults``: kill each part of a serving pipeline under load, one at a time.
+
+Starts its own local cluster (head + one GPU-pool node + two CPU-pool nodes, all on
+127.0.0.1), serves the embedded model in two stages (Stage0 on the GPU pool, Stage1 on
+the CPU pool, so a CPU node can be lost and Stage1 placed again on the other), and runs
+``--streams`` greedy streaming requests in a loop. Each prompt's reference text is its
+first answer, taken before any fault. Then, one at a time, with the load running:
+
+* ``stage0`` / ``stage1``: SIGKILL-equivalent of that stage's replica (``ray.kill``; Serve
+  starts a new one);
+* ``ingress``: the ingress replica (only the streams in flight on it may fail, each with a
+  clean error);
+* ``registry``: the app's registry actor (restarts with a new epoch);
+* ``node``: the whole simulated node hosting Stage1 (``Cluster.remove_node``).
+
+After each fault the load runs ``--recover-s`` more seconds, stops, and the pipeline sits
+idle ``--idle-s`` seconds; then the KV slots every stage replica still holds are read from
+the registry's heartbeats (the KV lease must have freed every abandoned sequence).
+
+Per fault it reports requests ok / wrong (text differs from the reference) / failed (an
+HTTP or SSE error) / hung (no end within the client's deadline) among the requests that
+ended in the fault's window, the recovery time (fault to the end of the first request
+started after it that came back right), and the KV slots held after idle.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from offramp.bench.common import json_stdout
+
+APP = "offramp"
+FAULTS = ("stage0", "stage1", "ingress", "registry", "node")
+PROMPTS = ("The sun rose over the", "def area(width, height):\n", "12+30=", "In the beginning",
+           "Pipeline stages", "import os\n")
+
+
+def register(bsub) -> None:
+    p = bsub.add_parser("faults", help="kill stage replicas, the ingress, the registry and a node under load",
+                        description="Kill each part of a serving pipeline under load, one at a time, and "
+                        "report requests ok / wrong / failed / hung, recovery time and KV slots still held "
+                        "after idle (docs/reliability.md).")
+    p.add_argument("--streams", type=int, default=6, help="concurrent greedy streams (default 6)")
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens per request (default 32)")
+    p.add_argument("--faults", default=",".join(FAULTS),
+                   help=f"comma list, in order, from {', '.join(FAULTS)} (default: all)")
+    p.add_argument("--recover-s", type=float, default=60.0,
+                   help="load kept running after each fault (default 60: a replacement replica loads its "
+                   "weights and profiles itself before it serves)")
+    p.add_argument("--idle-s", type=float, default=60.0,
+                   help="idle time before the KV slots still held are read (default 60; the lease is --kv-lease-s)")
+    p.add_argument("--kv-lease-s", type=float, default=30.0, help="the app's kv_lease_s (default 30, as served)")
+    p.add_argument("--request-timeout-s", type=float, default=60.0, help="the app's request deadline (default 60)")
+    p.add_argument("--model", help="checkpoint directory (default: the embedded model)")
+    p.add_argument("--json", action="store_true", help="one JSON report on stdout")
+    p.set_defaults(func=run)
+
+
+@dataclass
+class Outcome:
+    prompt: int
+    start: float
+    end: float
+    status: str  # ok | wrong | failed | hung
+    detail: str = ""
+
+
+@dataclass
+class Load:
+    """Greedy streaming requests in ``streams`` threads, each classified on its end."""
+
+    base: str
+    max_tokens: int
+    deadline_s: float
+    reference: dict[int, str] = field(default_factory=dict)
+    outcomes: list[Outcome] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _threads: list[threading.Thread] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def request(self, i: int) -> tuple[str, str, str]:
+        """(status, text, detail) of one streamed request for prompt ``i``."""
+        import httpx
+
+        body = {"model": "offramp-default", "prompt": PROMPTS[i], "max_tokens": self.max_tokens,
+                "temperature": 0, "stream": True, "ignore_eos": True, "offramp": {"exit": "off"}}
+        text = []
+        try:
+            with httpx.stream("POST", f"{self.base}/v1/completions", json=body, timeout=self.deadline_s) as r:
+                if r.status_code != 200:
+                    r.read()
+                    return "failed", "", f"HTTP {r.status_code}: {r.text[:120]}"
+                for line in r.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    ev = json.loads(line[6:])
+                    if "error" in ev:
+                        return "failed", "", f"SSE error: {ev['error'].get('message', '')[:120]}"
+                    text.append(ev["choices"][0]["text"])
+        except httpx.TimeoutException:
+            return "hung", "", f"no end within {self.deadline_s:.0f} s"
+        except httpx.HTTPError as e:
+            return "failed", "", f"{type(e).__name__}: {e}"[:160]
+        return "ok", "".join(text), ""
+
+    def start(self, streams: int) -> None:
+        self._stop.clear()
+        self._threads = [threading.Thread(target=self._loop, args=(k,), daemon=True) for k in range(streams)]
+        for t in self._threads:
+            t.start()
+
+    def _loop(self, k: int) -> None:
+        n = k
+        while not self._stop.is_set():
+            i = n % len(PROMPTS)
+            t0 = time.monotonic()
+            status, text, detail = self.request(i)
+            if status == "ok" and text != self.reference.get(i, text):
+                status, detail = "wrong", f"{text[:40]!r} != {self.reference[i][:40]!r}"
+            with self._lock:
+                self.outcomes.append(Outcome(i, t0, time.monotonic(), status, detail))
+            n += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=self.deadline_s + 10)
+
+
+def _config(model_dir: str | None, port: int, args) -> dict:
+    deps = [{"name": "OfframpIngress", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}}]
+    deps += [{"name": f"Stage{k}", "num_replicas": 1,
+              "ray_actor_options": {"num_cpus": 0.5, "resources": {f"pool_{p}": 1}}}
+             for k, p in enumerate(("gpu", "cpu"))]
+    app_args = {"num_stages": 2, "stages": [{"pool": "gpu", "dtype": "fp32"}, {"pool": "cpu", "dtype": "fp32"}],
+                "exit": {"mode": "off"}, "api_key_env": "", "request_timeout_s": args.request_timeout_s,
+                "kv_lease_s": args.kv_lease_s, "channel_host": "127.0.0.1"}
+    if model_dir:
+        app_args["model"] = model_dir
+    return {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": port},
+            "applications": [{"name": APP, "route_prefix": "/", "import_path": "offramp.deployments.app:build_app",
+                              "args": app_args, "deployments": deps}]}
+
+
+def _replicas(deployment: str) -> list:
+    from ray.util.state import list_actors
+
+    for _ in range(10):
+        try:
+            return list_actors(filters=[("state", "=", "ALIVE"),
+                                        ("class_name", "=", f"ServeReplica:{APP}:{deployment}")],
+                               limit=100, timeout=10, raise_on_missing_output=True)
+        except Exception:  # noqa: BLE001 - the state API is slow on a loaded machine: retry
+            time.sleep(1)
+    return []
+
+
+def _kill(fault: str, cluster) -> str:
+    """Make the fault happen; returns what was killed."""
+    import ray
+
+    from offramp.cluster import rayops
+
+    if fault == "registry":
+        ray.kill(ray.get_actor(f"registry-{APP}", namespace=rayops.NAMESPACE), no_restart=False)
+        return f"registry-{APP}"
+    deployment = {"stage0": "Stage0", "stage1": "Stage1", "ingress": "OfframpIngress", "node": "Stage1"}[fault]
+    (actor,) = _replicas(deployment)[:1] or [None]
+    if actor is None:
+        raise RuntimeError(f"no live {deployment} replica to kill")
+    if fault == "node":
+        node = next(n for n in cluster.worker_nodes if n.unique_id == actor.node_id)
+        cluster.remove_node(node, allow_graceful=False)
+        return f"node {actor.node_id[:8]} (with {deployment})"
+    ray.kill(ray.get_actor(actor.name, namespace="serve"), no_restart=True)
+    return f"{deployment} replica {actor.name.rsplit('#', 1)[-1]}"
+
+
+def _held_slots() -> dict[str, int]:
+    from offramp.cluster import rayops
+
+    return {f"stage{e['stage']}:{e['replica'][-6:]}": int((e.get("stats") or {}).get("sequences", -1))
+            for e in rayops.registry_endpoints(APP)}
+
+
+def _window(outcomes: list[Outcome], t0: float, t1: float) -> dict:
+    counts = {"ok": 0, "wrong": 0, "failed": 0, "hung": 0}
+    errors: list[str] = []
+    for o in outcomes:
+        if t0 <= o.end <= t1:
+            counts[o.status] += 1
+            if o.status != "ok" and len(errors) < 5:
+                errors.append(f"{o.status}: {o.detail}")
+    return {**counts, "errors": errors}
+
+
+def run(args) -> int:
+    faults = [f.strip() for f in args.faults.split(",") if f.strip()]
+    bad = [f for f in faults if f not in FAULTS]
+    if bad or not faults:
+        print(f"offramp bench faults: unknown fault(s) {bad}; choose from {', '.join(FAULTS)}")
+        return 2
+    with json_stdout(args.json) as emit:
+        return _run(args, faults, emit)
+
+
+def _run(args, faults: list[str], emit) -> int:
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import ray
+    from ray.cluster_utils import Cluster
+    from ray.serve._private.api import serve_start
+    from ray.serve.schema import ServeDeploySchema
+    from tqdm import tqdm
+
+    from offramp.cluster import rayops
+    from offramp.cluster.local import free_port, node_options
+
+    t_start = time.monotonic()
+    port = free_port()
+    cluster = Cluster(initialize_head=True, shutdown_at_exit=True,
+                      head_node_args={"num_cpus": 2, "node_ip_address": "127.0.0.1", "include_dashboard": True})
+    load = Load(f"http://127.0.0.1:{port}", args.max_tokens, args.request_timeout_s + 15)
+    report: dict = {"streams": args.streams, "max_tokens": args.max_tokens, "kv_lease_s": args.kv_lease_s,
+                    "idle_s": args.idle_s, "faults": []}
+    bar = tqdm(total=len(faults) + 1, desc="faults", disable=args.json, dynamic_ncols=True)
+    try:
+        cluster.add_node(**node_options("gpu", 2))
+        for _ in range(2):
+            cluster.add_node(**node_options("cpu", 2))
+        ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
+        cluster.wait_for_nodes()
+        client = serve_start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+        client.deploy_apps(ServeDeploySchema.model_validate(_config(args.model, port, args)), _blocking=False)
+        _wait_running(rayops, 240)
+        for i in range(len(PROMPTS)):  # references: each prompt alone, before any fault
+            status, text, detail = load.request(i)
+            if status != "ok":
+                raise RuntimeError(f"reference request failed before any fault: {detail}")
+            load.reference[i] = text
+        load.start(args.streams)
+        time.sleep(args.recover_s / 2)
+        report["baseline"] = _window(load.outcomes, 0.0, time.monotonic())
+        bar.update(1)
+        for fault in faults:
+            t_fault = time.monotonic()
+            what = _kill(fault, cluster)
+            time.sleep(args.recover_s)
+            load.stop()
+            t_quiet = time.monotonic()
+            rec = next((o.end - t_fault for o in sorted(load.outcomes, key=lambda o: o.end)
+                        if o.start > t_fault and o.status == "ok"), None)
+            time.sleep(args.idle_s)
+            entry = {"fault": fault, "killed": what, **_window(load.outcomes, t_fault, t_quiet),
+                     "recovery_s": None if rec is None else round(rec, 2), "kv_slots_held_after_idle": _held_slots()}
+            report["faults"].append(entry)
+            bar.update(1)
+            if not args.json:
+                bar.write(_line(entry))
+            _wait_running(rayops, 240)
+            load.start(args.streams)
+            time.sleep(2)
+        load.stop()
+    finally:
+        bar.close()
+        load.stop()
+        ray.shutdown()
+        cluster.shutdown()
+    report["wall_s"] = round(time.monotonic() - t_start, 1)
+    emit(report)
+    return 0
+
+
+def _wait_running(rayops, wait_s: float) -> None:
+    deadline = time.monotonic() + wait_s
+    while rayops.app_status(APP) != "RUNNING":
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the app is not RUNNING after {wait_s:.0f} s")
+        time.sleep(1)
+
+
+def _line(e: dict) -> str:
+    return (f"{e['fault']:9} killed {e['killed']}: ok {e['ok']} wrong {e['wrong']} failed {e['failed']} "
+            f"hung {e['hung']}, recovered in {e['recovery_s']} s, KV slots held after idle "
+            f"{sum(v for v in e['kv_slots_held_after_idle'].values() if v > 0)}")
