@@ -263,3 +263,26 @@ def test_continued_training_shares_the_tokenizer_and_the_weights(data_dir, tmp_p
     big = build_model(TrainSpec(**{**spec.__dict__, "hidden": 64}), len(tok), 0, 1, 2)
     with pytest.raises(ValueError, match="shape"):
         load_init(big, ExitHeads(backbone(big), [1]), str(tmp_path / "src"), tok)
+
+
+def test_functions_are_tokenized_as_prompt_and_continuation(data_dir):
+    """A prompt ``def f(x):\\n`` ends in a bare newline token; in running text BPE merges
+    the newline with the next line's indentation. Training shows functions cut where a
+    prompt would end, so the model has seen what follows that bare newline."""
+    from transformers import AutoTokenizer
+
+    from offramp.training.pretrain import doc_ids, token_streams
+
+    tok = AutoTokenizer.from_pretrained(str(data_dir / "tokenizer"))
+    doc = {"task": "coding", "unit": "function", "text": "def area(width, height):\n    return width * height\n"}
+    ids = doc_ids(tok, doc)
+    prompt = tok("def area(width, height):\n")["input_ids"]
+    assert ids[:len(prompt)] == prompt  # the prompt's own tokens, bare newline included
+    assert tok.decode(ids, skip_special_tokens=True) == doc["text"]
+    plain = {"task": "coding", "text": doc["text"]}  # a whole file: tokenized as it comes
+    assert doc_ids(tok, plain) == tok(doc["text"])["input_ids"]
+    streams = token_streams(data_dir, tok, data_dir / "streams_test.pt")
+    fn = next(d for d in read_docs(data_dir, "train") if d.get("unit") == "function")
+    needle = doc_ids(tok, fn)
+    hay = streams["coding"].tolist()
+    assert any(hay[i:i + len(needle)] == needle for i in range(len(hay) - len(needle) + 1))

@@ -96,6 +96,30 @@ def load_init(model, heads: ExitHeads, init_dir: str, tok) -> None:
     heads.load_tensors(load_exit_tensors(src))
 
 
+def prompt_cut(doc: dict) -> int | None:
+    """Where a prompt for this document would end, if it is a function: after its
+    signature line (``def area(width, height):\n``). See :func:`doc_ids`."""
+    if doc.get("unit") != "function":
+        return None
+    from offramp.training.tasks import function_header
+
+    head = function_header(doc["text"])
+    return len(head) if head else None
+
+
+def doc_ids(tok, doc: dict) -> list[int]:
+    """``bos text`` token ids. A function is tokenized as its signature and its body
+    apart, as a prompt ``def f(x):\n`` and its continuation are: byte-level BPE merges a
+    newline with the indentation after it, so a prompt ending in the bare newline token
+    would otherwise be a sequence training never showed (the model then closes the
+    function and writes another ``def``)."""
+    cut = prompt_cut(doc)
+    if cut is None or cut >= len(doc["text"]):
+        return tok(doc["text"], add_special_tokens=True)["input_ids"]
+    return (tok(doc["text"][:cut], add_special_tokens=True)["input_ids"]
+            + tok(doc["text"][cut:], add_special_tokens=False)["input_ids"])
+
+
 def token_streams(data_dir: Path, tok, cache: Path) -> dict[str, torch.Tensor]:
     """Per task, every training document as ``bos text eos`` concatenated (int32)."""
     if cache.is_file():
@@ -103,8 +127,10 @@ def token_streams(data_dir: Path, tok, cache: Path) -> dict[str, torch.Tensor]:
     docs = read_docs(data_dir, "train")
     streams = {}
     for task in TASKS:
-        texts = [d["text"] for d in docs if d["task"] == task]
-        ids = tok(texts, add_special_tokens=True)["input_ids"]
+        mine = [d for d in docs if d["task"] == task]
+        plain = [d["text"] for d in mine if prompt_cut(d) is None]
+        ids = tok(plain, add_special_tokens=True)["input_ids"] if plain else []
+        ids += [doc_ids(tok, d) for d in mine if prompt_cut(d) is not None]
         flat = [t for seq in ids for t in (*seq, tok.eos_token_id)]
         streams[task] = torch.tensor(flat, dtype=torch.int32)
     torch.save(streams, cache)
