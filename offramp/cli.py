@@ -15,7 +15,7 @@ COMMAND_MODULES = [
     "offramp.training.cli",  # prepare-data, train, train-gates, calibrate, eval
     "offramp.cluster.cli",  # cluster up|down|status
     "offramp.placement.cli",  # placement status|plan|apply|start|stop
-    "offramp.bench",  # bench core|serve|placement|precision|faults
+    "offramp.bench",  # bench core|serve|placement|precision|faults|soak
 ]
 
 

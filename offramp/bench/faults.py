@@ -25,7 +25,6 @@ started after it that came back right), and the KV slots held after idle.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import threading
 import time
@@ -68,6 +67,15 @@ class Outcome:
     end: float
     status: str  # ok | wrong | failed | hung
     detail: str = ""
+    first: float | None = None  # first token's arrival
+    chunks: int = 0  # streamed events with text
+
+    @property
+    def tpot_s(self) -> float | None:
+        """Time per output token after the first, from the client's clock."""
+        if self.first is None or self.chunks < 2:
+            return None
+        return (self.end - self.first) / (self.chunks - 1)
 
 
 @dataclass
@@ -83,48 +91,70 @@ class Load:
     _threads: list[threading.Thread] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def request(self, i: int) -> tuple[str, str, str]:
-        """(status, text, detail) of one streamed request for prompt ``i``."""
+    def request(self, i: int) -> tuple[str, str, Outcome]:
+        """(status, text, outcome) of one streamed request for prompt ``i``."""
         import httpx
 
         body = {"model": "offramp-default", "prompt": PROMPTS[i], "max_tokens": self.max_tokens,
                 "temperature": 0, "stream": True, "ignore_eos": True, "offramp": {"exit": "off"}}
-        text = []
+        text: list[str] = []
+        o = Outcome(i, time.monotonic(), 0.0, "ok")
+
+        def done(status: str, detail: str = "") -> tuple[str, str, Outcome]:
+            o.end, o.status, o.detail = time.monotonic(), status, detail
+            return status, "".join(text), o
+
         try:
             with httpx.stream("POST", f"{self.base}/v1/completions", json=body, timeout=self.deadline_s) as r:
                 if r.status_code != 200:
                     r.read()
-                    return "failed", "", f"HTTP {r.status_code}: {r.text[:120]}"
+                    return done("failed", f"HTTP {r.status_code}: {r.text[:120]}")
                 for line in r.iter_lines():
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
                     ev = json.loads(line[6:])
                     if "error" in ev:
-                        return "failed", "", f"SSE error: {ev['error'].get('message', '')[:120]}"
-                    text.append(ev["choices"][0]["text"])
+                        return done("failed", f"SSE error: {ev['error'].get('message', '')[:120]}")
+                    if ev["choices"] and ev["choices"][0]["text"]:
+                        o.first = o.first or time.monotonic()
+                        o.chunks += 1
+                        text.append(ev["choices"][0]["text"])
         except httpx.TimeoutException:
-            return "hung", "", f"no end within {self.deadline_s:.0f} s"
+            return done("hung", f"no end within {self.deadline_s:.0f} s")
         except httpx.HTTPError as e:
-            return "failed", "", f"{type(e).__name__}: {e}"[:160]
-        return "ok", "".join(text), ""
+            return done("failed", f"{type(e).__name__}: {e}"[:160])
+        return done("ok")
 
-    def start(self, streams: int) -> None:
+    def start(self, streams: int, interval_s: float = 0.0) -> None:
+        """``streams`` threads, each sending its next request when the last one ended and
+        at least ``interval_s`` after the last one started (a paced load)."""
         self._stop.clear()
-        self._threads = [threading.Thread(target=self._loop, args=(k,), daemon=True) for k in range(streams)]
+        self._threads = [threading.Thread(target=self._loop, args=(k, interval_s), daemon=True)
+                         for k in range(streams)]
         for t in self._threads:
             t.start()
 
-    def _loop(self, k: int) -> None:
+    def _loop(self, k: int, interval_s: float) -> None:
         n = k
         while not self._stop.is_set():
             i = n % len(PROMPTS)
-            t0 = time.monotonic()
-            status, text, detail = self.request(i)
+            status, text, o = self.request(i)
             if status == "ok" and text != self.reference.get(i, text):
-                status, detail = "wrong", f"{text[:40]!r} != {self.reference[i][:40]!r}"
+                o.status, o.detail = "wrong", f"{text[:40]!r} != {self.reference[i][:40]!r}"
             with self._lock:
-                self.outcomes.append(Outcome(i, t0, time.monotonic(), status, detail))
+                self.outcomes.append(o)
             n += 1
+            rest = o.start + interval_s - time.monotonic()
+            if rest > 0:
+                self._stop.wait(rest)
+
+    def take_references(self) -> None:
+        """Each prompt's answer alone, on a healthy pipeline: what later answers must equal."""
+        for i in range(len(PROMPTS)):
+            status, text, o = self.request(i)
+            if status != "ok":
+                raise RuntimeError(f"reference request failed on a healthy pipeline: {o.detail}")
+            self.reference[i] = text
 
     def stop(self) -> None:
         self._stop.set()
@@ -210,77 +240,50 @@ def run(args) -> int:
 
 
 def _run(args, faults: list[str], emit) -> int:
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    import ray
-    from ray.cluster_utils import Cluster
-    from ray.serve._private.api import serve_start
-    from ray.serve.schema import ServeDeploySchema
     from tqdm import tqdm
 
-    from offramp.cluster import rayops
-    from offramp.cluster.local import free_port, node_options
+    from offramp.cluster.local import deploy_config, free_port, pool_cluster, wait_running
 
     t_start = time.monotonic()
     port = free_port()
-    cluster = Cluster(initialize_head=True, shutdown_at_exit=True,
-                      head_node_args={"num_cpus": 2, "node_ip_address": "127.0.0.1", "include_dashboard": True})
     load = Load(f"http://127.0.0.1:{port}", args.max_tokens, args.request_timeout_s + 15)
     report: dict = {"streams": args.streams, "max_tokens": args.max_tokens, "kv_lease_s": args.kv_lease_s,
                     "idle_s": args.idle_s, "faults": []}
     bar = tqdm(total=len(faults) + 1, desc="faults", disable=args.json, dynamic_ncols=True)
     try:
-        cluster.add_node(**node_options("gpu", 2))
-        for _ in range(2):
-            cluster.add_node(**node_options("cpu", 2))
-        ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
-        cluster.wait_for_nodes()
-        client = serve_start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
-        client.deploy_apps(ServeDeploySchema.model_validate(_config(args.model, port, args)), _blocking=False)
-        _wait_running(rayops, 240)
-        for i in range(len(PROMPTS)):  # references: each prompt alone, before any fault
-            status, text, detail = load.request(i)
-            if status != "ok":
-                raise RuntimeError(f"reference request failed before any fault: {detail}")
-            load.reference[i] = text
-        load.start(args.streams)
-        time.sleep(args.recover_s / 2)
-        report["baseline"] = _window(load.outcomes, 0.0, time.monotonic())
-        bar.update(1)
-        for fault in faults:
-            t_fault = time.monotonic()
-            what = _kill(fault, cluster)
-            time.sleep(args.recover_s)
-            load.stop()
-            t_quiet = time.monotonic()
-            rec = next((o.end - t_fault for o in sorted(load.outcomes, key=lambda o: o.end)
-                        if o.start > t_fault and o.status == "ok"), None)
-            time.sleep(args.idle_s)
-            entry = {"fault": fault, "killed": what, **_window(load.outcomes, t_fault, t_quiet),
-                     "recovery_s": None if rec is None else round(rec, 2), "kv_slots_held_after_idle": _held_slots()}
-            report["faults"].append(entry)
-            bar.update(1)
-            if not args.json:
-                bar.write(_line(entry))
-            _wait_running(rayops, 240)
+        with pool_cluster(gpu_nodes=1, cpu_nodes=2, cpus_per_node=2, dashboard=True) as cluster:
+            deploy_config(_config(args.model, port, args), APP)
+            load.take_references()
             load.start(args.streams)
-            time.sleep(2)
-        load.stop()
+            time.sleep(args.recover_s / 2)
+            report["baseline"] = _window(load.outcomes, 0.0, time.monotonic())
+            bar.update(1)
+            for fault in faults:
+                t_fault = time.monotonic()
+                what = _kill(fault, cluster)
+                time.sleep(args.recover_s)
+                load.stop()
+                t_quiet = time.monotonic()
+                rec = next((o.end - t_fault for o in sorted(load.outcomes, key=lambda o: o.end)
+                            if o.start > t_fault and o.status == "ok"), None)
+                time.sleep(args.idle_s)
+                entry = {"fault": fault, "killed": what, **_window(load.outcomes, t_fault, t_quiet),
+                         "recovery_s": None if rec is None else round(rec, 2),
+                         "kv_slots_held_after_idle": _held_slots()}
+                report["faults"].append(entry)
+                bar.update(1)
+                if not args.json:
+                    bar.write(_line(entry))
+                wait_running(APP, 240)
+                load.start(args.streams)
+                time.sleep(2)
+            load.stop()
     finally:
         bar.close()
         load.stop()
-        ray.shutdown()
-        cluster.shutdown()
     report["wall_s"] = round(time.monotonic() - t_start, 1)
     emit(report)
     return 0
-
-
-def _wait_running(rayops, wait_s: float) -> None:
-    deadline = time.monotonic() + wait_s
-    while rayops.app_status(APP) != "RUNNING":
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the app is not RUNNING after {wait_s:.0f} s")
-        time.sleep(1)
 
 
 def _line(e: dict) -> str:

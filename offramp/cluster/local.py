@@ -7,6 +7,7 @@ Pools are Ray custom resources (``pool_gpu`` / ``pool_cpu``) plus node labels
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -72,6 +73,58 @@ def node_options(pool: str, cpus: int, gpus: int = 0) -> dict:
         raise ConfigError(f"pool {pool!r}: use 'gpu' or 'cpu'")
     return {"num_cpus": cpus, "num_gpus": gpus, "node_ip_address": "127.0.0.1",
             "resources": {f"pool_{pool}": 100}, "labels": {"offramp.io/pool": pool}}
+
+
+@contextlib.contextmanager
+def pool_cluster(gpu_nodes: int = 1, cpu_nodes: int = 2, cpus_per_node: int = 4, head_cpus: int = 2,
+                 dashboard: bool = False):
+    """A throwaway pool cluster on 127.0.0.1 for a bench: head, ``gpu_nodes`` GPU-pool and
+    ``cpu_nodes`` CPU-pool nodes; this process is connected to it inside the block, and the
+    cluster is gone after it. (The state API, ``ray.util.state``, needs ``dashboard``.)"""
+    os.environ.update(LOOPBACK_ENV)
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, shutdown_at_exit=True,
+                      head_node_args={"num_cpus": head_cpus, "node_ip_address": "127.0.0.1",
+                                      "include_dashboard": dashboard})
+    try:
+        for _ in range(gpu_nodes):
+            cluster.add_node(**node_options("gpu", cpus_per_node))
+        for _ in range(cpu_nodes):
+            cluster.add_node(**node_options("cpu", cpus_per_node))
+        ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
+        cluster.wait_for_nodes()
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def deploy_config(config: dict, app: str = "offramp", wait_s: float = 240.0) -> None:
+    """Apply a Serve config (the dict of a YAML) as ``serve run`` does, and wait until
+    ``app`` is RUNNING."""
+    from ray.serve._private.api import serve_start
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(config)
+    grpc = schema.grpc_options.model_dump() if schema.grpc_options and schema.grpc_options.grpc_servicer_functions else None
+    client = serve_start(http_options=schema.http_options.model_dump(), grpc_options=grpc,
+                         proxy_location=schema.proxy_location)
+    client.deploy_apps(schema, _blocking=False)
+    wait_running(app, wait_s)
+
+
+def wait_running(app: str = "offramp", wait_s: float = 240.0) -> None:
+    import time
+
+    from offramp.cluster import rayops
+
+    deadline = time.monotonic() + wait_s
+    while rayops.app_status(app) != "RUNNING":
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the app {app!r} is not RUNNING after {wait_s:.0f} s")
+        time.sleep(1)
 
 
 def up(gpu_nodes: int = 1, cpu_nodes: int = 2, cpus_per_node: int = 4) -> ClusterInfo:
