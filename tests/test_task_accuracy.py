@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from offramp.training.tasks import (code_items, function_body, function_header, math_items,
+from offramp.training.tasks import (code_items, function_body, function_header, math_answer, math_items,
                                     math_level, parses_with_body)
 
 
@@ -53,6 +53,8 @@ def test_math_items_levels_and_answers():
     assert items["5-17="].answer == "-12"
     assert items["(3+4)*2="].answer == "14" and items["(3+4)*2="].level == "multi_step"
     assert math_level("7*8") == "product" and math_level("100+2") == "three_digit"
+    assert math_answer("42") == "42" and math_answer("-12\n3+4=7") == "-12"
+    assert math_answer("7*2=14") == "14"  # intermediate results first, the final one counts
 
 
 def test_code_items_are_held_out_functions_cut_after_the_signature():

@@ -6,7 +6,8 @@ default config splits it) on the held-out *test* half:
 
 * ``math``   - exact match of the answer on held-out problems, per difficulty level;
   ``two_digit`` is every held-out ``a+b`` / ``a-b`` with ``a, b < 100``. The prompt is
-  ``a+b=``, the answer is what comes before the first newline or eos.
+  ``a+b=``, the answer is what comes before the first newline or eos (its last ``=``
+  part: multi-step answers write their intermediate results first).
 * ``coding`` - held-out functions (whole held-out files, never trained on) cut after
   their signature: the share of greedy continuations that parse (``ast``) with a body,
   i.e. at least one statement besides a docstring or ``pass``.
@@ -152,7 +153,9 @@ def parses_with_body(header: str, continuation: str, finished: bool) -> bool:
 
 
 def math_answer(text: str) -> str:
-    return text.split("\n")[0].strip()
+    """The final result the model wrote: its first line's last ``=`` part (a multi-step
+    answer ``64+7=71`` shows its intermediate results first)."""
+    return text.split("\n")[0].split("=")[-1].strip()
 
 
 def task_accuracy(model_dir: Path, data_dir: Path, modes: list[str] | None = None,
