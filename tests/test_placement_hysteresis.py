@@ -3,16 +3,11 @@ and two replicas, nothing pinned, the default policy. Each scenario also runs wi
 rule under test switched off and must then break, so the scenario itself can fail."""
 from __future__ import annotations
 
-from offramp.placement.cost_model import ModelSpec, PoolSpec
 from offramp.placement.planner import Constraints, Workload, evaluate, plan
 from offramp.placement.policy import Policy, PolicyConfig, apply_move
 
-M = ModelSpec(name="m1b", num_layers=16, hidden=2048, intermediate=5632, heads=32, kv_heads=4, vocab=32000,
-              exit_layers=[4, 8, 12])
-GPU = PoolSpec(name="gpu", kind="gpu", count=4, memory_bytes=24e9, mem_bandwidth=600e9, flops=60e12,
-               fixed_overhead_s=0.003, precisions=["bf16"], device_cost=1.0)
-CPU = PoolSpec(name="cpu", kind="cpu", count=16, memory_bytes=64e9, mem_bandwidth=40e9, flops=1e12,
-               fixed_overhead_s=0.001, precisions=["fp32", "int8"], device_cost=0.05)
+from test_placement_planner import CPU, GPU, M  # the planner tests' model and pools
+
 C = Constraints(tpot_slo_s=0.02)
 INTERVAL = 30.0
 LOW, HIGH = 1500.0, 3000.0  # one replica at 54% busy / two replicas (one would be 108% busy)
