@@ -8,7 +8,6 @@ re-applying it with one deployment's ``num_replicas`` changed is exactly a confi
 """
 from __future__ import annotations
 
-import copy
 import os
 import socket
 import time
@@ -58,14 +57,9 @@ def serve_config(model_dir: Path, port: int, stage1_replicas: int = 1) -> dict[s
 
 def apply_config(config: dict[str, Any], wait_s: float | None = 120.0) -> None:
     """Apply a Serve config in-process: what ``serve deploy`` does through the dashboard."""
-    from ray.serve._private.api import serve_start  # the same call `serve run config.yaml` makes
-    from ray.serve.schema import ServeDeploySchema
+    from offramp.cluster.local import deploy_config
 
-    schema = ServeDeploySchema.model_validate(copy.deepcopy(config))
-    grpc = schema.grpc_options.model_dump() if schema.grpc_options and schema.grpc_options.grpc_servicer_functions else None
-    client = serve_start(http_options=schema.http_options.model_dump(), grpc_options=grpc,
-                         proxy_location=schema.proxy_location)
-    client.deploy_apps(schema, _blocking=False)
+    deploy_config(config, APP, wait_s=None)
     if wait_s is not None:
         wait_running(wait_s)
 

@@ -200,9 +200,10 @@ def _kill(fault: str, cluster) -> str:
         ray.kill(ray.get_actor(f"registry-{APP}", namespace=rayops.NAMESPACE), no_restart=False)
         return f"registry-{APP}"
     deployment = {"stage0": "Stage0", "stage1": "Stage1", "ingress": "OfframpIngress", "node": "Stage1"}[fault]
-    (actor,) = _replicas(deployment)[:1] or [None]
-    if actor is None:
+    actors = _replicas(deployment)
+    if not actors:
         raise RuntimeError(f"no live {deployment} replica to kill")
+    actor = actors[0]
     if fault == "node":
         node = next(n for n in cluster.worker_nodes if n.unique_id == actor.node_id)
         cluster.remove_node(node, allow_graceful=False)

@@ -101,30 +101,39 @@ def pool_cluster(gpu_nodes: int = 1, cpu_nodes: int = 2, cpus_per_node: int = 4,
         cluster.shutdown()
 
 
-def deploy_config(config: dict, app: str = "offramp", wait_s: float = 240.0) -> None:
-    """Apply a Serve config (the dict of a YAML) as ``serve run`` does, and wait until
-    ``app`` is RUNNING."""
+def deploy_config(config: dict, app: str = "offramp", wait_s: float | None = 240.0) -> None:
+    """Apply a Serve config (the dict of a YAML) as ``serve run`` does (the same
+    ``serve_start`` + ``deploy_apps``), and wait until ``app`` is RUNNING (``wait_s`` None:
+    return at once)."""
+    import copy
+
     from ray.serve._private.api import serve_start
     from ray.serve.schema import ServeDeploySchema
 
-    schema = ServeDeploySchema.model_validate(config)
+    schema = ServeDeploySchema.model_validate(copy.deepcopy(config))
     grpc = schema.grpc_options.model_dump() if schema.grpc_options and schema.grpc_options.grpc_servicer_functions else None
     client = serve_start(http_options=schema.http_options.model_dump(), grpc_options=grpc,
                          proxy_location=schema.proxy_location)
     client.deploy_apps(schema, _blocking=False)
-    wait_running(app, wait_s)
+    if wait_s is not None:
+        wait_running(app, wait_s)
 
 
 def wait_running(app: str = "offramp", wait_s: float = 240.0) -> None:
+    """Until ``app`` is RUNNING; a failed deploy raises at once with Serve's message."""
     import time
 
-    from offramp.cluster import rayops
+    from ray import serve
 
     deadline = time.monotonic() + wait_s
-    while rayops.app_status(app) != "RUNNING":
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the app {app!r} is not RUNNING after {wait_s:.0f} s")
-        time.sleep(1)
+    while time.monotonic() < deadline:
+        st = serve.status().applications.get(app)
+        if st is not None and st.status == "RUNNING":
+            return
+        if st is not None and st.status == "DEPLOY_FAILED":
+            raise RuntimeError(f"Serve app {app!r} failed to deploy: {st.message}")
+        time.sleep(0.5)
+    raise TimeoutError(f"the app {app!r} is not RUNNING after {wait_s:.0f} s")
 
 
 def up(gpu_nodes: int = 1, cpu_nodes: int = 2, cpus_per_node: int = 4) -> ClusterInfo:

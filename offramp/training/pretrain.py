@@ -107,13 +107,13 @@ def prompt_cut(doc: dict) -> int | None:
     return len(head) if head else None
 
 
-def doc_ids(tok, doc: dict) -> list[int]:
+def doc_ids(tok, doc: dict, cut: int | None = None) -> list[int]:
     """``bos text`` token ids. A function is tokenized as its signature and its body
-    apart, as a prompt ``def f(x):\n`` and its continuation are: byte-level BPE merges a
-    newline with the indentation after it, so a prompt ending in the bare newline token
-    would otherwise be a sequence training never showed (the model then closes the
-    function and writes another ``def``)."""
-    cut = prompt_cut(doc)
+    apart (at ``cut``, default :func:`prompt_cut`), as a prompt ``def f(x):\n`` and its
+    continuation are: byte-level BPE merges a newline with the indentation after it, so a
+    prompt ending in the bare newline token would otherwise be a sequence training never
+    showed (the model then closes the function and writes another ``def``)."""
+    cut = prompt_cut(doc) if cut is None else cut
     if cut is None or cut >= len(doc["text"]):
         return tok(doc["text"], add_special_tokens=True)["input_ids"]
     return (tok(doc["text"][:cut], add_special_tokens=True)["input_ids"]
@@ -127,10 +127,10 @@ def token_streams(data_dir: Path, tok, cache: Path) -> dict[str, torch.Tensor]:
     docs = read_docs(data_dir, "train")
     streams = {}
     for task in TASKS:
-        mine = [d for d in docs if d["task"] == task]
-        plain = [d["text"] for d in mine if prompt_cut(d) is None]
+        cuts = [(d, prompt_cut(d)) for d in docs if d["task"] == task]
+        plain = [d["text"] for d, cut in cuts if cut is None]  # one batched call for these
         ids = tok(plain, add_special_tokens=True)["input_ids"] if plain else []
-        ids += [doc_ids(tok, d) for d in mine if prompt_cut(d) is not None]
+        ids += [doc_ids(tok, d, cut) for d, cut in cuts if cut is not None]
         flat = [t for seq in ids for t in (*seq, tok.eos_token_id)]
         streams[task] = torch.tensor(flat, dtype=torch.int32)
     torch.save(streams, cache)
