@@ -32,6 +32,34 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()  # backend stops *after* emitting one of these
     ignore_eos: bool = False
+    # Log-probabilities: None = not asked; k >= 0 = each generated token's own logprob plus
+    # the k most likely alternatives. ``prompt_logprobs`` likewise for the prompt's tokens
+    # (a full-depth prefill: no gate exits and no drafting on the first step).
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+
+
+# Most alternatives per token a request may ask for (OpenAI's top_logprobs cap).
+MAX_TOP_LOGPROBS = 20
+# -inf (a token the model rules out) as a finite number: JSON has no infinities (vLLM's choice).
+NEG_INF_LOGPROB = -9999.0
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One position's log-probabilities: the chosen token's, and the ``top`` alternatives
+    as (token id, logprob), most likely first. Always of the raw distribution of the head
+    that chose the token (before temperature, top-k and top-p, as vLLM reports them)."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+    def wire(self) -> list:
+        return [self.logprob, [[t, lp] for t, lp in self.top]]
+
+    @staticmethod
+    def from_wire(w) -> "TokenLogprob":
+        return TokenLogprob(float(w[0]), tuple((int(t), float(lp)) for t, lp in w[1]))
 
 
 @dataclass(frozen=True)
@@ -54,6 +82,10 @@ class TokenEvent:
     # Speculative exits: on the first token of each verify round (one deep-stage visit),
     # (drafted, accepted) of that round; the round committed ``accepted + 1`` tokens.
     verified: tuple[int, int] | None = None
+    logprob: TokenLogprob | None = None  # sampling.logprobs asked: from the head that chose the token
+    # sampling.prompt_logprobs asked, on the first event: one per prompt token (None for the
+    # first, which nothing predicts), from the full model.
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
 
 @dataclass

@@ -52,6 +52,7 @@ from offramp.api.auth import ApiKeyMiddleware
 from offramp.api.errors import ApiError
 from offramp.api.frontend import Frontend
 from offramp.api.generation import ChoiceDelta, Generation
+from offramp.api.logprobs import LogprobFormatter
 from offramp.api.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, check_limits
 from offramp.api.text import encode_chat, encode_prompt
 from offramp.errors import OfframpError
@@ -325,6 +326,8 @@ def offramp_block(gen: Generation, exit_stages: list[int], choices: list) -> dic
     """The response's ``offramp`` block over ``choices`` (whose tokens are ``exit_stages``);
     ``speculative`` (drafted, accepted, verify rounds) only when the request ran speculative."""
     block: dict[str, Any] = {"exit_stages": exit_stages, "stages_skipped": gen.stages_skipped(exit_stages)}
+    if gen.logprobs:  # each token's logprobs come from the head that chose it
+        block["logprob_stages"] = exit_stages
     spec = gen.speculative(choices)
     if spec is not None:
         block["speculative"] = spec
@@ -335,6 +338,8 @@ def chunk_offramp(gen: Generation, d: ChoiceDelta) -> dict[str, Any]:
     """A streamed chunk's per-choice ``offramp``: its tokens' exit stages, and on the
     choice's last chunk its ``speculative`` totals."""
     block: dict[str, Any] = {"exit_stages": d.exit_stages}
+    if gen.logprobs:
+        block["logprob_stages"] = d.exit_stages
     spec = gen.speculative([gen.choices[d.index]]) if d.finish_reason else None
     if spec is not None:
         block["speculative"] = spec
@@ -492,17 +497,41 @@ def create_app(frontend: Frontend) -> FastAPI:
         rid = f"cmpl-{uuid.uuid4().hex}"
         gen = start_generation(req, prompt_ids, [], rid, request)
         now = int(time.time())
+        fmt = LogprobFormatter(tokenizer) if req.logprobs is not None else None
+        prompt = req.prompt_input()
+        echo_text = (prompt if isinstance(prompt, str) else tokenizer.decode(prompt_ids)) if req.echo else ""
+        offsets = [0] * req.n  # streamed text_offset, per choice
+        echoed: set[int] = set()
+
+        def prompt_items(prompt_logprobs) -> list:
+            lps = list(prompt_logprobs or ())
+            return list(zip(prompt_ids, lps + [None] * (len(prompt_ids) - len(lps))))
 
         def envelope() -> dict[str, Any]:
             return {"id": rid, "object": "text_completion", "created": now, "model": settings.model_name}
 
         def chunk(d: ChoiceDelta) -> dict[str, Any]:
-            choice = {"index": d.index, "text": d.text, "logprobs": None, "finish_reason": d.finish_reason,
+            text, items = d.text, list(d.logprobs)
+            if req.echo and d.index not in echoed:  # the prompt leads the choice's first chunk
+                echoed.add(d.index)
+                text = echo_text + text
+                items = prompt_items(gen.choices[d.index].prompt_logprobs) + items
+            lp = None
+            if fmt is not None:
+                lp, offsets[d.index] = fmt.completion(items, offsets[d.index])
+            choice = {"index": d.index, "text": text, "logprobs": lp, "finish_reason": d.finish_reason,
                       "offramp": chunk_offramp(gen, d)}
             return {**envelope(), "choices": [choice], **chunk_usage(gen, req)}
 
+        def final_logprobs(r) -> dict[str, Any] | None:
+            if fmt is None:
+                return None
+            items = (prompt_items(r.prompt_logprobs) if req.echo else []) + list(zip(r.token_ids, r.logprobs))
+            return fmt.completion(items)[0]
+
         def final(results: list) -> dict[str, Any]:
-            choices = [{"index": r.index, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason,
+            choices = [{"index": r.index, "text": echo_text + r.text, "logprobs": final_logprobs(r),
+                        "finish_reason": r.finish_reason,
                         "offramp": {**offramp_block(gen, r.exit_stages, [r]), "token_ids": r.token_ids}}
                        for r in results]
             all_stages = [s for r in results for s in r.exit_stages]
@@ -521,6 +550,7 @@ def create_app(frontend: Frontend) -> FastAPI:
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         gen = start_generation(req, prompt_ids, implicit_stops, rid, request)
         now = int(time.time())
+        fmt = LogprobFormatter(tokenizer) if req.logprobs else None
 
         def envelope() -> dict[str, Any]:
             return {"id": rid, "object": "chat.completion.chunk", "created": now, "model": settings.model_name,
@@ -532,13 +562,14 @@ def create_app(frontend: Frontend) -> FastAPI:
 
         def chunk(d: ChoiceDelta) -> dict[str, Any]:
             delta = {"content": d.text} if d.text else {}
-            choice = {"index": d.index, "delta": delta, "logprobs": None, "finish_reason": d.finish_reason,
-                      "offramp": chunk_offramp(gen, d)}
+            choice = {"index": d.index, "delta": delta, "logprobs": fmt.chat(d.logprobs) if fmt else None,
+                      "finish_reason": d.finish_reason, "offramp": chunk_offramp(gen, d)}
             return {**envelope(), "choices": [choice], **chunk_usage(gen, req)}
 
         def final(results: list) -> dict[str, Any]:
             choices = [{"index": r.index, "message": {"role": "assistant", "content": r.text},
-                        "logprobs": None, "finish_reason": r.finish_reason,
+                        "logprobs": fmt.chat(zip(r.token_ids, r.logprobs)) if fmt else None,
+                        "finish_reason": r.finish_reason,
                         "offramp": {**offramp_block(gen, r.exit_stages, [r]), "token_ids": r.token_ids}}
                        for r in results]
             all_stages = [s for r in results for s in r.exit_stages]

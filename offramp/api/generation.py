@@ -14,7 +14,7 @@ from typing import Any, AsyncIterator
 
 from offramp.api.text import IncrementalDetokenizer, StopMatcher
 from offramp.errors import DeadlineExceeded
-from offramp.protocol import DraftCounts, ExitMode, GenerationRequest, SamplingParams, TokenEvent
+from offramp.protocol import DraftCounts, ExitMode, GenerationRequest, SamplingParams, TokenEvent, TokenLogprob
 
 
 @dataclass
@@ -26,6 +26,8 @@ class ChoiceDelta:
     text: str
     exit_stages: list[int]
     finish_reason: str | None = None
+    # logprobs asked: (token id, its logprobs) of each token consumed since the last delta
+    logprobs: list[tuple[int, TokenLogprob | None]] = field(default_factory=list)
 
 
 @dataclass
@@ -36,6 +38,8 @@ class ChoiceResult:
     finish_reason: str | None = None
     token_ids: list[int] = field(default_factory=list)
     verified: DraftCounts = field(default_factory=DraftCounts)
+    logprobs: list[TokenLogprob | None] = field(default_factory=list)  # per token_ids entry, when asked
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # per prompt token, when asked
 
 
 async def _close(it: Any) -> None:
@@ -46,7 +50,7 @@ async def _close(it: Any) -> None:
 
 class _Choice:
     def __init__(self, index: int, it: AsyncIterator[TokenEvent], tokenizer: Any, prompt_ids: list[int],
-                 stops: list[str], max_tokens: int, deadline: float, timeout_s: float):
+                 stops: list[str], max_tokens: int, deadline: float, timeout_s: float, want_logprobs: bool = False):
         self.index = index
         self.it = it
         self.primed = False
@@ -61,6 +65,9 @@ class _Choice:
         self.verified = DraftCounts()
         self.finish_reason: str | None = None
         self.ended = False
+        self.want_logprobs = want_logprobs
+        self.logprobs: list[TokenLogprob | None] = []  # per token, when asked (None: the backend gave none)
+        self.prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
     async def _next(self) -> TokenEvent | None:
         remaining = self.deadline - time.monotonic()
@@ -82,6 +89,7 @@ class _Choice:
 
     async def run(self) -> AsyncIterator[ChoiceDelta]:
         pending: list[int] = []
+        lps: list[tuple[int, TokenLogprob | None]] = []
         try:
             while True:
                 if self.primed:
@@ -90,29 +98,34 @@ class _Choice:
                     ev = await self._next()
                 if ev is None:  # backend ended without saying why: treat as a natural stop
                     await self._end()
-                    yield self._final("", pending, "stop")
+                    yield self._final("", pending, "stop", lps)
                     return
                 self.exit_stages.append(ev.exit_stage)
                 self.token_ids.append(ev.token_id)
                 if ev.verified is not None:
                     self.verified.add(*ev.verified)
+                if ev.prompt_logprobs is not None:
+                    self.prompt_logprobs = ev.prompt_logprobs
+                if self.want_logprobs:
+                    self.logprobs.append(ev.logprob)
+                    lps.append((ev.token_id, ev.logprob))
                 pending.append(ev.exit_stage)
                 text, stopped = self.stopper.feed(self.detok.add(ev.token_id))
                 if stopped:
                     await self._end()  # cancel the backend request before the client hears "stop"
                     self.finish_reason = "stop"
-                    yield ChoiceDelta(self.index, text, pending, "stop")
+                    yield ChoiceDelta(self.index, text, pending, "stop", lps)
                     return
                 finish = ev.finish_reason
                 if finish is None and len(self.exit_stages) >= self.max_tokens:
                     finish = "length"  # backend overran max_tokens: cut here
                 if finish is not None:
                     await self._end()
-                    yield self._final(text, pending, finish)
+                    yield self._final(text, pending, finish, lps)
                     return
                 if text:
-                    yield ChoiceDelta(self.index, text, pending)
-                    pending = []
+                    yield ChoiceDelta(self.index, text, pending, logprobs=lps)
+                    pending, lps = [], []
         finally:
             await self._end()
 
@@ -121,7 +134,7 @@ class _Choice:
             self.ended = True
             await _close(self.it)
 
-    def _final(self, text: str, pending: list[int], finish: str) -> ChoiceDelta:
+    def _final(self, text: str, pending: list[int], finish: str, lps) -> ChoiceDelta:
         tail, stopped = self.stopper.feed(self.detok.flush())
         text += tail
         if stopped:
@@ -129,7 +142,7 @@ class _Choice:
         else:
             text += self.stopper.flush()
         self.finish_reason = finish
-        return ChoiceDelta(self.index, text, pending, finish)
+        return ChoiceDelta(self.index, text, pending, finish, lps)
 
 
 class Generation:
@@ -142,6 +155,7 @@ class Generation:
         self.request_id = request_id
         self.exit_mode = exit_mode
         self.prompt_ids = prompt_ids
+        self.logprobs = sampling.logprobs is not None  # asked: every token's logprobs are reported
         self.num_stages = int(getattr(backend, "num_stages", 1))
         deadline = time.monotonic() + timeout_s
         self.choices: list[_Choice] = []
@@ -155,7 +169,7 @@ class Generation:
                 task=task, trace_context=trace_context, deadline_s=timeout_s,
             )
             self.choices.append(_Choice(i, backend.generate(req), tokenizer, prompt_ids, stops,
-                                        sampling.max_tokens, deadline, timeout_s))
+                                        sampling.max_tokens, deadline, timeout_s, self.logprobs))
         self._runs = [c.run() for c in self.choices]
         self._merged: AsyncIterator[ChoiceDelta] | None = None
 
@@ -209,6 +223,8 @@ class Generation:
             r.exit_stages = list(c.exit_stages)
             r.token_ids = list(c.token_ids)
             r.verified = c.verified
+            r.logprobs = list(c.logprobs)
+            r.prompt_logprobs = c.prompt_logprobs
         return results
 
     async def aclose(self) -> None:

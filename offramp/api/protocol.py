@@ -2,7 +2,7 @@
 
 Validation is strict: unknown fields, wrong JSON types (``"0.5"`` for a number, ``true``
 for an integer) and non-finite numbers are rejected with a 400 that names the field.
-OpenAI fields Offramp does not implement (logprobs, penalties, tools, ...) are accepted
+OpenAI fields Offramp does not implement (penalties, tools, ...) are accepted
 only at their "off" value, so a client never silently gets something it did not ask for;
 the same holds for the vLLM extensions common clients send (``min_p``,
 ``repetition_penalty``, ...). Fields without effect on the output (``metadata``,
@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic import StrictInt, StrictStr
 
 from offramp.errors import BadRequest
-from offramp.protocol import MAX_DRAFT_LIMIT, MIN_TEMPERATURE, SamplingParams
+from offramp.protocol import MAX_DRAFT_LIMIT, MAX_TOP_LOGPROBS, MIN_TEMPERATURE, SamplingParams
 
 TaskName = Literal["qa", "math", "coding"]
 
@@ -176,7 +176,17 @@ class SamplingFields(_Strict):
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
                               top_k=max(0, self.top_k), seed=self.seed,
                               stop_token_ids=user_stops + (() if self.ignore_eos else tuple(eos_ids)),
-                              ignore_eos=self.ignore_eos)
+                              ignore_eos=self.ignore_eos, logprobs=self.logprob_count,
+                              prompt_logprobs=self.prompt_logprob_count)
+
+    # Log-probabilities asked for (None: not asked; k: the token's own plus k alternatives).
+    @property
+    def logprob_count(self) -> int | None:
+        return None
+
+    @property
+    def prompt_logprob_count(self) -> int | None:
+        return None
 
     @property
     def continuous_usage(self) -> bool:
@@ -197,8 +207,11 @@ class CompletionRequest(SamplingFields):
     prompt: Union[StrictStr, list[StrictStr], list[StrictInt], list[list[StrictInt]]] = Field(
         description="A string, a list holding one string, token ids, or a list holding one list of token ids."
     )
-    logprobs: StrictInt | None = Field(None, description="Not supported: must be null.")
-    echo: bool = Field(False, description="Not supported: must be false.")
+    logprobs: StrictInt | None = Field(
+        None, ge=0, le=MAX_TOP_LOGPROBS, description=f"0..{MAX_TOP_LOGPROBS}: each token's log-probability plus "
+        "this many most likely alternatives (from the head that chose the token: offramp.logprob_stages).")
+    echo: bool = Field(False, description="Return the prompt in front of the completion; with logprobs, the "
+                       "prompt's tokens get theirs too (a full-depth prefill; the first token has none).")
     best_of: StrictInt | None = Field(None, description="Not supported beyond 1.")
     suffix: StrictStr | None = Field(None, description="Not supported: must be null.")
 
@@ -210,15 +223,19 @@ class CompletionRequest(SamplingFields):
                 raise BadRequestValue("prompt", "prompt is empty")
             if isinstance(p[0], (str, list)) and len(p) != 1:
                 raise BadRequestValue("prompt", f"batched prompts are not supported: got {len(p)} prompts, send one per request")
-        if self.logprobs is not None:
-            raise BadRequestValue("logprobs", "logprobs are not supported by Offramp yet; omit the field")
-        if self.echo:
-            raise BadRequestValue("echo", "echo is not supported by Offramp; omit it or set it to false")
         if self.best_of not in (None, 1):
             raise BadRequestValue("best_of", "best_of > 1 is not supported; use n for several choices")
         if self.suffix is not None:
             raise BadRequestValue("suffix", "suffix (insertion) is not supported by Offramp")
         return self
+
+    @property
+    def logprob_count(self) -> int | None:
+        return self.logprobs
+
+    @property
+    def prompt_logprob_count(self) -> int | None:
+        return self.logprobs if self.echo else None
 
     def prompt_input(self) -> str | list[int]:
         """The single prompt: text, or token ids."""
@@ -253,8 +270,10 @@ class ChatCompletionRequest(SamplingFields):
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
     max_completion_tokens: StrictInt | None = Field(None, ge=1, le=INT32_MAX, description="Newer name of max_tokens.")
-    logprobs: bool = Field(False, description="Not supported: must be false.")
-    top_logprobs: StrictInt | None = Field(None, description="Not supported: must be null.")
+    logprobs: bool = Field(False, description="Return each output token's log-probability (from the head that "
+                           "chose it: offramp.logprob_stages).")
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description=f"0..{MAX_TOP_LOGPROBS} "
+                                           "most likely alternatives per token; needs logprobs true.")
     response_format: dict[str, Any] | None = Field(None, description="Only {'type': 'text'}.")
     tools: list[Any] | None = None
     tool_choice: Any | None = None
@@ -268,13 +287,17 @@ class ChatCompletionRequest(SamplingFields):
                     f"max_tokens={self.max_tokens} and max_completion_tokens={self.max_completion_tokens} disagree; give one",
                 )
             self.max_tokens = self.max_completion_tokens
-        if self.logprobs or self.top_logprobs is not None:
-            raise BadRequestValue("logprobs", "logprobs are not supported by Offramp yet; omit logprobs/top_logprobs")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise BadRequestValue("top_logprobs", "top_logprobs needs logprobs true; set logprobs or omit top_logprobs")
         if self.response_format not in (None, {"type": "text"}):
             raise BadRequestValue("response_format", "only response_format {'type': 'text'} is supported")
         if self.tools or self.tool_choice not in (None, "none"):
             raise BadRequestValue("tools", "tool calling is not supported by Offramp")
         return self
+
+    @property
+    def logprob_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 def check_limits(req: SamplingFields, prompt_len: int, *, max_context: int, max_tokens_cap: int,

@@ -56,7 +56,7 @@ from offramp import errors
 from offramp.deployments.config import DEFAULT_KV_LEASE_S
 from offramp.observability import metrics, tracing
 from offramp.ops.worker import ExitPolicy, KVMissing, StageWorker, StepResult, StepRow
-from offramp.protocol import SamplingParams
+from offramp.protocol import SamplingParams, TokenLogprob
 
 log = logging.getLogger(__name__)
 _HDR = struct.Struct("!II")
@@ -132,6 +132,8 @@ def row_header(row: StepRow, packer: _Packer, trace: dict[str, str] | None = Non
         h["drafts"] = list(row.drafts)
     if row.draft_probs is not None:
         h["dq"] = packer.tensor(row.draft_probs)
+    if row.score:
+        h["score"] = list(row.score)
     if trace:
         h["trace"] = trace  # W3C carrier: the stage span becomes a child of the request span
     return h
@@ -144,7 +146,8 @@ def row_from_header(h: dict, payload: memoryview) -> StepRow:
                    ExitPolicy(**h["policy"]), int(h["step"]), bool(h.get("flush", False)),
                    None if h.get("layer") is None else int(h["layer"]), bool(h.get("verify", False)),
                    draft=int(h.get("draft", 0)), drafts=tuple(int(t) for t in h.get("drafts", ())),
-                   draft_probs=unpack_tensor(payload, h["dq"]) if h.get("dq") is not None else None)
+                   draft_probs=unpack_tensor(payload, h["dq"]) if h.get("dq") is not None else None,
+                   score=tuple(int(t) for t in h.get("score", ())))
 
 
 def error_body(e: Exception) -> dict:
@@ -525,6 +528,10 @@ class StageServer:
                     out[-1]["dq"] = packer.tensor(res.draft_probs)
             if res.tokens is not None:
                 out[-1]["tokens"] = res.tokens
+            if res.logprobs is not None:
+                out[-1]["lp"] = [x.wire() for x in res.logprobs]
+            if res.prompt_logprobs is not None:
+                out[-1]["plp"] = [x.wire() for x in res.prompt_logprobs]
         # server_s: arrival -> reply on this server, so the caller can tell the hop (wire,
         # framing, event loops) from the stage's own time
         server_s = time.monotonic() - header.get("_queued_at", time.monotonic())
@@ -696,6 +703,9 @@ class StageClient:
             r["h"] = unpack_tensor(payload, r["h"]) if r.get("h") is not None else None
             if r.get("dq") is not None:
                 r["dq"] = unpack_tensor(payload, r["dq"])
+            for key in ("lp", "plp"):
+                if r.get(key) is not None:
+                    r[key] = [TokenLogprob.from_wire(x) for x in r[key]]
             r["hop_s"] = hop
         return out
 

@@ -37,7 +37,7 @@ from offramp.deployments.config import DEFAULT_KV_LEASE_S
 from offramp.observability import metrics
 from offramp.ops.online_tuning import AgreementTuner
 from offramp.ops.worker import ExitPolicy, KVMissing, StepRow, check_speculative, draft_budget
-from offramp.protocol import DEFAULT_MAX_DRAFT, DraftCounts, GenerationRequest, TokenEvent, finish_reason
+from offramp.protocol import DEFAULT_MAX_DRAFT, DraftCounts, GenerationRequest, TokenEvent, TokenLogprob, finish_reason
 
 log = logging.getLogger(__name__)
 RETRYABLE = (errors.StageUnavailable, errors.DeadlineExceeded, KVMissing)
@@ -74,6 +74,7 @@ class _Seq:
     failures: int = 0  # replica failures while producing the current token
     waits: int = 0  # backoff exponent of the current token's retries
     retry_at: float = 0.0  # not stepped before this (monotonic): a replay's backoff
+    prompt_logprobs: tuple | None = None  # sampling.prompt_logprobs: from the first step's last stage
 
     @property
     def generated(self) -> int:
@@ -420,8 +421,10 @@ class PipelineBackend:
         for seq in seqs:
             req = seq.request
             budget = draft_budget(seq.policy, req.sampling, seq.generated, len(seq.tokens), self.max_seq)
+            score = (tuple(seq.tokens[1: seq.prompt_len])
+                     if seq.generated == 0 and req.sampling.prompt_logprobs is not None else ())
             row = StepRow(seq.session, torch.tensor(seq.tokens[seq.fed:], dtype=torch.long), len(seq.tokens) - 1,
-                          req.sampling, seq.policy, step=seq.generated, draft=budget if drafting else 0)
+                          req.sampling, seq.policy, step=seq.generated, draft=budget if drafting else 0, score=score)
             todo.append((seq, row, 0))
         last = self.num_stages - 1
         for _ in range(self.router.num_layers or 1_000_000):
@@ -494,22 +497,25 @@ class PipelineBackend:
             position = row.position
             if k == last:
                 self._audited(seq, position, res.get("bf"))
+            if res.get("plp") is not None:
+                seq.prompt_logprobs = (None, *res["plp"])
+            lps = res.get("lp") or ()
             if res.get("tokens") is not None:  # a speculative row verified: accepted drafts + one
-                self._verified(seq, row, [int(t) for t in res["tokens"]], k)
+                self._verified(seq, row, [int(t) for t in res["tokens"]], k, lps)
                 continue
             if res["token"] is not None:
                 if res["exited"] and self.kv_fill == "propagate":
                     self._propagate(seq, ep.end, res["h"], position)
                 if res["exited"]:
                     seq.exited[position] = (k, ep.end)
-                self._emit(seq, int(res["token"]), k)
+                self._emit(seq, int(res["token"]), k, logprob=lps[0] if lps else None)
                 continue
             if res.get("drafts") is not None:  # the drafting stage's passes beyond the visit
                 self.passes[k] += len(res["drafts"])
             onward.append((seq, row.onward(res["h"], res.get("drafts"), res.get("dq")), ep.end))
         return onward
 
-    def _verified(self, seq: _Seq, row: StepRow, tokens: list[int], stage: int) -> None:
+    def _verified(self, seq: _Seq, row: StepRow, tokens: list[int], stage: int, logprobs=()) -> None:
         """Commit a verify round: the stages roll back the rejected positions when this
         sequence's next row arrives (the last stage already has); the next step feeds
         only the last token."""
@@ -519,9 +525,11 @@ class PipelineBackend:
         for i, tok in enumerate(tokens):
             if seq.done:
                 break
-            self._emit(seq, tok, stage, (drafted, accepted) if i == 0 else None)
+            self._emit(seq, tok, stage, (drafted, accepted) if i == 0 else None,
+                       logprobs[i] if i < len(logprobs) else None)
 
-    def _emit(self, seq: _Seq, token: int, stage: int, verified: tuple[int, int] | None = None) -> None:
+    def _emit(self, seq: _Seq, token: int, stage: int, verified: tuple[int, int] | None = None,
+              logprob: TokenLogprob | None = None) -> None:
         now = time.monotonic()
         with self._lat_lock:
             (self.tpot_s if seq.generated else self.ttft_s).append((now, now - seq.last))
@@ -534,7 +542,8 @@ class PipelineBackend:
         seq.tokens.append(token)
         reason = finish_reason(seq.request.sampling, token, seq.generated, len(seq.tokens), self.eos_token_ids,
                                self.max_seq)
-        seq.events.put_nowait(TokenEvent(token, stage, reason, verified))
+        prompt_lp = seq.prompt_logprobs if seq.generated == 1 else None
+        seq.events.put_nowait(TokenEvent(token, stage, reason, verified, logprob, prompt_lp))
         if reason:
             seq.done = True
 

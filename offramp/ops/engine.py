@@ -23,7 +23,7 @@ from offramp.ops.checkpoint import ModelSpec, WeightReader, load_spec
 from offramp.ops.partition import partition_layers
 from offramp.ops.stage import load_stage
 from offramp.ops.worker import ExitPolicy, StageWorker, StepRow, check_speculative, draft_budget
-from offramp.protocol import DraftCounts, GenerationRequest, SamplingParams, TokenEvent, finish_reason
+from offramp.protocol import DraftCounts, GenerationRequest, SamplingParams, TokenEvent, TokenLogprob, finish_reason
 
 
 def resolve_model_dir(model: str | Path | None) -> Path:
@@ -57,6 +57,8 @@ class Sequence:
     accepted: int = 0
     rounds: int = 0
     last_round: tuple[int, int] | None = None  # (drafted, accepted) of the step just taken
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per generated token (sampling.logprobs)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # sampling.prompt_logprobs: after the first step
 
     @property
     def draft_counts(self) -> DraftCounts:
@@ -108,19 +110,23 @@ class StagedModel:
                              f"{self.max_seq}; shorten the prompt or lower max_tokens", param="max_tokens")
 
     # -- one decode step for a batch ---------------------------------------------------
-    def step(self, seqs: list[Sequence]) -> list[list[tuple[int, int]] | Exception]:
-        """Feed every sequence its unfed tokens; returns the new (token, exit_stage) pairs per
-        sequence (one, or for a speculative sequence its accepted drafts plus one), or that
-        sequence's own error (its row failed; the others are unaffected)."""
+    def step(self, seqs: list[Sequence]) -> list[list[tuple[int, int, TokenLogprob | None]] | Exception]:
+        """Feed every sequence its unfed tokens; returns the new (token, exit_stage, logprob)
+        triples per sequence (one, or for a speculative sequence its accepted drafts plus
+        one; logprob None unless asked), or that sequence's own error (its row failed; the
+        others are unaffected). A first step asking for prompt logprobs fills
+        ``Sequence.prompt_logprobs``."""
         rows = []
         for s in seqs:
             new = s.tokens[s.fed:]
+            score = tuple(s.tokens[1: s.prompt_len]) if s.fed == 0 and s.sampling.prompt_logprobs is not None else ()
             rows.append(StepRow(s.seq_id, torch.tensor(new, dtype=torch.long), len(s.tokens) - 1,
                                 s.sampling, s.policy, step=len(s.generated),
-                                draft=draft_budget(s.policy, s.sampling, len(s.generated), len(s.tokens), self.max_seq)))
+                                draft=draft_budget(s.policy, s.sampling, len(s.generated), len(s.tokens), self.max_seq),
+                                score=score))
             s.fed = len(s.tokens)
         by_id = {s.seq_id: s for s in seqs}
-        out: dict[str, list[tuple[int, int]] | Exception] = {}
+        out: dict[str, list[tuple[int, int, TokenLogprob | None]] | Exception] = {}
         last = self.num_stages - 1
         for k, worker in enumerate(self.workers):
             if not rows:
@@ -130,12 +136,14 @@ class StagedModel:
                 if res.error is not None:
                     out[row.seq_id] = res.error
                     continue
+                if res.prompt_logprobs is not None:
+                    by_id[row.seq_id].prompt_logprobs = [None, *res.prompt_logprobs]
                 if res.tokens is not None:
-                    out[row.seq_id] = [(t, last) for t in res.tokens]
+                    out[row.seq_id] = list(zip(res.tokens, [last] * len(res.tokens), res.logprobs or [None] * len(res.tokens)))
                     self._end_round(by_id[row.seq_id], len(row.drafts), len(res.tokens) - 1)
                     continue
                 if res.token is not None:
-                    out[row.seq_id] = [(res.token, k)]
+                    out[row.seq_id] = [(res.token, k, res.logprobs[0] if res.logprobs else None)]
                     if res.exited and self.kv_fill == "propagate":
                         for later in self.workers[k + 1:]:
                             later.propagate(row.seq_id, res.hidden, row.position)
@@ -186,14 +194,16 @@ class StagedModel:
     def finished(self, s: Sequence, token: int) -> str | None:
         return finish_reason(s.sampling, token, len(s.generated), len(s.tokens), self.spec.eos_token_ids, self.max_seq)
 
-    def commit(self, s: Sequence, new: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    def commit(self, s: Sequence, new: list[tuple[int, int, TokenLogprob | None]]) -> list[tuple[int, int, TokenLogprob | None]]:
         """Append a step's tokens to ``s`` up to the first that finishes it (drafts accepted
         past a stop token are dropped); returns the ones appended."""
         taken = []
-        for tok, stage in new:
+        for tok, stage, lp in new:
             s.tokens.append(tok)
             s.exit_stages.append(stage)
-            taken.append((tok, stage))
+            if lp is not None:
+                s.logprobs.append(lp)
+            taken.append((tok, stage, lp))
             s.finish_reason = self.finished(s, tok)
             if s.finish_reason:
                 break
@@ -291,11 +301,13 @@ class InProcessBackend:
                 if isinstance(res, Exception):  # this request's own failure: it alone ends
                     loop.call_soon_threadsafe(q.put_nowait, res)
                 else:
+                    first = len(seq.generated) == 0
                     taken = self.model.commit(seq, res)
-                    for i, (tok, stage) in enumerate(taken):
+                    for i, (tok, stage, lp) in enumerate(taken):
                         done = seq.finish_reason if i == len(taken) - 1 else None
                         verified = seq.last_round if i == 0 and seq.policy.speculative else None
-                        loop.call_soon_threadsafe(q.put_nowait, TokenEvent(tok, stage, done, verified))
+                        prompt_lp = tuple(seq.prompt_logprobs) if first and i == 0 and seq.prompt_logprobs else None
+                        loop.call_soon_threadsafe(q.put_nowait, TokenEvent(tok, stage, done, verified, lp, prompt_lp))
                 if isinstance(res, Exception) or seq.finish_reason:
                     self.model.release(seq)
                     active.pop(seq.seq_id, None)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from offramp.errors import RowFailed
-from offramp.protocol import MIN_TEMPERATURE, SamplingParams
+from offramp.protocol import MIN_TEMPERATURE, NEG_INF_LOGPROB, SamplingParams, TokenLogprob
 
 
 def choose_tokens(logits: torch.Tensor, params: list[SamplingParams], steps: list[int]) -> list[int | RowFailed]:
@@ -134,3 +134,17 @@ def _accept_sampled(logits: torch.Tensor, drafts, draft_probs: torch.Tensor | No
         return out
     k = len(drafts)
     return out + [draw(processed_probs(logits[k], p), p.seed, step + k)]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
+    """Per row of ``logits`` (N, V): the log-probability of ``tokens[i]`` and the ``top``
+    most likely tokens, of the raw distribution (log-softmax in float32; -inf reported as
+    :data:`NEG_INF_LOGPROB`)."""
+    if not tokens:
+        return []
+    lp = torch.log_softmax(logits.float(), dim=-1).nan_to_num(nan=NEG_INF_LOGPROB, neginf=NEG_INF_LOGPROB)
+    chosen = lp.gather(1, torch.tensor(tokens, device=lp.device)[:, None])[:, 0].tolist()
+    if top <= 0:
+        return [TokenLogprob(c) for c in chosen]
+    vals, ids = torch.topk(lp, min(top, lp.shape[-1]), dim=-1)
+    return [TokenLogprob(c, tuple(zip(i, v))) for c, i, v in zip(chosen, ids.tolist(), vals.tolist())]

@@ -26,9 +26,9 @@ from offramp.errors import BadRequest, StageUnavailable
 from offramp.ops import exits as ex
 from offramp.ops.kv_cache import KVCache
 from offramp.ops.layers import StepMeta
-from offramp.ops.sampling import DRAFT, choose_tokens, draw, processed_probs, verify_batch
+from offramp.ops.sampling import DRAFT, choose_tokens, draw, processed_probs, token_logprobs, verify_batch
 from offramp.ops.stage import Stage
-from offramp.protocol import DEFAULT_MAX_DRAFT, MAX_DRAFT_LIMIT, MIN_TEMPERATURE, SamplingParams
+from offramp.protocol import DEFAULT_MAX_DRAFT, MAX_DRAFT_LIMIT, MIN_TEMPERATURE, SamplingParams, TokenLogprob
 
 
 PROFILE_PREFIX = "\x00profile/"  # reserved sequence ids of the start-up profile
@@ -99,6 +99,10 @@ class StepRow:
     draft: int = 0
     drafts: tuple[int, ...] = ()
     draft_probs: torch.Tensor | None = None
+    # Prompt logprobs (echo): the prompt's tokens after the first, which the last stage
+    # scores at the chunk's positions before the last. A row that carries them is the whole
+    # prompt, taken to full depth (no gate exit, no drafting).
+    score: tuple[int, ...] = ()
 
     def onward(self, hidden: torch.Tensor, drafts=None, draft_probs: torch.Tensor | None = None) -> "StepRow":
         """The row that carries this row's continuing ``hidden`` chunk to the next stage. A
@@ -109,7 +113,7 @@ class StepRow:
         else:
             drafts, position = tuple(drafts), self.position + len(drafts)
         return StepRow(self.seq_id, hidden, position, self.sampling, self.policy, self.step,
-                       drafts=drafts, draft_probs=draft_probs)
+                       drafts=drafts, draft_probs=draft_probs, score=self.score)
 
 
 @dataclass
@@ -127,6 +131,10 @@ class StepResult:
     drafts: list[int] | None = None
     draft_probs: torch.Tensor | None = None
     tokens: list[int] | None = None
+    # sampling.logprobs asked: one per token chosen here (``token``, or each of ``tokens``),
+    # from the head that chose it; ``score`` rows: the prompt's, from the LM head.
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 class StageWorker:
@@ -337,6 +345,7 @@ class StageWorker:
         if self.stage.last:
             if live:
                 self._final_tokens(rows, live, h, h_last, lengths, results)
+                self._score_prompts(rows, live, h, lengths, results)
             audit = [b for b, r in enumerate(rows) if r.verify and lengths[b] > 1]
             if audit:  # the online audit of earlier exits: one LM-head call over their backfilled positions
                 full = self.stage.final_logits(torch.cat([h[b, : lengths[b] - 1] for b in audit])).argmax(-1).tolist()
@@ -344,6 +353,7 @@ class StageWorker:
                 for b in audit:
                     results[b].backfill, i = full[i: i + lengths[b] - 1], i + lengths[b] - 1
             return results
+        live = [b for b in live if not rows[b].score]  # prompt logprobs: full depth
         exited = self._gate(rows, live, h_last, results)
         if self.drafts:
             exited |= self._draft(rows, live, h_last, results)
@@ -395,6 +405,8 @@ class StageWorker:
                 results[b].error, results[b].exited = t, True
             else:
                 results[b].token, results[b].exited, results[b].confidence = t, True, conf[i]
+                if rows[b].sampling.logprobs is not None:  # the exit head's own distribution
+                    results[b].logprobs = token_logprobs(logits[i: i + 1], [t], rows[b].sampling.logprobs)
         return set(chosen)
 
     def _final_tokens(self, rows, live, h, h_last, lengths, results) -> None:
@@ -412,18 +424,39 @@ class StageWorker:
         ks = [len(rows[b].drafts) for b in live]
         flat = (torch.cat([h[b, lengths[b] - k - 1: lengths[b]] for b, k in zip(live, ks)]) if any(ks)
                 else h_last[live])  # (sum(k + 1), d)
-        outs = verify_batch(self.stage.final_logits(flat), [rows[b].drafts for b in live],
-                            [rows[b].draft_probs for b in live], [rows[b].sampling for b in live],
-                            [rows[b].step for b in live])
+        logits = self.stage.final_logits(flat)
+        outs = verify_batch(logits, [rows[b].drafts for b in live], [rows[b].draft_probs for b in live],
+                            [rows[b].sampling for b in live], [rows[b].step for b in live])
+        i = 0
         for b, k, out in zip(live, ks, outs):
-            row = rows[b]
+            row, first, i = rows[b], i, i + k + 1
             if isinstance(out, Exception):
                 results[b].error = out
                 continue
+            if row.sampling.logprobs is not None:  # committed token j comes from logits row j
+                results[b].logprobs = token_logprobs(logits[first: first + len(out)], out, row.sampling.logprobs)
             results[b].token = out[-1]
             if row.policy.speculative:
                 results[b].tokens = out
                 self.truncate(row.seq_id, row.position - k + len(out))
+
+    def _score_prompts(self, rows, live, h, lengths, results) -> None:
+        """Prompt logprobs of ``score`` rows: one LM-head call over their positions before
+        the last (position i predicts the prompt's token i + 1)."""
+        want = [b for b in live if rows[b].score and results[b].error is None]
+        for b in [b for b in want if len(rows[b].score) != lengths[b] - 1]:
+            results[b].error = BadRequest(f"sequence {rows[b].seq_id}: {len(rows[b].score)} prompt tokens to score "
+                                          f"need a chunk of {len(rows[b].score) + 1} positions, got {lengths[b]}")
+        want = [b for b in want if results[b].error is None]
+        if not want:
+            return
+        logits = self.stage.final_logits(torch.cat([h[b, : lengths[b] - 1] for b in want]))
+        i = 0
+        for b in want:
+            n = len(rows[b].score)
+            results[b].prompt_logprobs = token_logprobs(logits[i: i + n], list(rows[b].score),
+                                                        rows[b].sampling.prompt_logprobs or 0)
+            i += n
 
     def _draft(self, rows, live, h_last, results) -> set[int]:
         """Speculative rows on the drafting stage: the exit head proposes the next token;
