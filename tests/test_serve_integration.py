@@ -241,6 +241,28 @@ def test_speculative_equals_exits_off_over_http(serve_cluster, staged):
     assert bad.status_code == 400 and "max_draft" in bad.json()["error"]["message"]
 
 
+def test_logprobs_and_echo_over_the_served_pipeline(serve_cluster, staged, mixed_threshold):
+    """Logprobs cross the stage channels: exits off, with a mix of gate exits, and
+    speculative, each equal to the in-process engine's (which test_logprobs checks against
+    transformers); echo's prompt logprobs come from a full-depth prefill."""
+    from offramp.ops.worker import ExitPolicy
+    from offramp.protocol import SamplingParams
+
+    client = serve_cluster.openai()
+    prompt, threshold = mixed_threshold
+    sp = SamplingParams(max_tokens=12, ignore_eos=True, logprobs=2, prompt_logprobs=2)
+    for exit in ("off", threshold, "speculative"):
+        (ref,) = staged.generate([list(prompt)], sp, ExitPolicy.from_request(exit, None))
+        r = completion(client, prompt, max_tokens=12, exit=exit, logprobs=2, echo=True)
+        lp, extra = r.choices[0].logprobs, offramp_of(r.choices[0])
+        assert extra["token_ids"] == ref.generated, exit
+        assert extra["logprob_stages"] == ref.exit_stages
+        want = [None] + [x.logprob for x in ref.prompt_logprobs[1:]] + [x.logprob for x in ref.logprobs]
+        assert lp.token_logprobs[0] is None
+        assert lp.token_logprobs[1:] == pytest.approx(want[1:], abs=1e-4), exit
+        assert len(lp.top_logprobs[-1]) >= 2
+
+
 # ------------------------------------------------------------------ 5. concurrency
 
 
