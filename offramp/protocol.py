@@ -37,6 +37,20 @@ class SamplingParams:
     # (a full-depth prefill: no gate exits and no drafting on the first step).
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    # Logit adjustments, applied wherever a token is chosen (exit heads, the last stage,
+    # the drafter and the speculative verifier), in vLLM's order: logit_bias, min_tokens,
+    # then the repetition (prompt + output), frequency and presence (output) penalties.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0  # stop_token_ids (EOS included) are masked until this many tokens
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether token choice needs the sequence's history (rows then carry it)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias or self.min_tokens)
 
 
 # Most alternatives per token a request may ask for (OpenAI's top_logprobs cap).

@@ -2,7 +2,7 @@
 
 Validation is strict: unknown fields, wrong JSON types (``"0.5"`` for a number, ``true``
 for an integer) and non-finite numbers are rejected with a 400 that names the field.
-OpenAI fields Offramp does not implement (penalties, tools, ...) are accepted
+OpenAI fields Offramp does not implement (tools, best_of, ...) are accepted
 only at their "off" value, so a client never silently gets something it did not ask for;
 the same holds for the vLLM extensions common clients send (``min_p``,
 ``repetition_penalty``, ...). Fields without effect on the output (``metadata``,
@@ -31,6 +31,8 @@ from offramp.protocol import MAX_DRAFT_LIMIT, MAX_TOP_LOGPROBS, MIN_TEMPERATURE,
 TaskName = Literal["qa", "math", "coding"]
 
 MAX_TEMPERATURE = 2.0  # OpenAI's range
+MAX_LOGIT_BIAS = 300  # entries (OpenAI's cap)
+MAX_REPETITION_PENALTY = 10.0
 INT32_MAX = 2**31 - 1
 INT63_MAX = 2**63 - 1
 
@@ -99,17 +101,22 @@ class SamplingFields(_Strict):
     user: StrictStr | None = Field(None, max_length=256, description="Accepted and ignored (logged nowhere).")
     ignore_eos: bool = Field(False, description="vLLM extension: keep generating past end-of-sequence.")
     offramp: OfframpRequestExtras = Field(default_factory=OfframpRequestExtras)
-    # Accepted only at their neutral value (checked in _unsupported).
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="-2..2: subtracted from the logit "
+                                           "of every token already in the output.")
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="-2..2: subtracted once per "
+                                            "occurrence in the output.")
+    logit_bias: dict[StrictStr, float] | None = Field(None, max_length=MAX_LOGIT_BIAS, description="token id (as "
+                                                      "a string) -> bias in [-100, 100], added to its logit.")
     # vLLM extensions. stop_token_ids is honoured; the rest are accepted at the value that
     # is Offramp's behaviour (refused otherwise, since ignoring them would change the result).
     stop_token_ids: list[StrictInt] | None = Field(None, max_length=64, description="vLLM extension: extra "
                                                    "token ids that end a choice (shown in the text, as in vLLM, "
                                                    "unless special).")
-    min_tokens: StrictInt = Field(0, ge=0, le=0, description="vLLM extension: only 0 (not supported).")
-    repetition_penalty: float | None = Field(None, description="vLLM extension: only 1 (not supported).")
+    min_tokens: StrictInt = Field(0, ge=0, le=INT32_MAX, description="vLLM extension: the end-of-sequence and "
+                                  "stop_token_ids cannot end the output before this many tokens.")
+    repetition_penalty: float | None = Field(None, gt=0.0, le=MAX_REPETITION_PENALTY, description="vLLM "
+                                             "extension: > 1 discourages tokens of the prompt and output "
+                                             "(positive logits divided, negative multiplied).")
     min_p: float = Field(0.0, ge=0.0, le=0.0, description="vLLM extension: only 0 (not supported).")
     skip_special_tokens: bool = Field(True, description="vLLM extension: only true (special tokens are never shown).")
     spaces_between_special_tokens: bool = Field(True, description="vLLM extension: accepted, no effect here.")
@@ -137,14 +144,14 @@ class SamplingFields(_Strict):
     def _common_rules(self):
         if self.stream_options is not None and not self.stream:
             raise BadRequestValue("stream_options", "stream_options is only allowed when stream is true")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0.0):
-                raise BadRequestValue(name, f"{name} is not supported by Offramp; omit it or set it to 0")
-        if self.logit_bias:
-            raise BadRequestValue("logit_bias", "logit_bias is not supported by Offramp; omit it")
-        if self.repetition_penalty not in (None, 1.0):
-            raise BadRequestValue("repetition_penalty", "repetition_penalty is not supported by Offramp; omit it "
-                                  "or set it to 1")
+        for key, bias in (self.logit_bias or {}).items():
+            if not key.isdigit() or len(key) > 10:
+                raise BadRequestValue("logit_bias", f"logit_bias keys are token ids; got {key[:20]!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise BadRequestValue("logit_bias", f"logit_bias values must be within [-100, 100]; got {bias:g} "
+                                      f"for token {key}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise BadRequestValue("min_tokens", f"min_tokens={self.min_tokens} is above max_tokens={self.max_tokens}")
         if not self.skip_special_tokens:
             raise BadRequestValue("skip_special_tokens", "skip_special_tokens=false is not supported; omit it")
         if self.include_stop_str_in_output:
@@ -173,11 +180,20 @@ class SamplingFields(_Strict):
         if bad:
             raise BadRequest(f"stop_token_ids {bad[:5]} are outside the vocabulary [0, {vocab_size})",
                              param="stop_token_ids")
+        bias = tuple(sorted((int(k), float(v)) for k, v in (self.logit_bias or {}).items() if v))
+        bad = [t for t, _ in bias if t >= vocab_size]
+        if bad:
+            raise BadRequest(f"logit_bias token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})",
+                             param="logit_bias")
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
                               top_k=max(0, self.top_k), seed=self.seed,
                               stop_token_ids=user_stops + (() if self.ignore_eos else tuple(eos_ids)),
                               ignore_eos=self.ignore_eos, logprobs=self.logprob_count,
-                              prompt_logprobs=self.prompt_logprob_count)
+                              prompt_logprobs=self.prompt_logprob_count,
+                              presence_penalty=self.presence_penalty or 0.0,
+                              frequency_penalty=self.frequency_penalty or 0.0,
+                              repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+                              logit_bias=bias, min_tokens=min(self.min_tokens, max_tokens))
 
     # Log-probabilities asked for (None: not asked; k: the token's own plus k alternatives).
     @property

@@ -134,6 +134,8 @@ def row_header(row: StepRow, packer: _Packer, trace: dict[str, str] | None = Non
         h["dq"] = packer.tensor(row.draft_probs)
     if row.score:
         h["score"] = list(row.score)
+    if row.history:
+        h["hist"] = list(row.history)
     if trace:
         h["trace"] = trace  # W3C carrier: the stage span becomes a child of the request span
     return h
@@ -142,12 +144,13 @@ def row_header(row: StepRow, packer: _Packer, trace: dict[str, str] | None = Non
 def row_from_header(h: dict, payload: memoryview) -> StepRow:
     s = dict(h["sampling"])
     s["stop_token_ids"] = tuple(s.get("stop_token_ids", ()))
+    s["logit_bias"] = tuple((int(t), float(b)) for t, b in s.get("logit_bias", ()))
     return StepRow(str(h["seq"]), unpack_tensor(payload, h["x"]), int(h["pos"]), SamplingParams(**s),
                    ExitPolicy(**h["policy"]), int(h["step"]), bool(h.get("flush", False)),
                    None if h.get("layer") is None else int(h["layer"]), bool(h.get("verify", False)),
                    draft=int(h.get("draft", 0)), drafts=tuple(int(t) for t in h.get("drafts", ())),
                    draft_probs=unpack_tensor(payload, h["dq"]) if h.get("dq") is not None else None,
-                   score=tuple(int(t) for t in h.get("score", ())))
+                   score=tuple(int(t) for t in h.get("score", ())), history=tuple(int(t) for t in h.get("hist", ())))
 
 
 def error_body(e: Exception) -> dict:

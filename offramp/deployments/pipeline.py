@@ -424,7 +424,8 @@ class PipelineBackend:
             score = (tuple(seq.tokens[1: seq.prompt_len])
                      if seq.generated == 0 and req.sampling.prompt_logprobs is not None else ())
             row = StepRow(seq.session, torch.tensor(seq.tokens[seq.fed:], dtype=torch.long), len(seq.tokens) - 1,
-                          req.sampling, seq.policy, step=seq.generated, draft=budget if drafting else 0, score=score)
+                          req.sampling, seq.policy, step=seq.generated, draft=budget if drafting else 0, score=score,
+                          history=tuple(seq.tokens) if req.sampling.adjusts_logits else ())
             todo.append((seq, row, 0))
         last = self.num_stages - 1
         for _ in range(self.router.num_layers or 1_000_000):

@@ -123,7 +123,7 @@ class StagedModel:
             rows.append(StepRow(s.seq_id, torch.tensor(new, dtype=torch.long), len(s.tokens) - 1,
                                 s.sampling, s.policy, step=len(s.generated),
                                 draft=draft_budget(s.policy, s.sampling, len(s.generated), len(s.tokens), self.max_seq),
-                                score=score))
+                                score=score, history=tuple(s.tokens) if s.sampling.adjusts_logits else ()))
             s.fed = len(s.tokens)
         by_id = {s.seq_id: s for s in seqs}
         out: dict[str, list[tuple[int, int, TokenLogprob | None]] | Exception] = {}

@@ -148,3 +148,33 @@ def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[To
         return [TokenLogprob(c) for c in chosen]
     vals, ids = torch.topk(lp, min(top, lp.shape[-1]), dim=-1)
     return [TokenLogprob(c, tuple(zip(i, v))) for c, i, v in zip(chosen, ids.tolist(), vals.tolist())]
+
+
+def adjust_logits(logits: torch.Tensor, p: SamplingParams, history, step: int, drafts=()) -> torch.Tensor:
+    """The logits token choice uses for a row whose sampling adjusts them
+    (:attr:`SamplingParams.adjusts_logits`): ``logits`` (n, V) at n consecutive positions,
+    the first producing token ``step``; ``history`` the prompt and the ``step`` tokens
+    generated before it; position j also sees ``drafts[:j]`` (a speculative chunk). Order
+    as vLLM: logit_bias, min_tokens, then repetition (prompt + output), frequency and
+    presence (output) penalties. Returns float32 logits; the input is not changed."""
+    if not p.adjusts_logits:
+        return logits
+    out = logits.float().clone()
+    V = out.shape[-1]
+    prompt_len = len(history) - step
+    for j in range(out.shape[0]):
+        row = out[j]
+        for t, b in p.logit_bias:
+            row[t] += b
+        if step + j < p.min_tokens and p.stop_token_ids:
+            row[list(p.stop_token_ids)] = float("-inf")
+        seen = list(history) + list(drafts[:j])
+        if p.repetition_penalty != 1.0 and seen:
+            ids = torch.tensor(sorted(set(seen)), device=row.device)
+            v = row[ids]
+            row[ids] = torch.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty)
+        output = seen[prompt_len:]
+        if output and (p.frequency_penalty or p.presence_penalty):
+            counts = torch.bincount(torch.tensor(output), minlength=V).to(row.device, row.dtype)
+            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+    return out

@@ -26,7 +26,8 @@ from offramp.errors import BadRequest, StageUnavailable
 from offramp.ops import exits as ex
 from offramp.ops.kv_cache import KVCache
 from offramp.ops.layers import StepMeta
-from offramp.ops.sampling import DRAFT, choose_tokens, draw, processed_probs, token_logprobs, verify_batch
+from offramp.ops.sampling import (DRAFT, adjust_logits, choose_tokens, draw, processed_probs, token_logprobs,
+                                  verify_batch)
 from offramp.ops.stage import Stage
 from offramp.protocol import DEFAULT_MAX_DRAFT, MAX_DRAFT_LIMIT, MIN_TEMPERATURE, SamplingParams, TokenLogprob
 
@@ -103,6 +104,10 @@ class StepRow:
     # scores at the chunk's positions before the last. A row that carries them is the whole
     # prompt, taken to full depth (no gate exit, no drafting).
     score: tuple[int, ...] = ()
+    # Rows whose sampling adjusts logits (penalties, logit_bias, min_tokens): the prompt and
+    # the tokens generated before this row's first position (the choice needs them; the
+    # stages after the first never see token ids).
+    history: tuple[int, ...] = ()
 
     def onward(self, hidden: torch.Tensor, drafts=None, draft_probs: torch.Tensor | None = None) -> "StepRow":
         """The row that carries this row's continuing ``hidden`` chunk to the next stage. A
@@ -113,7 +118,7 @@ class StepRow:
         else:
             drafts, position = tuple(drafts), self.position + len(drafts)
         return StepRow(self.seq_id, hidden, position, self.sampling, self.policy, self.step,
-                       drafts=drafts, draft_probs=draft_probs, score=self.score)
+                       drafts=drafts, draft_probs=draft_probs, score=self.score, history=self.history)
 
 
 @dataclass
@@ -284,7 +289,9 @@ class StageWorker:
                     drafted[b][1].append(res.draft_probs)
             order = list(drafting)
             nxt = [StepRow(row.seq_id, torch.tensor([res.token]), row.position + 1, row.sampling, row.policy,
-                           row.step + 1, draft=row.draft - 1) for row, res in drafting.values()]
+                           row.step + 1, draft=row.draft - 1,
+                           history=row.history + (res.token,) if row.sampling.adjusts_logits else ())
+                   for row, res in drafting.values()]
             again = self._step_entries(nxt)
             drafting = {}
             for b, row, res in zip(order, nxt, again):
@@ -399,7 +406,8 @@ class StageWorker:
         if not keep:
             return set()
         chosen = [cand[i] for i in keep]
-        toks = choose_tokens(logits[keep], [rows[b].sampling for b in chosen], [rows[b].step for b in chosen])
+        toks = choose_tokens(self._adjusted(logits[keep], [rows[b] for b in chosen]),
+                             [rows[b].sampling for b in chosen], [rows[b].step for b in chosen])
         for i, b, t in zip(keep, chosen, toks):
             if isinstance(t, Exception):  # the row leaves the batch with its error
                 results[b].error, results[b].exited = t, True
@@ -425,8 +433,9 @@ class StageWorker:
         flat = (torch.cat([h[b, lengths[b] - k - 1: lengths[b]] for b, k in zip(live, ks)]) if any(ks)
                 else h_last[live])  # (sum(k + 1), d)
         logits = self.stage.final_logits(flat)
-        outs = verify_batch(logits, [rows[b].drafts for b in live], [rows[b].draft_probs for b in live],
-                            [rows[b].sampling for b in live], [rows[b].step for b in live])
+        outs = verify_batch(self._adjusted(logits, [rows[b] for b in live], ks), [rows[b].drafts for b in live],
+                            [rows[b].draft_probs for b in live], [rows[b].sampling for b in live],
+                            [rows[b].step for b in live])
         i = 0
         for b, k, out in zip(live, ks, outs):
             row, first, i = rows[b], i, i + k + 1
@@ -439,6 +448,21 @@ class StageWorker:
             if row.policy.speculative:
                 results[b].tokens = out
                 self.truncate(row.seq_id, row.position - k + len(out))
+
+    @staticmethod
+    def _adjusted(logits: torch.Tensor, rows: list[StepRow], ks: list[int] | None = None) -> torch.Tensor:
+        """``logits`` as token choice sees them: row i of ``rows`` owns ``ks[i] + 1``
+        consecutive rows (its drafts to verify and the one after; one without ``ks``),
+        adjusted by its penalties / logit_bias / min_tokens (the raw logits stay for logprobs)."""
+        ks = ks if ks is not None else [0] * len(rows)
+        if not any(r.sampling.adjusts_logits for r in rows):
+            return logits
+        out, i = logits.float().clone(), 0
+        for r, k in zip(rows, ks):
+            if r.sampling.adjusts_logits:
+                out[i: i + k + 1] = adjust_logits(logits[i: i + k + 1], r.sampling, r.history, r.step, r.drafts)
+            i += k + 1
+        return out
 
     def _score_prompts(self, rows, live, h, lengths, results) -> None:
         """Prompt logprobs of ``score`` rows: one LM-head call over their positions before
@@ -467,6 +491,7 @@ class StageWorker:
             return set()
         logits = self.stage.exit_logits(h_last[cand])  # (c, V)
         conf = ex.confidence(logits, self.metric).tolist()
+        logits = self._adjusted(logits, [rows[b] for b in cand])  # the draft is chosen as the verifier chooses
         top, argmax = logits.max(dim=-1)
         finite, argmax = torch.isfinite(top).tolist(), argmax.tolist()
         out = set()
