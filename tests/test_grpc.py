@@ -272,3 +272,30 @@ def test_traceparent_metadata_starts_request_span_and_reaches_backend(model, mon
         srv.close()
         receiver.stop()
         tracing.shutdown_tracing()
+
+
+def test_logprobs_and_logit_adjustments_over_grpc(stub, model):
+    """The HTTP API's logprobs, penalties, logit_bias, min_tokens and stop_token_ids
+    fields over gRPC: unary and streamed equal the in-process engine's."""
+    from offramp.ops.worker import ExitPolicy
+    from offramp.protocol import SamplingParams
+
+    _, _, staged = model
+    prompt = [5, 6, 7, 8, 5, 6]
+    eos = staged.spec.eos_token_ids[0]
+    kw = dict(prompt_token_ids=prompt, max_tokens=10, logprobs=2, presence_penalty=0.3, frequency_penalty=0.4,
+              repetition_penalty=1.4, logit_bias={17: 2.5, eos: 50.0}, min_tokens=4)
+    sp = SamplingParams(max_tokens=10, logprobs=2, presence_penalty=0.3, frequency_penalty=0.4, repetition_penalty=1.4,
+                        logit_bias=((17, 2.5), (eos, 50.0)), min_tokens=4, stop_token_ids=tuple(staged.spec.eos_token_ids))
+    (ref,) = staged.generate([prompt], sp, ExitPolicy("off"))
+    assert len(ref.generated) == 5 and ref.generated[-1] == eos, "the bias ends the output right after min_tokens"
+    r = stub.Generate(greedy(**{k: v for k, v in kw.items()}, prompt=""), metadata=AUTH, timeout=30)
+    assert list(r.token_ids) == ref.generated
+    assert [x.token_id for x in r.logprobs] == ref.generated
+    assert [x.logprob for x in r.logprobs] == pytest.approx([x.logprob for x in ref.logprobs], abs=1e-5)
+    assert all(len(x.top) == 2 for x in r.logprobs)
+    streamed = [x for m in stub.GenerateStream(greedy(**kw, prompt=""), metadata=AUTH, timeout=30) for x in m.logprobs]
+    assert [x.token_id for x in streamed] == ref.generated
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Generate(greedy(prompt_token_ids=prompt, prompt="", logprobs=21), metadata=AUTH, timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "logprobs" in e.value.details()

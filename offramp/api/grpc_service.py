@@ -139,7 +139,8 @@ class GrpcIngressMixin:
         return pb.GenerateResponse(id=rid, model=self.frontend.settings.model_name, text=result.text,
                                    token_ids=result.token_ids, exit_stages=result.exit_stages,
                                    finish_reason=result.finish_reason or "stop", usage=usage,
-                                   num_stages=gen.num_stages)
+                                   num_stages=gen.num_stages,
+                                   logprobs=_logprobs(zip(result.token_ids, result.logprobs)) if gen.logprobs else ())
 
     async def GenerateStream(self, request: pb.GenerateRequest,
                              grpc_context: Any = None) -> AsyncIterator[pb.GenerateStreamResponse]:
@@ -159,7 +160,7 @@ class GrpcIngressMixin:
                         ids = choice.token_ids[sent:sent + len(d.exit_stages)]
                         sent += len(ids)
                         msg = pb.GenerateStreamResponse(id=rid, text=d.text, token_ids=ids,
-                                                        exit_stages=d.exit_stages)
+                                                        exit_stages=d.exit_stages, logprobs=_logprobs(d.logprobs))
                         if d.finish_reason:
                             msg.finish_reason = d.finish_reason
                             msg.usage.CopyFrom(self._usage(gen, choice))
@@ -262,6 +263,12 @@ _EXIT_MODES = {pb.EXIT_MODE_OFF: "off", pb.EXIT_MODE_CALIBRATED: "calibrated",
                pb.EXIT_MODE_SPECULATIVE: "speculative"}
 
 
+def _logprobs(items) -> list[pb.TokenLogprob]:
+    return [pb.TokenLogprob(token_id=t, logprob=lp.logprob,
+                            top=[pb.TopLogprob(token_id=a, logprob=v) for a, v in lp.top])
+            for t, lp in items if lp is not None]
+
+
 def _completion_body(request: pb.GenerateRequest, served: str) -> dict[str, Any]:
     """The proto request as a /v1/completions body, so one validator serves both APIs."""
     from offramp.errors import BadRequest
@@ -288,6 +295,15 @@ def _completion_body(request: pb.GenerateRequest, served: str) -> dict[str, Any]
         extras["exit"] = _EXIT_MODES[request.exit_mode]
     if request.HasField("max_draft"):
         extras["max_draft"] = request.max_draft
+    for name in ("logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+        if request.HasField(name):
+            body[name] = getattr(request, name)
+    if request.logit_bias:
+        body["logit_bias"] = {str(k): v for k, v in request.logit_bias.items()}
+    if request.min_tokens:
+        body["min_tokens"] = request.min_tokens
+    if request.stop_token_ids:
+        body["stop_token_ids"] = list(request.stop_token_ids)
     if request.task:
         extras["task"] = request.task
     if extras:
