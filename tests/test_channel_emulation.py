@@ -34,9 +34,9 @@ async def _generate(srv: StageServer, seq: str, prompt: list[int], n: int) -> tu
             t0 = time.perf_counter()
             (res,) = await client.step([StepRow(seq, inputs, pos, step=step)], timeout=30)
             times.append(time.perf_counter() - t0)
-            assert 0.0 <= res["hop_s"] < times[-1]  # the hop is what the server did not spend
-            tokens.append(res["token"])
-            inputs, pos = torch.tensor([res["token"]]), pos + 1
+            assert 0.0 <= res.hop_s < times[-1]  # the hop is what the server did not spend
+            tokens.append(res.token)
+            inputs, pos = torch.tensor([res.token]), pos + 1
         return tokens, times
     finally:
         client.close()

@@ -159,10 +159,10 @@ def test_a_row_the_stage_cannot_admit_fails_alone_in_its_frame(tiny_model_dir):
 
     try:
         a, new, b_gap, b2 = asyncio.run(scenario())
-        assert a.get("error") is None and a["h"] is not None
-        assert isinstance(new["error"], errors.Overloaded)
-        assert isinstance(b_gap["error"], pl.KVMissing)
-        assert isinstance(b2["error"], errors.Overloaded)  # a new sequence again: no slot
+        assert a.error is None and a.hidden is not None
+        assert isinstance(new.error, errors.Overloaded)
+        assert isinstance(b_gap.error, pl.KVMissing)
+        assert isinstance(b2.error, errors.Overloaded)  # a new sequence again: no slot
         assert w.cached_length("a") == 4 and w.cached_length("b") == 3 and "new" not in w.cache.slot_of
     finally:
         srv.close()
@@ -273,7 +273,7 @@ def test_batcher_survives_a_failing_batch_and_health_sees_a_dead_one(tiny_model_
 
     try:
         res = asyncio.run(scenario())
-        assert res["h"] is not None and srv.batch_errors == 1
+        assert res.hidden is not None and srv.batch_errors == 1
         assert srv.health() is None
         srv.loop.call_soon_threadsafe(srv._batcher_task.cancel)
         deadline = time.monotonic() + 5

@@ -153,6 +153,47 @@ def row_from_header(h: dict, payload: memoryview) -> StepRow:
                    score=tuple(int(t) for t in h.get("score", ())), history=tuple(int(t) for t in h.get("hist", ())))
 
 
+def result_header(res: StepResult, packer: _Packer) -> dict:
+    """One row's :class:`StepResult` as it travels back (:func:`result_from_header` reads it)."""
+    if res.error is not None:
+        return {"seq": res.seq_id, "error": error_body(res.error)}
+    h: dict[str, Any] = {"seq": res.seq_id, "token": res.token, "exited": res.exited, "conf": res.confidence}
+    if res.hidden is not None:
+        h["h"] = packer.tensor(res.hidden)
+    if res.backfill is not None:
+        h["bf"] = res.backfill
+    if res.drafts is not None:
+        h["drafts"] = res.drafts
+    if res.draft_probs is not None:
+        h["dq"] = packer.tensor(res.draft_probs)
+    if res.tokens is not None:
+        h["tokens"] = res.tokens
+    if res.logprobs is not None:
+        h["lp"] = [x.wire() for x in res.logprobs]
+    if res.prompt_logprobs is not None:
+        h["plp"] = [x.wire() for x in res.prompt_logprobs]
+    return h
+
+
+def result_from_header(h: dict, payload: memoryview) -> StepResult:
+    if h.get("error") is not None:
+        return StepResult(str(h["seq"]), error=error_from_body(h["error"]))
+
+    def ints(key):
+        return None if h.get(key) is None else [int(t) for t in h[key]]
+
+    def logprobs(key):
+        return None if h.get(key) is None else [TokenLogprob.from_wire(x) for x in h[key]]
+
+    def tensor(key):
+        return None if h.get(key) is None else unpack_tensor(payload, h[key])
+
+    return StepResult(str(h["seq"]), token=None if h.get("token") is None else int(h["token"]),
+                      hidden=tensor("h"), exited=bool(h.get("exited")), confidence=h.get("conf"),
+                      backfill=ints("bf"), drafts=ints("drafts"), draft_probs=tensor("dq"), tokens=ints("tokens"),
+                      logprobs=logprobs("lp"), prompt_logprobs=logprobs("plp"))
+
+
 def error_body(e: Exception) -> dict:
     """An exception as it travels on the channel. Types the ingress knows keep their type
     and message; anything else is this request's ``RowFailed`` with a generic message
@@ -513,28 +554,10 @@ class StageServer:
 
     def _answer(self, header: dict, conn: _Conn, results) -> None:
         packer = _Packer()
-        out = []
         for res in results:
-            if res.error is not None:
-                if type(res.error).__name__ not in ERRORS:
-                    log.warning("stage %d: request row %s failed: %r", self.worker.index, res.seq_id, res.error)
-                out.append({"seq": res.seq_id, "token": None, "exited": False, "conf": None, "h": None,
-                            "error": error_body(res.error)})
-                continue
-            out.append({"seq": res.seq_id, "token": res.token, "exited": res.exited, "conf": res.confidence,
-                        "h": packer.tensor(res.hidden) if res.hidden is not None else None})
-            if res.backfill is not None:
-                out[-1]["bf"] = res.backfill
-            if res.drafts is not None:
-                out[-1]["drafts"] = res.drafts
-                if res.draft_probs is not None:
-                    out[-1]["dq"] = packer.tensor(res.draft_probs)
-            if res.tokens is not None:
-                out[-1]["tokens"] = res.tokens
-            if res.logprobs is not None:
-                out[-1]["lp"] = [x.wire() for x in res.logprobs]
-            if res.prompt_logprobs is not None:
-                out[-1]["plp"] = [x.wire() for x in res.prompt_logprobs]
+            if res.error is not None and type(res.error).__name__ not in ERRORS:
+                log.warning("stage %d: request row %s failed: %r", self.worker.index, res.seq_id, res.error)
+        out = [result_header(res, packer) for res in results]
         # server_s: arrival -> reply on this server, so the caller can tell the hop (wire,
         # framing, event loops) from the stage's own time
         server_s = time.monotonic() - header.get("_queued_at", time.monotonic())
@@ -683,7 +706,7 @@ class StageClient:
             return False
 
     async def step(self, rows: list[StepRow], timeout: float, traces: list[dict[str, str] | None] | None = None,
-                   full: bool = False) -> list[dict[str, Any]]:
+                   full: bool = False) -> list[StepResult]:
         """Results per row; each carries ``hop_s``: this call's round trip minus the server's
         own time (queue + forward pass), i.e. what the hop itself cost. A row that failed on
         its own carries ``error`` (the exception to raise for that request).
@@ -699,17 +722,9 @@ class StageClient:
             header["full"] = True
         reply, payload = await self.call(header, packer, timeout)
         hop = max(0.0, time.perf_counter() - t0 - float(reply.get("server_s") or 0.0))
-        out = reply["results"]
+        out = [result_from_header(h, payload) for h in reply["results"]]
         for r in out:
-            if r.get("error") is not None:
-                r["error"] = error_from_body(r["error"])
-            r["h"] = unpack_tensor(payload, r["h"]) if r.get("h") is not None else None
-            if r.get("dq") is not None:
-                r["dq"] = unpack_tensor(payload, r["dq"])
-            for key in ("lp", "plp"):
-                if r.get(key) is not None:
-                    r[key] = [TokenLogprob.from_wire(x) for x in r[key]]
-            r["hop_s"] = hop
+            r.hop_s = hop
         return out
 
     async def propagate(self, seq: str, hidden: torch.Tensor, position: int, timeout: float,

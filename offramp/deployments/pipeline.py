@@ -36,7 +36,7 @@ from offramp.deployments.channel import StageClient
 from offramp.deployments.config import DEFAULT_KV_LEASE_S
 from offramp.observability import metrics
 from offramp.ops.online_tuning import AgreementTuner
-from offramp.ops.worker import ExitPolicy, KVMissing, StepRow, check_speculative, draft_budget
+from offramp.ops.worker import ExitPolicy, KVMissing, StepResult, StepRow, check_speculative, draft_budget
 from offramp.protocol import DEFAULT_MAX_DRAFT, DraftCounts, GenerationRequest, TokenEvent, TokenLogprob, finish_reason
 
 log = logging.getLogger(__name__)
@@ -460,7 +460,7 @@ class PipelineBackend:
         for seq, _, _ in todo:
             self._fail(seq, errors.StageUnavailable("the last stage returned no token"))
 
-    async def _call(self, ep: Endpoint, items: list[tuple[_Seq, StepRow, int]]) -> list[dict]:
+    async def _call(self, ep: Endpoint, items: list[tuple[_Seq, StepRow, int]]) -> list[StepResult]:
         k = ep.stage
         self.calls[k] += len(items)
         self.passes[k] += len(items)
@@ -475,7 +475,7 @@ class PipelineBackend:
             e.endpoint = ep
             raise
 
-    def _take(self, ep: Endpoint, items, results: list[dict]) -> list[tuple[_Seq, StepRow, int]]:
+    def _take(self, ep: Endpoint, items, results: list[StepResult]) -> list[tuple[_Seq, StepRow, int]]:
         """Sort one frame's results: tokens emitted, errors to their requests, continuing
         rows (the next round's) returned."""
         k, last = ep.stage, self.num_stages - 1
@@ -483,7 +483,7 @@ class PipelineBackend:
         for (seq, row, layer), res in zip(items, results):
             if seq.done:
                 continue
-            err = res.get("error")
+            err = res.error
             if err is not None:  # this request's own failure: no ban, no replay
                 if isinstance(err, RETRYABLE):
                     err.endpoint = ep
@@ -493,27 +493,27 @@ class PipelineBackend:
                 continue
             if layer == 0:
                 seq.fed = len(seq.tokens)
-            self.hop_s_sum[k] += res.get("hop_s", 0.0)
+            self.hop_s_sum[k] += res.hop_s
             self.hop_n[k] += 1
             position = row.position
             if k == last:
-                self._audited(seq, position, res.get("bf"))
-            if res.get("plp") is not None:
-                seq.prompt_logprobs = (None, *res["plp"])
-            lps = res.get("lp") or ()
-            if res.get("tokens") is not None:  # a speculative row verified: accepted drafts + one
-                self._verified(seq, row, [int(t) for t in res["tokens"]], k, lps)
+                self._audited(seq, position, res.backfill)
+            if res.prompt_logprobs is not None:
+                seq.prompt_logprobs = (None, *res.prompt_logprobs)
+            lps = res.logprobs or ()
+            if res.tokens is not None:  # a speculative row verified: accepted drafts + one
+                self._verified(seq, row, res.tokens, k, lps)
                 continue
-            if res["token"] is not None:
-                if res["exited"] and self.kv_fill == "propagate":
-                    self._propagate(seq, ep.end, res["h"], position)
-                if res["exited"]:
+            if res.token is not None:
+                if res.exited and self.kv_fill == "propagate":
+                    self._propagate(seq, ep.end, res.hidden, position)
+                if res.exited:
                     seq.exited[position] = (k, ep.end)
-                self._emit(seq, int(res["token"]), k, logprob=lps[0] if lps else None)
+                self._emit(seq, res.token, k, logprob=lps[0] if lps else None)
                 continue
-            if res.get("drafts") is not None:  # the drafting stage's passes beyond the visit
-                self.passes[k] += len(res["drafts"])
-            onward.append((seq, row.onward(res["h"], res.get("drafts"), res.get("dq")), ep.end))
+            if res.drafts is not None:  # the drafting stage's passes beyond the visit
+                self.passes[k] += len(res.drafts)
+            onward.append((seq, row.onward(res.hidden, res.drafts, res.draft_probs), ep.end))
         return onward
 
     def _verified(self, seq: _Seq, row: StepRow, tokens: list[int], stage: int, logprobs=()) -> None:

@@ -140,6 +140,7 @@ class StepResult:
     # from the head that chose it; ``score`` rows: the prompt's, from the LM head.
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob] | None = None
+    hop_s: float = 0.0  # over a stage channel: the round trip minus the server's own time
 
 
 class StageWorker:
