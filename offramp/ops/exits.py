@@ -34,6 +34,7 @@ from typing import Literal
 
 import torch
 from pydantic import BaseModel, Field, field_validator, model_validator
+from torch import nn
 
 EXITS_JSON = "offramp_exits.json"
 EXITS_TENSORS = "offramp_exits.safetensors"
@@ -150,6 +151,30 @@ def save_exits(model_dir: str | Path, config: ExitsConfig, tensors: dict[str, to
     tmpj = model_dir / (EXITS_JSON + ".tmp")
     tmpj.write_text(json.dumps(config.model_dump(), indent=2) + "\n")
     tmpj.replace(model_dir / EXITS_JSON)
+
+
+class Gate(nn.Module):
+    """The tier-1 gate of one exit layer, the one definition training (``train-gates``,
+    ``offramp train``) and serving (the stage's gate) share: ``fc([normed, task_emb[task]])``
+    over the exit head's normed hidden state; its parameters are the exits file's
+    ``exits.{L}.gate.*`` tensors."""
+
+    def __init__(self, hidden: int, num_tasks: int, task_dim: int):
+        super().__init__()
+        self.fc = nn.Linear(hidden + task_dim, 1)
+        self.task_embedding = nn.Embedding(num_tasks, task_dim)
+        nn.init.normal_(self.task_embedding.weight, std=0.02)
+        nn.init.zeros_(self.fc.weight)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, normed: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        """normed (N, H), task (N,) -> gate logit (N,)."""
+        x = torch.cat([normed, self.task_embedding(task).to(normed.dtype)], dim=-1)  # (N, H+D)
+        return self.fc(x).squeeze(-1)
+
+    def prob(self, normed: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        """The gate's probability that the token may exit (N,), in float32."""
+        return torch.sigmoid(self(normed, task).float())
 
 
 def confidence(logits: torch.Tensor, metric: ConfidenceMetric) -> torch.Tensor:

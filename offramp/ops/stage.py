@@ -43,8 +43,7 @@ class Stage(nn.Module):
             self.lm_head = nn.Linear(d, spec.vocab_size, bias=False)
         self.has_gate = gate and self.has_exit
         if self.has_gate:
-            self.gate_fc = nn.Linear(d + task_dim, 1)
-            self.task_embedding = nn.Embedding(num_tasks, task_dim)
+            self.gate = ex.Gate(d, num_tasks, task_dim)
 
     def layer_bytes(self) -> int:
         tensors = [*self.layers.parameters(), *self.layers.buffers()]  # int8 weights are buffers
@@ -90,9 +89,8 @@ class Stage(nn.Module):
         return self.lm_head(self.exit_norm(h)).float()
 
     def gate_prob(self, h: torch.Tensor, task_idx: torch.Tensor) -> torch.Tensor:
-        """Tier-1 gate: sigmoid(fc([exit_norm(h), task_embedding])) per row -> (B,)."""
-        z = torch.cat([self.exit_norm(h), self.task_embedding(task_idx).to(h.dtype)], dim=-1)
-        return torch.sigmoid(self.gate_fc(z).float()).squeeze(-1)
+        """Tier-1 gate on the exit head's normed state, per row -> (B,) float32."""
+        return self.gate.prob(self.exit_norm(h), task_idx)
 
 
 def _layer_tensors(spec: ModelSpec, reader: WeightReader, i: int, j: int) -> dict[str, torch.Tensor]:
@@ -196,9 +194,8 @@ def load_stage(model_dir: str | Path, spec: ModelSpec, layer_range: tuple[int, i
         else:
             sd.update(_norm_tensors(spec, reader, "exit_norm"))
         if gate:
-            sd["gate_fc.weight"] = exit_tensors["gate.fc.weight"]
-            sd["gate_fc.bias"] = exit_tensors["gate.fc.bias"]
-            sd["task_embedding.weight"] = exit_tensors["gate.task_embedding.weight"]
+            for name in ("gate.fc.weight", "gate.fc.bias", "gate.task_embedding.weight"):
+                sd[name] = exit_tensors[name]
     if last or stage.has_exit:
         tied = spec.tie_word_embeddings or "lm_head.weight" not in reader
         sd["lm_head.weight"] = sd["embed.weight"] if (tied and first) else reader.get(embed_name if tied else "lm_head.weight")

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from offramp.errors import ConfigError
+from offramp.ops.exits import Gate
 
 
 @functools.lru_cache(maxsize=1)
@@ -64,21 +65,6 @@ def backbone(model: nn.Module) -> Backbone:
             "layout); use one of those checkpoints")
     head = model.get_output_embeddings()
     return Backbone(model, layers, norm, head, head.weight.shape[1])
-
-
-class Gate(nn.Module):
-    def __init__(self, hidden: int, num_tasks: int, task_dim: int):
-        super().__init__()
-        self.fc = nn.Linear(hidden + task_dim, 1)
-        self.task_embedding = nn.Embedding(num_tasks, task_dim)
-        nn.init.normal_(self.task_embedding.weight, std=0.02)
-        nn.init.zeros_(self.fc.weight)
-        nn.init.zeros_(self.fc.bias)
-
-    def forward(self, normed: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
-        """normed (N, H), task (N,) -> gate logit (N,)."""
-        x = torch.cat([normed, self.task_embedding(task).to(normed.dtype)], dim=-1)  # (N, H+D)
-        return self.fc(x).squeeze(-1)
 
 
 class ExitHeads(nn.Module):
