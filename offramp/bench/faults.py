@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from offramp.bench.common import json_stdout
+from offramp.deployments.config import INGRESS_NAME, stage_name
 
 APP = "offramp"
 FAULTS = ("stage0", "stage1", "ingress", "registry", "node")
@@ -163,8 +164,8 @@ class Load:
 
 
 def _config(model_dir: str | None, port: int, args) -> dict:
-    deps = [{"name": "OfframpIngress", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}}]
-    deps += [{"name": f"Stage{k}", "num_replicas": 1,
+    deps = [{"name": INGRESS_NAME, "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}}]
+    deps += [{"name": stage_name(k), "num_replicas": 1,
               "ray_actor_options": {"num_cpus": 0.5, "resources": {f"pool_{p}": 1}}}
              for k, p in enumerate(("gpu", "cpu"))]
     app_args = {"num_stages": 2, "stages": [{"pool": "gpu", "dtype": "fp32"}, {"pool": "cpu", "dtype": "fp32"}],
@@ -199,7 +200,7 @@ def _kill(fault: str, cluster) -> str:
     if fault == "registry":
         ray.kill(ray.get_actor(f"registry-{APP}", namespace=rayops.NAMESPACE), no_restart=False)
         return f"registry-{APP}"
-    deployment = {"stage0": "Stage0", "stage1": "Stage1", "ingress": "OfframpIngress", "node": "Stage1"}[fault]
+    deployment = {"stage0": stage_name(0), "stage1": stage_name(1), "ingress": INGRESS_NAME, "node": stage_name(1)}[fault]
     actors = _replicas(deployment)
     if not actors:
         raise RuntimeError(f"no live {deployment} replica to kill")

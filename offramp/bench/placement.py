@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 from offramp.bench.common import json_stdout, percentile
+from offramp.deployments.config import INGRESS_NAME, stage_name
 
 APP = "offramp"
 
@@ -83,8 +84,8 @@ def _pools(emulate: bool) -> list[str]:
 def _config(model_dir: Path, port: int, args) -> dict:
     pools = _pools(args.emulate)
     emulate = {"cpu": {"step_s": args.cpu_step_ms / 1000, "per_token_s": args.cpu_token_ms / 1000}} if args.emulate else {}
-    deps = [{"name": "OfframpIngress", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}}]
-    deps += [{"name": f"Stage{k}", "num_replicas": 1,
+    deps = [{"name": INGRESS_NAME, "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}}]
+    deps += [{"name": stage_name(k), "num_replicas": 1,
               "ray_actor_options": {"num_cpus": 0.5, "resources": {f"pool_{p}": 1}}} for k, p in enumerate(pools)]
     return {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": port},
             "applications": [{"name": APP, "route_prefix": "/", "import_path": "offramp.deployments.app:build_app",

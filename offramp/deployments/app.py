@@ -21,8 +21,8 @@ from ray.serve import Application
 from offramp.api.grpc_service import GrpcIngressMixin
 from offramp.cluster import rayops
 from offramp.cluster.local import HAPROXY_ENV
-from offramp.deployments.config import (STAGE_DTYPE_ENV, STAGE_LAYERS_ENV, AppArgs, StageArgs, stage_range,
-                                       stage_threads)
+from offramp.deployments.config import (INGRESS_NAME, STAGE_DTYPE_ENV, STAGE_LAYERS_ENV, AppArgs, StageArgs,
+                                       stage_name, stage_range, stage_threads)
 
 log = logging.getLogger("offramp")
 INGRESS_TPOT_WINDOW_S = 30.0  # the TPOT percentiles an ingress replica reports to the registry cover this
@@ -60,7 +60,7 @@ class StageDeployment:
         args = AppArgs.model_validate(args)
         model_dir, spec, ranges, exits = _model_facts(args)
         if index >= len(ranges):
-            raise ValueError(f"Stage{index} exists but the split makes {len(ranges)} stages; "
+            raise ValueError(f"{stage_name(index)} exists but the split makes {len(ranges)} stages; "
                              "remove the extra deployment from the config")
         sa = _stage_args(args, index)
         if os.environ.get(STAGE_DTYPE_ENV):  # set per deployment by a placement precision move
@@ -73,7 +73,7 @@ class StageDeployment:
             layers = stage_range(tuple(ranges[index]), index, len(ranges), spec.num_layers,
                                  os.environ.get(STAGE_LAYERS_ENV))
         except ValueError as e:
-            raise ValueError(f"Stage{index}: {e}") from None
+            raise ValueError(f"{stage_name(index)}: {e}") from None
         # The pool this replica really runs in: a placement move changes the deployment's
         # pool resource, not the app args.
         pool = rayops.assigned_pool(sa.pool)
@@ -183,7 +183,7 @@ def _memory_headroom(device: str) -> int | None:
         return None
 
 
-@serve.deployment(name="OfframpIngress", max_ongoing_requests=256, max_queued_requests=512,
+@serve.deployment(name=INGRESS_NAME, max_ongoing_requests=256, max_queued_requests=512,
                   ray_actor_options={"num_cpus": 0.25})
 @serve.ingress()
 class OfframpIngress(GrpcIngressMixin):
@@ -274,6 +274,6 @@ def build_app_with_env(args: AppArgs, env_vars: dict[str, str] | None = None) ->
             kw["ray_actor_options"] = actor
         return deployment.options(**kw)
 
-    stages = [opts(StageDeployment, name=f"Stage{i}").bind(i, raw) for i in range(len(ranges))]
+    stages = [opts(StageDeployment, name=stage_name(i)).bind(i, raw) for i in range(len(ranges))]
     return opts(OfframpIngress).bind(raw, *stages)
 

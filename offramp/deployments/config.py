@@ -28,6 +28,14 @@ STAGE_LAYERS_ENV = "OFFRAMP_STAGE_LAYERS"
 DEFAULT_KV_LEASE_S = 30.0  # see AppArgs.kv_lease_s
 
 
+INGRESS_NAME = "OfframpIngress"
+
+
+def stage_name(k: int) -> str:
+    """The Serve deployment name of stage ``k`` (the one place it is spelled)."""
+    return f"Stage{k}"
+
+
 def parse_layers(value: str) -> tuple[int, int]:
     """``"3:6"`` -> ``(3, 6)`` (layers 3, 4, 5). Raises ValueError naming the fix."""
     try:

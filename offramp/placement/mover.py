@@ -62,7 +62,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Literal, Protocol
 
 from offramp.cluster import pool_of
-from offramp.deployments.config import PRECISIONS, STAGE_DTYPE_ENV, STAGE_LAYERS_ENV, parse_layers
+from offramp.deployments.config import PRECISIONS, STAGE_DTYPE_ENV, STAGE_LAYERS_ENV, parse_layers, stage_name
 from offramp.errors import OfframpError
 from offramp.placement.planner import StageDeployment
 from offramp.placement.policy import Move
@@ -193,7 +193,7 @@ def live_ranges(app_config: dict, ranges: list[tuple[int, int]]) -> list[tuple[i
     """Layers per stage as deployed: the app's split, overridden per deployment by split moves."""
     out = []
     for k, rng in enumerate(ranges):
-        v = _entry_env(deployment_entry(app_config, f"Stage{k}")).get(STAGE_LAYERS_ENV)
+        v = _entry_env(deployment_entry(app_config, stage_name(k))).get(STAGE_LAYERS_ENV)
         out.append(parse_layers(v) if v else tuple(rng))
     return out
 
@@ -262,7 +262,7 @@ def stage_placement(app_config: dict, ranges: list[tuple[int, int]]) -> list[Sta
     (``ranges``: the app's split; split moves' per-deployment overrides win)."""
     out = []
     for k, (start, end) in enumerate(live_ranges(app_config, ranges)):
-        e = deployment_entry(app_config, f"Stage{k}")
+        e = deployment_entry(app_config, stage_name(k))
         out.append(StageDeployment(start=start, end=end, pool=entry_pool(e, stage_arg(app_config, k, "pool", "any")),
                                    precision=entry_precision(e, stage_arg(app_config, k, "dtype", "fp32")),
                                    replicas=max(entry_replicas(e), 1)))
@@ -311,12 +311,12 @@ def split_steps(app_config: dict, ranges: list[tuple[int, int]], target: list[in
         return []  # already there
     lo, hi, b = i, i + 1, target[i]  # the boundary between Stage i and Stage i+1 moves to b
     for k in (lo, hi):
-        _managed(app_config, f"Stage{k}")
+        _managed(app_config, stage_name(k))
     new = {lo: (ranges[lo][0], b), hi: (b, ranges[hi][1])}
     grow = lo if b > ranges[lo][1] else hi
     steps = []
     for k in (grow, hi if grow == lo else lo):
-        steps += _guarded(app_config, f"Stage{k}", k, [("layers", f"{new[k][0]}:{new[k][1]}")])
+        steps += _guarded(app_config, stage_name(k), k, [("layers", f"{new[k][0]}:{new[k][1]}")])
     return steps
 
 
@@ -337,7 +337,7 @@ def plan_steps(app_config: dict, ranges: list[tuple[int, int]], move: Move) -> l
         raise MoveDeferred(f"layers {d.start}-{d.end - 1} are no stage's any more (a split move changed them); "
                            "re-plan")
     k = ranges.index((d.start, d.end))
-    name = f"Stage{k}"
+    name = stage_name(k)
     e = _managed(app_config, name)
     cur_n, cur_pool = entry_replicas(e), entry_pool(e, "")
     cur_prec = entry_precision(e, stage_arg(app_config, k, "dtype", "fp32"))
