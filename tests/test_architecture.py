@@ -104,3 +104,58 @@ def test_only_the_command_line_reaches_the_benches():
     assert importers == {}, f"modules outside offramp/bench/ import it: {importers}"
     cli = ast.parse((ROOT / "cli.py").read_text())
     assert "offramp.bench" in {n.value for n in ast.walk(cli) if isinstance(n, ast.Constant)}
+
+
+# Calls into Ray and Serve outside the wrapper (cluster/rayops.py), each with its reason.
+# A new call elsewhere fails the test below: put it in rayops, or add it here with a reason.
+RAY_CALL_ALLOWED = {
+    # declarations, not calls into a running cluster: the deployment classes themselves
+    ("offramp/deployments/app.py", "serve.deployment"): "declares the stage deployment",
+    ("offramp/deployments/app.py", "serve.ingress"): "declares the ingress deployment",
+    ("offramp/bench/serve.py", "serve.deployment"): "declares the plain-Serve contender",
+    ("offramp/bench/serve.py", "serve.batch"): "declares the plain-Serve contender's batching",
+    # the one local-cluster boot (CLI, benches, test fixtures)
+    ("offramp/cluster/local.py", "ray.init"): "joins the local cluster it started",
+    ("offramp/cluster/local.py", "ray.shutdown"): "leaves it",
+    ("offramp/cluster/local.py", "ray.nodes"): "lists the nodes it started",
+    ("offramp/cluster/local.py", "serve.status"): "waits for a deployed app",
+    # metrics are recorded in and out of Ray; importing rayops there would pull Serve in
+    ("offramp/observability/metrics.py", "ray.is_initialized"): "records only inside a Ray worker",
+    # debt (issue 17): these benches still boot their own clusters instead of cluster.local
+    ("offramp/bench/serve.py", "ray.init"): "own cluster boot (to move onto cluster.local)",
+    ("offramp/bench/serve.py", "ray.shutdown"): "own cluster boot (to move onto cluster.local)",
+    ("offramp/bench/serve.py", "ray.is_initialized"): "own cluster boot (to move onto cluster.local)",
+    ("offramp/bench/serve.py", "serve.start"): "own cluster boot (to move onto cluster.local)",
+    ("offramp/bench/serve.py", "serve.run"): "deploys its contenders (to move into rayops)",
+    ("offramp/bench/serve.py", "serve.delete"): "removes the traced contender (to move into rayops)",
+    ("offramp/bench/serve.py", "serve.shutdown"): "own cluster boot (to move onto cluster.local)",
+    ("offramp/bench/placement.py", "ray.init"): "own cluster boot (to move onto cluster.local)",
+    ("offramp/bench/placement.py", "ray.shutdown"): "own cluster boot (to move onto cluster.local)",
+    ("offramp/bench/placement.py", "serve.start"): "own cluster boot (to move onto cluster.local)",
+    ("offramp/bench/placement.py", "serve.shutdown"): "own cluster boot (to move onto cluster.local)",
+}
+
+
+def _ray_calls(path: Path) -> set[str]:
+    """``ray.x`` / ``serve.x`` attribute calls and decorators in one module."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        func = node.func if isinstance(node, ast.Call) else None
+        if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and func.value.id in ("ray", "serve"):
+            out.add(f"{func.value.id}.{func.attr}")
+    return out
+
+
+def test_ray_and_serve_calls_live_in_the_wrapper():
+    found = {}
+    for path in sorted(ROOT.rglob("*.py")):
+        rel = str(path.relative_to(ROOT.parent))
+        if rel == "offramp/cluster/rayops.py":
+            continue
+        for call in _ray_calls(path):
+            found[(rel, call)] = True
+    stray = sorted(k for k in found if k not in RAY_CALL_ALLOWED)
+    assert not stray, f"ray./serve. calls outside offramp/cluster/rayops.py: {stray}; move them into rayops " \
+                      "or add them to RAY_CALL_ALLOWED with the reason"
+    stale = sorted(k for k in RAY_CALL_ALLOWED if k not in found)
+    assert not stale, f"allow-list entries no longer needed: {stale}"

@@ -193,12 +193,10 @@ def _replicas(deployment: str) -> list:
 
 def _kill(fault: str, cluster) -> str:
     """Make the fault happen; returns what was killed."""
-    import ray
-
     from offramp.cluster import rayops
 
     if fault == "registry":
-        ray.kill(ray.get_actor(f"registry-{APP}", namespace=rayops.NAMESPACE), no_restart=False)
+        rayops.kill_actor(rayops.get_actor(f"registry-{APP}"), restart=True)
         return f"registry-{APP}"
     deployment = {"stage0": stage_name(0), "stage1": stage_name(1), "ingress": INGRESS_NAME, "node": stage_name(1)}[fault]
     actors = _replicas(deployment)
@@ -209,7 +207,7 @@ def _kill(fault: str, cluster) -> str:
         node = next(n for n in cluster.worker_nodes if n.unique_id == actor.node_id)
         cluster.remove_node(node, allow_graceful=False)
         return f"node {actor.node_id[:8]} (with {deployment})"
-    ray.kill(ray.get_actor(actor.name, namespace="serve"), no_restart=True)
+    rayops.kill_actor(rayops.get_actor(actor.name, namespace="serve"))
     return f"{deployment} replica {actor.name.rsplit('#', 1)[-1]}"
 
 

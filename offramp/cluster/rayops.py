@@ -362,10 +362,10 @@ def start_detached(cls, name: str, *args, num_cpus: float = 0, max_concurrency: 
     return remote.options(name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True).remote(*args)
 
 
-def get_actor(name: str):
-    """The named actor in Offramp's namespace, or None."""
+def get_actor(name: str, namespace: str = NAMESPACE):
+    """The named actor in Offramp's namespace (or ``namespace``: "serve" for replicas), or None."""
     try:
-        return ray.get_actor(name, namespace=NAMESPACE)
+        return ray.get_actor(name, namespace=namespace)
     except ValueError:
         return None
 
