@@ -42,6 +42,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from offramp.cluster.records import StageStats
 from offramp.placement.cost_model import (
     CostModel, ModelSpec, PlacementError, PoolFit, PoolSpec, ProfileSample, fit_profile, reach_from_exit_rates,
 )
@@ -148,11 +149,11 @@ class SignalCollector:
     def __init__(self, ranges: list[tuple[int, int]]):
         self.ranges = ranges
         # (time, stats by replica, (counter name, ingress counts), ingress (hop_s_sum, hop_n)) of the last sample
-        self._prev: tuple[float, dict[str, dict], tuple[str, list[int]] | None, tuple | None] | None = None
+        self._prev: tuple[float, dict[str, tuple[int, StageStats]], tuple[str, list[int]] | None, tuple | None] | None = None
 
     def sample(self, now: float, endpoints: list[dict], ingress: dict | None) -> Observation | None:
         """None on the first sample (rates need two)."""
-        stats = {e["replica"]: {**(e.get("stats") or {}), "stage": e["stage"]} for e in endpoints}
+        stats = {e["replica"]: (int(e["stage"]), StageStats.from_dict(e.get("stats"))) for e in endpoints}
         key = "stage_passes" if ingress and "stage_passes" in ingress else "stage_calls"
         calls = list(ingress[key]) if ingress and key in ingress else None
         hops = (list(ingress["hop_s_sum"]), list(ingress["hop_n"])) if ingress and "hop_n" in ingress else None
@@ -170,24 +171,24 @@ class SignalCollector:
             busy, batches, rows, busy_s, queue, kv, seqs, n = {}, 0, 0, 0.0, 0, 0.0, 0, 0
             split = {"decode_batches": 0, "decode_s": 0.0, "prefill_batches": 0, "prefill_s": 0.0,
                      "prefill_positions": 0}  # deltas of the prefill/decode counters
-            for rep, st in sorted(stats.items()):
-                if st["stage"] != k:
+            for rep, (stage, st) in sorted(stats.items()):
+                if stage != k:
                     continue
                 n += 1
-                queue += int(st.get("queue", 0) or 0)
-                kv = max(kv, float(st.get("kv_occupancy", 0.0) or 0.0))
-                seqs += int(st.get("sequences", 0) or 0)
-                old = s0.get(rep)
-                if old is None or "busy_s" not in st or "busy_s" not in old or st["busy_s"] < old["busy_s"]:
+                queue += st.queue
+                kv = max(kv, 0.0 if math.isnan(st.kv_occupancy) else st.kv_occupancy)
+                seqs += st.sequences
+                old = s0[rep][1] if rep in s0 else None
+                if old is None or st.busy_s is None or old.busy_s is None or st.busy_s < old.busy_s:
                     busy[rep] = 0.0  # new replica (or restarted counters): no rate yet
                     continue
-                db = st["busy_s"] - old["busy_s"]
+                db = st.busy_s - old.busy_s
                 busy[rep] = min(1.0, db / dt)
                 busy_s += db
-                batches += st.get("batches", 0) - old.get("batches", 0)
-                rows += st.get("rows", 0) - old.get("rows", 0)
+                batches += st.batches - old.batches
+                rows += st.rows - old.rows
                 for key in split:
-                    split[key] += st.get(key, 0) - old.get(key, 0)
+                    split[key] += getattr(st, key) - getattr(old, key)
             arrival = (calls[k] - c0[k]) / dt if use_ingress else rows / dt
             step = busy_s / batches if batches > 0 else math.nan
             batch = rows / batches if batches > 0 else math.nan
@@ -202,9 +203,9 @@ class SignalCollector:
             signals[rng] = [StageSignals(
                 stage=k, replica=rep, window_s=dt, prefill_step_s=prefill_step, decode_step_s=decode_step,
                 batch_size=batch, tokens_per_s=rows / dt, arrival_tokens_per_s=arrival / max(n, 1),
-                prefill_tokens_per_s=split["prefill_positions"] / dt, busy_fraction=b, queue_len=float(stats[rep].get("queue", 0) or 0),
-                oldest_wait_s=_num(stats[rep].get("max_wait_s")), kv_occupancy=float(stats[rep].get("kv_occupancy", math.nan)),
-                memory_headroom_bytes=_num(stats[rep].get("memory_headroom_bytes")), hop_s=hop, steps=batches)
+                prefill_tokens_per_s=split["prefill_positions"] / dt, busy_fraction=b, queue_len=float(stats[rep][1].queue),
+                oldest_wait_s=_num(stats[rep][1].max_wait_s), kv_occupancy=stats[rep][1].kv_occupancy,
+                memory_headroom_bytes=_num(stats[rep][1].memory_headroom_bytes), hop_s=hop, steps=batches)
                 for rep, b in busy.items()]
         tpot = ingress.get("tpot_ms_p99") if ingress else None
         return Observation(now, dt, stages, "ingress" if use_ingress else "stages", tpot, signals)
