@@ -69,3 +69,22 @@ def serve_cluster(ray_cluster, tiny_model_dir):
     finally:
         serve.shutdown()
 
+
+
+@pytest.fixture(scope="session", params=["llama", "qwen2", "gpt2"])
+def family_checkpoint(request, tmp_path_factory):
+    """A tiny random checkpoint of each supported family (with exit heads), seed 7."""
+    from offramp.ops.presets import make_checkpoint
+
+    path = tmp_path_factory.mktemp(f"family-{request.param}")
+    make_checkpoint(path, "tiny", family=request.param, seed=7)
+    return path
+
+
+@pytest.fixture(scope="session")
+def family_hf(family_checkpoint):
+    """transformers' model of ``family_checkpoint``, the golden reference."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(family_checkpoint, dtype=torch.float32).eval()

@@ -19,7 +19,6 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from offramp.ops.engine import InProcessBackend, StagedModel
-from offramp.ops.presets import make_checkpoint
 from offramp.ops.sampling import token_logprobs
 from offramp.ops.worker import ExitPolicy
 from offramp.protocol import GenerationRequest, SamplingParams
@@ -28,16 +27,14 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [20, 30, 40, 50, 60]]
 TOP = 4
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "gpt2"])
-def checkpoint(request, tmp_path_factory):
-    path = tmp_path_factory.mktemp(f"lp-{request.param}")
-    make_checkpoint(path, "tiny", family=request.param, seed=7)
-    return path
+@pytest.fixture
+def checkpoint(family_checkpoint):
+    return family_checkpoint
 
 
-@pytest.fixture(scope="module")
-def hf(checkpoint):
-    return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+@pytest.fixture
+def hf(family_hf):
+    return family_hf
 
 
 def reference(hf, ids: list[int], layer: int | None = None, head=None) -> torch.Tensor:

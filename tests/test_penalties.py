@@ -14,7 +14,6 @@ import torch
 from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 
 from offramp.ops.engine import StagedModel
-from offramp.ops.presets import make_checkpoint
 from offramp.ops.sampling import adjust_logits
 from offramp.ops.worker import ExitPolicy
 from offramp.protocol import SamplingParams
@@ -23,16 +22,14 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 12, 13], [20, 30, 40, 50, 60]]
 N = 16
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "gpt2"])
-def checkpoint(request, tmp_path_factory):
-    path = tmp_path_factory.mktemp(f"pen-{request.param}")
-    make_checkpoint(path, "tiny", family=request.param, seed=3)
-    return path
+@pytest.fixture
+def checkpoint(family_checkpoint):
+    return family_checkpoint
 
 
-@pytest.fixture(scope="module")
-def hf(checkpoint):
-    return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+@pytest.fixture
+def hf(family_hf):
+    return family_hf
 
 
 class OutputPenalties(LogitsProcessor):
