@@ -599,9 +599,11 @@ class PipelineBackend:
         return policy if off == policy.offset else dataclasses.replace(policy, offset=off)
 
     def _audit(self, seq: _Seq, row: StepRow) -> bool:
-        """Ask the last stage for the full-depth tokens of this row's backfilled positions?"""
+        """Ask the last stage for the full-depth tokens of this row's backfilled positions?
+        Greedy requests without logit adjustments only: the audit compares raw argmaxes."""
+        sp = seq.request.sampling
         return (self.audit_rate > 0 and bool(seq.exited) and row.inputs.shape[0] > 1
-                and seq.request.sampling.temperature == 0 and random.random() < self.audit_rate)
+                and sp.temperature == 0 and not sp.adjusts_logits and random.random() < self.audit_rate)
 
     def _audited(self, seq: _Seq, position: int, full: list[int] | None) -> None:
         """A row reached the last stage: every exited position before it is now backfilled
