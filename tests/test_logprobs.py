@@ -243,3 +243,30 @@ def test_bad_logprob_values_name_the_field(http, body, param):
     r = httpx.post(server.url + path, json={"model": MODEL, **body})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+def test_best_of_returns_the_choices_with_the_highest_mean_logprob(http):
+    server, client, tok, hf = http
+    kw = dict(model=MODEL, prompt=[[5, 6, 7, 8]], max_tokens=6, temperature=1.0, seed=11,
+              extra_body={"ignore_eos": True, "offramp": {"exit": "off"}})
+    every = client.completions.create(n=4, logprobs=0, **kw)  # the same candidates: seeds 11..14
+    means = sorted(((sum(c.logprobs.token_logprobs) / len(c.logprobs.token_logprobs), c.text)
+                    for c in every.choices), reverse=True)
+    assert len({t for _, t in means}) > 1, "the candidates must differ for the test to mean anything"
+    best = client.completions.create(n=2, best_of=4, **kw)
+    assert [c.text for c in best.choices] == [t for _, t in means[:2]]
+    assert [c.index for c in best.choices] == [0, 1] and best.choices[0].logprobs is None
+    assert best.usage.completion_tokens == every.usage.completion_tokens  # all candidates count
+
+
+@pytest.mark.parametrize("body", [
+    {"prompt": "hi", "n": 3, "best_of": 2},
+    {"prompt": "hi", "best_of": 2, "stream": True},
+    {"prompt": "hi", "best_of": 99},
+])
+def test_bad_best_of_names_the_field(http, body):
+    import httpx
+
+    r = httpx.post(http[0].url + "/v1/completions", json={"model": MODEL, **body})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "best_of"

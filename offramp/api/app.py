@@ -399,7 +399,8 @@ def create_app(frontend: Frontend) -> FastAPI:
              "offramp.exit": str(req.offramp.exit), "offramp.max_draft": req.offramp.max_draft,
              "offramp.task": req.offramp.task}))
         gen = Generation(
-            frontend.backend, tokenizer, request_id=request_id, prompt_ids=prompt_ids, n=req.n,
+            frontend.backend, tokenizer, request_id=request_id, prompt_ids=prompt_ids,
+            n=getattr(req, "choices_generated", req.n),
             sampling=sampling, stops=req.stop_list + extra_stops, exit_mode=req.offramp.exit,
             max_draft=req.offramp.max_draft, task=req.offramp.task, timeout_s=settings.request_timeout_s,
             trace_context=tracing.inject(span, trace_context(request)) if span.is_recording() else trace_context(request),
@@ -523,6 +524,10 @@ def create_app(frontend: Frontend) -> FastAPI:
                       "offramp": chunk_offramp(gen, d)}
             return {**envelope(), "choices": [choice], **chunk_usage(gen, req)}
 
+        def mean_logprob(r) -> float:
+            lps = [lp.logprob for lp in r.logprobs if lp is not None]
+            return sum(lps) / len(lps) if lps else float("-inf")
+
         def final_logprobs(r) -> dict[str, Any] | None:
             if fmt is None:
                 return None
@@ -530,6 +535,10 @@ def create_app(frontend: Frontend) -> FastAPI:
             return fmt.completion(items)[0]
 
         def final(results: list) -> dict[str, Any]:
+            if len(results) > req.n:  # best_of: the n with the highest mean logprob per token, in that order
+                results = sorted(results, key=mean_logprob, reverse=True)[: req.n]
+                for i, r in enumerate(results):
+                    r.index = i
             choices = [{"index": r.index, "text": echo_text + r.text, "logprobs": final_logprobs(r),
                         "finish_reason": r.finish_reason,
                         "offramp": {**offramp_block(gen, r.exit_stages, [r]), "token_ids": r.token_ids}}

@@ -2,7 +2,7 @@
 
 Validation is strict: unknown fields, wrong JSON types (``"0.5"`` for a number, ``true``
 for an integer) and non-finite numbers are rejected with a 400 that names the field.
-OpenAI fields Offramp does not implement (tools, best_of, ...) are accepted
+OpenAI fields Offramp does not implement (tools, suffix, ...) are accepted
 only at their "off" value, so a client never silently gets something it did not ask for;
 the same holds for the vLLM extensions common clients send (``min_p``,
 ``repetition_penalty``, ...). Fields without effect on the output (``metadata``,
@@ -228,7 +228,9 @@ class CompletionRequest(SamplingFields):
         "this many most likely alternatives (from the head that chose the token: offramp.logprob_stages).")
     echo: bool = Field(False, description="Return the prompt in front of the completion; with logprobs, the "
                        "prompt's tokens get theirs too (a full-depth prefill; the first token has none).")
-    best_of: StrictInt | None = Field(None, description="Not supported beyond 1.")
+    best_of: StrictInt | None = Field(None, ge=1, le=INT32_MAX, description="Generate this many choices (>= n, "
+                                      "counted against the server's n cap) and return the n with the highest mean "
+                                      "log-probability per token; not with stream.")
     suffix: StrictStr | None = Field(None, description="Not supported: must be null.")
 
     @model_validator(mode="after")
@@ -239,15 +241,25 @@ class CompletionRequest(SamplingFields):
                 raise BadRequestValue("prompt", "prompt is empty")
             if isinstance(p[0], (str, list)) and len(p) != 1:
                 raise BadRequestValue("prompt", f"batched prompts are not supported: got {len(p)} prompts, send one per request")
-        if self.best_of not in (None, 1):
-            raise BadRequestValue("best_of", "best_of > 1 is not supported; use n for several choices")
+        if self.best_of is not None:
+            if self.best_of < self.n:
+                raise BadRequestValue("best_of", f"best_of={self.best_of} is below n={self.n}; best_of must be >= n")
+            if self.stream and self.best_of > 1:
+                raise BadRequestValue("best_of", "best_of > 1 cannot be streamed (the best choices are known only at "
+                                      "the end); set stream false or omit best_of")
         if self.suffix is not None:
             raise BadRequestValue("suffix", "suffix (insertion) is not supported by Offramp")
         return self
 
     @property
     def logprob_count(self) -> int | None:
+        if self.logprobs is None and (self.best_of or 1) > self.n:
+            return 0  # ranking the candidates needs each token's logprob
         return self.logprobs
+
+    @property
+    def choices_generated(self) -> int:
+        return max(self.n, self.best_of or 1)
 
     @property
     def prompt_logprob_count(self) -> int | None:
@@ -331,6 +343,9 @@ def check_limits(req: SamplingFields, prompt_len: int, *, max_context: int, max_
         )
     if req.n > max_n:
         raise BadRequest(f"n={req.n} is above this server's cap of {max_n}", param="n")
+    best_of = getattr(req, "best_of", None) or 1
+    if best_of > max_n:
+        raise BadRequest(f"best_of={best_of} is above this server's cap of {max_n} choices", param="best_of")
     stops = req.stop_list
     if len(stops) > max_stop:
         raise BadRequest(f"stop has {len(stops)} strings; at most {max_stop} are allowed", param="stop")
