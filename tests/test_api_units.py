@@ -205,3 +205,15 @@ def test_exit_args_speculative():
                                               "set exit.kv_fill to 'exact'"):
         ExitArgs(mode="speculative", kv_fill="propagate")
     ExitArgs(mode="calibrated", kv_fill="propagate")  # fine without speculative
+
+
+def test_exit_mode_off_written_bare_in_yaml_means_off():
+    """YAML 1.1 reads ``mode: off`` as false; the Serve config still means exits off."""
+    import yaml
+
+    from offramp.deployments.config import AppArgs, ExitArgs
+
+    assert ExitArgs.model_validate(yaml.safe_load("mode: off")).mode == "off"
+    assert AppArgs.model_validate(yaml.safe_load("exit:\n  mode: off")).exit.mode == "off"
+    with pytest.raises(ValueError, match="quote it"):
+        ExitArgs.model_validate(yaml.safe_load("mode: on"))

@@ -137,6 +137,18 @@ class ExitArgs(BaseModel):
         "'exact' and an exit head where Stage0 ends)."
     )
     threshold: float | None = Field(None, ge=0, le=1, description="Confidence threshold when mode='threshold'.")
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _yaml_off(cls, v):
+        """``mode: off`` in a YAML file parses as the boolean false (YAML 1.1): it means "off"."""
+        if v is False:
+            return "off"
+        if isinstance(v, bool):
+            raise ValueError("exit.mode is a boolean; write one of calibrated, off, threshold, speculative "
+                             "(quote it in YAML: mode: \"off\")")
+        return v
+
     kv_fill: Literal["exact", "propagate"] = Field(
         "exact", description="KV of skipped layers: exact deferred backfill, or approximate state propagation."
     )
