@@ -203,10 +203,13 @@ def _kill(fault: str, cluster) -> str:
     if not actors:
         raise RuntimeError(f"no live {deployment} replica to kill")
     actor = actors[0]
-    if fault == "node":
-        node = next(n for n in cluster.worker_nodes if n.unique_id == actor.node_id)
-        cluster.remove_node(node, allow_graceful=False)
-        return f"node {actor.node_id[:8]} (with {deployment})"
+    if fault == "node":  # a worker node hosting the deployment (the head cannot be removed)
+        nodes = {n.unique_id: n for n in cluster.worker_nodes}
+        hosted = [a for a in actors if a.node_id in nodes]
+        if not hosted:
+            raise RuntimeError(f"no {deployment} replica runs on a removable (worker) node")
+        cluster.remove_node(nodes[hosted[0].node_id], allow_graceful=False)
+        return f"node {hosted[0].node_id[:8]} (with {deployment})"
     rayops.kill_actor(rayops.get_actor(actor.name, namespace="serve"))
     return f"{deployment} replica {actor.name.rsplit('#', 1)[-1]}"
 
@@ -260,7 +263,12 @@ def _run(args, faults: list[str], emit) -> int:
             bar.update(1)
             for fault in faults:
                 t_fault = time.monotonic()
-                what = _kill(fault, cluster)
+                try:
+                    what = _kill(fault, cluster)
+                except Exception as e:  # noqa: BLE001 - report it, keep the other faults' figures
+                    report["faults"].append({"fault": fault, "error": f"{type(e).__name__}: {e}"})
+                    bar.update(1)
+                    continue
                 time.sleep(args.recover_s)
                 load.stop()
                 t_quiet = time.monotonic()
@@ -287,6 +295,8 @@ def _run(args, faults: list[str], emit) -> int:
 
 
 def _line(e: dict) -> str:
+    if "error" in e:
+        return f"{e['fault']:9} not run: {e['error']}"
     return (f"{e['fault']:9} killed {e['killed']}: ok {e['ok']} wrong {e['wrong']} failed {e['failed']} "
             f"hung {e['hung']}, recovered in {e['recovery_s']} s, KV slots held after idle "
             f"{sum(v for v in e['kv_slots_held_after_idle'].values() if v > 0)}")
