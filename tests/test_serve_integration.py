@@ -6,6 +6,9 @@ come last.
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 import threading
 import time
 
@@ -703,3 +706,63 @@ def test_no_stage_holds_kv_once_idle_after_the_faults(serve_cluster):
             return
         assert time.monotonic() < deadline, f"KV still held when idle: {held}"
         time.sleep(1.0)
+
+
+# ------------------------------------------------------------------ lm-eval as a client
+# lm-eval (EleutherAI's harness, a client Offramp did not write): model type
+# ``local-completions`` over the real HTTP path, the shipped task files
+# (``offramp/evals/lm_eval_tasks``: a loglikelihood and a generate-until task, data made from
+# the held-out arithmetic), scored equal to lm-eval's own transformers backend (``hf``) on
+# the same checkpoint. The session app has no exit heads (its default policy is full depth)
+# and prompt logprobs are a full-depth prefill whatever the policy. lm-eval runs in a child
+# process, as a user runs it.
+
+LM_EVAL_TASKS = ["offramp_arith_mc", "offramp_arith_gen"]
+LM_EVAL_LIMIT = 24
+
+_EVALUATE = r"""
+import json, sys
+import lm_eval
+from lm_eval.tasks import TaskManager
+from offramp.evals import LM_EVAL_TASKS
+model, model_args, extra = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+r = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=json.loads(sys.argv[4]), limit=int(sys.argv[5]),
+                            log_samples=True, task_manager=TaskManager(include_path=str(LM_EVAL_TASKS)), **extra)
+out = {"results": r["results"],
+       "samples": {t: [{"doc": s["doc"], "resps": s["resps"], "filtered_resps": s["filtered_resps"]} for s in ss]
+                   for t, ss in r["samples"].items()}}
+print("LMEVAL-JSON " + json.dumps(out, default=str))
+"""
+
+
+def _lm_evaluate(model: str, model_args: str, **extra) -> dict:
+    p = subprocess.run([sys.executable, "-c", _EVALUATE, model, model_args, json.dumps(extra), json.dumps(LM_EVAL_TASKS),
+                        str(LM_EVAL_LIMIT)], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    line = next(x for x in p.stdout.splitlines() if x.startswith("LMEVAL-JSON "))
+    return json.loads(line[len("LMEVAL-JSON "):])
+
+
+@pytest.mark.timeout(900)
+def test_lm_eval_scores_served_equal_transformers(serve_cluster):
+    from offramp.api.text import load_tokenizer
+
+    model_dir = serve_cluster.model_dir
+    tok = load_tokenizer(model_dir)
+    bos = tok("a").input_ids[0] == tok.bos_token_id  # the client adds BOS iff the model's tokenizer does
+    served = _lm_evaluate("local-completions",
+                       f"model={MODEL_NAME},base_url={serve_cluster.base_url}/completions,"
+                       f"tokenizer={model_dir},tokenized_requests=True,add_bos_token={bos},num_concurrent=2,"
+                       "max_retries=1")
+    ref = _lm_evaluate("hf", f"pretrained={model_dir},dtype=float32", device="cpu", batch_size=1)
+
+    assert served["results"]["offramp_arith_mc"]["acc,none"] == ref["results"]["offramp_arith_mc"]["acc,none"]
+    assert served["results"]["offramp_arith_gen"]["exact_match,none"] == \
+        ref["results"]["offramp_arith_gen"]["exact_match,none"]
+    # Per document, not just the mean: every choice's loglikelihood, every generation.
+    for a, b in zip(served["samples"]["offramp_arith_mc"], ref["samples"]["offramp_arith_mc"], strict=True):
+        assert a["doc"] == b["doc"]
+        got, want = [float(r[0][0]) for r in a["resps"]], [float(r[0][0]) for r in b["resps"]]
+        assert got == pytest.approx(want, abs=1e-3), a["doc"]
+    for a, b in zip(served["samples"]["offramp_arith_gen"], ref["samples"]["offramp_arith_gen"], strict=True):
+        assert a["filtered_resps"] == b["filtered_resps"], a["doc"]
