@@ -9,7 +9,7 @@ has not stepped yet) reads as its default.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 _FLOATS = {"busy_s", "decode_s", "prefill_s", "kv_occupancy", "wait_s", "max_wait_s", "memory_headroom_bytes"}
 
@@ -44,6 +44,3 @@ class StageStats:
             if v is not None:
                 kw[f.name] = float(v) if f.name in _FLOATS else int(v)
         return cls(**kw)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
