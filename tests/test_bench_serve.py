@@ -117,6 +117,18 @@ def test_ratios_values_targets_and_met():
     assert r["calibrated_vs_off_tpot_c1"] == {"value": 1.2, "target": ">= 1", "met": True}  # 12/10: faster
 
 
+def test_ratios_of_compiled_contenders():
+    s = _summary(served_compiled={"c1": {"tpot_ms_p50": 8.0}, "c16": {"tokens_per_s": 450.0}},
+                 in_process_compiled={"c1": {"tpot_ms_p50": 5.0}, "c16": {"tokens_per_s": 900.0}})
+    r = bs.ratios(s, 16)
+    assert r["served_compiled_vs_eager_tpot_c1"]["value"] == 1.5  # eager 12 ms / compiled 8 ms
+    assert r["in_process_compiled_vs_eager_tpot_c1"]["value"] == 2.0  # 10 / 5
+    assert r["served_compiled_vs_eager_tokens_per_s_c16"]["value"] == 1.5  # 450 / 300
+    assert r["served_compiled_tpot_c1_vs_in_process_compiled"] == {"value": 1.6, "target": "<= 1.5", "met": False}
+    assert r["served_compiled_tokens_per_s_c16_vs_in_process_compiled"]["value"] == 0.5
+    assert not any("compiled" in k for k in bs.ratios(_summary(), 16))  # without --compile: no such ratio
+
+
 def test_ratios_leave_out_skipped_contenders_and_fail_missing_values():
     s = _summary()
     del s["plain_serve"], s["transformers"]
@@ -204,7 +216,7 @@ def test_bench_serve_smoke_json():
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     report = json.loads(p.stdout)
-    assert set(report["contenders"]) == set(bs.CONTENDERS)
+    assert set(report["contenders"]) == set(bs.CONTENDERS) - set(bs.COMPILED)  # those come with --compile
     assert report["proxy"] == "haproxy"
     for name, d in report["contenders"].items():
         for c in ("c1", "c2"):

@@ -48,7 +48,7 @@ from typing import Any, Callable
 from offramp.bench.common import json_stdout, percentile
 from offramp.protocol import DraftCounts
 TASKS = ("qa", "math", "coding")
-STREAMED = ("served", "served_calibrated", "served_speculative", "served_1stage")
+STREAMED = ("served", "served_calibrated", "served_speculative", "served_1stage", "served_compiled")
 CONTENDERS = {
     "served": "Offramp served, N stages, exits off, HTTP streaming through Serve's proxy (--proxy)",
     "served_calibrated": "the same app, calibrated exits (task hint sent)",
@@ -57,7 +57,10 @@ CONTENDERS = {
     "in_process": "StagedModel in the driver, N stages, batched generate (no Ray, no HTTP)",
     "transformers": "transformers generate in the driver, batched (left padding), greedy",
     "plain_serve": "one Serve deployment of the whole HF model, @serve.batch, HTTP, not streamed",
+    "served_compiled": "--compile: a third Offramp app, N stages, exits off, StageArgs.compile (torch.compile)",
+    "in_process_compiled": "--compile: StagedModel(compile=True) in the driver, N stages, batched",
 }
+COMPILED = ("served_compiled", "in_process_compiled")
 PLAIN_BATCH_WAIT_S = 0.005
 
 HELP = """\
@@ -76,6 +79,9 @@ Contenders, each warm (one discarded warm-up wave first), same prompts, same max
   plain_serve        a plain Ray Serve deployment of the whole HF model with
                      @serve.batch, JSON over HTTP, not streamed: TTFT = full latency
                      (--no-plain skips)
+  served_compiled    --compile: the served app again with torch.compile'd decoder
+  in_process_compiled  blocks (StageArgs.compile), and the in-process engine likewise;
+                     the others stay eager, so one run measures what compiling buys
 Prompts: held-out text (offramp prepare-data's split), every task, --prompt-tokens long.
 Repeats are interleaved (repeat -> concurrency -> contender); p50/p99 over all requests,
 median tokens/s over repeats. Ratios are printed with their targets."""
@@ -105,6 +111,12 @@ def register(bsub) -> None:
                         "bench's emulation, AppArgs.emulate_pools): each forward pass there takes at least STEP_MS "
                         "+ TOKEN_MS x positions, e.g. 20,2; the in-process and 1-stage contenders stay unemulated, "
                         "so read the served-vs-served ratios (speculative / calibrated vs off)")
+    s.add_argument("--compile", action="store_true",
+                   help="also measure torch.compile'd decoder blocks side by side: served_compiled (the N-stage app "
+                        "with StageArgs.compile) and in_process_compiled (StagedModel(compile=True)); each compiles "
+                        "before its first wave. transformers and plain Serve stay eager: torch.compile of "
+                        "transformers' forward under generate's dynamic KV cache measured slower here (batch 1: "
+                        "13.7 vs 6.3 ms per token, recompiling as the cache grows)")
     s.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     s.set_defaults(func=run_serve)
 
@@ -225,6 +237,19 @@ def ratios(summary: dict, c: int) -> dict:
         ("served", "served_calibrated"))
     put("speculative_vs_off_tpot_c1", _div(s_tpot1, get("served_speculative", 1, "tpot_ms_p50")), ">= 1.5",
         ("served", "served_speculative"))
+    # --compile: what torch.compile buys (eager over compiled TPOT, compiled over eager tokens/s: > 1 pays)
+    for who in ("served", "in_process"):
+        comp = f"{who}_compiled"
+        put(f"{comp}_vs_eager_tpot_c1", _div(get(who, 1, "tpot_ms_p50"), get(comp, 1, "tpot_ms_p50")), None,
+            (who, comp))
+        put(f"{comp}_vs_eager_tokens_per_s_c{c}", _div(get(comp, c, "tokens_per_s"), get(who, c, "tokens_per_s")),
+            None, (who, comp))
+    put("served_compiled_tpot_c1_vs_in_process_compiled",
+        _div(get("served_compiled", 1, "tpot_ms_p50"), get("in_process_compiled", 1, "tpot_ms_p50")), "<= 1.5",
+        ("served_compiled", "in_process_compiled"))
+    put(f"served_compiled_tokens_per_s_c{c}_vs_in_process_compiled",
+        _div(get("served_compiled", c, "tokens_per_s"), get("in_process_compiled", c, "tokens_per_s")), ">= 0.6",
+        ("served_compiled", "in_process_compiled"))
     put(f"speculative_vs_off_tokens_per_s_c{c}",
         _div(get("served_speculative", c, "tokens_per_s"), get("served", c, "tokens_per_s")), ">= 1.2",
         ("served", "served_speculative"))
@@ -516,7 +541,7 @@ def _run_serve(args, emit) -> int:
         if args.stages < 2:
             raise ValueError("--slow-deep-stages needs --stages 2 or more (stage 0 stays fast)")
     names = [n for n in CONTENDERS if not (n == "plain_serve" and args.no_plain)
-             and not (n == "transformers" and args.no_transformers)]
+             and not (n == "transformers" and args.no_transformers) and not (n in COMPILED and not args.compile)]
     model_dir = resolve_model_dir(args.model)
     tok = load_tokenizer(model_dir)
     heldout = build_corpus(DataSpec(), None)[1]
@@ -539,8 +564,8 @@ def _run_serve(args, emit) -> int:
         ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
 
-        def offramp_args(stages: int, slow_deep: tuple[float, float] | None = None) -> AppArgs:
-            sa = StageArgs(max_batch_size=max(16, C), max_sequences=max(64, C))
+        def offramp_args(stages: int, slow_deep: tuple[float, float] | None = None, compiled: bool = False) -> AppArgs:
+            sa = StageArgs(max_batch_size=max(16, C), max_sequences=max(64, C), compile=compiled)
             if slow_deep is None:
                 return AppArgs(model=str(model_dir), num_stages=stages, model_name=model_name, api_key_env="",
                                stages=[sa] * stages)
@@ -552,12 +577,17 @@ def _run_serve(args, emit) -> int:
         serve.run(build_app(offramp_args(args.stages, slow_deep)), name="offramp", route_prefix="/")
         bar.update()
         serve.run(build_app(offramp_args(1)), name="offramp-1stage", route_prefix="/one")
+        if "served_compiled" in names:
+            serve.run(build_app(offramp_args(args.stages, slow_deep, compiled=True)), name="offramp-compiled",
+                      route_prefix="/compiled")
         bar.update()
         if "plain_serve" in names:
             serve.run(plain_serve_deployment(C, plain_cpus).bind(str(model_dir)), name="plain",
                       route_prefix="/plain")
         bar.update()
         staged = StagedModel(model_dir, num_stages=args.stages, max_slots=C)
+        staged_compiled = StagedModel(model_dir, num_stages=args.stages, max_slots=C, compile=True) \
+            if "in_process_compiled" in names else None
         hf = None
         if "transformers" in names:
             from transformers import AutoModelForCausalLM
@@ -577,6 +607,10 @@ def _run_serve(args, emit) -> int:
                 return asyncio.run(_served_wave(base + "/one", ps, "off", c, args.max_tokens, model_name))
             if name == "in_process":
                 return _in_process_wave(staged, ps, c, args.max_tokens)
+            if name == "served_compiled":
+                return asyncio.run(_served_wave(base + "/compiled", ps, "off", c, args.max_tokens, model_name))
+            if name == "in_process_compiled":
+                return _in_process_wave(staged_compiled, ps, c, args.max_tokens)
             if name == "transformers":
                 return _transformers_wave(hf, ps, c, args.max_tokens)
             if name == "plain_serve":

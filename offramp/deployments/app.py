@@ -85,7 +85,7 @@ class StageDeployment:
                            exits=exits, dtype=sa.dtype, device=device)
         max_seq = min(args.max_context or spec.max_position, spec.max_position)
         self.worker = StageWorker(stage, index, len(ranges), exits, max_slots=sa.max_sequences, max_seq=max_seq,
-                                  kv_fill=args.exit.kv_fill, device=device)
+                                  kv_fill=args.exit.kv_fill, device=device, compile=sa.compile)
         # Warm-up + a quick profile of the bare layers before the replica takes traffic (its
         # first requests do not pay lazy initialisation; the controller seeds its cost model).
         emulate = args.emulate_pools.get(pool)

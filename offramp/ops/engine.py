@@ -72,7 +72,7 @@ class Sequence:
 class StagedModel:
     def __init__(self, model_dir: str | Path | None = None, num_stages: int | None = None,
                  split: list[int] | None = None, dtypes: list[str] | str = "fp32", max_slots: int = 64,
-                 max_seq: int | None = None, kv_fill: str = "exact", device: str = "cpu"):
+                 max_seq: int | None = None, kv_fill: str = "exact", device: str = "cpu", compile: bool = False):
         if kv_fill not in ("exact", "propagate"):
             raise ConfigError(f"kv_fill={kv_fill!r}; use 'exact' (default) or 'propagate' (approximate)")
         self.model_dir = resolve_model_dir(model_dir)
@@ -88,7 +88,8 @@ class StagedModel:
         self.workers = [
             StageWorker(load_stage(self.model_dir, self.spec, r, first=i == 0, last=i == n - 1, exits=self.exits,
                                    dtype=dtypes[i], device=device, reader=reader),
-                        i, n, self.exits, max_slots=max_slots, max_seq=max_seq, kv_fill=kv_fill, device=device)
+                        i, n, self.exits, max_slots=max_slots, max_seq=max_seq, kv_fill=kv_fill, device=device,
+                        compile=compile)
             for i, r in enumerate(self.ranges)
         ]
         self.max_seq = self.workers[0].max_seq

@@ -8,6 +8,8 @@ q/k/v at load time.
 """
 from __future__ import annotations
 
+import threading
+
 from pathlib import Path
 
 import torch
@@ -66,9 +68,30 @@ class Stage(nn.Module):
 
     def run_layers(self, h: torch.Tensor, meta: StepMeta, cache, skip: int = 0) -> torch.Tensor:
         """The decoder blocks alone (no embedding, no head): hidden (B, T, d) -> (B, T, d)."""
+        if self.compiled is not None:
+            if not getattr(_THREAD, "limits", False):  # dynamo's settings are per thread
+                _compile_settings()
+                _THREAD.limits = True
+            return self.compiled(h, meta, cache, skip)
+        return self._run_layers(h, meta, cache, skip)
+
+    def _run_layers(self, h: torch.Tensor, meta: StepMeta, cache, skip: int = 0) -> torch.Tensor:
         for i in range(skip, len(self.layers)):
             h = self.layers[i](h, meta, cache.k[i], cache.v[i])
         return h
+
+    compiled = None  # the decoder blocks under torch.compile, see compile_layers
+
+    def compile_layers(self) -> None:
+        """Run the decoder blocks under ``torch.compile`` (inductor; on CPU it builds C++
+        kernels with the system compiler). Only the blocks: the embedding, the heads, the
+        exit gate and the sampler stay eager, so the exit decision is never inside compiled
+        code. Shapes are dynamic; dynamo still makes one graph per structural variant (a
+        batch of 1 or more, one position or several, with or without an attention mask,
+        contiguous KV slots or a gather), which :meth:`StageWorker.warm_up` compiles
+        before the stage takes traffic. Pays where a pass is dispatch-bound (small models,
+        small batches): see docs/benchmarks.md."""
+        self.compiled = torch.compile(self._run_layers, dynamic=True)
 
     def propagate(self, h: torch.Tensor, meta: StepMeta, cache, skip: int = 0) -> None:
         """Approximate KV for skipped layers: every layer's K/V from the same exited state."""
@@ -216,3 +239,20 @@ def load_stage(model_dir: str | Path, spec: ModelSpec, layer_range: tuple[int, i
         stage.rope = Rope(spec).to(device)
     return stage.eval()
 
+
+_THREAD = threading.local()
+
+
+def _compile_settings() -> None:
+    """In the calling thread (dynamo's settings are thread-local): room for every graph
+    variant (see :meth:`Stage.compile_layers`) times the entry layers a split move uses,
+    and no duck shaping (two sizes that happen to be equal while a graph compiles, e.g. a
+    prefill's length and the KV slot count, must not become one symbol: the next batch
+    would recompile)."""
+    import torch._dynamo
+    import torch.fx.experimental._config as shapes
+
+    cfg = torch._dynamo.config
+    cfg.recompile_limit = max(cfg.recompile_limit, 64)
+    cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 512)
+    shapes.use_duck_shape = False

@@ -145,7 +145,8 @@ class StepResult:
 
 class StageWorker:
     def __init__(self, stage: Stage, index: int, num_stages: int, exits: ex.ExitsConfig | None,
-                 max_slots: int = 64, max_seq: int | None = None, kv_fill: str = "exact", device: str = "cpu"):
+                 max_slots: int = 64, max_seq: int | None = None, kv_fill: str = "exact", device: str = "cpu",
+                 compile: bool = False):
         spec = stage.spec
         self.stage, self.index, self.num_stages = stage, index, num_stages
         self.exits, self.kv_fill, self.device = exits, kv_fill, device
@@ -163,6 +164,9 @@ class StageWorker:
         # finish (an ingress died, a release was lost) so the replica reclaims their slots.
         self.touched: dict[str, float] = {}
         self.min_layers = exits.min_layers if exits else 1
+        if compile:
+            stage.compile_layers()
+            self.warm_up()
 
     # -- bookkeeping -------------------------------------------------------------------
     def release(self, seq_id: str) -> None:
@@ -525,6 +529,39 @@ class StageWorker:
             meta.cos, meta.sin = self.stage.rope.tables(meta.positions, self.stage.lm_dtype)
         self.stage.propagate(hidden[None].to(self.device), meta, self.cache, skip)
         self.cache.length[seq_id] += n
+
+    @torch.inference_mode()
+    @torch.inference_mode()
+    def warm_up(self) -> float:
+        """Run the decoder blocks once per structural variant a served batch can take (one
+        row or several; one position or a chunk; uniform or staggered positions, i.e. no
+        attention mask or one; contiguous KV slots or a gather), so a compiled stage builds
+        every graph before it takes traffic, not on a user's request. On reserved slots,
+        freed after; returns the seconds it took."""
+        t0 = time.perf_counter()
+        n = min(3, self.cache.free_slots())
+        if n < 1 or self.max_seq < 16:
+            return 0.0
+        spec, dev = self.stage.spec, self.device
+        ids = [f"{PROFILE_PREFIX}warm{i}" for i in range(n)]
+        slots = [self.cache.alloc(s) for s in ids]
+        cases = [([0], [0], [8]), ([0], [8], [1])]  # prefill, then decode, of one row
+        if n >= 2:
+            cases += [([0, 1], [0, 0], [8, 8]), ([0, 1], [9, 9], [1, 1]), ([0, 1], [4, 9], [1, 1]),
+                      ([0, 1], [4, 9], [3, 1])]  # contiguous slots: chunks, uniform and staggered decode
+        if n >= 3:
+            cases += [([0, 2], [9, 9], [1, 1]), ([0, 2], [4, 9], [1, 1]), ([0, 2], [4, 9], [3, 2])]  # a gather
+        try:
+            for rows, starts, lengths in cases:
+                meta = StepMeta.build([slots[r] for r in rows], starts, lengths, dev, spec.sliding_window)
+                if spec.is_llama:
+                    meta.cos, meta.sin = self.stage.rope.tables(meta.positions, self.stage.lm_dtype)
+                h = torch.zeros(len(rows), max(lengths), spec.hidden_size, device=dev, dtype=self.stage.lm_dtype)
+                self.stage.run_layers(h, meta, self.cache)
+        finally:
+            for s in ids:
+                self.cache.free(s)
+        return time.perf_counter() - t0
 
     @torch.inference_mode()
     def profile(self, batches: tuple[int, ...] = (1, 4, 16), context: int = 64, repeats: int = 3) -> list[dict]:
