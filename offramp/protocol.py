@@ -138,6 +138,10 @@ class Backend(Protocol):
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]: ...
 
+    async def readiness(self) -> str | None:
+        """None when a request can be served now, else what is missing (``GET /health``)."""
+        ...
+
 
 def finish_reason(sampling: SamplingParams, token: int, generated: int, total: int,
                   eos_token_ids: tuple[int, ...], max_seq: int) -> FinishReason | None:

@@ -206,7 +206,15 @@ def test_models_and_health(server):
     assert [m.id for m in models.data] == [MODEL]
     assert httpx.get(url + "/healthz").json() == {"status": "ok"}  # no key needed
     assert httpx.get(url + "/-/healthz").status_code == 200
-    assert httpx.get(url + "/health").status_code == 200  # vLLM's route, open like the others
+    assert httpx.get(url + "/health").json() == {"status": "ok"}  # vLLM's route (readiness), open like the others
+    server[1].not_ready = "no live replica holds layer 4"
+    try:
+        r = httpx.get(url + "/health")
+        assert r.status_code == 503 and r.headers["retry-after"] == "5"
+        assert r.json() == {"status": "starting", "detail": "no live replica holds layer 4"}
+        assert httpx.get(url + "/healthz").status_code == 200  # liveness does not depend on the stages
+    finally:
+        server[1].not_ready = None
     assert_openai_error(httpx.get(url + "/v1/models/nope", headers={"Authorization": f"Bearer {KEY}"}),
                         404, code="model_not_found")
 

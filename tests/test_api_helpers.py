@@ -82,6 +82,7 @@ class FakeBackend:
     eos_id: int | None = None
     eos_at: int | None = None
     requests: list[GenerationRequest] = field(default_factory=list)
+    not_ready: str | None = None  # what readiness() reports (None: ready)
     outcomes: dict[str, Outcome] = field(default_factory=dict)
 
     def reset(self, tokens: list[int]) -> None:
@@ -90,6 +91,9 @@ class FakeBackend:
         self.delay_s, self.fail, self.fail_at, self.eos_at = 0.0, None, 0, None
         self.requests.clear()
         self.outcomes.clear()
+
+    async def readiness(self) -> str | None:
+        return self.not_ready
 
     async def generate(self, request: GenerationRequest):
         self.requests.append(request)

@@ -121,18 +121,6 @@ RAY_CALL_ALLOWED = {
     ("offramp/cluster/local.py", "serve.status"): "waits for a deployed app",
     # metrics are recorded in and out of Ray; importing rayops there would pull Serve in
     ("offramp/observability/metrics.py", "ray.is_initialized"): "records only inside a Ray worker",
-    # debt (issue 17): these benches still boot their own clusters instead of cluster.local
-    ("offramp/bench/serve.py", "ray.init"): "own cluster boot (to move onto cluster.local)",
-    ("offramp/bench/serve.py", "ray.shutdown"): "own cluster boot (to move onto cluster.local)",
-    ("offramp/bench/serve.py", "ray.is_initialized"): "own cluster boot (to move onto cluster.local)",
-    ("offramp/bench/serve.py", "serve.start"): "own cluster boot (to move onto cluster.local)",
-    ("offramp/bench/serve.py", "serve.run"): "deploys its contenders (to move into rayops)",
-    ("offramp/bench/serve.py", "serve.delete"): "removes the traced contender (to move into rayops)",
-    ("offramp/bench/serve.py", "serve.shutdown"): "own cluster boot (to move onto cluster.local)",
-    ("offramp/bench/placement.py", "ray.init"): "own cluster boot (to move onto cluster.local)",
-    ("offramp/bench/placement.py", "ray.shutdown"): "own cluster boot (to move onto cluster.local)",
-    ("offramp/bench/placement.py", "serve.start"): "own cluster boot (to move onto cluster.local)",
-    ("offramp/bench/placement.py", "serve.shutdown"): "own cluster boot (to move onto cluster.local)",
 }
 
 

@@ -363,3 +363,34 @@ def test_compiled_stages_match_eager_and_build_no_graph_after_warm_up(tmp_path):
     assert [s.generated for s in gathered] == ref[:2]
     assert [s.generated for s in eager.generate(PROMPTS, sp)] == ref
     assert counters["stats"]["unique_graphs"] == graphs, "serving compiled a graph the warm-up missed"
+
+
+def test_a_failing_compile_serves_eager_with_a_warning(tmp_path, monkeypatch):
+    """No C compiler (or an op inductor cannot build): the stage warns, names the fix and
+    serves eager instead of failing to start."""
+    from offramp.ops.stage import Stage
+
+    def broken(self):
+        def run(*a, **kw):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+        self.compiled = run
+
+    monkeypatch.setattr(Stage, "compile_layers", broken)
+    make_checkpoint(tmp_path, "tiny", family="llama", seed=3)
+    import logging
+
+    warned: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warned.append(record.getMessage())
+    logger = logging.getLogger("offramp.ops.worker")
+    logger.addHandler(handler)
+    try:
+        model = StagedModel(tmp_path, num_stages=2, compile=True)
+    finally:
+        logger.removeHandler(handler)
+    assert all(w.stage.compiled is None for w in model.workers)
+    assert len(warned) == 2 and all("serving eager" in m and "C++ compiler" in m for m in warned)
+    assert all(w.cache.free_slots() == w.cache.max_slots for w in model.workers)  # warm-up slots freed
+    eager = StagedModel(tmp_path, num_stages=2)
+    sp = SamplingParams(max_tokens=5, ignore_eos=True)
+    assert [s.generated for s in model.generate(PROMPTS, sp)] == [s.generated for s in eager.generate(PROMPTS, sp)]

@@ -177,7 +177,7 @@ def test_serve_config_values_flow_through(tmp_path):
                 "model": {"name": "tiny", "maxContext": 512},
                 "exit": {"mode": "threshold", "threshold": 0.9, "kvFill": "propagate", "maxDraft": 3},
                 "split": [3],
-                "stages": [{"pool": "cpu"}, {"pool": "cpu", "numReplicas": 3, "dtype": "bf16"}],
+                "stages": [{"pool": "cpu"}, {"pool": "cpu", "numReplicas": 3, "dtype": "bf16", "compile": True}],
                 "apiKey": {"envName": "MY_KEY"},
                 "gpuWorkers": {"enabled": False},
                 "otel": {"serveTracing": {"enabled": True}},
@@ -197,6 +197,7 @@ def test_serve_config_values_flow_through(tmp_path):
     assert (args.exit.mode, args.exit.threshold, args.exit.kv_fill) == ("threshold", 0.9, "propagate")
     assert args.exit.max_draft == 3
     assert args.stages[1].dtype == "bf16" and args.stages[1].max_batch_size == 16  # stageDefaults merged
+    assert (args.stages[0].compile, args.stages[1].compile) == (False, True)
     stage1 = next(d for d in app["deployments"] if d["name"] == "Stage1")
     assert stage1["num_replicas"] == 3 and "num_gpus" not in stage1["ray_actor_options"]
 

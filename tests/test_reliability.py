@@ -461,3 +461,31 @@ def test_local_config_keeps_every_offramp_listener_on_loopback():
     (app,) = cfg["applications"]
     args = AppArgs.model_validate(app["args"])
     assert args.channel_host != "node" and ipaddress.ip_address(args.channel_host).is_loopback
+
+
+def test_readiness_names_the_layer_no_live_replica_holds():
+    """``GET /health`` answers 503 until live replicas cover a whole walk: while a stage
+    starts (loads, compiles), is replaced, or is banned after failing."""
+    e = lambda stage, replica, a, b: {"stage": stage, "replica": replica, "host": "h", "port": 1,  # noqa: E731
+                                      "layers": [a, b]}
+    views = [{"epoch": "e", "endpoints": [e(0, "a", 0, 2)]},
+             {"epoch": "e", "endpoints": [e(0, "a", 0, 2), e(1, "b", 2, 4)]}]
+
+    async def lookup():
+        return views[0]
+
+    async def scenario():
+        router = pl.Router(2, "tok", lookup, num_layers=4)
+        backend = pl.PipelineBackend(2, router, eos_token_ids=(), max_seq=128, vocab_size=64)
+        out = [await backend.readiness()]
+        views.pop(0)
+        await router.refresh()
+        out.append(await backend.readiness())
+        router.dead["b"] = time.monotonic() + 60  # banned after failing
+        out.append(router.missing())
+        return out
+
+    starting, ready, banned = asyncio.run(scenario())
+    assert starting.startswith("no live replica holds layer 2") and "starting" in starting
+    assert ready is None
+    assert banned == "no live replica holds layer 2"

@@ -106,6 +106,8 @@ def test_http_reaches_the_ingress_through_haproxy(serve_cluster):
     """The session cluster runs Serve's HAProxy mode (as the README's `serve run` does): the
     API port is HAProxy's, not the Python proxy's, so every HTTP test below goes through it."""
     assert f"127.0.0.1:{serve_cluster.port}" in haproxy_binds()
+    # readiness through it: the app is RUNNING, so live replicas cover every stage
+    assert httpx.get(f"{serve_cluster.root_url}/health", timeout=30).json() == {"status": "ok"}
 
 
 def test_completions_chat_and_streaming_with_openai_client(serve_cluster):

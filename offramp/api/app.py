@@ -367,8 +367,18 @@ def create_app(frontend: Frontend) -> FastAPI:
 
     @app.get("/healthz")
     @app.get("/-/healthz")
-    @app.get("/health")  # vLLM's route; load generators (guidellm) check it first
     async def healthz() -> dict[str, str]:
+        """Liveness of this ingress replica (Serve's and HAProxy's checks)."""
+        return {"status": "ok"}
+
+    @app.get("/health")  # vLLM's route; load generators (guidellm) wait on it
+    async def health():
+        """Readiness: 200 once every stage has a live replica, else 503 with what is missing
+        (e.g. while the stages compile on a first start)."""
+        problem = await frontend.backend.readiness()
+        if problem is not None:
+            return JSONResponse({"status": "starting", "detail": problem}, status_code=503,
+                                headers={"Retry-After": "5"})
         return {"status": "ok"}
 
     @app.get("/v1/models")
@@ -400,7 +410,7 @@ def create_app(frontend: Frontend) -> FastAPI:
              "offramp.task": req.offramp.task}))
         gen = Generation(
             frontend.backend, tokenizer, request_id=request_id, prompt_ids=prompt_ids,
-            n=getattr(req, "choices_generated", req.n),
+            n=req.choices_generated,
             sampling=sampling, stops=req.stop_list + extra_stops, exit_mode=req.offramp.exit,
             max_draft=req.offramp.max_draft, task=req.offramp.task, timeout_s=settings.request_timeout_s,
             trace_context=tracing.inject(span, trace_context(request)) if span.is_recording() else trace_context(request),

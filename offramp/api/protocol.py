@@ -208,6 +208,11 @@ class SamplingFields(_Strict):
     def continuous_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
+    @property
+    def choices_generated(self) -> int:
+        """Sequences the backend generates for this request (completions' ``best_of`` more)."""
+        return self.n
+
 
 class BadRequestValue(ValueError):
     """Raised inside validators: carries the parameter name to the OpenAI error's ``param``."""
@@ -259,7 +264,7 @@ class CompletionRequest(SamplingFields):
 
     @property
     def choices_generated(self) -> int:
-        return max(self.n, self.best_of or 1)
+        return max(self.n, self.best_of or 1)  # best_of candidates, the best n returned
 
     @property
     def prompt_logprob_count(self) -> int | None:

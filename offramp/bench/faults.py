@@ -204,7 +204,7 @@ def _kill(fault: str, cluster) -> str:
         raise RuntimeError(f"no live {deployment} replica to kill")
     actor = actors[0]
     if fault == "node":  # a worker node hosting the deployment (the head cannot be removed)
-        nodes = {n.unique_id: n for n in cluster.worker_nodes}
+        nodes = {n.node_id: n for n in cluster.worker_nodes}  # the state API's node_id (unique_id is ip:socket)
         hosted = [a for a in actors if a.node_id in nodes]
         if not hosted:
             raise RuntimeError(f"no {deployment} replica runs on a removable (worker) node")

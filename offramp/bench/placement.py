@@ -28,6 +28,7 @@ low busy threshold): it shows the mechanism (act, zero failures) but not a recov
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -162,12 +163,8 @@ def run(args) -> int:
 
 def _run(args, emit) -> int:
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    import ray
-    from ray import serve
-    from ray.cluster_utils import Cluster
-
     from offramp.cluster import rayops
-    from offramp.cluster.local import free_port, node_options
+    from offramp.cluster.local import deploy_config, free_port, pool_cluster
     from offramp.ops.presets import make_checkpoint
     from offramp.placement.controller import ControllerActor, ControllerConfig, controller_name
 
@@ -180,27 +177,11 @@ def _run(args, emit) -> int:
         args.target_utilisation = 0.4 if args.emulate else args.busy_threshold / 2
     model_dir = make_checkpoint(tempfile.mkdtemp(prefix="offramp-bench-placement-"), "tiny", seed=11)
     port = free_port()
-    cluster = Cluster(initialize_head=True, shutdown_at_exit=True,
-                      head_node_args={"num_cpus": 2, "node_ip_address": "127.0.0.1", "include_dashboard": False})
+    boot = contextlib.ExitStack()
     load = None
     try:
-        cluster.add_node(**node_options("gpu", 4))
-        for _ in range(2):
-            cluster.add_node(**node_options("cpu", 4))
-        ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
-        cluster.wait_for_nodes()
-        serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
-        from ray.serve.schema import ServeDeploySchema
-        from ray.serve._private.api import serve_start
-
-        cfg = _config(model_dir, port, args)
-        client = serve_start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
-        client.deploy_apps(ServeDeploySchema.model_validate(cfg), _blocking=False)
-        deadline = time.monotonic() + 180
-        while rayops.app_status(APP) != "RUNNING":
-            if time.monotonic() > deadline:
-                raise TimeoutError("the app did not start in 180 s")
-            time.sleep(1)
+        boot.enter_context(pool_cluster(gpu_nodes=1, cpu_nodes=2, cpus_per_node=4, head_cpus=2))
+        deploy_config(_config(model_dir, port, args), APP, wait_s=180)
         ccfg = ControllerConfig(app=APP, interval_s=2.0, max_replicas_per_stage=args.max_replicas,
                                 target_utilisation=args.target_utilisation,
                                 pins=[{"stage": 0, "replicas": 1}, {"stage": 3, "replicas": 1}],
@@ -253,11 +234,10 @@ def _run(args, emit) -> int:
         if load is not None:
             load.stop()
         try:
-            serve.shutdown()
+            rayops.shutdown_serve()
         except Exception:  # noqa: BLE001 - tearing down anyway
             pass
-        ray.shutdown()
-        cluster.shutdown()
+        boot.close()  # leaves and removes the cluster
 
     wall_off = time.time() - time.monotonic()  # decision times are wall clock
     moves = [(d["time"] - wall_off, d) for d in st["decisions"] if d["outcome"] == "apply"]

@@ -36,6 +36,7 @@ each with its target.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -511,14 +512,12 @@ def _run_serve(args, emit) -> int:
         os.environ.update(private_haproxy_env())
     else:
         os.environ.update({k: "0" for k in HAPROXY_ENV})
-    import ray
     import torch
-    from ray import serve
-    from ray.cluster_utils import Cluster
     from tqdm import tqdm
 
     from offramp.api.text import load_tokenizer
-    from offramp.cluster.local import free_port, node_options
+    from offramp.cluster import rayops
+    from offramp.cluster.local import free_port, pool_cluster
     from offramp.deployments.app import OfframpIngress, StageDeployment, build_app
     from offramp.deployments.config import AppArgs, StageArgs
     from offramp.ops.engine import StagedModel, resolve_model_dir
@@ -557,12 +556,10 @@ def _run_serve(args, emit) -> int:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     model_name = "offramp-default"
-    cluster = None
+    boot = contextlib.ExitStack()
     try:
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "node_ip_address": "127.0.0.1"})
-        cluster.add_node(**node_options("cpu", 8))
-        ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
-        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+        boot.enter_context(pool_cluster(gpu_nodes=0, cpu_nodes=1, cpus_per_node=8, head_cpus=2))
+        rayops.start_serve(port)
 
         def offramp_args(stages: int, slow_deep: tuple[float, float] | None = None, compiled: bool = False) -> AppArgs:
             sa = StageArgs(max_batch_size=max(16, C), max_sequences=max(64, C), compile=compiled)
@@ -574,16 +571,15 @@ def _run_serve(args, emit) -> int:
                            stages=[sa.model_copy(update={"pool": "gpu"})] + [deep] * (stages - 1),
                            emulate_pools={"cpu": {"step_s": slow_deep[0] / 1000, "per_token_s": slow_deep[1] / 1000}})
 
-        serve.run(build_app(offramp_args(args.stages, slow_deep)), name="offramp", route_prefix="/")
+        rayops.run_app(build_app(offramp_args(args.stages, slow_deep)), "offramp", "/")
         bar.update()
-        serve.run(build_app(offramp_args(1)), name="offramp-1stage", route_prefix="/one")
+        rayops.run_app(build_app(offramp_args(1)), "offramp-1stage", "/one")
         if "served_compiled" in names:
-            serve.run(build_app(offramp_args(args.stages, slow_deep, compiled=True)), name="offramp-compiled",
-                      route_prefix="/compiled")
+            rayops.run_app(build_app(offramp_args(args.stages, slow_deep, compiled=True)), "offramp-compiled",
+                           "/compiled")
         bar.update()
         if "plain_serve" in names:
-            serve.run(plain_serve_deployment(C, plain_cpus).bind(str(model_dir)), name="plain",
-                      route_prefix="/plain")
+            rayops.run_app(plain_serve_deployment(C, plain_cpus).bind(str(model_dir)), "plain", "/plain")
         bar.update()
         staged = StagedModel(model_dir, num_stages=args.stages, max_slots=C)
         staged_compiled = StagedModel(model_dir, num_stages=args.stages, max_slots=C, compile=True) \
@@ -680,12 +676,9 @@ def _run_serve(args, emit) -> int:
     finally:
         bar.close()
         try:
-            if ray.is_initialized():
-                serve.shutdown()
+            rayops.shutdown_serve()
         finally:
-            ray.shutdown()
-            if cluster is not None:
-                cluster.shutdown()
+            boot.close()  # leaves and removes the cluster
     return 0
 
 
@@ -713,15 +706,14 @@ def _otlp_sink():
 def _tracing_overhead(base: str, prompts, args, model_name: str, app_args, progress=lambda: None) -> dict:
     """The same app with every request traced (100% sampling, OTLP export to a local sink)
     beside the untraced one: waves at C, exits off, interleaved, warm; median tokens/s."""
-    from ray import serve
-
+    from offramp.cluster import rayops
     from offramp.deployments.app import build_app_with_env
 
     sink = _otlp_sink()
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink.server_address[1]}",
            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf", "OTEL_TRACES_SAMPLER": "always_on",
            "OTEL_SERVICE_NAME": "offramp-bench"}
-    serve.run(build_app_with_env(app_args, env), name="traced", route_prefix="/traced")
+    rayops.run_app(build_app_with_env(app_args, env), "traced", "/traced")
     try:
         runs: dict[str, list[float]] = {"off": [], "on": []}
         for r in range(args.repeats + 1):
@@ -734,7 +726,7 @@ def _tracing_overhead(base: str, prompts, args, model_name: str, app_args, progr
         return {"tokens_per_s_untraced": round(off, 2), "tokens_per_s_traced": round(on, 2),
                 "ratio": round(on / off, 3)}
     finally:
-        serve.delete("traced")
+        rayops.delete_app("traced")
         sink.shutdown()
 
 

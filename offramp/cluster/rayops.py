@@ -379,6 +379,34 @@ def call(handle, method: str, *args, timeout: float = 30.0):
     return ray.get(getattr(handle, method).remote(*args), timeout=timeout)
 
 
+def start_serve(port: int, host: str = "127.0.0.1") -> None:
+    """Start Serve on the connected cluster, its HTTP front on the head only (the benches')."""
+    from ray import serve
+
+    serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": port})
+
+
+def run_app(app, name: str, route_prefix: str) -> None:
+    """Deploy a built application imperatively (``serve.run``); returns once it runs."""
+    from ray import serve
+
+    serve.run(app, name=name, route_prefix=route_prefix)
+
+
+def delete_app(name: str) -> None:
+    from ray import serve
+
+    serve.delete(name)
+
+
+def shutdown_serve() -> None:
+    """Remove Serve and its apps from the connected cluster; nothing when not connected."""
+    from ray import serve
+
+    if ray.is_initialized():
+        serve.shutdown()
+
+
 def connect(address: str | None = None) -> None:
     """Join a running cluster from a CLI process (no-op when already connected)."""
     if not ray.is_initialized():

@@ -160,6 +160,23 @@ class Router:
             fresh += [ep for ep in previous if ep.replica not in known]
         self.endpoints = fresh
 
+    def missing(self) -> str | None:
+        """None when live replicas cover a full walk (layer 0 to the last), else which layer
+        no live replica holds (Serve is starting or replacing it)."""
+        now = time.monotonic()
+        live = [ep for ep in self.endpoints if self.dead.get(ep.replica, 0) < now]
+        if self.num_layers is None:
+            absent = sorted(set(range(self.num_stages)) - {ep.stage for ep in live})
+            return f"no live replica of stage {absent[0]}" if absent else None
+        layer = 0
+        while layer < self.num_layers:
+            ends = [ep.end for ep in live if ep.start == layer] or \
+                [ep.end for ep in live if ep.start < layer < ep.end and ep.start > 0]
+            if not ends:
+                return f"no live replica holds layer {layer}"
+            layer = max(ends)
+        return None
+
     def pick(self, layer: int) -> Endpoint:
         """The least-loaded live replica to enter at ``layer``: one starting there if any,
         else one holding it (not the first stage: that one is entered with token ids)."""
@@ -220,6 +237,11 @@ class PipelineBackend:
     (new session, one prefill over the tokens so far) after a backoff, without holding up
     the lane; sequences finished, failed or cancelled are released by their lane after
     the step they were in, so a release never overtakes a step on the wire."""
+
+    async def readiness(self) -> str | None:
+        await self.router.ready()  # the first registry read, then the background refresh
+        problem = self.router.missing()
+        return None if problem is None else f"{problem}: the stages are starting (compiling, loading) or being replaced"
 
     def __init__(self, num_stages: int, router: Router, *, eos_token_ids: tuple[int, ...], max_seq: int,
                  vocab_size: int, kv_fill: str = "exact", call_timeout_s: float = 30.0,

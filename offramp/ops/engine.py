@@ -256,6 +256,9 @@ class InProcessBackend:
         self._wake = threading.Event()
         threading.Thread(target=self._loop, daemon=True, name="offramp-engine").start()
 
+    async def readiness(self) -> str | None:
+        return None  # the model is loaded before the backend exists
+
     async def generate(self, request: GenerationRequest):
         seq = self.model.new_sequence(list(request.prompt_ids), request.sampling,
                                       ExitPolicy.from_request(request.exit_mode, request.task, request.max_draft),

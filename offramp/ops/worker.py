@@ -15,6 +15,7 @@ exited state for CALM-style approximate K/V in the skipped layers (no pending).
 """
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from offramp.ops.stage import Stage
 from offramp.protocol import DEFAULT_MAX_DRAFT, MAX_DRAFT_LIMIT, MIN_TEMPERATURE, SamplingParams, TokenLogprob
 
 
+log = logging.getLogger(__name__)
 PROFILE_PREFIX = "\x00profile/"  # reserved sequence ids of the start-up profile
 
 
@@ -166,7 +168,13 @@ class StageWorker:
         self.min_layers = exits.min_layers if exits else 1
         if compile:
             stage.compile_layers()
-            self.warm_up()
+            try:
+                log.info("stage %d: compiled its decoder blocks' graphs in %.1f s", index, self.warm_up())
+            except Exception as e:  # noqa: BLE001 - no C compiler, an op inductor lacks: serve eager
+                stage.compiled = None
+                log.warning("stage %d: torch.compile failed (%s: %s); serving eager. On CPU inductor needs a "
+                            "C++ compiler (e.g. apt-get install g++); or set compile: false.",
+                            index, type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
 
     # -- bookkeeping -------------------------------------------------------------------
     def release(self, seq_id: str) -> None:

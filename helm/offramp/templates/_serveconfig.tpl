@@ -86,6 +86,7 @@ applications:
           max_batch_size: {{ .maxBatchSize | int }}
           batch_wait_timeout_s: {{ .batchWaitTimeoutS }}
           max_sequences: {{ .maxSequences | int }}
+          compile: {{ .compile | default false }}
       {{- end }}
       exit:
         mode: {{ $v.exit.mode }}
