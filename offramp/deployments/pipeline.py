@@ -238,11 +238,6 @@ class PipelineBackend:
     the lane; sequences finished, failed or cancelled are released by their lane after
     the step they were in, so a release never overtakes a step on the wire."""
 
-    async def readiness(self) -> str | None:
-        await self.router.ready()  # the first registry read, then the background refresh
-        problem = self.router.missing()
-        return None if problem is None else f"{problem}: the stages are starting (compiling, loading) or being replaced"
-
     def __init__(self, num_stages: int, router: Router, *, eos_token_ids: tuple[int, ...], max_seq: int,
                  vocab_size: int, kv_fill: str = "exact", call_timeout_s: float = 30.0,
                  request_timeout_s: float = 60.0, max_replays: int = 4, default_exit: str = "calibrated",
@@ -288,6 +283,11 @@ class PipelineBackend:
         if micro_batches < 1:
             raise ValueError(f"micro_batches={micro_batches}; use 1 or more")
         self.lanes = [_Lane() for _ in range(micro_batches)]
+
+    async def readiness(self) -> str | None:
+        await self.router.ready()  # the first registry read, then the background refresh
+        problem = self.router.missing()
+        return None if problem is None else f"{problem}: the stages are starting (compiling, loading) or being replaced"
 
     async def generate(self, request: GenerationRequest):
         prompt = list(request.prompt_ids)

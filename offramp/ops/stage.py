@@ -9,7 +9,6 @@ q/k/v at load time.
 from __future__ import annotations
 
 import threading
-
 from pathlib import Path
 
 import torch

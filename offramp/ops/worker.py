@@ -539,7 +539,6 @@ class StageWorker:
         self.cache.length[seq_id] += n
 
     @torch.inference_mode()
-    @torch.inference_mode()
     def warm_up(self) -> float:
         """Run the decoder blocks once per structural variant a served batch can take (one
         row or several; one position or a chunk; uniform or staggered positions, i.e. no
