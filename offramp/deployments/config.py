@@ -105,8 +105,8 @@ class StageArgs(BaseModel):
         "cores a replica owns make replicas that share a machine spin against each other.")
     compile: bool = Field(False, description="torch.compile this stage's decoder blocks (inductor; on CPU it needs "
                           "a C compiler, e.g. gcc). Pays where a pass is dispatch-bound (small models, few rows a "
-                          "pass); each replica compiles its graphs before it takes traffic (tens of seconds per "
-                          "stage the first time on a node, seconds once inductor's cache in /tmp holds them).")
+                          "pass); each replica compiles its graphs before it takes traffic (the first time on a "
+                          "node: ~1.5 min per stage on 2 cores; seconds once inductor's cache in /tmp holds them).")
     profile_on_start: bool = Field(True, description="Warm up and time the stage's layers at a few batch sizes "
                                    "before serving; the placement controller fits the pool's speed from it.")
 

@@ -163,27 +163,33 @@ class Router:
     def missing(self) -> str | None:
         """None when live replicas cover a full walk (layer 0 to the last), else which layer
         no live replica holds (Serve is starting or replacing it)."""
-        now = time.monotonic()
-        live = [ep for ep in self.endpoints if self.dead.get(ep.replica, 0) < now]
+        live = self._live()
         if self.num_layers is None:
             absent = sorted(set(range(self.num_stages)) - {ep.stage for ep in live})
             return f"no live replica of stage {absent[0]}" if absent else None
         layer = 0
         while layer < self.num_layers:
-            ends = [ep.end for ep in live if ep.start == layer] or \
-                [ep.end for ep in live if ep.start < layer < ep.end and ep.start > 0]
-            if not ends:
+            entries = self._entries(live, layer)
+            if not entries:
                 return f"no live replica holds layer {layer}"
-            layer = max(ends)
+            layer = max(ep.end for ep in entries)
         return None
+
+    def _live(self) -> list[Endpoint]:
+        now = time.monotonic()
+        return [ep for ep in self.endpoints if self.dead.get(ep.replica, 0) < now]
+
+    @staticmethod
+    def _entries(live: list[Endpoint], layer: int) -> list[Endpoint]:
+        """Replicas a walk can enter at ``layer``: those starting there, else those holding
+        it (not the first stage: that one is entered with token ids)."""
+        return [ep for ep in live if ep.start == layer] or [
+            ep for ep in live if ep.start < layer < ep.end and ep.start > 0]
 
     def pick(self, layer: int) -> Endpoint:
         """The least-loaded live replica to enter at ``layer``: one starting there if any,
         else one holding it (not the first stage: that one is entered with token ids)."""
-        now = time.monotonic()
-        live = [ep for ep in self.endpoints if self.dead.get(ep.replica, 0) < now]
-        cands = [ep for ep in live if ep.start == layer] or [
-            ep for ep in live if ep.start < layer < ep.end and ep.start > 0]
+        cands = self._entries(self._live(), layer)
         if not cands:
             raise errors.StageUnavailable(f"no live replica holds layer {layer}; Serve is starting or replacing "
                                           "it - retry shortly")

@@ -174,7 +174,7 @@ class StageWorker:
                 stage.compiled = None
                 log.warning("stage %d: torch.compile failed (%s: %s); serving eager. On CPU inductor needs a "
                             "C++ compiler (e.g. apt-get install g++); or set compile: false.",
-                            index, type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
+                            index, type(e).__name__, (str(e).splitlines() or [""])[0][:300])
 
     # -- bookkeeping -------------------------------------------------------------------
     def release(self, seq_id: str) -> None:
@@ -350,9 +350,7 @@ class StageWorker:
             self.entry.setdefault(r.seq_id, skip)
             starts.append(have)
             lengths.append(n)
-        meta = StepMeta.build(slots, starts, lengths, self.device, self.stage.spec.sliding_window)
-        if self.stage.spec.is_llama:
-            meta.cos, meta.sin = self.stage.rope.tables(meta.positions, self.stage.lm_dtype)
+        meta = self._meta(slots, starts, lengths)
         x = self._pad_inputs(rows, max(lengths))
         h = self.stage(x, meta, self.cache, skip)  # (B, T, d)
         for r, n in zip(rows, lengths):
@@ -388,6 +386,14 @@ class StageWorker:
                 parked = self.pending.pop(r.seq_id, [])
                 results[b].hidden = torch.cat([*parked, chunk]) if parked else chunk.clone()
         return results
+
+    def _meta(self, slots: list[int], starts: list[int], lengths: list[int]) -> StepMeta:
+        """One pass's batch metadata (KV writes, mask, RoPE tables) for rows at ``slots``
+        with ``starts`` positions cached and ``lengths`` new ones."""
+        meta = StepMeta.build(slots, starts, lengths, self.device, self.stage.spec.sliding_window)
+        if self.stage.spec.is_llama:
+            meta.cos, meta.sin = self.stage.rope.tables(meta.positions, self.stage.lm_dtype)
+        return meta
 
     def _pad_inputs(self, rows: list[StepRow], T: int) -> torch.Tensor:
         if self.stage.first:
@@ -532,9 +538,7 @@ class StageWorker:
             raise KVMissing(f"stage {self.index}: propagate for {seq_id} expects {have} cached positions")
         slot = self.cache.alloc(seq_id)
         self.entry.setdefault(seq_id, skip)
-        meta = StepMeta.build([slot], [have], [n], self.device, self.stage.spec.sliding_window)
-        if self.stage.spec.is_llama:
-            meta.cos, meta.sin = self.stage.rope.tables(meta.positions, self.stage.lm_dtype)
+        meta = self._meta([slot], [have], [n])
         self.stage.propagate(hidden[None].to(self.device), meta, self.cache, skip)
         self.cache.length[seq_id] += n
 
@@ -560,9 +564,7 @@ class StageWorker:
             cases += [([0, 2], [9, 9], [1, 1]), ([0, 2], [4, 9], [1, 1]), ([0, 2], [4, 9], [3, 2])]  # a gather
         try:
             for rows, starts, lengths in cases:
-                meta = StepMeta.build([slots[r] for r in rows], starts, lengths, dev, spec.sliding_window)
-                if spec.is_llama:
-                    meta.cos, meta.sin = self.stage.rope.tables(meta.positions, self.stage.lm_dtype)
+                meta = self._meta([slots[r] for r in rows], starts, lengths)
                 h = torch.zeros(len(rows), max(lengths), spec.hidden_size, device=dev, dtype=self.stage.lm_dtype)
                 self.stage.run_layers(h, meta, self.cache)
         finally:
@@ -588,10 +590,7 @@ class StageWorker:
         slots = [self.cache.alloc(s) for s in ids]
 
         def run(rows: int, length: int, skip: int = 0) -> float:
-            meta = StepMeta.build(slots[:rows], [self.cache.length[s] for s in ids[:rows]], [length] * rows, dev,
-                                  spec.sliding_window)
-            if spec.is_llama:
-                meta.cos, meta.sin = self.stage.rope.tables(meta.positions, self.stage.lm_dtype)
+            meta = self._meta(slots[:rows], [self.cache.length[s] for s in ids[:rows]], [length] * rows)
             h = torch.randn(rows, length, spec.hidden_size, device=dev).to(self.stage.lm_dtype)
             t0 = time.perf_counter()
             self.stage.run_layers(h, meta, self.cache, skip)
