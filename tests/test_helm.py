@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import functools
 import importlib
+import importlib.util
 import shutil
 import subprocess
 import sys
@@ -23,8 +24,17 @@ PRESETS = ["values.yaml", "values-cpu.yaml", "values-gpu-cpu.yaml", "values-auto
 
 pytestmark = pytest.mark.skipif(shutil.which("helm") is None, reason="helm not installed (run .ci/install-helm.sh)")
 
-sys.path.insert(0, str(REPO / "helm"))
-import serve_config as sc  # noqa: E402  (helm/serve_config.py: render + extract serveConfigV2)
+
+def _load_serve_config():
+    """helm/serve_config.py (render + extract serveConfigV2), loaded from its file: with helm/
+    on sys.path, the chart folder helm/offramp would shadow the installed offramp package."""
+    spec = importlib.util.spec_from_file_location("serve_config", REPO / "helm" / "serve_config.py")
+    module = sys.modules["serve_config"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+sc = _load_serve_config()
 
 
 def helm(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
@@ -207,6 +217,28 @@ def test_speculative_exit_renders():
 
     args = AppArgs.model_validate(sc.serve_config(render(sets=("exit.mode=speculative",)))["applications"][0]["args"])
     assert (args.exit.mode, args.exit.max_draft, args.exit.kv_fill) == ("speculative", 6, "exact")
+
+
+def test_placement_controller_renders_into_app_args(tmp_path):
+    """placement.enabled: the ingress gets ControllerConfig settings (AppArgs.placement)."""
+    from offramp.deployments.config import AppArgs
+    from offramp.placement.controller import ControllerConfig
+
+    args = sc.serve_config(render())["applications"][0]["args"]
+    assert "placement" not in args  # off by default: no controller unless asked
+    values = tmp_path / "values.yaml"  # a file: `helm --set` passes 3.5 as a string
+    values.write_text(yaml.safe_dump({"placement": {
+        "enabled": True, "maxKnob": "pool", "tpotSloMs": 150, "dryRun": True, "intervalS": 5,
+        "costPerReplicaHour": {"gpu": 3.5}}}))
+    args = sc.serve_config(sc.render([values]))["applications"][0]["args"]
+    assert args["placement"] == {"interval_s": 5, "max_knob": "pool", "tpot_slo_s": 0.15,
+                                 "target_utilisation": 0.75, "max_replicas_per_stage": 4,
+                                 "policy": {"dry_run": True}, "cost_per_replica_hour": {"gpu": 3.5, "cpu": 0.25}}
+    placement = AppArgs.model_validate(args).placement
+    cfg = ControllerConfig.model_validate({**placement, "app": "offramp"})  # what the ingress starts
+    assert (cfg.tpot_slo_s, cfg.policy.dry_run, cfg.cost_per_replica_hour) == (0.15, True, {"gpu": 3.5, "cpu": 0.25})
+    default = sc.serve_config(render(sets=("placement.enabled=true",)))["applications"][0]["args"]["placement"]
+    assert default["tpot_slo_s"] is None and AppArgs.model_validate({"placement": default})
 
 
 def test_serve_config_extracted_for_local_run(tmp_path):
@@ -504,6 +536,8 @@ BAD_VALUES = {
                                    "exit.mode is \"speculative\" but exit.kvFill is \"propagate\""),
     "max_draft_above_limit": ("exit:\n  maxDraft: 33\n", "exit/maxDraft"),
     "bad_exit_mode": ("exit:\n  mode: sometimes\n", "exit/mode"),
+    "bad_max_knob": ("placement:\n  maxKnob: everything\n", "placement/maxKnob"),
+    "negative_replica_cost": ("placement:\n  costPerReplicaHour:\n    gpu: -1\n", "placement/costPerReplicaHour/gpu"),
     "min_above_max": ("cpuWorkers:\n  minReplicas: 5\n", "cpuWorkers.minReplicas=5"),
     "managed_ray_start_param": ("cpuWorkers:\n  rayStartParams:\n    num-cpus: \"8\"\n", "cpuWorkers.rayStartParams.num-cpus"),
 }

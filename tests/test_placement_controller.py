@@ -23,9 +23,9 @@ RANGES = [(0, 1), (1, 2), (2, 3), (3, 4)]
 MODEL = ModelSpec(name="tiny4", num_layers=4, hidden=64, intermediate=128, heads=4, kv_heads=4, vocab=512)
 FACTS = AppFacts(RANGES, MODEL, max_context=256)
 POOLS = [PoolSpec(name="gpu", kind="gpu", count=8, memory_bytes=24e9, mem_bandwidth=600e9, flops=60e12,
-                  fixed_overhead_s=0.003, device_cost=1.0),
+                  fixed_overhead_s=0.003, cost_per_hour=2.0),
          PoolSpec(name="cpu", kind="cpu", count=8, memory_bytes=64e9, mem_bandwidth=40e9, flops=1e12,
-                  fixed_overhead_s=0.001, device_cost=0.05)]
+                  fixed_overhead_s=0.001, cost_per_hour=0.25)]
 
 
 def app_config(replicas=(1, 1, 1, 1), pools=("gpu", "gpu", "cpu", "cpu")):
@@ -694,3 +694,46 @@ def test_pool_speed_is_fitted_from_startup_profiles():
     off = controller(ops, profile_pools=False)
     off.observe()
     assert {p.name: p for p in off.pools(off.current())}["cpu"] == POOLS[1]
+
+
+def test_speculative_signals_give_positions_per_row_tokens_per_pass_and_request_tpot():
+    """Over an interval: 1000 stage-0 passes, 250 deep visits of 5 positions a row, 600
+    tokens emitted. The
+    exit-unaware view of the same interval plans one position a row and no exits. The plan's
+    p99 is anchored on the measured one."""
+    col = SignalCollector(RANGES)
+
+    def eps(scale):
+        return [{"stage": k, "replica": f"r{k}", "stats": {
+            "batches": 100 * scale, "rows": (1000 if k == 0 else 250) * scale,
+            "positions": (1000 if k == 0 else 1250) * scale, "busy_s": scale}} for k in range(4)]
+
+    ing = lambda s: {"stage_calls": [250 * s] * 4, "stage_passes": [1000 * s, 250 * s, 250 * s, 250 * s],
+                     "tokens_emitted": 600 * s, "request_tpot_ms_p99": 30.0, "request_tpot_ms_mean": 20.0}
+    col.sample(0.0, eps(0), ing(0))
+    obs = col.sample(10.0, eps(1), ing(1))
+    assert [s.positions_per_row for s in obs.stages] == [1.0, 5.0, 5.0, 5.0]
+    assert obs.tokens_per_pass == pytest.approx(0.6) and obs.request_tpot_ms_p99 == 30.0
+    w = workload_from(obs, FACTS, 512)
+    assert w.positions_per_row == [1.0, 5.0, 5.0, 5.0] and w.tokens_per_pass == pytest.approx(0.6)
+    assert w.reach == pytest.approx([1.0, 0.25, 0.25, 0.25])
+    blind = workload_from(obs, FACTS, 512, exit_aware=False)
+    assert blind.reach is None and blind.positions_per_row is None and blind.tokens_per_pass == 1.0
+    ops = FakeOps(app_config())
+    ctl = controller(ops, tpot_slo_s=1.0)
+    _, target, cur, _ = ctl.make_plan(obs)
+    assert cur.tpot_p99_s == pytest.approx(0.030)  # the current placement's p99 is the measured one
+    assert target.tpot_p99_s / target.tpot_s == pytest.approx(cur.tpot_p99_s / cur.tpot_s)  # others scale
+
+
+def test_cost_per_replica_hour_from_the_config():
+    ops = FakeOps(app_config())
+    ctl = controller(ops, cost_per_replica_hour={"cpu": 0.5})
+    assert {p.name: p.cost_per_hour for p in ctl.pools(ctl.current())} == {"gpu": 2.0, "cpu": 0.5}
+    cfg = ControllerConfig(cost_per_replica_hour={"gpu": 3.0})
+    assert cfg.pool_cost("gpu", "gpu") == 3.0 and cfg.pool_cost("cpu", "cpu") == 0.25
+    assert cfg.pool_cost("a100", "gpu") == 3.0  # a pool named nowhere costs what its kind does
+    with pytest.raises(ValueError, match="finite amount >= 0"):
+        ControllerConfig(cost_per_replica_hour={"gpu": -1.0})
+    with pytest.raises(ValueError, match="extra"):
+        ControllerConfig(interval=3)  # a typo is refused, not ignored

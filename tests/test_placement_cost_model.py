@@ -113,3 +113,16 @@ def test_stage_arrival_rates_sum_replicas_and_skip_unknown():
     out = stage_arrival_rates([sig(1, "a", 16.0), sig(1, "b", 16.0), sig(0, "c", 5.0), sig(2, "d", float("nan"))])
     assert out == {0: 5.0, 1: pytest.approx(32.0)} and list(out) == [0, 1]
     assert sig(1, "a", 1.0).to_dict()["replica"] == "a"
+
+
+def test_calibration_carries_a_stage_factor_to_a_pool_not_measured_yet():
+    from offramp.placement.cost_model import Calibration
+
+    cal = Calibration(alpha=1.0)
+    cal.observe("gpu", "decode", 4, 8, measured_s=0.02, predicted_s=0.01)
+    cal.observe("gpu", "decode", 0, 4, measured_s=0.01, predicted_s=0.01)
+    assert cal.factor("gpu", "decode", 4, 8) == pytest.approx(2.0)
+    assert cal.factor("cpu", "decode", 4, 8) == pytest.approx(2.0)  # what the model misses about the stage
+    assert cal.factor("cpu", "decode", 0, 4) == pytest.approx(1.0)
+    cal.observe("cpu", "decode", 0, 4, measured_s=0.03, predicted_s=0.01)
+    assert cal.factor("cpu", "decode", 4, 8) == pytest.approx(3.0)  # measured on the pool: the pool's average

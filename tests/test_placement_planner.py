@@ -11,9 +11,9 @@ from offramp.placement.planner import Constraints, Pin, StageDeployment, Workloa
 M = ModelSpec(name="m1b", num_layers=16, hidden=2048, intermediate=5632, heads=32, kv_heads=4, vocab=32000,
               exit_layers=[4, 8, 12])
 GPU = PoolSpec(name="gpu", kind="gpu", count=4, memory_bytes=24e9, mem_bandwidth=600e9, flops=60e12,
-               fixed_overhead_s=0.003, precisions=["bf16"], device_cost=1.0)
+               fixed_overhead_s=0.003, precisions=["bf16"], cost_per_hour=2.0)
 CPU = PoolSpec(name="cpu", kind="cpu", count=16, memory_bytes=64e9, mem_bandwidth=40e9, flops=1e12,
-               fixed_overhead_s=0.001, precisions=["fp32", "int8"], device_cost=0.05)
+               fixed_overhead_s=0.001, precisions=["fp32", "int8"], cost_per_hour=0.25)
 
 
 def shape(p):
@@ -112,3 +112,41 @@ def test_evaluate_rejects_gaps():
     with pytest.raises(PlacementError, match="contiguous"):
         evaluate(M, [GPU], Workload(), [StageDeployment(start=0, end=4, pool="gpu", precision="bf16"),
                                          StageDeployment(start=6, end=16, pool="gpu", precision="bf16")])
+
+
+def test_speculative_verification_costs_positions_and_rejected_drafts_cost_passes():
+    """A deep visit that verifies a 5-position draft computes 5 positions a row, and a
+    stage-0 pass yields 0.6 tokens: both raise the predicted TPOT, and dropping either lets
+    a plan through that the measured traffic would not hold."""
+    reach = reach_from_exit_rates(16, {8: 0.75})  # one deep visit per 4 stage-0 passes
+    w = Workload(decode_tokens_per_s=400, reach=reach, concurrent_sequences=16)
+    spec = w.model_copy(update={"positions_per_row": [1.0] * 8 + [5.0] * 8, "tokens_per_pass": 0.6})
+    split = Constraints(split=[8])
+    deps = [StageDeployment(start=0, end=8, pool="gpu", precision="bf16"),
+            StageDeployment(start=8, end=16, pool="cpu", precision="fp32")]
+    plain, verified = evaluate(M, [GPU, CPU], w, deps, split), evaluate(M, [GPU, CPU], spec, deps, split)
+    assert verified.stages[1].step_s > plain.stages[1].step_s  # more positions per row at the deep stage
+    assert verified.stages[0].step_s == pytest.approx(plain.stages[0].step_s)
+    assert verified.tpot_s > plain.tpot_s / 0.6  # both effects: the division and the longer deep step
+    slo = (plain.tpot_s + verified.tpot_s) / 2  # between the two predictions
+    naive = plan(M, [GPU, CPU], w, Constraints(split=[8], tpot_slo_s=slo))
+    honest = plan(M, [GPU, CPU], spec, Constraints(split=[8], tpot_slo_s=slo))
+    assert naive.meets_slo and honest.tpot_s <= slo
+    assert honest.cost > naive.cost  # the measured traffic needs the dearer plan
+
+
+def test_the_slo_is_a_p99_and_each_stage_says_why():
+    reach = reach_from_exit_rates(16, {8: 0.8})
+    w = Workload(decode_tokens_per_s=300, reach=reach, concurrent_sequences=16)
+    base = plan(M, [GPU, CPU], w, Constraints(split=[8]))
+    slo = base.tpot_s * 1.5
+    cheap = plan(M, [GPU, CPU], w, Constraints(split=[8], tpot_slo_s=slo))
+    wide = plan(M, [GPU, CPU], w, Constraints(split=[8], tpot_slo_s=slo, tpot_p99_factor=3.0))
+    assert cheap.tpot_p99_s == pytest.approx(cheap.tpot_s) and cheap.tpot_p99_s <= slo
+    assert wide.tpot_p99_s == pytest.approx(3.0 * wide.tpot_s) and wide.tpot_p99_s <= slo or not wide.meets_slo
+    assert wide.cost >= cheap.cost  # a wider spread of requests leaves less room for cheap pools
+    assert len(cheap.reasons) == 2 and all(r.startswith(f"stage {k} ") for k, r in enumerate(cheap.reasons))
+    for r, s in zip(cheap.reasons, cheap.stages):
+        other = "cpu" if s.pool == "gpu" else "gpu"
+        assert f"{s.pool} x{s.replicas}" in r and other in r  # the alternative and its verdict
+        assert "over the" in r or "dearer" in r or "slower" in r or "does not fit" in r

@@ -36,6 +36,7 @@ import threading
 import time
 from pathlib import Path
 
+from offramp.bench import placement_exits
 from offramp.bench.common import json_stdout, percentile
 from offramp.deployments.config import INGRESS_NAME, stage_name
 
@@ -75,6 +76,7 @@ def register(bsub) -> None:
                    help="then move Stage3 to the other pool under the same load (mover, 3 steps)")
     p.add_argument("--png", type=Path, default=Path("placement-timeline.png"), help="timeline figure")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    placement_exits.add_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -157,6 +159,8 @@ def _p99(xs: list[float]) -> float | None:
 
 
 def run(args) -> int:
+    if args.exit_aware:
+        return placement_exits.run(args)
     with json_stdout(args.json) as emit:
         return _run(args, emit)
 

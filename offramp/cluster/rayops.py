@@ -70,12 +70,15 @@ class RegistryCore:
         n = max(len(s.get("stage_calls", ())) for s in live)
         out = {"num_stages": n, "tokens": sum(s.get("tokens", 0) for s in live), "replicas": len(live),
                "replays": sum(s.get("replays", 0) for s in live)}
+        if all("tokens_emitted" in s for s in live):
+            out["tokens_emitted"] = sum(s["tokens_emitted"] for s in live)
         summed = ["stage_calls", "hop_s_sum", "hop_n"]  # cumulative per-stage counters
         if all(len(s.get("stage_passes", ())) == n for s in live):  # not with a replica that lacks them
             summed.append("stage_passes")
         for key in summed:
             out[key] = [sum(s[key][k] for s in live if len(s.get(key, ())) == n) for k in range(n)]
-        for key in ("ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50", "tpot_ms_p99"):
+        for key in ("ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50", "tpot_ms_p99", "request_tpot_ms_mean",
+                    "request_tpot_ms_p99"):
             vals = [s[key] for s in live if s.get(key) is not None]
             out[key] = max(vals) if vals else None
         return out

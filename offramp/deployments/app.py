@@ -22,7 +22,7 @@ from offramp.api.grpc_service import GrpcIngressMixin
 from offramp.cluster import rayops
 from offramp.cluster.local import HAPROXY_ENV
 from offramp.deployments.config import (INGRESS_NAME, STAGE_DTYPE_ENV, STAGE_LAYERS_ENV, AppArgs, StageArgs,
-                                       stage_name, stage_range, stage_threads)
+                                       placement_controller, stage_name, stage_range, stage_threads)
 
 log = logging.getLogger("offramp")
 INGRESS_TPOT_WINDOW_S = 30.0  # the TPOT percentiles an ingress replica reports to the registry cover this
@@ -183,6 +183,19 @@ def _memory_headroom(device: str) -> int | None:
         return None
 
 
+def start_placement(app_name: str, placement: dict) -> None:
+    """Start the app's placement controller (``AppArgs.placement``) unless it runs: it is a
+    named detached actor, so other ingress replicas, a restarted ingress and ``offramp
+    placement start`` get the one that exists. Never waits for it and never raises: serving
+    must not depend on its controller (``offramp placement status`` shows whether it runs)."""
+    try:
+        ctl = placement_controller()
+        rayops.start_detached(ctl.ControllerActor, ctl.controller_name(app_name), {**placement, "app": app_name})
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        log.warning("placement controller of app %r not started (%s: %s); the placement stays as deployed until "
+                    "one runs (`offramp placement start --app %s`)", app_name, type(e).__name__, e, app_name)
+
+
 @serve.deployment(name=INGRESS_NAME, max_ongoing_requests=256, max_queued_requests=512,
                   ray_actor_options={"num_cpus": 0.25})
 @serve.ingress()
@@ -233,6 +246,8 @@ class OfframpIngress(GrpcIngressMixin):
         key = self.frontend.settings.api_key
         check_exposure(rayops.http_host(), rayops.grpc_serving(), key.get_secret_value() if key else None,
                        args.api_key_env)
+        if args.placement is not None:
+            start_placement(app_name, args.placement)
 
     def _beat(self, registry) -> None:
         stats = self.backend.stats(window_s=INGRESS_TPOT_WINDOW_S)

@@ -7,11 +7,12 @@ stay in the YAML's ``deployments:`` list under the names ``OfframpIngress`` and
 """
 from __future__ import annotations
 
+import importlib
 import ipaddress
 
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from offramp.errors import ConfigError
 from offramp.protocol import DEFAULT_MAX_DRAFT, MAX_DRAFT_LIMIT
@@ -26,9 +27,18 @@ STAGE_DTYPE_ENV = "OFFRAMP_STAGE_DTYPE"
 # a placement split move; read by StageDeployment before the app's split.
 STAGE_LAYERS_ENV = "OFFRAMP_STAGE_LAYERS"
 DEFAULT_KV_LEASE_S = 30.0  # see AppArgs.kv_lease_s
+# offramp.placement imports this package (its mover names deployments and env vars from here),
+# so the app reaches its placement controller by module name, as offramp.cli reaches its
+# commands: an import statement back would make the two packages a cycle.
+PLACEMENT_CONTROLLER = "offramp.placement.controller"
 
 
 INGRESS_NAME = "OfframpIngress"
+
+
+def placement_controller():
+    """The placement controller's module (``ControllerConfig``, ``ControllerActor``, ``controller_name``)."""
+    return importlib.import_module(PLACEMENT_CONTROLLER)
 
 
 def stage_name(k: int) -> str:
@@ -114,8 +124,12 @@ class StageArgs(BaseModel):
 class EmulatedDevice(BaseModel):
     """A modelled device speed for one pool (tests and benchmarks on machines that lack it).
 
-    After each forward pass a replica in that pool waits until ``step_s + per_token_s x
-    positions`` seconds have passed since the pass began. The wait is an ``asyncio`` sleep:
+    After each forward pass a replica in that pool waits until ``step_s + max(mem_s,
+    per_token_s x positions)`` seconds have passed since the pass began: the roofline of
+    :mod:`offramp.placement.cost_model` (fixed overhead, then weight reads or compute,
+    whichever binds), so a pool fitted by ``fit_profile`` can be emulated as it was fitted
+    (``offramp bench placement --exit-aware`` does: a measured pool, slowed by a stated
+    factor). The wait is an ``asyncio`` sleep:
     it holds the replica (one pass at a time, like a busy device) but no CPU core, so a
     second replica of an emulated pool adds capacity even on a 2-core laptop.
     """
@@ -123,10 +137,12 @@ class EmulatedDevice(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     step_s: float = Field(0.0, ge=0, le=10, description="Fixed time of one forward pass (launch, weight reads).")
-    per_token_s: float = Field(0.0, ge=0, le=10, description="Added time per position in the batch (compute).")
+    per_token_s: float = Field(0.0, ge=0, le=10, description="Time per position in the batch (compute).")
+    mem_s: float = Field(0.0, ge=0, le=10, description="Least time of the part after step_s (weight reads), "
+                         "whatever the positions: a pass is memory-bound until per_token_s x positions exceeds it.")
 
     def seconds(self, positions: int) -> float:
-        return self.step_s + self.per_token_s * positions
+        return self.step_s + max(self.mem_s, self.per_token_s * positions)
 
 
 class ExitArgs(BaseModel):
@@ -261,6 +277,11 @@ class AppArgs(BaseModel):
         description="Testing/benchmarks only: pool name -> modelled step time that replicas in that pool "
         "take at least (see EmulatedDevice). Empty in production.",
     )
+    placement: dict[str, Any] | None = Field(
+        None, description="Run the placement controller for this app: ControllerConfig settings "
+        "(offramp.placement.controller, docs/placement.md) without `app`, which is this app's name. The ingress "
+        "starts it as the detached actor `placement-<app>` unless one runs, so `offramp placement status|stop` "
+        "reach it. None: only `offramp placement start` runs one.")
 
     @field_validator("channel_host")
     @classmethod
@@ -274,6 +295,23 @@ class AppArgs(BaseModel):
                              "'127.0.0.1'") from None
         return v
 
+    @field_validator("placement")
+    @classmethod
+    def _placement(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Checked here, where a bad value fails the deploy: the controller starts in the
+        background, where it would only be a log line."""
+        if v is None:
+            return v
+        if "app" in v:
+            raise ValueError("placement.app is set; remove it: the controller manages the application these "
+                             "args belong to")
+        config = placement_controller().ControllerConfig
+        try:
+            config.model_validate(v)
+        except ValidationError as e:
+            raise ValueError("; ".join(_placement_error(err, config) for err in e.errors())) from None
+        return v
+
     @model_validator(mode="after")
     def _split_xor_stages(self) -> "AppArgs":
         if self.num_stages is not None and self.split is not None and self.num_stages != len(self.split) + 1:
@@ -282,3 +320,12 @@ class AppArgs(BaseModel):
                 "give only one of them"
             )
         return self
+
+
+def _placement_error(err: dict, config: type[BaseModel]) -> str:
+    """One ControllerConfig error as ``placement.<field>: <what to do>``."""
+    where = ".".join(["placement", *map(str, err["loc"])])
+    if err["type"] == "extra_forbidden" and len(err["loc"]) == 1:
+        known = ", ".join(n for n in config.model_fields if n != "app")
+        return f"{where} is not a placement setting; use one of {known}"
+    return f"{where}: {err['msg']} (docs/placement.md)"

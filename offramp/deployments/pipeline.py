@@ -68,6 +68,7 @@ class _Seq:
     exited: dict[int, tuple[int, int]] = field(default_factory=dict)  # position -> (stage, layer) it exited at
     deadline: float = float("inf")  # monotonic
     last: float = 0.0  # when the last token (or the request) came: TTFT/TPOT samples
+    first_at: float = 0.0  # when the first token came: the request's own TPOT at its end
     events: asyncio.Queue = field(default_factory=asyncio.Queue)  # TokenEvent | Exception, to the request
     lane: "_Lane | None" = None
     done: bool = False  # finished, failed or cancelled: its lane releases it after the current step
@@ -266,12 +267,17 @@ class PipelineBackend:
         self.frames = [0] * num_stages  # step frames sent to each stage (a frame carries many rows)
         self.hop_s_sum = [0.0] * num_stages  # summed hop cost of the step calls into each stage
         self.hop_n = [0] * num_stages
+        self.emitted = 0  # tokens emitted (cumulative): tokens per stage-0 pass for the placement controller
         self.replays = 0  # sequences rebuilt from their tokens after a replica failed or went away
         # Server-side latencies as (monotonic time, seconds), bounded: the newest 8192 of
         # each since the last reset. A lock because the registry heartbeat reads them from
         # another thread.
         self.ttft_s: deque[tuple[float, float]] = deque(maxlen=8192)
         self.tpot_s: deque[tuple[float, float]] = deque(maxlen=8192)
+        # Per request: (last token - first token) / (tokens - 1), the TPOT a user's SLO is
+        # about (a speculative round emits several tokens in one event, so the gaps between
+        # tokens are bimodal while a request's mean is what it experiences).
+        self.req_tpot_s: deque[tuple[float, float]] = deque(maxlen=8192)
         self._lat_lock = threading.Lock()
         self._reset_at = -float("inf")  # start of the resettable view (stats(reset=True))
         self._background: set[asyncio.Task] = set()
@@ -346,18 +352,22 @@ class PipelineBackend:
             since = self._reset_at if window_s is None else now - window_s
             ttft = [s for t, s in self.ttft_s if t >= since]
             tpot = [s for t, s in self.tpot_s if t >= since]
+            req_tpot = [s for t, s in self.req_tpot_s if t >= since]
             if reset:
                 self._reset_at = now
         steps = sum(lane.steps for lane in self.lanes)
         return {"stage_calls": list(self.calls), "stage_passes": list(self.passes), "stage_frames": list(self.frames),
                 "hop_s_sum": [round(h, 6) for h in self.hop_s_sum],
                 "hop_n": list(self.hop_n), "num_stages": self.num_stages, "tokens": len(tpot) + len(ttft),
+                "tokens_emitted": self.emitted,
                 "replays": self.replays, "scheduler_steps": steps,
                 "rows_per_step": round(sum(lane.rows for lane in self.lanes) / steps, 2) if steps else None,
                 "exit_audit": self.tuner.snapshot(),
                 "speculative": self.speculative.report(),
                 "ttft_ms_p50": pct(ttft, 0.5), "ttft_ms_p99": pct(ttft, 0.99),
-                "tpot_ms_p50": pct(tpot, 0.5), "tpot_ms_p99": pct(tpot, 0.99)}
+                "tpot_ms_p50": pct(tpot, 0.5), "tpot_ms_p99": pct(tpot, 0.99),
+                "request_tpot_ms_mean": round(1000 * sum(req_tpot) / len(req_tpot), 3) if req_tpot else None,
+                "request_tpot_ms_p99": pct(req_tpot, 0.99), "requests_timed": len(req_tpot)}
 
     def _policy(self, request: GenerationRequest) -> ExitPolicy:
         mode = request.exit_mode
@@ -562,11 +572,14 @@ class PipelineBackend:
         now = time.monotonic()
         with self._lat_lock:
             (self.tpot_s if seq.generated else self.ttft_s).append((now, now - seq.last))
+        if not seq.generated:
+            seq.first_at = now
         (metrics.record_tpot if seq.generated else metrics.record_ttft)(self.model_name, now - seq.last)
         metrics.record_tokens(self.model_name, [stage], self.num_stages)
         if verified is not None:
             metrics.record_verify(self.model_name, seq.policy.task, *verified)
         seq.last = now
+        self.emitted += 1
         seq.failures = seq.waits = 0
         seq.tokens.append(token)
         reason = finish_reason(seq.request.sampling, token, seq.generated, len(seq.tokens), self.eos_token_ids,
@@ -575,6 +588,9 @@ class PipelineBackend:
         seq.events.put_nowait(TokenEvent(token, stage, reason, verified, logprob, prompt_lp))
         if reason:
             seq.done = True
+            if seq.generated > 1:
+                with self._lat_lock:
+                    self.req_tpot_s.append((now, (now - seq.first_at) / (seq.generated - 1)))
 
     def _fail(self, seq: _Seq, e: Exception) -> None:
         if not seq.done:

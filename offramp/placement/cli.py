@@ -240,9 +240,17 @@ def _print(st: dict, as_json: bool) -> None:
               f"{1e3 * f['fixed_overhead_s']:.2f} ms, {f['mem_bandwidth'] / 1e9:.1f} GB/s, {f['flops'] / 1e9:.1f} GFLOP/s")
     if st.get("plan"):
         pl = st["plan"]
-        print(f"plan (TPOT {pl['tpot_ms']} ms, cost {pl['cost']}): " + "; ".join(
-            f"{s['layers'][0]}-{s['layers'][1]} {s['pool']} x{s['replicas']} ({s['utilisation']:.0%})"
-            for s in pl["stages"]))
+        slo = "no SLO" if pl.get("slo_ms") is None else (
+            f"SLO {pl['slo_ms']} ms {'met' if pl.get('meets_slo') else 'NOT met'}")
+        print(f"plan ({'exit-aware' if pl.get('exit_aware', True) else 'exit-unaware'}): cost "
+              f"{pl['cost_per_hour']:.2f}/h, predicted TPOT mean {pl['tpot_ms']} ms, p99 {pl.get('tpot_p99_ms')} ms "
+              f"({slo}): " + "; ".join(
+                  f"{s['layers'][0]}-{s['layers'][1]} {s['pool']} x{s['replicas']} ({s['utilisation']:.0%})"
+                  for s in pl["stages"]))
+        for r in pl.get("reasons", []):
+            print(f"  why {r}")
+        for n in pl.get("notes", []):
+            print(f"  note: {n}")
     for m in st.get("moves", []):
         mv = m.get("move", m)
         print(f"move: {mv['action']} {mv['deployment']['start']}-{mv['deployment']['end'] - 1} "

@@ -40,11 +40,11 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from offramp.cluster.records import StageStats
 from offramp.placement.cost_model import (
-    CostModel, ModelSpec, PlacementError, PoolFit, PoolSpec, ProfileSample, fit_profile, reach_from_exit_rates,
+    DEFAULT_COST_PER_HOUR, CostModel, ModelSpec, PlacementError, PoolFit, PoolSpec, ProfileSample, fit_profile, reach_from_exit_rates,
 )
 from offramp.placement.mover import MoveDeferred, MoveFailed, Mover, Ops, RayOps, live_ranges, stage_placement
 from offramp.placement.planner import Constraints, Pin, Plan, StageDeployment, Workload, evaluate, plan
@@ -55,20 +55,30 @@ log = logging.getLogger("offramp.placement")
 
 DEFAULT_POOLS = {  # per-device figures used when the config names none (docs/placement.md)
     "gpu": dict(kind="gpu", memory_bytes=24e9, mem_bandwidth=600e9, flops=60e12, fixed_overhead_s=0.003,
-                device_cost=1.0),
+                cost_per_hour=DEFAULT_COST_PER_HOUR["gpu"]),
     "cpu": dict(kind="cpu", memory_bytes=64e9, mem_bandwidth=40e9, flops=1e12, fixed_overhead_s=0.001,
-                device_cost=0.05),
+                cost_per_hour=DEFAULT_COST_PER_HOUR["cpu"]),
 }
 
 
 class ControllerConfig(BaseModel):
     """Settings of the placement controller (``offramp placement start --config``)."""
 
+    model_config = ConfigDict(extra="forbid")
+
     app: str = Field("offramp", description="Serve application to manage.")
     interval_s: float = Field(10.0, gt=0, description="Seconds between control intervals (signal samples).")
     policy: PolicyConfig = Field(default_factory=PolicyConfig, description="Hysteresis, cool-down, dry-run.")
     pools: list[PoolSpec] | None = Field(None, description="Device pools; None = defaults sized from the "
                                          "cluster's pool_<name> resources.")
+    cost_per_replica_hour: dict[str, float] = Field(
+        default_factory=lambda: dict(DEFAULT_COST_PER_HOUR),
+        description="Cost of one replica-hour per pool name (any currency, the same for every pool); the plan is "
+        "the cheapest placement that meets tpot_slo_s. Overrides a configured pool's cost_per_hour; a pool "
+        "named nowhere costs what its kind's default does.")
+    exit_aware: bool = Field(True, description="Plan with the measured post-exit arrival rates (deep stages see "
+                             "fewer tokens when exits or speculative drafts skip them). False: every token is "
+                             "planned to visit every stage (the baseline `bench placement --exit-aware` compares).")
     pins: list[Pin] = Field(default_factory=list, description="Operator pins: a stage's pool, replicas or "
                             "precision the planner must keep.")
     max_knob: Literal["replicas", "pool", "precision", "split"] = Field(
@@ -83,6 +93,21 @@ class ControllerConfig(BaseModel):
     profile_pools: bool = Field(True, description="Fit each pool's overhead, bandwidth and FLOP rate from the "
                                 "stage replicas' start-up profiles (then the online calibration corrects it).")
     decisions_kept: int = Field(200, ge=1, description="Decision records kept (and returned by status).")
+
+    @field_validator("cost_per_replica_hour")
+    @classmethod
+    def _costs(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: c for k, c in v.items() if not (math.isfinite(c) and c >= 0)}
+        if bad:
+            raise ValueError(f"cost_per_replica_hour {bad}: a replica-hour costs a finite amount >= 0, e.g. "
+                             "{gpu: 2.0, cpu: 0.25}")
+        return v
+
+    def pool_cost(self, name: str, kind: str) -> float:
+        """What one replica-hour on pool ``name`` (of ``kind``) costs under this config."""
+        if name in self.cost_per_replica_hour:
+            return self.cost_per_replica_hour[name]
+        return self.cost_per_replica_hour.get(kind, DEFAULT_COST_PER_HOUR.get(kind, DEFAULT_COST_PER_HOUR["cpu"]))
 
 
 @dataclass
@@ -125,6 +150,7 @@ class StageLoad:
     queue: int
     kv_occupancy: float  # highest replica
     sequences: int
+    positions_per_row: float = 1.0  # mean positions a row carried (speculative verification: > 1)
 
 
 @dataclass
@@ -133,12 +159,16 @@ class Observation:
     window_s: float
     stages: list[StageLoad]
     source: str  # "ingress" or "stages": where arrival rates came from
-    tpot_ms_p99: float | None = None
+    tpot_ms_p99: float | None = None  # between tokens
+    request_tpot_ms_p99: float | None = None  # of whole requests' TPOT (what the SLO is about)
+    request_tpot_ms_mean: float | None = None
+    tokens_per_pass: float | None = None  # tokens emitted per stage-0 pass (< 1: rejected drafts)
     signals: dict[tuple[int, int], list[StageSignals]] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict:
         return {"time": self.time, "window_s": round(self.window_s, 3), "source": self.source,
-                "tpot_ms_p99": self.tpot_ms_p99,
+                "tpot_ms_p99": self.tpot_ms_p99, "request_tpot_ms_p99": self.request_tpot_ms_p99,
+                "request_tpot_ms_mean": self.request_tpot_ms_mean, "tokens_per_pass": self.tokens_per_pass,
                 "stages": [{**asdict(s), "busy": {k: round(v, 4) for k, v in s.busy.items()},
                             "arrival_per_s": round(s.arrival_per_s, 3)} for s in self.stages]}
 
@@ -150,6 +180,7 @@ class SignalCollector:
         self.ranges = ranges
         # (time, stats by replica, (counter name, ingress counts), ingress (hop_s_sum, hop_n)) of the last sample
         self._prev: tuple[float, dict[str, tuple[int, StageStats]], tuple[str, list[int]] | None, tuple | None] | None = None
+        self._prev_emitted: int | None = None  # the ingress's tokens_emitted at the last sample
 
     def sample(self, now: float, endpoints: list[dict], ingress: dict | None) -> Observation | None:
         """None on the first sample (rates need two)."""
@@ -158,6 +189,8 @@ class SignalCollector:
         calls = list(ingress[key]) if ingress and key in ingress else None
         hops = (list(ingress["hop_s_sum"]), list(ingress["hop_n"])) if ingress and "hop_n" in ingress else None
         prev, self._prev = self._prev, (now, stats, None if calls is None else (key, calls), hops)
+        emitted = ingress.get("tokens_emitted") if ingress and key == "stage_passes" else None
+        prev_emitted, self._prev_emitted = self._prev_emitted, emitted
         if prev is None or now <= prev[0]:
             return None
         t0, s0, prev_calls, prev_hops = prev
@@ -168,7 +201,7 @@ class SignalCollector:
         use_ingress = (calls is not None and c0 is not None and len(calls) == len(c0) == len(self.ranges)
                        and all(b >= a for a, b in zip(c0, calls)))
         for k, rng in enumerate(self.ranges):
-            busy, batches, rows, busy_s, queue, kv, seqs, n = {}, 0, 0, 0.0, 0, 0.0, 0, 0
+            busy, batches, rows, positions, busy_s, queue, kv, seqs, n = {}, 0, 0, 0, 0.0, 0, 0.0, 0, 0
             split = {"decode_batches": 0, "decode_s": 0.0, "prefill_batches": 0, "prefill_s": 0.0,
                      "prefill_positions": 0}  # deltas of the prefill/decode counters
             for rep, (stage, st) in sorted(stats.items()):
@@ -187,12 +220,14 @@ class SignalCollector:
                 busy_s += db
                 batches += st.batches - old.batches
                 rows += st.rows - old.rows
+                positions += st.positions - old.positions
                 for key in split:
                     split[key] += getattr(st, key) - getattr(old, key)
             arrival = (calls[k] - c0[k]) / dt if use_ingress else rows / dt
             step = busy_s / batches if batches > 0 else math.nan
             batch = rows / batches if batches > 0 else math.nan
-            stages.append(StageLoad(k, rng, n, arrival, busy, step, batch, queue, kv, seqs))
+            ppr = max(1.0, positions / rows) if rows > 0 else 1.0
+            stages.append(StageLoad(k, rng, n, arrival, busy, step, batch, queue, kv, seqs, ppr))
             hop = math.nan  # mean hop cost into this stage over the window (ingress counters)
             if hops and prev_hops and len(hops[1]) == len(prev_hops[1]) == len(self.ranges):
                 dn = hops[1][k] - prev_hops[1][k]
@@ -207,8 +242,13 @@ class SignalCollector:
                 oldest_wait_s=_num(stats[rep][1].max_wait_s), kv_occupancy=stats[rep][1].kv_occupancy,
                 memory_headroom_bytes=_num(stats[rep][1].memory_headroom_bytes), hop_s=hop, steps=batches)
                 for rep, b in busy.items()]
-        tpot = ingress.get("tpot_ms_p99") if ingress else None
-        return Observation(now, dt, stages, "ingress" if use_ingress else "stages", tpot, signals)
+        ing = ingress or {}
+        tpp = None  # tokens per stage-0 pass over the interval
+        if use_ingress and emitted is not None and prev_emitted is not None and emitted >= prev_emitted:
+            passes0 = calls[0] - c0[0]
+            tpp = (emitted - prev_emitted) / passes0 if passes0 > 0 else None
+        return Observation(now, dt, stages, "ingress" if use_ingress else "stages", ing.get("tpot_ms_p99"),
+                           ing.get("request_tpot_ms_p99"), ing.get("request_tpot_ms_mean"), tpp, signals)
 
 
 def _num(v) -> float:
@@ -216,8 +256,9 @@ def _num(v) -> float:
     return float(v) if v is not None else math.nan
 
 
-def workload_from(obs: Observation, facts: AppFacts, context_len: int) -> Workload:
-    """The planner's :class:`Workload` from one observation (reach from measured exits)."""
+def workload_from(obs: Observation, facts: AppFacts, context_len: int, exit_aware: bool = True) -> Workload:
+    """The planner's :class:`Workload` from one observation (reach from measured exits;
+    ``exit_aware=False``: none, as if every token visited every stage)."""
     arrivals = [s.arrival_per_s for s in obs.stages]
     a0 = arrivals[0] if arrivals else 0.0
     reach = None
@@ -229,9 +270,31 @@ def workload_from(obs: Observation, facts: AppFacts, context_len: int) -> Worklo
             rates[obs.stages[k].layers[0]] = 0.0 if alive <= 0 else 1.0 - frac / alive
             alive = frac
         reach = reach_from_exit_rates(facts.model.num_layers, rates)
+    ppr, tpp = None, 1.0
+    if exit_aware:
+        ppr = [1.0] * facts.model.num_layers
+        for s in obs.stages:
+            for l in range(s.layers[0], min(s.layers[1], facts.model.num_layers)):
+                ppr[l] = s.positions_per_row
+        if obs.tokens_per_pass:
+            tpp = min(max(obs.tokens_per_pass, 0.05), 64.0)
+    else:
+        reach = None  # every token planned to visit every stage, one position each
     seqs = obs.stages[0].sequences if obs.stages else 0
     return Workload(decode_tokens_per_s=max(0.0, a0), reach=reach, context_len=min(context_len, facts.max_context),
-                    max_context=facts.max_context, concurrent_sequences=max(1, seqs), kv_fill=facts.kv_fill)
+                    max_context=facts.max_context, concurrent_sequences=max(1, seqs), kv_fill=facts.kv_fill,
+                    positions_per_row=ppr, tokens_per_pass=tpp)
+
+
+def p99_factor(obs: Observation, predicted_mean_s: float, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
+    """Measured p99 of the requests' TPOT over the mean TPOT the cost model predicts for the
+    placement that served them (1.0 without a measurement). The SLO is a p99 and the model
+    predicts a serial mean (no overlap of micro-batches, no spread between requests): its
+    ratios between placements are what it is good for, so the level comes from the ingress."""
+    p99 = obs.request_tpot_ms_p99 or obs.tpot_ms_p99
+    if not p99 or not predicted_mean_s > 0 or not math.isfinite(predicted_mean_s):
+        return 1.0
+    return min(bounds[1], max(bounds[0], p99 / 1e3 / predicted_mean_s))
 
 
 # -- the controller ----------------------------------------------------------------------
@@ -308,12 +371,15 @@ class PlacementController:
         """The configured pools, else defaults sized from the cluster; with timing fitted
         from start-up profiles where the pool has them (``profile_pools``)."""
         if self.cfg.pools:
-            out = list(self.cfg.pools)
+            out = [p if p.name not in self.cfg.cost_per_replica_hour else
+                   p.model_copy(update={"cost_per_hour": self.cfg.cost_per_replica_hour[p.name]})
+                   for p in self.cfg.pools]
         else:
             cap = self.ops.pool_capacity()
             out = []
             for n in sorted(set(cap) | {d.pool for d in current}):
                 base = DEFAULT_POOLS.get(n, DEFAULT_POOLS["cpu"])
+                base = {**base, "cost_per_hour": self.cfg.pool_cost(n, base["kind"])}
                 out.append(PoolSpec(name=n, count=max(cap.get(n, 0), sum(d.replicas for d in current if d.pool == n)),
                                     **base))
         return [self._fitted(p) for p in out] if self.cfg.profile_pools else out
@@ -363,7 +429,8 @@ class PlacementController:
                    w: Workload) -> None:
         for s, d in zip(obs.stages, current):
             if math.isfinite(s.step_s) and s.step_s > 0 and d.pool in pools:
-                pred = self.costs.decode_step(d.start, d.end, pools[d.pool], d.precision, max(s.batch, 1.0),
+                ppr = w.positions_per_row[d.start] if w.positions_per_row is not None else 1.0
+                pred = self.costs.decode_step(d.start, d.end, pools[d.pool], d.precision, max(s.batch, 1.0) * ppr,
                                               w.context_len, w.reach, w.kv_fill, calibrated=False).seconds
                 self.costs.calibration.observe(d.pool, "decode", d.start, d.end, s.step_s, pred)
 
@@ -371,7 +438,7 @@ class PlacementController:
         """(current placement, target plan, current placement's evaluation, workload)."""
         current = self.current()
         pools = self.pools(current)
-        w = workload_from(obs, self.facts, self.cfg.context_len)
+        w = workload_from(obs, self.facts, self.cfg.context_len, self.cfg.exit_aware)
         self._calibrate(obs, current, {p.name: p for p in pools}, w)
         batches = [s.batch for s in obs.stages if math.isfinite(s.batch)]
         user = {p.stage: p for p in self.pins()}
@@ -387,6 +454,11 @@ class PlacementController:
                         tpot_slo_s=self.cfg.tpot_slo_s, target_utilisation=self.cfg.target_utilisation,
                         batch_size=max(1, round(max(batches))) if batches else 16,
                         max_replicas_per_stage=64)  # capped below: an over-bound plan is still a plan
+        try:  # the p99 anchor: the current placement's predicted mean against the measured p99
+            c = c.model_copy(update={"tpot_p99_factor": p99_factor(
+                obs, evaluate(self.facts.model, pools, w, current, c, self.costs).tpot_s)})
+        except PlacementError:
+            pass
         target = plan(self.facts.model, pools, w, c, self.costs)
         # measured floor: never fewer replicas than the measured busy time needs
         stages = []
@@ -397,7 +469,9 @@ class PlacementController:
             n = st.replicas if pinned else min(self.cfg.max_replicas_per_stage, max(st.replicas, need))
             n = max(n, 1)
             stages.append(st.model_copy(update={"replicas": n}))
-        target = target.model_copy(update={"stages": stages})
+        by_name = {p.name: p for p in pools}
+        target = target.model_copy(update={"stages": stages, "cost": round(sum(
+            st.replicas * by_name[st.pool].cost_per_hour for st in stages), 9)})
         try:
             cur_eval = evaluate(self.facts.model, pools, w, current, c, self.costs)
         except PlacementError:
@@ -426,8 +500,9 @@ class PlacementController:
             rec = {"time": now, "outcome": "hold", "reason": f"no plan: {e}"}
             self._log(rec)
             return [rec]
+        measured = obs.request_tpot_ms_p99 or obs.tpot_ms_p99  # whole requests' when the ingress reports it
         breaches = detect_breaches(obs.signals, self.policy.cfg, self.cfg.tpot_slo_s,
-                                   obs.tpot_ms_p99 / 1e3 if obs.tpot_ms_p99 and self.cfg.tpot_slo_s else None)
+                                   measured / 1e3 if measured and self.cfg.tpot_slo_s else None)
         out = []
         for d in self.policy.step(now, current, target, cur_eval, breaches):
             rec = json.loads(d.model_dump_json())
@@ -472,7 +547,11 @@ class PlacementController:
                 "stages": [{"layers": [s.start, s.end - 1], "pool": s.pool, "replicas": s.replicas,
                             "precision": s.precision, "utilisation": round(s.utilisation, 3)}
                            for s in self.last_plan.stages],
-                "tpot_ms": round(self.last_plan.tpot_s * 1e3, 3), "cost": self.last_plan.cost},
+                "tpot_ms": round(self.last_plan.tpot_s * 1e3, 3),
+                "tpot_p99_ms": round(self.last_plan.tpot_p99_s * 1e3, 3), "meets_slo": self.last_plan.meets_slo,
+                "slo_ms": None if self.cfg.tpot_slo_s is None else round(self.cfg.tpot_slo_s * 1e3, 3),
+                "cost_per_hour": self.last_plan.cost, "exit_aware": self.cfg.exit_aware,
+                "reasons": self.last_plan.reasons, "notes": self.last_plan.notes},
             "moves_made": self.moves_made,
             "pool_fits": {n: {"fixed_overhead_s": f.fixed_overhead_s, "mem_bandwidth": f.mem_bandwidth,
                               "flops": f.flops, "rms_residual_s": f.rms_residual_s,

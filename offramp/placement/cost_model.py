@@ -143,6 +143,12 @@ class ModelSpec(BaseModel):
         return [e for e in sorted(self.exit_layers) if start < e <= end and e < self.num_layers]
 
 
+# Cost of one replica-hour when a config names none: one mid-range cloud GPU vs one CPU node
+# of about 8 vCPUs at on-demand list prices (2026). Set your own in the controller config
+# (``cost_per_replica_hour``) or the Helm values (``placement.costPerReplicaHour``).
+DEFAULT_COST_PER_HOUR: dict[str, float] = {"gpu": 2.0, "cpu": 0.25}
+
+
 class PoolSpec(BaseModel):
     """A pool of identical devices (one GPU, or one CPU node, per stage replica)."""
 
@@ -161,9 +167,10 @@ class PoolSpec(BaseModel):
     )
     link_bandwidth: float = Field(1.25e9, gt=0, description="Network bytes/s to other pools.")
     hop_fixed_s: float = Field(0.0015, ge=0, description="Fixed cost of one stage-to-stage hop, seconds.")
-    device_cost: float = Field(
-        1.0, ge=0, description="Objective weight of one device (e.g. GPU 1.0, CPU node 0.05)."
-    )
+    cost_per_hour: float = Field(
+        1.0, ge=0, description="What one replica on this pool costs per hour (any currency, the same for every "
+        "pool): the planner's objective is the cheapest placement meeting the TPOT SLO. Defaults: "
+        "DEFAULT_COST_PER_HOUR.")
     memory_reserve: float = Field(
         0.1, ge=0, lt=1, description="Fraction of memory kept free for activations and fragmentation."
     )
@@ -215,10 +222,16 @@ class Calibration:
         return self.factor(pool, kind, start, end)
 
     def factor(self, pool: str, kind: StepKind, start: int | None = None, end: int | None = None) -> float:
-        """Multiplier for predictions of this stage on this pool (1.0 when nothing measured)."""
+        """Multiplier for predictions of this stage on this pool: measured there, else the
+        pool's average, else this stage's average over the pools it was measured on (what
+        the model misses about a stage - framework overhead, batch shapes - moves with it to
+        a pool not measured yet), else 1.0."""
         v = self._log.get((pool, kind, start, end))
         if v is None:
-            v = self._log.get((pool, kind), 0.0)
+            v = self._log.get((pool, kind))
+        if v is None:
+            seen = [x for (p, k, *rng), x in self._log.items() if k == kind and rng == [start, end] and p != pool]
+            v = sum(seen) / len(seen) if seen else 0.0
         return math.exp(v)
 
 

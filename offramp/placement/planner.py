@@ -6,15 +6,21 @@ precision per stage, and replicas per stage.
 Objective (lexicographic):
   1. feasible: every stage's weights + KV fit one device, per-pool device counts hold,
      each replica runs at <= ``target_utilisation`` at the offered load;
-  2. meets the TPOT SLO (if none does, the lowest-TPOT feasible plan is returned with
-     ``meets_slo=False``);
-  3. minimise device cost  sum(replicas * pool.device_cost)  (GPU 1.0, CPU node cheap:
-     this is "minimise GPU devices used");
+  2. meets the TPOT SLO, a p99 over requests of each request's TPOT, predicted as the
+     mean TPOT times ``tpot_p99_factor`` (measured p99 over the model's mean for the current
+     placement); if none does, the lowest-TPOT feasible plan is returned with
+     ``meets_slo=False``;
+  3. minimise cost per hour  sum(replicas * pool.cost_per_hour)  (a GPU replica-hour costs
+     several CPU-node ones: cost_model.DEFAULT_COST_PER_HOUR);
   4. tie-break: lower TPOT, then fewer stages, then the lexicographically smallest split.
 
 Exit-awareness: the arrival rate at a stage is ``decode_tokens_per_s * reach[start]``
-and its TPOT share is weighted by ``reach[start]`` (mean TPOT), so a rarely reached deep
-stage may sit on a slow CPU pool when the SLO still holds, freeing GPUs.
+(stage-0 passes per second times the fraction of them that visit it) and its TPOT share is
+weighted by ``reach[start]`` (mean TPOT), so a rarely reached deep stage may sit on a slow
+CPU pool when the SLO still holds, freeing GPUs. Speculative exits: a deep visit verifies a
+whole draft, so a row there carries ``positions_per_row`` positions (compute per visit
+grows) and a stage-0 pass yields ``tokens_per_pass`` tokens (rejected drafts cost passes);
+TPOT = sum over stages of reach x (step + hop), divided by ``tokens_per_pass``.
 
 Search: dynamic programming over contiguous layer ranges.  State = (layers covered,
 stages used, pool/precision of the last stage); each state keeps a small Pareto set of
@@ -48,6 +54,12 @@ class Workload(BaseModel):
     prefill_chunk: int = Field(256, ge=1, description="Prompt tokens per prefill step.")
     kv_fill: KvFill = Field("exact", description="How skipped layers get KV: 'exact' backfill or 'propagate'.")
     gate_pass_ratio: float = Field(1.5, ge=1, description="LM-head evaluations per exited token at a tap.")
+    positions_per_row: list[float] | None = Field(
+        None, description="Mean positions a row carries into layer l (len num_layers); None = 1 everywhere. "
+        "Speculative verification brings a draft's positions to the deep stages in one row, so their compute "
+        "per visit grows while their visits shrink.")
+    tokens_per_pass: float = Field(1.0, gt=0, description="Tokens emitted per stage-0 pass: 1 without "
+                                   "speculation; (accepted + 1) / drafted with it (rejected drafts cost passes).")
 
     @model_validator(mode="after")
     def _check(self) -> "Workload":
@@ -62,6 +74,9 @@ class Workload(BaseModel):
             if any(b > a + 1e-12 for a, b in zip(self.reach, self.reach[1:])):
                 raise PlacementError("workload reach must be non-increasing (tokens only leave); "
                                      "build it with reach_from_exit_rates.")
+        if self.positions_per_row is not None and any(not (1.0 <= p < math.inf) for p in self.positions_per_row):
+            raise PlacementError(f"workload positions_per_row {self.positions_per_row} must be finite and >= 1 "
+                                 "(a row carries at least its own position).")
         return self
 
 
@@ -81,7 +96,12 @@ class Constraints(BaseModel):
     max_stages: int = Field(4, ge=1, description="Most stages considered when num_stages is None.")
     split: list[int] | None = Field(None, description="Fixed split points (first layer of stages 1..N-1).")
     pins: list[Pin] = Field(default_factory=list, description="Per-stage pool / replicas / precision pins.")
-    tpot_slo_s: float | None = Field(None, gt=0, description="Time-per-output-token target, seconds.")
+    tpot_slo_s: float | None = Field(None, gt=0, description="Target p99 over requests of each request's TPOT, "
+                                     "seconds (predicted as the mean TPOT x tpot_p99_factor).")
+    tpot_p99_factor: float = Field(1.0, gt=0, description="Predicted p99 of requests' TPOT per second of predicted "
+                                   "mean TPOT. The controller sets it to the p99 the ingress measures over the mean "
+                                   "the cost model predicts for the current placement: the model predicts how a "
+                                   "placement changes TPOT, the measurement anchors the level (1.0 before traffic).")
     tpot_mode: Literal["mean", "full_depth"] = Field(
         "mean", description="'mean' weights each stage by the fraction reaching it; 'full_depth' = no exits.")
     target_utilisation: float = Field(0.75, gt=0, le=1, description="Busy fraction per replica at plan load.")
@@ -121,12 +141,16 @@ class Plan(BaseModel):
     """Result of :func:`plan` or :func:`evaluate`."""
 
     stages: list[StagePlan]
-    cost: float = Field(..., description="Sum of replicas * device_cost.")
+    cost: float = Field(..., description="Sum of replicas * cost_per_hour: what the placement costs per hour.")
     tpot_s: float = Field(..., description="Predicted TPOT in the constraints' tpot_mode.")
+    tpot_p99_s: float = Field(0.0, description="Predicted p99 of requests' TPOT (tpot_s x tpot_p99_factor): "
+                              "what tpot_slo_s is checked against.")
     tpot_full_depth_s: float = Field(..., description="Predicted TPOT of a token that never exits.")
     devices: dict[str, int] = Field(..., description="Devices used per pool.")
     meets_slo: bool = Field(True, description="False when no feasible plan met tpot_slo_s.")
     notes: list[str] = Field(default_factory=list, description="Human-readable remarks.")
+    reasons: list[str] = Field(default_factory=list, description="Per stage: why this pool and replica count "
+                               "(the cheaper alternatives and what they would miss).")
 
     @property
     def split(self) -> list[int]:
@@ -223,7 +247,9 @@ def _stage(cm: CostModel, start: int, end: int, opt: _Opt, reach: list[float], w
     kv_total = cm.kv_bytes(start, end, prec, w.concurrent_sequences, w.max_context)
     r_mem = math.ceil(kv_total / free - 1e-9) if kv_total > 0 else 1
     r0 = reach[start]
-    full = cm.decode_step(start, end, pool, prec, c.batch_size, w.context_len, reach, w.kv_fill, w.gate_pass_ratio)
+    ppr = w.positions_per_row[start] if w.positions_per_row is not None else 1.0
+    full = cm.decode_step(start, end, pool, prec, c.batch_size * ppr, w.context_len, reach, w.kv_fill,
+                          w.gate_pass_ratio)
     busy = w.decode_tokens_per_s * r0 * full.seconds / c.batch_size  # device-seconds per second
     if w.prefill_tokens_per_s > 0:
         pf = cm.prefill_chunk(start, end, pool, prec, w.prefill_chunk)
@@ -233,7 +259,8 @@ def _stage(cm: CostModel, start: int, end: int, opt: _Opt, reach: list[float], w
     if replicas < r_mem or replicas > min(pool.count, c.max_replicas_per_stage):
         return None
     lat_batch = min(c.batch_size, max(1, math.ceil(w.concurrent_sequences * r0 / replicas)))
-    step = cm.decode_step(start, end, pool, prec, lat_batch, w.context_len, reach, w.kv_fill, w.gate_pass_ratio)
+    step = cm.decode_step(start, end, pool, prec, lat_batch * ppr, w.context_len, reach, w.kv_fill,
+                          w.gate_pass_ratio)
     return StagePlan(start=start, end=end, pool=pool.name, precision=prec, replicas=replicas,
                      step_s=step.seconds, reach=r0, utilisation=busy / replicas, weight_bytes=wb,
                      kv_bytes=kv_total / replicas, bound=full.bound)
@@ -289,14 +316,14 @@ def _search(model: ModelSpec, pools: Sequence[PoolSpec], reach: list[float], w: 
                         hop = 0.0 if lab.stage is None else cm.hop_s(by_name[lab.stage.pool], o.pool, rows)
                         share = st.step_s + hop
                         lat = lab.lat + (share * st.reach if c.tpot_mode == "mean" else share)
-                        if slo is not None and lat > slo + 1e-12:
+                        if slo is not None and lat * c.tpot_p99_factor / w.tokens_per_pass > slo + 1e-12:
                             continue  # latency only grows along a path
                         usage = list(lab.usage)
                         usage[pidx[o.pool.name]] += st.replicas
                         if any(u > n for u, n in zip(usage, counts)):
                             continue
                         stage = st.model_copy(update={"hop_in_s": hop})
-                        new.append(_Label(lab.cost + st.replicas * o.pool.device_cost, lat, tuple(usage), stage, lab))
+                        new.append(_Label(lab.cost + st.replicas * o.pool.cost_per_hour, lat, tuple(usage), stage, lab))
                 if not new:
                     continue
                 new.sort(key=lambda x: (round(x.cost, 9), x.lat, x.usage, _splits(x)))
@@ -313,7 +340,7 @@ def _search(model: ModelSpec, pools: Sequence[PoolSpec], reach: list[float], w: 
     return finals
 
 
-def _to_plan(lab: _Label, pools: Sequence[PoolSpec], c: Constraints, met: bool) -> Plan:
+def _to_plan(lab: _Label, pools: Sequence[PoolSpec], c: Constraints, w: Workload, met: bool) -> Plan:
     stages: list[StagePlan] = []
     node: _Label | None = lab
     while node is not None and node.stage is not None:
@@ -332,8 +359,9 @@ def _to_plan(lab: _Label, pools: Sequence[PoolSpec], c: Constraints, met: bool) 
     if not met:
         notes.append(f"no feasible plan meets tpot_slo_s={c.tpot_slo_s}; this is the lowest-TPOT plan "
                      f"({lab.lat:.4g} s). Add faster devices, allow more stages, or relax the SLO.")
-    return Plan(stages=stages, cost=round(lab.cost, 9), tpot_s=lab.lat, tpot_full_depth_s=full,
-                devices=devices, meets_slo=met, notes=notes)
+    tpot = lab.lat / w.tokens_per_pass
+    return Plan(stages=stages, cost=round(lab.cost, 9), tpot_s=tpot, tpot_p99_s=tpot * c.tpot_p99_factor,
+                tpot_full_depth_s=full, devices=devices, meets_slo=met, notes=notes)
 
 
 def plan(model: ModelSpec, pools: Sequence[PoolSpec], workload: Workload,
@@ -345,13 +373,53 @@ def plan(model: ModelSpec, pools: Sequence[PoolSpec], workload: Workload,
     finals = _search(model, pools, reach, workload, c, cm, use_slo=c.tpot_slo_s is not None)
     if finals:
         best = min(finals, key=lambda x: (round(x.cost, 9), x.lat, _depth(x), _splits(x)))
-        return _to_plan(best, pools, c, met=True)
+        return _explained(_to_plan(best, pools, c, workload, met=True), model, pools, workload, c, cm)
     if c.tpot_slo_s is not None:
         finals = _search(model, pools, reach, workload, c, cm, use_slo=False)
         if finals:
             best = min(finals, key=lambda x: (x.lat, round(x.cost, 9), _depth(x), _splits(x)))
-            return _to_plan(best, pools, c, met=False)
+            return _explained(_to_plan(best, pools, c, workload, met=False), model, pools, workload, c, cm)
     raise PlacementError(_diagnose(model, pools, workload, c, cm))
+
+
+def _explained(p: Plan, model: ModelSpec, pools: Sequence[PoolSpec], w: Workload, c: Constraints,
+               cm: CostModel) -> Plan:
+    """``p`` with one reason per stage: each other pool/precision for the same layers (sized
+    for the same load, the rest of the plan unchanged), what it would cost and predict, and
+    why it lost (dearer, misses the SLO, does not fit)."""
+    reach = list(w.reach) if w.reach is not None else [1.0] * model.num_layers
+    pins = {q.stage: q for q in c.pins}
+    free = c.model_copy(update={"max_replicas_per_stage": 10**9})
+    slo = c.tpot_slo_s
+    out = []
+    for k, st in enumerate(p.stages):
+        head = (f"stage {k} (layers {st.start}-{st.end - 1}, {st.reach:.0%} of tokens reach it): {st.pool} "
+                f"x{st.replicas} {st.precision}")
+        pin = pins.get(k)
+        if pin is not None and pin.pool is not None:
+            out.append(f"{head}: pinned to pool {pin.pool}")
+            continue
+        alts = []
+        for o in _options(pools, c, None):
+            if (o.pool.name, o.precision) == (st.pool, st.precision):
+                continue
+            alt = _stage(cm, st.start, st.end, o, reach, w, free, None)
+            if alt is None or alt.replicas > min(o.pool.count, c.max_replicas_per_stage):
+                alts.append(f"{o.pool.name} {o.precision} does not fit (its memory, or more replicas than the pool's "
+                            f"{o.pool.count} devices)")
+                continue
+            deps = [d if i != k else StageDeployment(**alt.model_dump(include=set(StageDeployment.model_fields)))
+                    for i, d in enumerate(p.deployments())]
+            e = evaluate(model, pools, w, deps, c, cm)
+            what = f"{o.pool.name} x{alt.replicas} would cost {e.cost:.2f}/h at p99 TPOT {1e3 * e.tpot_p99_s:.1f} ms"
+            if slo is not None and e.tpot_p99_s > slo + 1e-12:
+                alts.append(f"{what}, over the {1e3 * slo:.1f} ms SLO")
+            elif e.cost > p.cost + 1e-9:
+                alts.append(f"{what}: dearer")
+            else:
+                alts.append(f"{what}: slower at no lower cost")
+        out.append(f"{head}" + (f"; {'; '.join(alts)}" if alts else ": the only option"))
+    return p.model_copy(update={"reasons": out})
 
 
 def _depth(lab: _Label) -> int:
@@ -417,12 +485,13 @@ def evaluate(model: ModelSpec, pools: Sequence[PoolSpec], workload: Workload,
                 workload.concurrent_sequences * st.reach / max(st.replicas, 1)))))
         st = st.model_copy(update={"hop_in_s": hop})
         lat += (st.step_s + hop) * (st.reach if c.tpot_mode == "mean" else 1.0)
-        cost += d.replicas * pool.device_cost
+        cost += d.replicas * pool.cost_per_hour
         out.append(st)
         prev = pool
     if pos != model.num_layers:
         raise PlacementError(f"stages cover layers 0..{pos} but the model has {model.num_layers}; add the rest.")
     devices = {p.name: sum(s.replicas for s in out if s.pool == p.name) for p in pools}
-    met = c.tpot_slo_s is None or lat <= c.tpot_slo_s
-    return Plan(stages=out, cost=round(cost, 9), tpot_s=lat, tpot_full_depth_s=sum(s.step_s + s.hop_in_s for s in out),
-                devices=devices, meets_slo=met)
+    lat /= workload.tokens_per_pass
+    met = c.tpot_slo_s is None or lat * c.tpot_p99_factor <= c.tpot_slo_s
+    return Plan(stages=out, cost=round(cost, 9), tpot_s=lat, tpot_p99_s=lat * c.tpot_p99_factor,
+                tpot_full_depth_s=sum(s.step_s + s.hop_in_s for s in out), devices=devices, meets_slo=met)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from typing import Literal, Mapping, Sequence
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from offramp.placement.planner import Plan, StageDeployment
 from offramp.placement.signals import StageSignals
@@ -54,6 +54,8 @@ class Decision(BaseModel):
 
 class PolicyConfig(BaseModel):
     """Hysteresis settings."""
+
+    model_config = ConfigDict(extra="forbid")
 
     sustain_intervals: int = Field(3, ge=1, description="Consecutive breached intervals before acting.")
     min_gain: float = Field(0.25, ge=0, description="Predicted relative gain that justifies a move.")

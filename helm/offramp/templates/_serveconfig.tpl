@@ -106,6 +106,19 @@ applications:
         key_file: {{ printf "%s/%s" $dir $v.channel.tls.keyKey }}
         ca_file: {{ printf "%s/%s" $dir $v.channel.tls.caKey }}
       {{- end }}
+      {{- if $v.placement.enabled }}
+      {{- $p := $v.placement }}
+      {{- /* ControllerConfig fields; no `app`: the ingress sets it to this app's name. */}}
+      placement:
+        interval_s: {{ $p.intervalS }}
+        max_knob: {{ $p.maxKnob }}
+        tpot_slo_s: {{ if $p.tpotSloMs }}{{ divf $p.tpotSloMs 1000 }}{{ else }}null{{ end }}
+        target_utilisation: {{ $p.targetUtilisation }}
+        max_replicas_per_stage: {{ $p.maxReplicasPerStage | int }}
+        policy:
+          dry_run: {{ $p.dryRun }}
+        cost_per_replica_hour: {{ toJson $p.costPerReplicaHour }}
+      {{- end }}
     deployments:
 {{ include "offramp.deployment" (dict "d" $v.ingress "name" "OfframpIngress" "root" .) | indent 6 }}
       {{- range $i, $s := $stages }}

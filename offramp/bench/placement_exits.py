@@ -1,0 +1,377 @@
+"""``offramp bench placement --exit-aware``: what exit-aware placement saves, in one run.
+
+Three contenders serve the same load, one after the other, on one local pool cluster (a
+head, a GPU-pool node, a CPU-pool node), each starting from the same placement: the
+embedded model in two stages, both on the fast pool, speculative exits (Stage0 drafts with
+its exit head, Stage1 verifies a draft in one visit):
+
+* ``exit_aware``: the placement controller (knobs up to ``pool``, the cost objective, a p99
+  TPOT SLO) planning with the measured post-exit traffic: deep visits per stage-0 pass,
+  positions per row at each stage, tokens per stage-0 pass;
+* ``exit_unaware``: the same controller told every token visits every stage once
+  (``ControllerConfig.exit_aware=False``);
+* ``static_fast``: no controller, everything on the fast pool (what a user picks for
+  latency without a planner).
+
+Each reports cost per hour (time-weighted over its measured window, and at its end), p99
+and mean of the requests' TPOT (client side: a request's (last token - first token) /
+(tokens - 1)), failed requests, the moves made and deep visits per token. A timeline PNG
+shows each contender's placement, cost and rolling p99 over time.
+
+Emulated pools (one machine has one kind of core). The speed of both pools comes from a
+start-up profile of this machine's cores: Stage1's layers are timed in this process at a
+few batch sizes (``StageWorker.profile``, what every replica runs at start-up), and
+:func:`~offramp.placement.cost_model.fit_profile` fits overhead, bandwidth and FLOP rate.
+The fast pool is that fit slowed by ``--fast-factor``, the slow pool by ``--slow-factor``:
+a replica waits out the fitted roofline times the factor after each pass
+(:class:`~offramp.deployments.config.EmulatedDevice`, an asyncio sleep that holds the
+replica but no core), so replicas of an emulated pool add capacity as separate devices
+would. The controller is given the same pool figures (what an operator would state, or
+profiles would fit). Real compute still runs under the sleep; the fast factor keeps it
+below the emulated time on this machine's two cores.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import threading
+import time
+from pathlib import Path
+
+from offramp.bench.common import json_stdout, percentile
+from offramp.deployments.config import INGRESS_NAME, stage_name
+
+APP = "offramp"
+CONTENDERS = ("exit_aware", "exit_unaware", "static_fast")
+
+
+def add_arguments(p) -> None:
+    g = p.add_argument_group("--exit-aware (three contenders: exit-aware vs exit-unaware controller vs static)")
+    g.add_argument("--exit-aware", action="store_true",
+                   help="compare exit-aware placement, exit-unaware placement and a static all-fast placement "
+                        "under one load (see the module doc of offramp.bench.placement_exits)")
+    g.add_argument("--exit-mode", choices=("speculative", "calibrated"), default="speculative",
+                   help="the load's exit mode (app default)")
+    g.add_argument("--run-s", type=float, default=150.0, help="measured seconds per contender")
+    g.add_argument("--warm-s", type=float, default=20.0, help="seconds of load before the measured window")
+    g.add_argument("--fast-factor", type=float, default=4.0,
+                   help="fast (GPU) pool = this machine's fitted speed slowed by this factor")
+    g.add_argument("--slow-factor", type=float, default=12.0,
+                   help="slow (CPU) pool = this machine's fitted speed slowed by this factor")
+    g.add_argument("--tpot-slo-ms", type=float, default=60.0, help="p99 TPOT SLO of both controllers")
+    g.add_argument("--interval-s", type=float, default=4.0, help="controller interval")
+    g.add_argument("--prompt-tokens", type=int, default=24, help="prompt length (held-out text, every task)")
+    g.add_argument("--contenders", default=",".join(CONTENDERS), help="subset to run, comma-separated")
+    g.add_argument("--tasks", default="math,code,prose",
+                   help="held-out tasks the prompts come from (how often drafts are accepted depends on it: "
+                        "math 5 per deep visit, code and prose about 1.6 on the embedded model)")
+
+
+def _emulation(model_dir: Path, factor_fast: float, factor_slow: float, ctx: int):
+    """Fit this machine's speed from Stage1's start-up profile; the two pools' emulation
+    (EmulatedDevice) and the controller's PoolSpecs, each the fit slowed by its factor."""
+    from offramp.deployments.config import EmulatedDevice
+    from offramp.ops.engine import StagedModel
+    from offramp.placement.cost_model import DEFAULT_COST_PER_HOUR, ModelSpec, PoolSpec, ProfileSample, fit_profile
+
+    staged = StagedModel(model_dir, num_stages=2, max_slots=16, max_seq=256)
+    staged.workers[1].profile()  # warm-up: the first timings of a fresh process run slow
+    samples = [ProfileSample.model_validate(p) for p in staged.workers[1].profile(repeats=5)]
+    spec = staged.spec
+    model = ModelSpec(name="default", num_layers=spec.num_layers, hidden=spec.hidden_size,
+                      intermediate=spec.intermediate_size, heads=spec.num_heads, kv_heads=spec.num_kv_heads,
+                      vocab=spec.vocab_size)
+    fit = fit_profile(model, samples)
+    layers = staged.ranges[1][1] - staged.ranges[1][0]
+    mem = model.weight_bytes(layers * model.layer_params(), "fp32") / fit.mem_bandwidth
+    per_pos = layers * model.layer_flops(ctx) / fit.flops
+    emulate, pools = {}, []
+    for name, kind, f in (("gpu", "gpu", factor_fast), ("cpu", "cpu", factor_slow)):
+        emulate[name] = EmulatedDevice(step_s=f * fit.fixed_overhead_s, mem_s=f * mem, per_token_s=f * per_pos)
+        pools.append(PoolSpec(name=name, kind=kind, count=4, memory_bytes=16e9, mem_bandwidth=fit.mem_bandwidth / f,
+                              flops=fit.flops / f, fixed_overhead_s=f * fit.fixed_overhead_s, hop_fixed_s=0.002,
+                              cost_per_hour=DEFAULT_COST_PER_HOUR[kind]))
+    return fit, samples, emulate, pools
+
+
+def _config(model_dir: Path, port: int, emulate: dict, exit_mode: str) -> dict:
+    deps = [{"name": INGRESS_NAME, "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}}]
+    deps += [{"name": stage_name(k), "num_replicas": 1,
+              "ray_actor_options": {"num_cpus": 0.5, "resources": {"pool_gpu": 1}}} for k in range(2)]
+    return {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": port},
+            "applications": [{"name": APP, "route_prefix": "/", "import_path": "offramp.deployments.app:build_app",
+                              "args": {"model": str(model_dir), "num_stages": 2,
+                                       "stages": [{"pool": "gpu", "threads": 1}, {"pool": "gpu", "threads": 1}],
+                                       "exit": {"mode": exit_mode, "draft_max_active": None},
+                                       "api_key_env": "", "request_timeout_s": 60.0,
+                                       "emulate_pools": {k: v.model_dump() for k, v in emulate.items()}},
+                              "deployments": deps}]}
+
+
+class _Requests:
+    """Closed-loop greedy streams over the prompts; per request: end time, TPOT, ok."""
+
+    def __init__(self, base_url: str, prompts: list[list[int]], max_tokens: int):
+        self.base_url, self.prompts, self.max_tokens = base_url, prompts, max_tokens
+        self.done: list[tuple[float, float | None, str | None]] = []  # (end, tpot s, error)
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    def start(self, streams: int) -> None:
+        for i in range(streams):
+            t = threading.Thread(target=self._run, args=(i, streams), daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def _run(self, i: int, streams: int) -> None:
+        from openai import OpenAI
+
+        client = OpenAI(base_url=self.base_url, api_key="unused", max_retries=0, timeout=90)
+        n = i
+        while not self._stop.is_set():
+            first = last = None
+            tokens, err = 0, None
+            try:
+                for chunk in client.completions.create(model="offramp-default", prompt=self.prompts[n % len(self.prompts)],
+                                                       stream=True, max_tokens=self.max_tokens, temperature=0,
+                                                       extra_body={"ignore_eos": True}):
+                    extra = (chunk.choices[0].model_extra or {}).get("offramp") if chunk.choices else None
+                    k = len(extra.get("exit_stages") or ()) if isinstance(extra, dict) else 0
+                    if k:
+                        now = time.monotonic()
+                        first = first or now
+                        last, tokens = now, tokens + k
+            except Exception as e:  # noqa: BLE001 - counted and reported
+                err = f"{type(e).__name__}: {e}"
+            tpot = (last - first) / (tokens - 1) if err is None and tokens > 1 and first != last else None
+            with self._lock:
+                self.done.append((time.monotonic(), tpot, err))
+            n += streams
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=120)
+
+
+def _placement_cost(placement: list, pools: dict) -> float:
+    return sum(d.replicas * pools[d.pool].cost_per_hour for d in placement)
+
+
+def _contender(name: str, args, model_dir: Path, emulate: dict, pools: list, prompts: list[list[int]], port: int,
+               bar) -> dict:
+    from offramp.cluster import rayops
+    from offramp.cluster.local import deploy_config
+    from offramp.placement.controller import ControllerActor, ControllerConfig, app_facts, controller_name
+    from offramp.placement.mover import stage_placement
+
+    by_name = {p.name: p for p in pools}
+    deploy_config(_config(model_dir, port, emulate, args.exit_mode), APP, wait_s=300)
+    ranges = app_facts(rayops.deployed_app_config(APP)).ranges
+    load = _Requests(f"http://127.0.0.1:{port}/v1", prompts, args.max_tokens)
+    actor, timeline, st = None, [], None
+    try:
+        load.start(args.streams)
+        time.sleep(args.warm_s)
+        if name != "static_fast":
+            cfg = ControllerConfig(app=APP, interval_s=args.interval_s, max_knob="pool", pools=pools,
+                                   profile_pools=False, tpot_slo_s=args.tpot_slo_ms / 1000,
+                                   exit_aware=name == "exit_aware", max_replicas_per_stage=args.max_replicas,
+                                   target_utilisation=0.75,
+                                   policy={"sustain_intervals": 2, "cooldown_s": args.cooldown_s, "min_gain": 0.25})
+            actor = rayops.start_detached(ControllerActor, controller_name(APP), cfg.model_dump(mode="json"))
+            rayops.call(actor, "status", 1, timeout=120)
+        t0 = time.monotonic()
+        ing0 = rayops.registry_ingress(APP) or {}
+        while time.monotonic() - t0 < args.run_s:
+            cur = stage_placement(rayops.deployed_app_config(APP) or {}, ranges)
+            ing = rayops.registry_ingress(APP) or {}
+            timeline.append({"t": time.monotonic() - t0, "cost": _placement_cost(cur, by_name),
+                             "stages": [(d.pool, d.replicas) for d in cur],
+                             "passes": ing.get("stage_passes"), "emitted": ing.get("tokens_emitted")})
+            bar.update(0)
+            time.sleep(2.0)
+        t1 = time.monotonic()
+        ing1 = rayops.registry_ingress(APP) or {}
+        if actor is not None:
+            st = rayops.call(actor, "status", 200)
+    finally:
+        load.stop()
+        if actor is not None:
+            rayops.kill_actor(actor)
+        rayops.delete_app(APP)
+    reqs = [(t - t0, tp, e) for t, tp, e in load.done if t0 <= t <= t1]
+    wall_off = time.time() - time.monotonic()
+    moves = [] if st is None else [
+        {"at_s": round(d["time"] - wall_off - t0, 1), "reason": d.get("reason"), "result": d.get("result")}
+        for d in st["decisions"] if d.get("outcome") == "apply" and d["time"] - wall_off >= t0 - args.warm_s]
+    settled = max([m["at_s"] for m in moves], default=0.0) + 10.0  # after the last move has warmed up
+    tp_all = [tp for _, tp, e in reqs if e is None and tp is not None]
+    tp_steady = [tp for t, tp, e in reqs if e is None and tp is not None and t >= settled]
+    costs = [(p["t"], p["cost"]) for p in timeline]
+    mean_cost = sum(c * (b[0] - a[0]) for (a, b), c in zip(zip(costs, costs[1:]), [c for _, c in costs])) / max(
+        costs[-1][0] - costs[0][0], 1e-9) if len(costs) > 1 else (costs[0][1] if costs else math.nan)
+    p0, p1 = ing0.get("stage_passes"), ing1.get("stage_passes")
+    deep = None
+    if p0 and p1 and ing1.get("tokens_emitted") and ing0.get("tokens_emitted") is not None:
+        emitted = ing1["tokens_emitted"] - ing0["tokens_emitted"]
+        deep = round((p1[1] - p0[1]) / emitted, 3) if emitted > 0 else None
+    return {
+        "cost_per_hour_mean": round(mean_cost, 3), "cost_per_hour_end": timeline[-1]["cost"] if timeline else None,
+        "placement_end": [f"{p} x{r}" for p, r in timeline[-1]["stages"]] if timeline else None,
+        "tpot_ms_p99": round(1000 * percentile(tp_all, 0.99), 2) if tp_all else None,
+        "tpot_ms_p99_settled": round(1000 * percentile(tp_steady, 0.99), 2) if tp_steady else None,
+        "tpot_ms_mean": round(1000 * sum(tp_all) / len(tp_all), 2) if tp_all else None,
+        "settled_from_s": settled, "requests_ok": sum(1 for _, _, e in reqs if e is None),
+        "requests_failed": sum(1 for _, _, e in reqs if e is not None),
+        "failures": [e for _, _, e in reqs if e is not None][:3],
+        "deep_visits_per_token": deep, "moves": moves,
+        "plan": None if st is None else st.get("plan"),
+        "_timeline": timeline, "_requests": [(t, tp) for t, tp, e in reqs if e is None and tp is not None],
+    }
+
+
+def run(args) -> int:
+    with json_stdout(args.json) as emit:
+        return _run(args, emit)
+
+
+def _run(args, emit) -> int:
+    import os
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # before Ray is imported: node IP 127.0.0.1
+    from tqdm import tqdm
+
+    from offramp.api.text import load_tokenizer
+    from offramp.bench.serve import TASKS, build_prompts
+    from offramp.cluster import rayops
+    from offramp.cluster.local import free_port, pool_cluster
+    from offramp.ops.engine import resolve_model_dir
+    from offramp.training.data import DataSpec, build_corpus
+
+    names = [n.strip() for n in args.contenders.split(",") if n.strip()]
+    bad = [n for n in names if n not in CONTENDERS]
+    if bad or not names:
+        raise ValueError(f"--contenders {args.contenders!r}: choose from {','.join(CONTENDERS)}")
+    t_start = time.monotonic()
+    model_dir = resolve_model_dir(None)
+    tok = load_tokenizer(model_dir)
+    heldout = build_corpus(DataSpec(), None)[1]
+    tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    if not tasks or any(t not in TASKS for t in tasks):
+        raise ValueError(f"--tasks {args.tasks!r}: choose from {','.join(TASKS)}")
+    prompts = [ids for _, ids in build_prompts(heldout, lambda t: tok.encode(t, add_special_tokens=True, verbose=False),
+                                               24, args.prompt_tokens, tasks)]
+    ctx = args.prompt_tokens + args.max_tokens // 2
+    fit, samples, emulate, pools = _emulation(model_dir, args.fast_factor, args.slow_factor, ctx)
+    out: dict = {"contenders": {}}
+    bar = tqdm(total=len(names), desc="bench placement --exit-aware", file=sys.stderr, disable=args.json)
+    port = free_port()
+    with contextlib.ExitStack() as boot:
+        boot.enter_context(pool_cluster(gpu_nodes=1, cpu_nodes=1, cpus_per_node=8, head_cpus=2))
+        try:
+            for name in names:
+                out["contenders"][name] = _contender(name, args, model_dir, emulate, pools, prompts, port, bar)
+                bar.update(1)
+        finally:
+            bar.close()
+            with contextlib.suppress(Exception):
+                rayops.shutdown_serve()
+    res = out["contenders"]
+    a, b = res.get("exit_aware"), res.get("exit_unaware")
+    slo = args.tpot_slo_ms
+    verdict = None
+    if a and b:
+        saving = 1 - a["cost_per_hour_mean"] / b["cost_per_hour_mean"] if b["cost_per_hour_mean"] else None
+        meets = {n: (r["tpot_ms_p99_settled"] or math.inf) <= slo and r["requests_failed"] == 0 for n, r in res.items()}
+        verdict = {"saving_vs_exit_unaware": None if saving is None else round(saving, 3),
+                   "meets_slo_and_0_failed": meets,
+                   "must_show": "exit-aware >= 30% cheaper than exit-unaware, both at the SLO with 0 failed",
+                   "met": bool(saving is not None and saving >= 0.30 and meets.get("exit_aware") and meets.get("exit_unaware"))}
+    out.update({
+        "verdict": verdict, "tpot_slo_ms": slo, "streams": args.streams, "max_tokens": args.max_tokens,
+        "exit_mode": args.exit_mode, "tasks": list(tasks),
+        "emulation": {"fit": {"fixed_overhead_ms": round(1e3 * fit.fixed_overhead_s, 4),
+                              "mem_bandwidth_gb_s": round(fit.mem_bandwidth / 1e9, 3),
+                              "gflops": round(fit.flops / 1e9, 3), "rms_residual_ms": round(1e3 * fit.rms_residual_s, 4),
+                              "samples": len(samples)},
+                      "fast_factor": args.fast_factor, "slow_factor": args.slow_factor,
+                      "pools": {k: v.model_dump() for k, v in emulate.items()},
+                      "cost_per_hour": {p.name: p.cost_per_hour for p in pools}},
+        "png": str(args.png), "wall_s": round(time.monotonic() - t_start, 1)})
+    _plot(args.png, res, slo)
+    for r in res.values():
+        r.pop("_timeline", None), r.pop("_requests", None)
+    if args.json:
+        emit(out)
+    else:
+        _print(out)
+    failed = sum(r["requests_failed"] for r in res.values())
+    return 0 if failed == 0 else 1
+
+
+def _print(out: dict) -> None:
+    print(f"{'contender':<14}{'cost/h mean':>12}{'cost/h end':>11}{'p99 ms':>9}{'p99 settled':>12}"
+          f"{'mean ms':>9}{'failed':>7}{'moves':>6}{'deep/token':>11}  placement at end")
+    for n, r in out["contenders"].items():
+        print(f"{n:<14}{r['cost_per_hour_mean']:>12}{r['cost_per_hour_end']:>11}{r['tpot_ms_p99']!s:>9}"
+              f"{r['tpot_ms_p99_settled']!s:>12}{r['tpot_ms_mean']!s:>9}{r['requests_failed']:>7}{len(r['moves']):>6}"
+              f"{r['deep_visits_per_token']!s:>11}  {', '.join(r['placement_end'] or [])}")
+        for m in r["moves"]:
+            print(f"    move at {m['at_s']} s: {m['reason']} -> {m['result']}")
+    print(f"SLO p99 TPOT {out['tpot_slo_ms']} ms; verdict: {out['verdict']}")
+    print(f"emulation: {out['emulation']['fit']}, fast x{out['emulation']['fast_factor']}, "
+          f"slow x{out['emulation']['slow_factor']}; timeline: {out['png']}")
+
+
+def _plot(path: Path, res: dict, slo: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"gpu": "tab:orange", "cpu": "tab:blue"}
+    fig, axes = plt.subplots(len(res), 1, figsize=(10, 2.8 * len(res)), sharex=True, squeeze=False)
+    for ax, (name, r) in zip(axes[:, 0], res.items()):
+        tl = r["_timeline"]
+        if not tl:
+            continue
+        ts = [p["t"] for p in tl]
+        ax.step(ts, [p["cost"] for p in tl], where="post", color="k", label="cost per hour")
+        ax.set_ylabel("cost / h")
+        top = max(p["cost"] for p in tl) * 1.5 or 1.0
+        for k in range(len(tl[0]["stages"])):  # one band per stage: its pool, replicas written on it
+            y0, h = top * (0.72 + 0.13 * k), top * 0.1
+            for a, b in zip(tl, tl[1:] + [tl[-1]]):
+                pool, reps = a["stages"][k]
+                ax.broken_barh([(a["t"], max(b["t"] - a["t"], 0.5))], (y0, h), color=colors.get(pool, "grey"), alpha=0.6)
+            ax.text(ts[0], y0 + h / 2, f" Stage{k}", va="center", fontsize=7)
+        ax.set_ylim(0, top * 1.0 + top * 0.02)
+        ax2 = ax.twinx()
+        reqs = sorted(r["_requests"])
+        roll = [(t, percentile([x for u, x in reqs if t - 20 <= u <= t], 0.99) * 1000)
+                for t in range(20, int(ts[-1]) + 1, 2) if any(t - 20 <= u <= t for u, _ in reqs)]
+        if roll:
+            ax2.plot([t for t, _ in roll], [p for _, p in roll], color="tab:red", label="p99 TPOT (20 s window)")
+        ax2.axhline(slo, color="tab:red", ls=":", label=f"SLO {slo:g} ms")
+        deep = []
+        for a, b in zip(tl, tl[1:]):
+            if a["passes"] and b["passes"] and b.get("emitted") and a.get("emitted") is not None and b["emitted"] > a["emitted"]:
+                deep.append((b["t"], (b["passes"][1] - a["passes"][1]) / (b["emitted"] - a["emitted"])))
+        ax2.set_ylabel("ms")
+        if deep:
+            ax3 = ax.twinx()
+            ax3.spines["right"].set_position(("axes", 1.08))
+            ax3.plot([t for t, _ in deep], [d for _, d in deep], color="tab:green", lw=0.8, label="deep visits / token")
+            ax3.set_ylim(0, 1.05)
+            ax3.set_ylabel("deep visits / token", color="tab:green")
+        ax.set_title(f"{name}: mean {r['cost_per_hour_mean']}/h, p99 {r['tpot_ms_p99']} ms, "
+                     f"{r['requests_failed']} failed, {len(r['moves'])} move(s)  (bands: orange = fast pool, blue = slow)",
+                     fontsize=9)
+        ax2.legend(loc="lower right", fontsize=7)
+    axes[-1, 0].set_xlabel("seconds into the measured window")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
