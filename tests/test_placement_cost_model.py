@@ -125,4 +125,5 @@ def test_calibration_carries_a_stage_factor_to_a_pool_not_measured_yet():
     assert cal.factor("cpu", "decode", 4, 8) == pytest.approx(2.0)  # what the model misses about the stage
     assert cal.factor("cpu", "decode", 0, 4) == pytest.approx(1.0)
     cal.observe("cpu", "decode", 0, 4, measured_s=0.03, predicted_s=0.01)
-    assert cal.factor("cpu", "decode", 4, 8) == pytest.approx(3.0)  # measured on the pool: the pool's average
+    assert cal.factor("cpu", "decode", 4, 8) == pytest.approx(2.0)  # the stage's own error, not stage 0's
+    assert cal.factor("cpu", "decode", 8, 12) == pytest.approx(3.0)  # a stage never measured: the pool's

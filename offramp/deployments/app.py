@@ -112,13 +112,18 @@ class StageDeployment:
         log.info("stage %d (layers %s) serving on %s:%d, %s %s", index, layers, self.server.host,
                  self.server.port, device, sa.dtype)
 
-    def _record(self, rows: int, positions: int, seconds: float) -> None:
-        self.steps["batches"] += 1
+    def _record(self, rows: int, positions: int, seconds: float, drafted: list[int] = ()) -> None:
+        """One channel step; a drafting row ran one more forward pass per draft, so passes
+        (``batches``), rows and positions count those: the placement controller's arrivals
+        at the drafting stage are its passes, and its step time must be per pass too."""
+        passes = 1 + max(drafted, default=0)
+        rows, positions = rows + sum(drafted), positions + sum(drafted)
+        self.steps["batches"] += passes
         self.steps["rows"] += rows
         self.steps["positions"] += positions
         self.steps["busy_s"] += seconds
         if positions == rows:
-            self.steps["decode_batches"] += 1
+            self.steps["decode_batches"] += passes
             self.steps["decode_s"] += seconds
         else:
             self.steps["prefill_batches"] += 1

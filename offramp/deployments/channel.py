@@ -517,8 +517,11 @@ class StageServer:
                             w.index, len(flat), type(e).__name__)
                 await self._one_by_one(good)
                 return
+            drafted = [len(res.drafts or ()) for res in results]  # drafting rows ran one pass per draft
             if self.emulate is not None:  # a modelled slower device: hold the replica, not a core
-                left = self.emulate.seconds(sum(lengths)) - (time.perf_counter() - t0)
+                modelled = self.emulate.seconds(sum(lengths)) + sum(
+                    self.emulate.seconds(sum(d >= j for d in drafted)) for j in range(1, max(drafted, default=0) + 1))
+                left = modelled - (time.perf_counter() - t0)
                 if left > 0:
                     await asyncio.sleep(left)
             for span, row, res in zip(spans, flat, results):
@@ -528,7 +531,7 @@ class StageServer:
                     tracing.verify_event(span, len(row.drafts), len(res.tokens) - 1)
         seconds = time.perf_counter() - t0
         if self.stats:
-            self.stats(len(flat), sum(lengths), seconds)
+            self.stats(len(flat), sum(lengths), seconds, drafted)
         metrics.record_step(w.index, lb["pool"], seconds, len(flat), queue_depth=self.queue.qsize())
         if not w.stage.last:
             live = [(row, res) for row, res in zip(flat, results) if not row.flush]

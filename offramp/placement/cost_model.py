@@ -222,16 +222,15 @@ class Calibration:
         return self.factor(pool, kind, start, end)
 
     def factor(self, pool: str, kind: StepKind, start: int | None = None, end: int | None = None) -> float:
-        """Multiplier for predictions of this stage on this pool: measured there, else the
-        pool's average, else this stage's average over the pools it was measured on (what
-        the model misses about a stage - framework overhead, batch shapes - moves with it to
-        a pool not measured yet), else 1.0."""
+        """Multiplier for predictions of this stage on this pool: measured there, else this
+        stage's average over the pools it was measured on (what the model misses about a
+        stage - its batch shapes, attended context, framework overhead - moves with it to a
+        pool not measured yet; another stage's error would not), else the pool's average,
+        else 1.0."""
         v = self._log.get((pool, kind, start, end))
         if v is None:
-            v = self._log.get((pool, kind))
-        if v is None:
             seen = [x for (p, k, *rng), x in self._log.items() if k == kind and rng == [start, end] and p != pool]
-            v = sum(seen) / len(seen) if seen else 0.0
+            v = sum(seen) / len(seen) if seen else self._log.get((pool, kind), 0.0)
         return math.exp(v)
 
 

@@ -1,0 +1,33 @@
+"""Pieces of ``offramp bench placement --exit-aware`` that decide its figures (the whole
+bench boots a cluster three times: docs/placement.md has its run)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from offramp.bench.placement_exits import time_weighted, verdict
+
+
+def test_time_weighted_cost_holds_each_value_until_the_next_sample():
+    assert time_weighted([(0, 4.0), (10, 2.25), (40, 2.25)]) == pytest.approx((4.0 * 10 + 2.25 * 30) / 40)
+    assert time_weighted([(5, 3.0)]) == 3.0 and math.isnan(time_weighted([]))
+
+
+def _r(cost, p99, failed=0):
+    return {"cost_per_hour_end": cost, "cost_per_hour_mean": cost + 0.5, "tpot_ms_p99_settled": p99,
+            "requests_failed": failed}
+
+
+@pytest.mark.parametrize("aware, unaware, met", [
+    (_r(2.25, 25.0), _r(4.0, 14.0), True),
+    (_r(3.0, 25.0), _r(4.0, 14.0), False),  # 25% cheaper only
+    (_r(2.25, 31.0), _r(4.0, 14.0), False),  # over the SLO once settled
+    (_r(2.25, 25.0, failed=1), _r(4.0, 14.0), False),  # a failed request
+    (_r(2.25, None), _r(4.0, 14.0), False),  # nothing measured after the moves
+    (_r(2.25, 25.0), _r(4.0, 30.5), False),  # the baseline itself missed the SLO: not equal footing
+])
+def test_the_must_show_can_fail(aware, unaware, met):
+    v = verdict({"exit_aware": aware, "exit_unaware": unaware, "static_fast": _r(4.0, 14.0)}, 30.0)
+    assert v["met"] is met
+    assert verdict({"exit_aware": aware}, 30.0) is None
