@@ -77,3 +77,52 @@ def test_emulate_pools_config_is_validated():
         AppArgs.model_validate({"emulate_pools": {"tpu": {"step_s": 0.01}}})
     with pytest.raises(ValueError, match="per_token_s"):
         AppArgs.model_validate({"emulate_pools": {"cpu": {"per_token_s": -1}}})
+
+
+def test_an_emulated_drafting_stage_pays_every_drafting_pass():
+    """A speculative row drafts d tokens inside one channel step: d + 1 forward passes, so an
+    emulated replica holds it for d + 1 modelled passes, and its stats count d + 1 passes
+    (the placement controller divides busy time by them)."""
+    from offramp.ops.engine import StagedModel, resolve_model_dir
+    from offramp.ops.worker import ExitPolicy
+    from offramp.protocol import SamplingParams
+
+    staged = StagedModel(resolve_model_dir(None), num_stages=2, max_slots=4, max_seq=64)
+    calls = []
+    srv = StageServer(staged.workers[0], "tok", batch_wait_timeout_s=0.0, emulate=EmulatedDevice(step_s=0.04),
+                      stats=lambda *a: calls.append(a))
+
+    async def one():
+        client = StageClient("127.0.0.1", srv.port, "tok")
+        try:
+            row = StepRow("s", torch.tensor([5, 9, 17]), 2, SamplingParams(temperature=0.0),
+                          ExitPolicy("speculative", 0.0, max_draft=3), draft=3)
+            t0 = time.perf_counter()
+            (res,) = await client.step([row], timeout=30)
+            return res, time.perf_counter() - t0
+        finally:
+            client.close()
+
+    try:
+        res, took = asyncio.run(one())
+    finally:
+        srv.close()
+    assert res.error is None and len(res.drafts) == 3  # threshold 0: every proposal drafts on
+    assert took >= 4 * 0.04 - 0.005  # the chunk's pass and three drafting passes
+    rows, positions, _, drafted = calls[-1]
+    assert (rows, positions, drafted) == (1, 3, [3])
+
+
+def test_stage_stats_count_drafting_passes():
+    from types import SimpleNamespace
+
+    from offramp.deployments.app import StageDeployment
+
+    fake = SimpleNamespace(steps={k: 0 for k in ("batches", "rows", "positions", "busy_s", "decode_batches", "decode_s",
+                                                  "prefill_batches", "prefill_s", "prefill_positions")})
+    record = StageDeployment.func_or_class._record
+    record(fake, 2, 2, 0.1, [3, 1])  # two rows, one drafted 3 tokens, the other 1: 4 passes
+    assert (fake.steps["batches"], fake.steps["rows"], fake.steps["positions"]) == (4, 6, 6)
+    assert fake.steps["decode_batches"] == 4 and fake.steps["busy_s"] == pytest.approx(0.1)
+    record(fake, 1, 5, 0.2)  # a prefill chunk, no drafts
+    assert fake.steps["batches"] == 5 and fake.steps["prefill_positions"] == 5
