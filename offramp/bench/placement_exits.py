@@ -54,8 +54,8 @@ def add_arguments(p) -> None:
                         "under one load (see the module doc of offramp.bench.placement_exits)")
     g.add_argument("--exit-mode", choices=("speculative", "calibrated"), default="speculative",
                    help="the load's exit mode (app default)")
-    g.add_argument("--run-s", type=float, default=150.0, help="measured seconds per contender")
-    g.add_argument("--warm-s", type=float, default=20.0, help="seconds of load before the measured window")
+    g.add_argument("--run-s", type=float, default=120.0, help="measured seconds per contender")
+    g.add_argument("--warm-s", type=float, default=15.0, help="seconds of load before the measured window")
     g.add_argument("--rate", type=float, default=1.5, help="requests per second (Poisson arrivals, open loop)")
     g.add_argument("--fast-factor", type=float, default=2.0,
                    help="fast (GPU) pool = this machine's fitted speed slowed by this factor")
