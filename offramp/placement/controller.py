@@ -44,7 +44,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from offramp.cluster.records import StageStats
 from offramp.placement.cost_model import (
-    DEFAULT_COST_PER_HOUR, CostModel, ModelSpec, PlacementError, PoolFit, PoolSpec, ProfileSample, fit_profile, reach_from_exit_rates,
+    DEFAULT_COST_PER_HOUR, CostModel, ModelSpec, PlacementError, PoolFit, PoolSpec, ProfileSample, fit_profile,
+    reach_from_exit_rates,
 )
 from offramp.placement.mover import MoveDeferred, MoveFailed, Mover, Ops, RayOps, live_ranges, stage_placement
 from offramp.placement.planner import Constraints, Pin, Plan, StageDeployment, Workload, evaluate, plan
