@@ -31,3 +31,17 @@ def test_the_must_show_can_fail(aware, unaware, met):
     v = verdict({"exit_aware": aware, "exit_unaware": unaware, "static_fast": _r(4.0, 14.0)}, 30.0)
     assert v["met"] is met
     assert verdict({"exit_aware": aware}, 30.0) is None
+
+
+def test_defaults_name_real_tasks_and_contenders():
+    import argparse
+
+    from offramp.bench import placement
+    from offramp.bench.placement_exits import CONTENDERS
+    from offramp.bench.serve import TASKS
+
+    ap = argparse.ArgumentParser()
+    placement.register(ap.add_subparsers())
+    args = ap.parse_args(["placement", "--exit-aware"])
+    assert args.exit_aware and set(args.tasks.split(",")) <= set(TASKS)
+    assert set(args.contenders.split(",")) == set(CONTENDERS)

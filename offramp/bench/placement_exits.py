@@ -65,9 +65,9 @@ def add_arguments(p) -> None:
     g.add_argument("--interval-s", type=float, default=4.0, help="controller interval")
     g.add_argument("--prompt-tokens", type=int, default=24, help="prompt length (held-out text, every task)")
     g.add_argument("--contenders", default=",".join(CONTENDERS), help="subset to run, comma-separated")
-    g.add_argument("--tasks", default="math,code,prose",
-                   help="held-out tasks the prompts come from (how often drafts are accepted depends on it: "
-                        "math 5 per deep visit, code and prose about 1.6 on the embedded model)")
+    g.add_argument("--tasks", default="qa,math,coding",
+                   help="held-out tasks the prompts come from, comma-separated (how many drafts a deep visit "
+                        "accepts depends on it: about 5 on math, 1.6 on coding and prose, embedded model)")
 
 
 def _emulation(model_dir: Path, factor_fast: float, factor_slow: float, ctx: int):
@@ -171,7 +171,7 @@ def _placement_cost(placement: list, pools: dict) -> float:
 
 
 def _contender(name: str, args, model_dir: Path, emulate: dict, pools: list, prompts: list[list[int]], port: int,
-               ctx: int, bar) -> dict:
+               ctx: int) -> dict:
     from offramp.cluster import rayops
     from offramp.cluster.local import deploy_config
     from offramp.placement.controller import ControllerActor, ControllerConfig, app_facts, controller_name
@@ -201,7 +201,6 @@ def _contender(name: str, args, model_dir: Path, emulate: dict, pools: list, pro
             timeline.append({"t": time.monotonic() - t0, "cost": _placement_cost(cur, by_name),
                              "stages": [(d.pool, d.replicas) for d in cur],
                              "passes": ing.get("stage_passes"), "emitted": ing.get("tokens_emitted")})
-            bar.update(0)
             time.sleep(2.0)
         t1 = time.monotonic()
         ing1 = rayops.registry_ingress(APP) or {}
@@ -310,7 +309,7 @@ def _run(args, emit) -> int:
         boot.enter_context(pool_cluster(gpu_nodes=1, cpu_nodes=1, cpus_per_node=8, head_cpus=2))
         try:
             for name in names:
-                out["contenders"][name] = _contender(name, args, model_dir, emulate, pools, prompts, port, ctx, bar)
+                out["contenders"][name] = _contender(name, args, model_dir, emulate, pools, prompts, port, ctx)
                 bar.update(1)
         finally:
             bar.close()
