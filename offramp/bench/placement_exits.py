@@ -175,7 +175,7 @@ def _contender(name: str, args, model_dir: Path, emulate: dict, pools: list, pro
     from offramp.cluster import rayops
     from offramp.cluster.local import deploy_config
     from offramp.placement.controller import ControllerActor, ControllerConfig, app_facts, controller_name
-    from offramp.placement.mover import stage_placement
+    from offramp.placement.mover import INTENT_KEY, stage_placement
 
     by_name = {p.name: p for p in pools}
     deploy_config(_config(model_dir, port, emulate, args.exit_mode), APP, wait_s=300)
@@ -211,6 +211,10 @@ def _contender(name: str, args, model_dir: Path, emulate: dict, pools: list, pro
         if actor is not None:
             rayops.kill_actor(actor)
         rayops.delete_app(APP)
+        # The controller persists its cool-downs, decisions and a move's intent per app: the
+        # next contender's controller must start from nothing, not inherit this one's.
+        for key in (f"state/{APP}", INTENT_KEY.format(app=APP)):
+            rayops.kv_del(key)
     reqs = [(t - t0, tp, e) for t, tp, e in load.done if t0 <= t <= t1]
     wall_off = time.time() - time.monotonic()
     moves = [] if st is None else [
