@@ -45,3 +45,11 @@ def test_defaults_name_real_tasks_and_contenders():
     args = ap.parse_args(["placement", "--exit-aware"])
     assert args.exit_aware and set(args.tasks.split(",")) <= set(TASKS)
     assert set(args.contenders.split(",")) == set(CONTENDERS)
+
+
+def test_deep_visits_per_token_from_two_samples():
+    from offramp.bench.placement_exits import _deep_per_token
+
+    assert _deep_per_token([100, 20], 90, [400, 95], 390) == pytest.approx(0.25)
+    assert _deep_per_token([100, 20], 90, [400, 95], 90) is None  # no token emitted in between
+    assert _deep_per_token(None, 0, [1, 1], 5) is None

@@ -75,15 +75,13 @@ def _emulation(model_dir: Path, factor_fast: float, factor_slow: float, ctx: int
     (EmulatedDevice) and the controller's PoolSpecs, each the fit slowed by its factor."""
     from offramp.deployments.config import EmulatedDevice
     from offramp.ops.engine import StagedModel
-    from offramp.placement.cost_model import DEFAULT_COST_PER_HOUR, ModelSpec, PoolSpec, ProfileSample, fit_profile
+    from offramp.placement.controller import model_spec
+    from offramp.placement.cost_model import DEFAULT_COST_PER_HOUR, PoolSpec, ProfileSample, fit_profile
 
     staged = StagedModel(model_dir, num_stages=2, max_slots=16, max_seq=256)
     staged.workers[1].profile()  # warm-up: the first timings of a fresh process run slow
     samples = [ProfileSample.model_validate(p) for p in staged.workers[1].profile(repeats=5)]
-    spec = staged.spec
-    model = ModelSpec(name="default", num_layers=spec.num_layers, hidden=spec.hidden_size,
-                      intermediate=spec.intermediate_size, heads=spec.num_heads, kv_heads=spec.num_kv_heads,
-                      vocab=spec.vocab_size)
+    model = model_spec(staged.spec)
     fit = fit_profile(model, samples)
     layers = staged.ranges[1][1] - staged.ranges[1][0]
     mem = model.weight_bytes(layers * model.layer_params(), "fp32") / fit.mem_bandwidth
@@ -166,6 +164,13 @@ class _Requests:
         self._pool.shutdown(wait=True)
 
 
+def _deep_per_token(passes0, emitted0, passes1, emitted1) -> float | None:
+    """Stage1 visits per emitted token between two samples of the ingress counters."""
+    if not passes0 or not passes1 or emitted0 is None or emitted1 is None or emitted1 <= emitted0:
+        return None
+    return (passes1[1] - passes0[1]) / (emitted1 - emitted0)
+
+
 def _placement_cost(placement: list, pools: dict) -> float:
     return sum(d.replicas * pools[d.pool].cost_per_hour for d in placement)
 
@@ -224,11 +229,8 @@ def _contender(name: str, args, model_dir: Path, emulate: dict, pools: list, pro
     tp_all = [tp for _, tp, e in reqs if e is None and tp is not None]
     tp_steady = [tp for t, tp, e in reqs if e is None and tp is not None and t >= settled]
     mean_cost = time_weighted([(p["t"], p["cost"]) for p in timeline])
-    p0, p1 = ing0.get("stage_passes"), ing1.get("stage_passes")
-    deep = None
-    if p0 and p1 and ing1.get("tokens_emitted") and ing0.get("tokens_emitted") is not None:
-        emitted = ing1["tokens_emitted"] - ing0["tokens_emitted"]
-        deep = round((p1[1] - p0[1]) / emitted, 3) if emitted > 0 else None
+    deep = _deep_per_token(ing0.get("stage_passes"), ing0.get("tokens_emitted"),
+                           ing1.get("stage_passes"), ing1.get("tokens_emitted"))
     return {
         "cost_per_hour_mean": round(mean_cost, 3), "cost_per_hour_end": timeline[-1]["cost"] if timeline else None,
         "placement_end": [f"{p} x{r}" for p, r in timeline[-1]["stages"]] if timeline else None,
@@ -238,7 +240,7 @@ def _contender(name: str, args, model_dir: Path, emulate: dict, pools: list, pro
         "settled_from_s": settled, "requests_ok": sum(1 for _, _, e in reqs if e is None),
         "requests_failed": sum(1 for _, _, e in reqs if e is not None),
         "failures": [e for _, _, e in reqs if e is not None][:3],
-        "deep_visits_per_token": deep, "moves": moves,
+        "deep_visits_per_token": None if deep is None else round(deep, 3), "moves": moves,
         "plan": None if st is None else st.get("plan"),
         "_timeline": timeline, "_requests": [(t, tp) for t, tp, e in reqs if e is None and tp is not None],
     }
@@ -392,10 +394,8 @@ def _plot(path: Path, res: dict, slo: float) -> None:
         if roll:
             ax2.plot([t for t, _ in roll], [p for _, p in roll], color="tab:red", label="p99 TPOT (20 s window)")
         ax2.axhline(slo, color="tab:red", ls=":", label=f"SLO {slo:g} ms")
-        deep = []
-        for a, b in zip(tl, tl[1:]):
-            if a["passes"] and b["passes"] and b.get("emitted") and a.get("emitted") is not None and b["emitted"] > a["emitted"]:
-                deep.append((b["t"], (b["passes"][1] - a["passes"][1]) / (b["emitted"] - a["emitted"])))
+        deep = [(b["t"], d) for a, b in zip(tl, tl[1:])
+                if (d := _deep_per_token(a["passes"], a["emitted"], b["passes"], b["emitted"])) is not None]
         ax2.set_ylabel("ms")
         if deep:
             ax3 = ax.twinx()

@@ -121,6 +121,14 @@ class AppFacts:
     kv_fill: str = "exact"
 
 
+def model_spec(spec, exit_layers=()) -> ModelSpec:
+    """The planner's view of a checkpoint's config (``offramp.ops.checkpoint.load_spec``)."""
+    return ModelSpec(name=spec.model_type, num_layers=spec.num_layers, hidden=spec.hidden_size,
+                     intermediate=spec.intermediate_size, heads=spec.num_heads, kv_heads=spec.num_kv_heads,
+                     vocab=spec.vocab_size, tied_embeddings=spec.tie_word_embeddings,
+                     exit_layers=[e for e in exit_layers if 1 <= e < spec.num_layers])
+
+
 def app_facts(app_config: dict) -> AppFacts:
     """Model facts of a deployed Offramp app (reads the checkpoint's config, no weights)."""
     from offramp.deployments.app import _model_facts
@@ -128,10 +136,7 @@ def app_facts(app_config: dict) -> AppFacts:
 
     args = AppArgs.model_validate(app_config.get("args") or {})
     _, spec, ranges, exits = _model_facts(args)
-    model = ModelSpec(name=spec.model_type, num_layers=spec.num_layers, hidden=spec.hidden_size,
-                      intermediate=spec.intermediate_size, heads=spec.num_heads, kv_heads=spec.num_kv_heads,
-                      vocab=spec.vocab_size, tied_embeddings=spec.tie_word_embeddings,
-                      exit_layers=[e for e in (exits.exit_layers if exits else []) if 1 <= e < spec.num_layers])
+    model = model_spec(spec, exits.exit_layers if exits else ())
     return AppFacts([(r.start, r.stop) if hasattr(r, "start") else tuple(r) for r in ranges], model,
                     min(args.max_context or spec.max_position, spec.max_position), args.exit.kv_fill)
 

@@ -136,6 +136,10 @@ class StagePlan(StageDeployment):
     kv_bytes: float = Field(0.0, description="KV reserved per replica.")
     bound: str = Field("memory", description="'memory' or 'compute' at full batch.")
 
+    def deployment(self) -> StageDeployment:
+        """This stage as the mover's unit (the predictions dropped)."""
+        return StageDeployment(**self.model_dump(include=set(StageDeployment.model_fields)))
+
 
 class Plan(BaseModel):
     """Result of :func:`plan` or :func:`evaluate`."""
@@ -157,7 +161,7 @@ class Plan(BaseModel):
         return [s.start for s in self.stages[1:]]
 
     def deployments(self) -> list[StageDeployment]:
-        return [StageDeployment(**s.model_dump(include=set(StageDeployment.model_fields))) for s in self.stages]
+        return [s.deployment() for s in self.stages]
 
 
 @dataclass(frozen=True)
@@ -408,8 +412,7 @@ def _explained(p: Plan, model: ModelSpec, pools: Sequence[PoolSpec], w: Workload
                 alts.append(f"{o.pool.name} {o.precision} does not fit (its memory, or more replicas than the pool's "
                             f"{o.pool.count} devices)")
                 continue
-            deps = [d if i != k else StageDeployment(**alt.model_dump(include=set(StageDeployment.model_fields)))
-                    for i, d in enumerate(p.deployments())]
+            deps = [alt.deployment() if i == k else d for i, d in enumerate(p.deployments())]
             e = evaluate(model, pools, w, deps, c, cm)
             what = f"{o.pool.name} x{alt.replicas} would cost {e.cost:.2f}/h at p99 TPOT {1e3 * e.tpot_p99_s:.1f} ms"
             if slo is not None and e.tpot_p99_s > slo + 1e-12:
