@@ -737,3 +737,37 @@ def test_cost_per_replica_hour_from_the_config():
         ControllerConfig(cost_per_replica_hour={"gpu": -1.0})
     with pytest.raises(ValueError, match="extra"):
         ControllerConfig(interval=3)  # a typo is refused, not ignored
+
+
+class SlowOnCpuOps(FakeOps):
+    """The model's blind spot: Stage0 measures 10x the p99 on the CPU pool (say, it drafts
+    there), which no prediction of this model shows."""
+
+    def ingress_stats(self, app):
+        cpu = entry_pool(deployment_entry(self.config, "Stage0")) == "cpu"
+        return {"stage_calls": list(self.calls), "request_tpot_ms_p99": 200.0 if cpu else 20.0}
+
+
+@pytest.mark.parametrize("remember_s", [1800.0, 0.0], ids=["remembers", "forgets"])
+def test_a_placement_that_breached_is_not_tried_again_at_the_same_load(remember_s):
+    """The model likes Stage0 on the cheap pool; served there it breaches the SLO, so it goes
+    back. Remembering what each placement measured keeps it back through many cool-downs;
+    a controller that predicts afresh every time (``remember_s=0``) moves there again."""
+    ops = SlowOnCpuOps(app_config())
+    pins = [Pin(stage=1, pool="gpu"), Pin(stage=2, pool="cpu"), Pin(stage=3, pool="cpu")]
+    ctl = controller(ops, max_knob="pool", tpot_slo_s=0.1, pins=pins, remember_s=remember_s)
+    pools = []
+    for _ in range(60):  # 300 s: five cool-downs
+        run(ctl, ops, 1)
+        pools.append(entry_pool(deployment_entry(ops.config, "Stage0")))
+    went = [i for i in range(1, len(pools)) if pools[i] == "cpu" and pools[i - 1] == "gpu"]
+    back = [i for i in range(1, len(pools)) if pools[i] == "gpu" and pools[i - 1] == "cpu"]
+    assert went and back and back[0] > went[0]  # tried the cheap pool, measured the breach, went back
+    if remember_s:
+        assert len(went) == 1 and pools[-1] == "gpu"
+        sig = "0-1:cpu/fp32,1-2:gpu/fp32,2-3:cpu/fp32,3-4:cpu/fp32"
+        st = ctl.status()["measured_placements"]
+        assert st[sig]["p99_ms"] == 200.0 and st[sig]["p99_factor"] > 5 * min(m["p99_factor"] for m in st.values())
+        assert "as measured when it served" in ctl.last_plan.reasons[0], ctl.last_plan.reasons
+    else:
+        assert len(went) >= 2  # the same mistake again after the cool-down

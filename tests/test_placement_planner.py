@@ -6,7 +6,9 @@ import math
 import pytest
 
 from offramp.placement.cost_model import ModelSpec, PlacementError, PoolSpec, reach_from_exit_rates
-from offramp.placement.planner import Constraints, Pin, StageDeployment, Workload, evaluate, plan
+from offramp.placement.planner import (
+    Constraints, Pin, StageDeployment, Workload, evaluate, placement_signature, plan,
+)
 
 M = ModelSpec(name="m1b", num_layers=16, hidden=2048, intermediate=5632, heads=32, kv_heads=4, vocab=32000,
               exit_layers=[4, 8, 12])
@@ -151,3 +153,34 @@ def test_the_slo_is_a_p99_and_each_stage_says_why():
         other = "cpu" if s.pool == "gpu" else "gpu"
         assert f"{s.pool} x{s.replicas}" in r and other in r  # the alternative and its verdict
         assert "over the" in r or "dearer" in r or "slower" in r or "does not fit" in r
+
+
+def test_a_placement_measured_over_the_slo_is_not_planned_again():
+    """A placement the controller served is predicted with the p99 factor it measured there:
+    the model's choice, measured at 3x its prediction, gives way to the next-cheapest plan;
+    a measured factor that agrees with the model changes nothing; when every placement was
+    measured over the SLO the plan is the lowest measured p99, flagged."""
+    reach = reach_from_exit_rates(16, {8: 0.8})
+    w = Workload(decode_tokens_per_s=300, reach=reach, concurrent_sequences=16)
+    slo = plan(M, [GPU, CPU], w, Constraints(split=[8])).tpot_s * 1.5
+    first = plan(M, [GPU, CPU], w, Constraints(split=[8], tpot_slo_s=slo))
+    sig = placement_signature(first.deployments())
+    a, b = first.stages
+    assert first.meets_slo and sig == f"0-8:{a.pool}/{a.precision},8-16:{b.pool}/{b.precision}"
+    agrees = plan(M, [GPU, CPU], w, Constraints(split=[8], tpot_slo_s=slo, tpot_p99_factors={sig: 1.0}))
+    assert placement_signature(agrees.deployments()) == sig
+    burnt = Constraints(split=[8], tpot_slo_s=slo, tpot_p99_factors={sig: 3.0})
+    second = plan(M, [GPU, CPU], w, burnt)
+    assert placement_signature(second.deployments()) != sig and second.meets_slo
+    assert second.cost >= first.cost and second.tpot_p99_s <= slo
+    assert any("as measured when it served" in r for r in second.reasons)  # why the cheaper one lost
+    again = evaluate(M, [GPU, CPU], w, first.deployments(), burnt)
+    assert again.tpot_p99_s == pytest.approx(3.0 * again.tpot_s) and not again.meets_slo
+    prec = {"gpu": "bf16", "cpu": "fp32"}
+    every = {placement_signature([StageDeployment(start=0, end=8, pool=a, precision=prec[a]),
+                                  StageDeployment(start=8, end=16, pool=b, precision=prec[b])]): 50.0
+             for a in prec for b in prec}
+    over = Constraints(split=[8], tpot_slo_s=slo, tpot_p99_factors=every)
+    none = plan(M, [GPU, CPU], w, over)
+    assert not none.meets_slo and any("no feasible plan meets" in n for n in none.notes)
+    assert none.tpot_p99_s <= evaluate(M, [GPU, CPU], w, first.deployments(), over).tpot_p99_s

@@ -48,7 +48,9 @@ from offramp.placement.cost_model import (
     reach_from_exit_rates,
 )
 from offramp.placement.mover import MoveDeferred, MoveFailed, Mover, Ops, RayOps, live_ranges, stage_placement
-from offramp.placement.planner import Constraints, Pin, Plan, StageDeployment, Workload, evaluate, plan
+from offramp.placement.planner import (
+    Constraints, Pin, Plan, StageDeployment, Workload, evaluate, placement_signature, plan,
+)
 from offramp.placement.policy import Decision, Policy, PolicyConfig, detect_breaches
 from offramp.placement.signals import StageSignals
 
@@ -94,6 +96,11 @@ class ControllerConfig(BaseModel):
     profile_pools: bool = Field(True, description="Fit each pool's overhead, bandwidth and FLOP rate from the "
                                 "stage replicas' start-up profiles (then the online calibration corrects it).")
     decisions_kept: int = Field(200, ge=1, description="Decision records kept (and returned by status).")
+    remember_s: float = Field(1800.0, ge=0, description="How long what a placement measured while it served (its "
+                              "p99 over the model's mean) replaces the model's prediction when the planner "
+                              "weighs that placement again; 0 = never (predict every placement afresh).")
+    remember_load_band: float = Field(0.3, ge=0, description="A remembered placement counts only at a load within "
+                                      "this fraction of the load it was measured at (another load: predict it).")
 
     @field_validator("cost_per_replica_hour")
     @classmethod
@@ -330,6 +337,10 @@ class PlacementController:
         self.profiles: dict[str, tuple[str, str, list[ProfileSample]]] = {}
         self.pool_fits: dict[str, PoolFit] = {}
         self.moves_made = 0
+        # what each placement measured while it served (placement_signature -> {"time", "factor",
+        # "rate", "p99_ms"}), and how many intervals the current one has served unchanged
+        self.measured: dict[str, dict] = {}
+        self._serving: tuple[str, int] = ("", 0)
         self._restore_state()
 
     # persistence of what must outlive a restart (intent is the mover's) --------------
@@ -344,11 +355,13 @@ class PlacementController:
                 self.policy._last_move[l] = -math.inf if t is None else t  # cool-down survives restarts
             self.decisions.extend(st.get("decisions", []))
             self.moves_made = st.get("moves_made", 0)
+            self.measured = dict(st.get("measured", {}))
 
     def _persist(self) -> None:
         lm = [None if not math.isfinite(t) else t for t in self.policy._last_move]
         self.ops.kv_put(self._key("state"), json.dumps(
-            {"last_move": lm, "decisions": list(self.decisions)[-50:], "moves_made": self.moves_made}).encode())
+            {"last_move": lm, "decisions": list(self.decisions)[-50:], "moves_made": self.moves_made,
+             "measured": self.measured}).encode())
 
     def _event(self, e: dict) -> None:
         self._log({"time": self.ops.clock(), "outcome": "event", **e})
@@ -465,6 +478,8 @@ class PlacementController:
                 obs, evaluate(self.facts.model, pools, w, current, c, self.costs).tpot_s)})
         except PlacementError:
             pass
+        c = c.model_copy(update={"tpot_p99_factors": self._remember(obs, current, c.tpot_p99_factor,
+                                                                     w.decode_tokens_per_s)})
         target = plan(self.facts.model, pools, w, c, self.costs)
         # measured floor: never fewer replicas than the measured busy time needs
         stages = []
@@ -484,6 +499,32 @@ class PlacementController:
             cur_eval = target
         self.last_plan = target
         return current, target, cur_eval, w
+
+    def _remember(self, obs: Observation, current: list[StageDeployment], factor: float,
+                  rate: float) -> dict[str, float]:
+        """Record what the current placement measures; return the other placements' remembered
+        p99 factors that still apply (fresh, at a load within ``remember_load_band``).
+
+        The model predicts a placement it has not served from its own ratios; once a
+        placement has served, its measured p99 over the model's mean is what the planner uses
+        for it while the load is about the same. This is what stops a controller from moving
+        back and forth between a placement the model likes and the SLO breach it measured
+        there (a model that does not see the traffic's shape, e.g. the exit-unaware one
+        under speculative decoding, predicts the same wrong figure every time)."""
+        sig = placement_signature(current)
+        n = self._serving[1] + 1 if self._serving[0] == sig else 1
+        self._serving = (sig, n)
+        now = self.ops.clock()
+        p99 = obs.request_tpot_ms_p99 or obs.tpot_ms_p99
+        # the ingress's p99 covers its recent window: count a placement once it has served
+        # as long as a breach must last (what it measured before is the previous placement's)
+        if p99 and rate > 0 and n >= self.policy.cfg.sustain_intervals and self.cfg.remember_s > 0:
+            self.measured[sig] = {"time": now, "factor": factor, "rate": rate, "p99_ms": p99}
+        for k in [k for k, m in self.measured.items() if now - m["time"] > self.cfg.remember_s]:
+            del self.measured[k]
+        band = self.cfg.remember_load_band
+        return {k: m["factor"] for k, m in self.measured.items()
+                if k != sig and rate > 0 and abs(rate - m["rate"]) <= band * m["rate"]}
 
     def tick(self) -> list[dict]:
         """One interval: observe, plan, decide, apply at most the policy's bounded moves."""
@@ -559,6 +600,9 @@ class PlacementController:
                 "cost_per_hour": self.last_plan.cost, "exit_aware": self.cfg.exit_aware,
                 "reasons": self.last_plan.reasons, "notes": self.last_plan.notes},
             "moves_made": self.moves_made,
+            "measured_placements": {k: {"age_s": round(self.ops.clock() - m["time"], 1), "p99_ms": m["p99_ms"],
+                                        "p99_factor": round(m["factor"], 3), "rate": round(m["rate"], 3)}
+                                    for k, m in self.measured.items()},
             "pool_fits": {n: {"fixed_overhead_s": f.fixed_overhead_s, "mem_bandwidth": f.mem_bandwidth,
                               "flops": f.flops, "rms_residual_s": f.rms_residual_s,
                               "samples": f.memory_bound_samples + f.compute_bound_samples}

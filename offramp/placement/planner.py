@@ -102,6 +102,11 @@ class Constraints(BaseModel):
                                    "mean TPOT. The controller sets it to the p99 the ingress measures over the mean "
                                    "the cost model predicts for the current placement: the model predicts how a "
                                    "placement changes TPOT, the measurement anchors the level (1.0 before traffic).")
+    tpot_p99_factors: dict[str, float] = Field(
+        default_factory=dict, description="Measured p99 factor per placement (key: placement_signature): a "
+        "placement the controller has served before at about this load is predicted with the factor measured "
+        "while it served, not the current one. The cost model's ratios between placements can be wrong where "
+        "it does not model the traffic (the baseline that ignores exits); what was measured is not.")
     tpot_mode: Literal["mean", "full_depth"] = Field(
         "mean", description="'mean' weights each stage by the fraction reaching it; 'full_depth' = no exits.")
     target_utilisation: float = Field(0.75, gt=0, le=1, description="Busy fraction per replica at plan load.")
@@ -162,6 +167,18 @@ class Plan(BaseModel):
 
     def deployments(self) -> list[StageDeployment]:
         return [s.deployment() for s in self.stages]
+
+
+def placement_signature(stages: Sequence[StageDeployment]) -> str:
+    """What a placement is, replicas aside: layer ranges with their pool and precision
+    (``"0-4:gpu/fp32,4-8:cpu/fp32"``), the key of ``Constraints.tpot_p99_factors``."""
+    return ",".join(f"{d.start}-{d.end}:{d.pool}/{d.precision}" for d in sorted(stages, key=lambda d: d.start))
+
+
+def p99_factor_of(stages: Sequence[StageDeployment], c: "Constraints") -> float:
+    """The p99 factor a placement is predicted with: its measured one if remembered, else the current."""
+    return c.tpot_p99_factors.get(placement_signature(stages), c.tpot_p99_factor) if c.tpot_p99_factors \
+        else c.tpot_p99_factor
 
 
 @dataclass(frozen=True)
@@ -288,6 +305,8 @@ def _search(model: ModelSpec, pools: Sequence[PoolSpec], reach: list[float], w: 
         ranks = None
         max_k = min(L, c.num_stages or c.max_stages)
     slo = c.tpot_slo_s if use_slo else None
+    # prune with the smallest factor any placement may get (sound); finals are checked with their own
+    prune = min([c.tpot_p99_factor, *c.tpot_p99_factors.values()])
     cache: dict[tuple, StagePlan | None] = {}
     # layers[k][(end, opt id)] -> Pareto labels of plans covering layers [0, end) with k stages
     layers: list[dict[tuple[int, int], list[_Label]]] = [
@@ -320,7 +339,7 @@ def _search(model: ModelSpec, pools: Sequence[PoolSpec], reach: list[float], w: 
                         hop = 0.0 if lab.stage is None else cm.hop_s(by_name[lab.stage.pool], o.pool, rows)
                         share = st.step_s + hop
                         lat = lab.lat + (share * st.reach if c.tpot_mode == "mean" else share)
-                        if slo is not None and lat * c.tpot_p99_factor / w.tokens_per_pass > slo + 1e-12:
+                        if slo is not None and lat * prune / w.tokens_per_pass > slo + 1e-12:
                             continue  # latency only grows along a path
                         usage = list(lab.usage)
                         usage[pidx[o.pool.name]] += st.replicas
@@ -339,18 +358,28 @@ def _search(model: ModelSpec, pools: Sequence[PoolSpec], reach: list[float], w: 
                         break
                 nxt[(end, oid)] = kept
                 if end == L and (c.num_stages is None or c.num_stages == k + 1) and all(s <= k for s in pins):
-                    finals.extend(kept)
+                    finals.extend(lab for lab in kept if slo is None
+                                  or _p99(lab, c, w) <= slo + 1e-12)
         layers.append(nxt)
     return finals
 
 
-def _to_plan(lab: _Label, pools: Sequence[PoolSpec], c: Constraints, w: Workload, met: bool) -> Plan:
-    stages: list[StagePlan] = []
+def _stages_of(lab: _Label) -> list[StagePlan]:
+    out: list[StagePlan] = []
     node: _Label | None = lab
     while node is not None and node.stage is not None:
-        stages.append(node.stage)
+        out.append(node.stage)
         node = node.parent
-    stages.reverse()
+    return out[::-1]
+
+
+def _p99(lab: _Label, c: Constraints, w: Workload) -> float:
+    """Predicted p99 TPOT of a whole plan, with its own (remembered or current) factor."""
+    return lab.lat * p99_factor_of(_stages_of(lab), c) / w.tokens_per_pass
+
+
+def _to_plan(lab: _Label, pools: Sequence[PoolSpec], c: Constraints, w: Workload, met: bool) -> Plan:
+    stages = _stages_of(lab)
     devices = {p.name: 0 for p in pools}
     for s in stages:
         devices[s.pool] += s.replicas
@@ -364,7 +393,7 @@ def _to_plan(lab: _Label, pools: Sequence[PoolSpec], c: Constraints, w: Workload
         notes.append(f"no feasible plan meets tpot_slo_s={c.tpot_slo_s}; this is the lowest-TPOT plan "
                      f"({lab.lat:.4g} s). Add faster devices, allow more stages, or relax the SLO.")
     tpot = lab.lat / w.tokens_per_pass
-    return Plan(stages=stages, cost=round(lab.cost, 9), tpot_s=tpot, tpot_p99_s=tpot * c.tpot_p99_factor,
+    return Plan(stages=stages, cost=round(lab.cost, 9), tpot_s=tpot, tpot_p99_s=tpot * p99_factor_of(stages, c),
                 tpot_full_depth_s=full, devices=devices, meets_slo=met, notes=notes)
 
 
@@ -381,7 +410,7 @@ def plan(model: ModelSpec, pools: Sequence[PoolSpec], workload: Workload,
     if c.tpot_slo_s is not None:
         finals = _search(model, pools, reach, workload, c, cm, use_slo=False)
         if finals:
-            best = min(finals, key=lambda x: (x.lat, round(x.cost, 9), _depth(x), _splits(x)))
+            best = min(finals, key=lambda x: (_p99(x, c, workload), round(x.cost, 9), _depth(x), _splits(x)))
             return _explained(_to_plan(best, pools, c, workload, met=False), model, pools, workload, c, cm)
     raise PlacementError(_diagnose(model, pools, workload, c, cm))
 
@@ -415,6 +444,8 @@ def _explained(p: Plan, model: ModelSpec, pools: Sequence[PoolSpec], w: Workload
             deps = [alt.deployment() if i == k else d for i, d in enumerate(p.deployments())]
             e = evaluate(model, pools, w, deps, c, cm)
             what = f"{o.pool.name} x{alt.replicas} would cost {e.cost:.2f}/h at p99 TPOT {1e3 * e.tpot_p99_s:.1f} ms"
+            if placement_signature(deps) in c.tpot_p99_factors:
+                what += " (its p99 as measured when it served)"
             if slo is not None and e.tpot_p99_s > slo + 1e-12:
                 alts.append(f"{what}, over the {1e3 * slo:.1f} ms SLO")
             elif e.cost > p.cost + 1e-9:
@@ -495,6 +526,7 @@ def evaluate(model: ModelSpec, pools: Sequence[PoolSpec], workload: Workload,
         raise PlacementError(f"stages cover layers 0..{pos} but the model has {model.num_layers}; add the rest.")
     devices = {p.name: sum(s.replicas for s in out if s.pool == p.name) for p in pools}
     lat /= workload.tokens_per_pass
-    met = c.tpot_slo_s is None or lat * c.tpot_p99_factor <= c.tpot_slo_s
-    return Plan(stages=out, cost=round(cost, 9), tpot_s=lat, tpot_p99_s=lat * c.tpot_p99_factor,
+    factor = p99_factor_of(stages, c)
+    met = c.tpot_slo_s is None or lat * factor <= c.tpot_slo_s
+    return Plan(stages=out, cost=round(cost, 9), tpot_s=lat, tpot_p99_s=lat * factor,
                 tpot_full_depth_s=sum(s.step_s + s.hop_in_s for s in out), devices=devices, meets_slo=met)
