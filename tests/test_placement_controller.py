@@ -771,3 +771,18 @@ def test_a_placement_that_breached_is_not_tried_again_at_the_same_load(remember_
         assert "as measured when it served" in ctl.last_plan.reasons[0], ctl.last_plan.reasons
     else:
         assert len(went) >= 2  # the same mistake again after the cool-down
+
+
+def test_the_cool_down_counts_from_when_a_move_is_done():
+    """A move whose replicas take 45 s to start (of a 60 s cool-down) leaves its layers
+    resting 60 s after it is done, not 15."""
+    ops = FakeOps(app_config(), start_s=45.0)
+    ctl = controller(ops, policy={"max_busy_fraction": 0.6})
+    ops.busy[2] = 0.95
+    recs = [r for rs in run(ctl, ops, 3) for r in rs]
+    (applied,) = [r for r in recs if r["outcome"] == "apply"]
+    done = ops.t
+    assert done - applied["time"] >= 45.0
+    assert ctl.policy._last_move[2] == done and ctl.policy._last_move[0] < applied["time"]
+    recs = run(ctl, ops, 2)[-1]  # 10 s after, still saturated: resting
+    assert any("cooling down" in r["reason"] and f"{60 - (ops.t - done):.0f}s" in r["reason"] for r in recs)

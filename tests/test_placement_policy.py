@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import random
 
+import pytest
+
 from offramp.placement.planner import Plan, StageDeployment, StagePlan
 from offramp.placement.policy import Policy, PolicyConfig, apply_move, covered_layers, diff
 
@@ -120,3 +122,20 @@ def test_oscillating_load_yields_bounded_moves():
     assert n_moves <= 2 * (horizon // cfg.cooldown_s + 1) * 2
 
 
+
+
+def test_a_dearer_plan_gains_nothing_while_the_slo_holds():
+    """Cost and TPOT weighed together: a dearer target's lower TPOT is no gain while the
+    current placement meets the SLO, and is one once it does not; a cheaper one gains its
+    saving either way."""
+    from offramp.placement.policy import predicted_gain
+
+    cur_ok = P([D(0, 16, pool="cpu")], cost=0.25, tpot=0.030)
+    cur_late = cur_ok.model_copy(update={"meets_slo": False})
+    fast = P([D(0, 16)], cost=2.0, tpot=0.010)
+    assert predicted_gain(cur_ok, fast) == 0.0
+    assert predicted_gain(cur_late, fast) == pytest.approx(2 / 3)
+    assert predicted_gain(fast, cur_ok) == pytest.approx(0.875)
+    pol = Policy(L, PolicyConfig(sustain_intervals=3, cooldown_s=0))
+    assert not applied(pol.step(0, cur_ok.deployments(), fast, cur_ok))
+    assert applied(pol.step(10, cur_late.deployments(), fast, cur_late))

@@ -563,6 +563,7 @@ class PlacementController:
                 try:
                     res = self.mover.apply(d.move)
                     rec["result"] = f"{res.outcome} in {res.seconds:.1f}s ({len(res.steps)} step(s))"
+                    self._restart_cooldown(d)
                     self.moves_made += res.outcome == "applied"
                 except MoveDeferred as e:
                     rec.update(outcome="hold", result=f"deferred: {e}")
@@ -576,6 +577,14 @@ class PlacementController:
             self._log(rec)
         self._persist()
         return out
+
+    def _restart_cooldown(self, d: Decision) -> None:
+        """The cool-down counts from when a move is done, not from when it was decided: a move
+        that takes most of the cool-down to apply would otherwise leave no time to measure
+        the new placement before the same layers may move again."""
+        if d.move is not None:
+            for l in range(d.move.deployment.start, d.move.deployment.end):
+                self.policy._last_move[l] = self.ops.clock()
 
     def _undo_cooldown(self, d: Decision) -> None:
         """A move the mover does not make must not start a cool-down (nothing changed)."""

@@ -3,7 +3,8 @@
 Rules (ARCHITECTURE.md, "Placement controller"):
 
 * act only on a breach sustained for ``sustain_intervals`` intervals, or a predicted
-  gain (device cost or TPOT) of at least ``min_gain``;
+  gain (cost, or TPOT where it does not cost more while the SLO holds) of at least
+  ``min_gain``;
 * knobs in order of cost: routing < replicas < pool < split points; the controller's
   ``max_knob`` caps which of them a plan may turn;
 * per-stage (per-layer) cool-down, at most ``max_moves_per_interval`` moves per interval;
@@ -147,11 +148,16 @@ def _is_completion(current: Sequence[StageDeployment], target: Sequence[StageDep
 
 
 def predicted_gain(current: Plan, target: Plan) -> float:
-    """Relative improvement of ``target`` over ``current`` in device cost or TPOT (the larger)."""
+    """Relative improvement of ``target`` over ``current`` in cost or TPOT (the larger), the
+    two weighed together as the planner's objective does: a dearer target gains nothing
+    while the current placement meets the SLO (paying more for a lower TPOT nobody asked
+    for is a loss; when it stops meeting it, the breach rule or this gain moves)."""
     g_cost = (current.cost - target.cost) / current.cost if current.cost > 0 else 0.0
     g_lat = (current.tpot_s - target.tpot_s) / current.tpot_s if current.tpot_s > 0 else 0.0
     if not math.isfinite(g_lat):
         g_lat = 1.0
+    if target.cost > current.cost + 1e-9 and current.meets_slo:
+        return 0.0
     return max(g_cost, g_lat)
 
 
