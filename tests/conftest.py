@@ -51,24 +51,29 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="session")
-def serve_cluster(ray_cluster, tiny_model_dir):
-    """The Offramp app (4 stages: 0-1 on the GPU pool, 2-3 on CPU pools) applied from a Serve
-    config on the session's cluster. Returns a :class:`serve_fixtures.ServeCluster`."""
+def _serve_session(ray_cluster, tiny_model_dir):
+    """The session's Offramp app: its config and port (started by ``serve_cluster``)."""
     from ray import serve
 
-    from serve_fixtures import ServeCluster, apply_config, free_port, serve_config
+    from serve_fixtures import ServeCluster, free_port, serve_config
 
     port = free_port()
-    config = serve_config(tiny_model_dir, port)
-    serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
-    try:
-        apply_config(config, wait_s=180)
-        root = f"http://127.0.0.1:{port}"
-        yield ServeCluster(base_url=f"{root}/v1", root_url=root, model_dir=tiny_model_dir, port=port,
-                           config=config, cluster=ray_cluster)
-    finally:
-        serve.shutdown()
+    root = f"http://127.0.0.1:{port}"
+    yield ServeCluster(base_url=f"{root}/v1", root_url=root, model_dir=tiny_model_dir, port=port,
+                       config=serve_config(tiny_model_dir, port), cluster=ray_cluster)
+    serve.shutdown()
 
+
+@pytest.fixture
+def serve_cluster(_serve_session):
+    """The Offramp app (4 stages: 0-1 on the GPU pool, 2-3 on CPU pools) applied from a Serve
+    config on the session's cluster; applied again when a fixture with Serve options of its
+    own (a gRPC port, the chart's config) replaced it since. A
+    :class:`serve_fixtures.ServeCluster`."""
+    from serve_fixtures import ensure_serving
+
+    ensure_serving(_serve_session)
+    return _serve_session
 
 
 @pytest.fixture(scope="session", params=["llama", "qwen2", "gpt2"])

@@ -64,6 +64,34 @@ def apply_config(config: dict[str, Any], wait_s: float | None = 120.0) -> None:
         wait_running(wait_s)
 
 
+def fresh_serve() -> None:
+    """Shut Serve down so the next config starts it with its own HTTP/gRPC options (a
+    running Serve keeps the options it started with: the config would deploy, and its
+    port would not listen). ``serve_cluster`` applies the session app again afterwards."""
+    from ray import serve
+
+    serve.shutdown()
+
+
+def ensure_serving(sc: "ServeCluster", wait_s: float = 180.0) -> None:
+    """Make ``sc``'s app serve on its port: nothing to do when it already does (the usual
+    case: one check per test); else Serve is started afresh with its options and the app
+    applied (after a fixture that needed options of its own)."""
+    import httpx
+    from ray import serve
+
+    try:
+        st = serve.status().applications.get(APP)
+        if st is not None and st.status == "RUNNING" and \
+                httpx.get(f"{sc.root_url}/-/healthz", timeout=5).status_code == 200:
+            return
+    except Exception:  # noqa: BLE001 - Serve not running, or not on this port: start it below
+        pass
+    serve.shutdown()
+    serve.start(http_options={"host": "127.0.0.1", "port": sc.port}, proxy_location="HeadOnly")
+    apply_config(sc.config, wait_s=wait_s)
+
+
 def wait_running(wait_s: float = 120.0, want: dict[str, int] | None = None) -> None:
     """Until the app is RUNNING (and each deployment in ``want`` has that many running replicas)."""
     from ray import serve

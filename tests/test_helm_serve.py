@@ -48,11 +48,12 @@ def chart_config(tiny_model_dir):
 def test_chart_serve_config_serves_on_its_pools(ray_cluster, chart_config):
     from openai import OpenAI
     from ray import serve
-    from serve_fixtures import apply_config, node_pools, replica_actors
+    from serve_fixtures import apply_config, fresh_serve, node_pools, replica_actors
 
     app = chart_config["applications"][0]
     assert app["args"]["model"] and app["import_path"] == "offramp.deployments.app:build_app"
     try:
+        fresh_serve()  # the chart's ports: Serve keeps the options of whoever started it
         apply_config(chart_config, wait_s=240)
         base = f"http://127.0.0.1:{chart_config['http_options']['port']}/v1"
         client = OpenAI(base_url=base, api_key=KEY, max_retries=0, timeout=120)

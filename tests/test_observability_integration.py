@@ -26,7 +26,7 @@ KEY = "sk-observability-test"
 @pytest.fixture
 def traced_app(ray_cluster, tiny_model_dir, otlp_receiver):  # noqa: F811
     from ray import serve
-    from serve_fixtures import APP, apply_config, free_port, serve_config
+    from serve_fixtures import APP, apply_config, free_port, fresh_serve, serve_config
 
     config = serve_config(tiny_model_dir, free_port())
     config["grpc_options"] = {"port": free_port(), "grpc_servicer_functions": [
@@ -37,6 +37,7 @@ def traced_app(ray_cluster, tiny_model_dir, otlp_receiver):  # noqa: F811
         "OFFRAMP_TEST_KEY": KEY,
         "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_receiver.endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
         "OTEL_SERVICE_NAME": "offramp-test", "OTEL_TRACES_SAMPLER": "always_on", "OTEL_BSP_SCHEDULE_DELAY": "200"}}
+    fresh_serve()  # its gRPC port: Serve keeps the options of whoever started it
     apply_config(config, wait_s=240)
     assert app["name"] == APP
     yield config

@@ -30,14 +30,14 @@ MAX_TOKENS = 16
 
 
 @pytest.fixture(scope="module")
-def staged(serve_cluster):
+def staged(tiny_model_dir):
     """The in-process reference: the same checkpoint, same 4-stage split, no Ray."""
     import torch
 
     from offramp.ops.engine import StagedModel
 
     torch.set_num_threads(1)  # 2 shared cores: leave room for the cluster
-    return StagedModel(serve_cluster.model_dir, num_stages=NUM_STAGES)
+    return StagedModel(tiny_model_dir, num_stages=NUM_STAGES)
 
 
 def reference(staged, prompt, max_tokens, policy):
