@@ -783,6 +783,6 @@ def test_the_cool_down_counts_from_when_a_move_is_done():
     (applied,) = [r for r in recs if r["outcome"] == "apply"]
     done = ops.t
     assert done - applied["time"] >= 45.0
-    assert ctl.policy._last_move[2] == done and ctl.policy._last_move[0] < applied["time"]
+    assert ctl.policy.last_moves()[2] == done and ctl.policy.last_moves()[0] is None
     recs = run(ctl, ops, 2)[-1]  # 10 s after, still saturated: resting
     assert any("cooling down" in r["reason"] and f"{60 - (ops.t - done):.0f}s" in r["reason"] for r in recs)

@@ -22,23 +22,10 @@ from offramp.api.grpc_service import GrpcIngressMixin
 from offramp.cluster import rayops
 from offramp.cluster.local import HAPROXY_ENV
 from offramp.deployments.config import (INGRESS_NAME, STAGE_DTYPE_ENV, STAGE_LAYERS_ENV, AppArgs, StageArgs,
-                                       placement_controller, stage_name, stage_range, stage_threads)
+                                       model_facts, placement_controller, stage_name, stage_range, stage_threads)
 
 log = logging.getLogger("offramp")
 INGRESS_TPOT_WINDOW_S = 30.0  # the TPOT percentiles an ingress replica reports to the registry cover this
-
-
-def _model_facts(args: AppArgs):
-    from offramp.ops import exits as ex
-    from offramp.ops.checkpoint import load_spec
-    from offramp.ops.engine import resolve_model_dir
-    from offramp.ops.partition import partition_layers
-
-    model_dir = resolve_model_dir(args.model)
-    spec = load_spec(model_dir)
-    ranges = partition_layers(spec.num_layers, args.num_stages, args.split)
-    exits = ex.load_exits_config(model_dir) if ex.exits_present(model_dir) else None
-    return model_dir, spec, ranges, exits
 
 
 def _stage_args(args: AppArgs, index: int) -> StageArgs:
@@ -58,7 +45,7 @@ class StageDeployment:
         from offramp.ops.worker import StageWorker
 
         args = AppArgs.model_validate(args)
-        model_dir, spec, ranges, exits = _model_facts(args)
+        model_dir, spec, ranges, exits = model_facts(args)
         if index >= len(ranges):
             raise ValueError(f"{stage_name(index)} exists but the split makes {len(ranges)} stages; "
                              "remove the extra deployment from the config")
@@ -215,7 +202,7 @@ class OfframpIngress(GrpcIngressMixin):
         from offramp.ops.online_tuning import AgreementTuner
 
         args = AppArgs.model_validate(args)
-        model_dir, spec, ranges, exits = _model_facts(args)
+        model_dir, spec, ranges, exits = model_facts(args)
         self.stages = stages  # Serve handles: control calls
         app_name, _ = rayops.replica_context()
         registry = rayops.registry(app_name)
@@ -285,7 +272,7 @@ def build_app_with_env(args: AppArgs, env_vars: dict[str, str] | None = None) ->
     ``OTEL_*`` variables); a config YAML does the same with the app's ``runtime_env``."""
     if isinstance(args, dict):
         args = AppArgs.model_validate(args)
-    _, spec, ranges, _ = _model_facts(args)  # fail fast, in the caller, with a clear message
+    _, spec, ranges, _ = model_facts(args)  # fail fast, in the caller, with a clear message
     raw = args.model_dump(mode="json")
 
     def opts(deployment, **kw):

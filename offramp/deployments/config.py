@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import ipaddress
 
-from typing import Any, Literal, get_args
+from typing import Any, Literal, NamedTuple, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -329,3 +329,27 @@ def _placement_error(err: dict, config: type[BaseModel]) -> str:
         known = ", ".join(n for n in config.model_fields if n != "app")
         return f"{where} is not a placement setting; use one of {known}"
     return f"{where}: {err['msg']} (docs/placement.md)"
+
+
+class ModelFacts(NamedTuple):
+    """What an app's arguments say about its model (the checkpoint's config, no weights)."""
+
+    model_dir: Any  # pathlib.Path of the checkpoint
+    spec: Any  # offramp.ops.checkpoint.ModelSpec
+    ranges: list  # layers [start, end) per stage
+    exits: Any  # offramp.ops.exits config, None without exit heads
+
+
+def model_facts(args: AppArgs) -> ModelFacts:
+    """The checkpoint, its config, the stage split and the exit heads named by ``args``
+    (the ingress, each stage and the placement controller read them the same way)."""
+    from offramp.ops import exits as ex
+    from offramp.ops.checkpoint import load_spec
+    from offramp.ops.engine import resolve_model_dir
+    from offramp.ops.partition import partition_layers
+
+    model_dir = resolve_model_dir(args.model)
+    spec = load_spec(model_dir)
+    ranges = partition_layers(spec.num_layers, args.num_stages, args.split)
+    exits = ex.load_exits_config(model_dir) if ex.exits_present(model_dir) else None
+    return ModelFacts(model_dir, spec, ranges, exits)

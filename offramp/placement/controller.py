@@ -138,11 +138,10 @@ def model_spec(spec, exit_layers=()) -> ModelSpec:
 
 def app_facts(app_config: dict) -> AppFacts:
     """Model facts of a deployed Offramp app (reads the checkpoint's config, no weights)."""
-    from offramp.deployments.app import _model_facts
-    from offramp.deployments.config import AppArgs
+    from offramp.deployments.config import AppArgs, model_facts
 
     args = AppArgs.model_validate(app_config.get("args") or {})
-    _, spec, ranges, exits = _model_facts(args)
+    _, spec, ranges, exits = model_facts(args)
     model = model_spec(spec, exits.exit_layers if exits else ())
     return AppFacts([(r.start, r.stop) if hasattr(r, "start") else tuple(r) for r in ranges], model,
                     min(args.max_context or spec.max_position, spec.max_position), args.exit.kv_fill)
@@ -351,14 +350,13 @@ class PlacementController:
         raw = self.ops.kv_get(self._key("state"))
         if raw:
             st = json.loads(raw)
-            for l, t in enumerate(st.get("last_move", [])[: self.facts.model.num_layers]):
-                self.policy._last_move[l] = -math.inf if t is None else t  # cool-down survives restarts
+            self.policy.restore_last_moves(st.get("last_move", []))  # cool-down survives restarts
             self.decisions.extend(st.get("decisions", []))
             self.moves_made = st.get("moves_made", 0)
             self.measured = dict(st.get("measured", {}))
 
     def _persist(self) -> None:
-        lm = [None if not math.isfinite(t) else t for t in self.policy._last_move]
+        lm = self.policy.last_moves()
         self.ops.kv_put(self._key("state"), json.dumps(
             {"last_move": lm, "decisions": list(self.decisions)[-50:], "moves_made": self.moves_made,
              "measured": self.measured}).encode())
@@ -583,14 +581,12 @@ class PlacementController:
         that takes most of the cool-down to apply would otherwise leave no time to measure
         the new placement before the same layers may move again."""
         if d.move is not None:
-            for l in range(d.move.deployment.start, d.move.deployment.end):
-                self.policy._last_move[l] = self.ops.clock()
+            self.policy.moved(range(d.move.deployment.start, d.move.deployment.end), self.ops.clock())
 
     def _undo_cooldown(self, d: Decision) -> None:
         """A move the mover does not make must not start a cool-down (nothing changed)."""
         if d.move is not None:
-            for l in range(d.move.deployment.start, d.move.deployment.end):
-                self.policy._last_move[l] = -math.inf
+            self.policy.moved(range(d.move.deployment.start, d.move.deployment.end), None)
 
     def status(self, last: int = 20) -> dict:
         cur = self.current()

@@ -188,6 +188,22 @@ class Policy:
         self._breach: dict[tuple[int, int], int] = {}
         self._last_move: list[float] = [-math.inf] * num_layers
 
+    # cool-down state, for the controller (persisted across restarts, restarted when a move is done)
+    def last_moves(self) -> list[float | None]:
+        """When each layer last moved (None: never); JSON-safe, for persisting."""
+        return [None if not math.isfinite(t) else t for t in self._last_move]
+
+    def restore_last_moves(self, times: Sequence[float | None]) -> None:
+        """Undo :meth:`last_moves` (a restarted controller keeps its cool-downs)."""
+        for l, t in enumerate(list(times)[: self.num_layers]):
+            self._last_move[l] = -math.inf if t is None else t
+
+    def moved(self, layers: range, at: float | None) -> None:
+        """Layers ``layers`` moved at ``at`` (their cool-down starts there); None: the move did
+        not happen, so no cool-down."""
+        for l in layers:
+            self._last_move[l] = -math.inf if at is None else at
+
     def step(self, now: float, current: Sequence[StageDeployment], target: Plan, current_eval: Plan,
              breaches: Mapping[tuple[int, int], str] | None = None,
              routing: Sequence[Move] = ()) -> list[Decision]:
