@@ -256,7 +256,7 @@ def test_placement_from_config_and_steps(surge):
     pool = Move(action="add", knob="pool", deployment=StageDeployment(start=2, end=3, pool="gpu", replicas=1),
                 replicas_to=1)
     steps = plan_steps(cfg, RANGES, pool)  # make before break: surge, or 2 on the old pool, switch, back to 1
-    assert [(s.deployment, s.knob, s.value) for s in steps] == guarded("Stage2", "pool", "gpu", surge)
+    assert [(s.deployment, s.setting, s.value) for s in steps] == guarded("Stage2", "pool", "gpu", surge)
     moved = cfg
     for s in steps:
         moved = s.apply_to(moved)
@@ -409,7 +409,7 @@ def test_split_move_grows_one_side_then_shrinks_the_other(target, grow, shrink, 
     before = copy.deepcopy(ops.config)
     steps = plan_steps(ops.config, RANGES8, split_move(target))
     expect = guarded(grow[0], "layers", grow[1], surge) + guarded(shrink[0], "layers", shrink[1], surge)
-    assert [(s.deployment, s.knob, s.value) for s in steps] == expect
+    assert [(s.deployment, s.setting, s.value) for s in steps] == expect
     res = Mover(APP, ops, RANGES8, deadline_s=30).apply(split_move(target))
     assert res.outcome == "applied" and len(res.steps) == len(expect)
     assert live_ranges(ops.config, RANGES8) == [(0, 2), (2, target[1]), (target[1], 6), (6, 8)]
@@ -609,11 +609,11 @@ def test_registry_combines_every_ingress_replica(monkeypatch):
 def test_precision_move_is_make_before_break_and_touches_one_deployment(surge):
     ops = FakeOps(app_config())
     before = copy.deepcopy(ops.config)
-    move = Move(action="add", knob="pool",
+    move = Move(action="add", knob="precision",
                 deployment=StageDeployment(start=3, end=4, pool="cpu", precision="bf16", replicas=1), replicas_to=1)
     steps = plan_steps(ops.config, RANGES, move)
     expect = guarded("Stage3", "precision", "bf16", surge)
-    assert [(s.deployment, s.knob, s.value) for s in steps] == expect
+    assert [(s.deployment, s.setting, s.value) for s in steps] == expect
     res = Mover(APP, ops, RANGES, deadline_s=30, poll_s=0.5).apply(move)
     assert res.outcome == "applied" and len(res.steps) == len(expect)
     e = deployment_entry(ops.config, "Stage3")
@@ -626,11 +626,11 @@ def test_precision_move_is_make_before_break_and_touches_one_deployment(surge):
     # the old precision's "remove" is a no-op now; a move to where it already is is refused
     # with the reason; int8 weight-only is one more precision a stage loads
     old = StageDeployment(start=3, end=4, pool="cpu", precision="fp32", replicas=1)
-    assert plan_steps(ops.config, RANGES, Move(action="remove", knob="pool", deployment=old)) == []
+    assert plan_steps(ops.config, RANGES, Move(action="remove", knob="precision", deployment=old)) == []
     with pytest.raises(MoveDeferred, match="already runs"):
         plan_steps(ops.config, RANGES, move)
     int8 = move.model_copy(update={"deployment": old.model_copy(update={"precision": "int8"})})
-    assert [(s.knob, s.value) for s in plan_steps(ops.config, RANGES, int8)] == \
+    assert [(s.setting, s.value) for s in plan_steps(ops.config, RANGES, int8)] == \
         [(k, v) for _, k, v in guarded("Stage3", "precision", "int8", surge)]
 
 

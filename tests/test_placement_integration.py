@@ -202,11 +202,11 @@ def test_pool_and_precision_moves_under_load(serve_cluster):
         assert mism == 0, load.mismatch[:3]
 
         load.expected = {}  # bf16 may change greedy tokens: count failures only from here
-        to_bf16 = Move(action="add", knob="pool",
+        to_bf16 = Move(action="add", knob="precision",
                        deployment=StageDeployment(start=3, end=4, pool="gpu", precision="bf16", replicas=1),
                        replicas_to=1, reason="test: precision move under load")
         res = Mover(APP, RayOps(), ranges, deadline_s=120).apply(to_bf16)
-        assert [s["knob"] for s in res.steps] == (["precision"] if serve_surges() else
+        assert [s["setting"] for s in res.steps] == (["precision"] if serve_surges() else
                                                   ["num_replicas", "precision", "num_replicas"]), res.steps
         regs = _until(lambda: (r := [e for e in registry_endpoints() if e["stage"] == 3]) and len(r) == 1
                       and r[0]["dtype"] == "bf16" and r, 30, "the bf16 replica registered")
@@ -283,7 +283,7 @@ def test_split_moves_live_under_load(serve_cluster):
                 (rec,) = out["moves"]
                 assert rec["result"].startswith("applied"), rec
                 print(f"split -> {split}: {rec['result']}, steps {[(s['deployment'], s['value']) for s in rec['steps']]}")
-                assert [s["knob"] for s in rec["steps"]].count("layers") == 2, rec["steps"]
+                assert [s["setting"] for s in rec["steps"]].count("layers") == 2, rec["steps"]
                 assert len(rec["steps"]) == (2 if serve_surges() else 6), rec["steps"]
                 assert [p["layers"] for p in out["placement"]] == [[a, b - 1] for _, (a, b) in want]
                 _until(lambda: layers() == want, 30, f"replicas holding {want}", info=layers)

@@ -139,3 +139,19 @@ def test_a_dearer_plan_gains_nothing_while_the_slo_holds():
     pol = Policy(L, PolicyConfig(sustain_intervals=3, cooldown_s=0))
     assert not applied(pol.step(0, cur_ok.deployments(), fast, cur_ok))
     assert applied(pol.step(10, cur_late.deployments(), fast, cur_late))
+
+
+def test_one_vocabulary_of_knobs_in_cost_order():
+    """diff names each move by the knob it turns: another precision on the same pool is a
+    ``precision`` move, another pool a ``pool`` move, other layer ranges a ``split`` move;
+    cheaper knobs come first."""
+    from offramp.placement.policy import KNOB_RANK
+
+    assert list(KNOB_RANK) == ["routing", "replicas", "pool", "precision", "split"]
+    cur = [D(0, 8, pool="gpu", precision="bf16"), D(8, 16, pool="cpu", precision="fp32")]
+    target = [D(0, 8, pool="gpu", precision="fp32"), D(8, 16, pool="gpu", precision="fp32")]
+    knobs = {(m.action, m.deployment.start): m.knob for m in diff(cur, target, L)}
+    assert knobs == {("add", 0): "precision", ("remove", 0): "precision", ("add", 8): "pool", ("remove", 8): "pool"}
+    split = [D(0, 4), D(4, 16, pool="cpu", precision="fp32")]
+    moves = diff(cur, split, L)
+    assert {m.knob for m in moves} == {"split"}

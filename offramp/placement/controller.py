@@ -51,7 +51,7 @@ from offramp.placement.mover import MoveDeferred, MoveFailed, Mover, Ops, RayOps
 from offramp.placement.planner import (
     Constraints, Pin, Plan, StageDeployment, Workload, evaluate, placement_signature, plan,
 )
-from offramp.placement.policy import Decision, Policy, PolicyConfig, detect_breaches
+from offramp.placement.policy import KNOB_RANK, Decision, Knob, PlanKnob, Policy, PolicyConfig, detect_breaches
 from offramp.placement.signals import StageSignals
 
 log = logging.getLogger("offramp.placement")
@@ -84,7 +84,7 @@ class ControllerConfig(BaseModel):
                              "planned to visit every stage (the baseline `bench placement --exit-aware` compares).")
     pins: list[Pin] = Field(default_factory=list, description="Operator pins: a stage's pool, replicas or "
                             "precision the planner must keep.")
-    max_knob: Literal["replicas", "pool", "precision", "split"] = Field(
+    max_knob: PlanKnob = Field(
         "replicas", description="Most expensive knob turned automatically, in cost order: replicas; + pools; "
         "+ precision; + split points (one boundary per move).")
     target_utilisation: float = Field(0.75, gt=0, le=1, description="Busy fraction per replica to plan for.")
@@ -451,6 +451,10 @@ class PlacementController:
                                               w.context_len, w.reach, w.kv_fill, calibrated=False).seconds
                 self.costs.calibration.observe(d.pool, "decode", d.start, d.end, s.step_s, pred)
 
+    def _turns(self, knob: Knob) -> bool:
+        """Whether the plan may turn ``knob`` (``max_knob`` and every cheaper one)."""
+        return KNOB_RANK[knob] <= KNOB_RANK[self.cfg.max_knob]
+
     def make_plan(self, obs: Observation) -> tuple[list[StageDeployment], Plan, Plan, Workload]:
         """(current placement, target plan, current placement's evaluation, workload)."""
         current = self.current()
@@ -462,11 +466,11 @@ class PlacementController:
         pins = []
         for k, d in enumerate(current):
             u = user.get(k)
-            pool = (u.pool if u and u.pool else None) or (d.pool if self.cfg.max_knob == "replicas" else None)
+            pool = (u.pool if u and u.pool else None) or (d.pool if not self._turns("pool") else None)
             prec = (u.precision if u and u.precision else None) or (
-                d.precision if self.cfg.max_knob in ("replicas", "pool") else None)
+                d.precision if not self._turns("precision") else None)
             pins.append(Pin(stage=k, pool=pool, precision=prec, replicas=u.replicas if u else None))
-        split = None if self.cfg.max_knob == "split" else [d.start for d in current[1:]]
+        split = None if self._turns("split") else [d.start for d in current[1:]]
         c = Constraints(num_stages=len(current), split=split, pins=pins,
                         tpot_slo_s=self.cfg.tpot_slo_s, target_utilisation=self.cfg.target_utilisation,
                         batch_size=max(1, round(max(batches))) if batches else 16,

@@ -30,7 +30,7 @@ Knobs:
   the deployment to at least 2 on the old pool, then switches the pool (the rolling update
   then always keeps a live replica), then sets the target count. The matching
   ``remove`` of the old pool is then a no-op (the deployment is already on the new pool).
-* precision (same layers and pool, other dtype): the same steps, with the pool one
+* ``add`` of another precision for the same layers and pool (knob ``precision``): the same steps, with the pool one
   setting ``ray_actor_options.runtime_env.env_vars.OFFRAMP_STAGE_DTYPE`` of that deployment
   (Serve merges deployment env vars into the app's runtime env, and a changed actor option
   is again a rolling update of that deployment alone; the stage reads the variable before
@@ -224,29 +224,37 @@ def serve_surges() -> bool:
 
 @dataclass(frozen=True)
 class Step:
-    """One Serve apply: one knob of one deployment. ``surge``: also set the deployment's
+    """One Serve apply: one setting of one deployment's config (``setting``: what it sets,
+    not a policy knob: a ``pool`` knob's move may take a ``num_replicas`` and a ``pool``
+    step). ``surge``: also set the deployment's
     ``max_surge_percent`` to 100, so the rolling update this step causes is make before
     break inside Serve (new replicas ready, then old ones stop)."""
 
     deployment: str  # e.g. "Stage2"
     stage: int
-    knob: Literal["num_replicas", "pool", "precision", "layers"]
+    setting: Literal["num_replicas", "pool", "precision", "layers"]
     value: Any
     surge: bool = False
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Step":
+        """From ``asdict`` (a persisted intent; one written before ``knob`` was renamed
+        ``setting`` too)."""
+        return cls(**{("setting" if k == "knob" else k): v for k, v in d.items()})
 
     def apply_to(self, app_config: dict) -> dict:
         e = copy.deepcopy(deployment_entry(app_config, self.deployment))
         if self.surge:
             e["max_surge_percent"] = 100
-        if self.knob == "num_replicas":
+        if self.setting == "num_replicas":
             if not isinstance(self.value, int) or self.value < 1:
                 raise MoveDeferred(f"{self.deployment}: num_replicas={self.value}; the mover never scales a stage "
                                    "below 1 (its layers would have no replica)")
             e["num_replicas"] = self.value
-        elif self.knob in ("precision", "layers"):
+        elif self.setting in ("precision", "layers"):
             opts = e.setdefault("ray_actor_options", {})
             renv = dict(opts.get("runtime_env") or {})
-            var = STAGE_DTYPE_ENV if self.knob == "precision" else STAGE_LAYERS_ENV
+            var = STAGE_DTYPE_ENV if self.setting == "precision" else STAGE_LAYERS_ENV
             renv["env_vars"] = {**(renv.get("env_vars") or {}), var: str(self.value)}
             opts["runtime_env"] = renv
         else:
@@ -280,7 +288,7 @@ def _managed(app_config: dict, name: str) -> dict:
 
 def _guarded(app_config: dict, name: str, k: int, changes: list[tuple[str, Any]],
              replicas: int | None = None) -> list[Step]:
-    """Steps that make ``changes`` (knob, value) to a deployment - each a rolling update -
+    """Steps that make ``changes`` (setting, value) to a deployment - each a rolling update -
     without ever leaving it empty, then give it ``replicas`` (default: as many as now).
     With Serve's surge each change is one step (new replicas ready before old ones stop);
     without it the deployment holds at least 2 replicas while the changes roll."""
@@ -288,7 +296,7 @@ def _guarded(app_config: dict, name: str, k: int, changes: list[tuple[str, Any]]
     surge = serve_surges()
     during = n if surge else max(n, 2)
     steps = [] if during == n else [Step(name, k, "num_replicas", during)]
-    steps += [Step(name, k, knob, value, surge) for knob, value in changes]  # type: ignore[arg-type]
+    steps += [Step(name, k, setting, value, surge) for setting, value in changes]  # type: ignore[arg-type]
     final = n if replicas is None else replicas
     if final != during:
         steps.append(Step(name, k, "num_replicas", final))
@@ -416,13 +424,13 @@ class Mover:
             try:
                 # A step that restarts replicas is done when none of the old ones runs: right
                 # after the apply, Serve may still report the old replica set HEALTHY.
-                old = set() if step.knob == "num_replicas" else set(
+                old = set() if step.setting == "num_replicas" else set(
                     (self.ops.deployment_states(self.app).get(step.deployment) or {}).get("running", []))
                 self.ops.deploy_app_config(self.app, cfg)
                 self.wait(step.deployment, step.stage, entry_replicas(deployment_entry(cfg, step.deployment)),
                           replaced=old)
             except Exception as e:  # noqa: BLE001 - any failure: restore, then report
-                what = f"{step.deployment}: step {i + 1}/{len(steps)} ({step.knob}={step.value}) failed: {e}"
+                what = f"{step.deployment}: step {i + 1}/{len(steps)} ({step.setting}={step.value}) failed: {e}"
                 if not self._restore(steps[: i + 1], before):
                     # The intent stays: the next reconcile (controller tick or restart) retries.
                     raise MoveFailed(f"{what}; restoring its previous settings failed too, the intent is kept "
@@ -483,7 +491,7 @@ class Mover:
         intent = self.intent()
         if intent is None:
             return None
-        steps = [Step(**st) for st in intent["steps"]]
+        steps = [Step.from_dict(st) for st in intent["steps"]]
         touched = list(dict.fromkeys(st.deployment for st in steps))
         live_cfg = self._config()
         live = {n: deployment_entry(live_cfg, n) for n in touched}

@@ -5,7 +5,7 @@ Rules (ARCHITECTURE.md, "Placement controller"):
 * act only on a breach sustained for ``sustain_intervals`` intervals, or a predicted
   gain (cost, or TPOT where it does not cost more while the SLO holds) of at least
   ``min_gain``;
-* knobs in order of cost: routing < replicas < pool < split points; the controller's
+* knobs in order of cost: routing < replicas < pool < precision < split points; the controller's
   ``max_knob`` caps which of them a plan may turn;
 * per-stage (per-layer) cool-down, at most ``max_moves_per_interval`` moves per interval;
 * make before break: new deployments are added before old ones are removed, and a move
@@ -18,22 +18,26 @@ target deployments) skips the trigger and the cool-down: holding both costs devi
 from __future__ import annotations
 
 import math
-from typing import Literal, Mapping, Sequence
+from typing import Literal, Mapping, Sequence, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from offramp.placement.planner import Plan, StageDeployment
 from offramp.placement.signals import StageSignals
 
-Knob = Literal["routing", "replicas", "pool", "split"]
-KNOB_RANK: dict[str, int] = {"routing": 0, "replicas": 1, "pool": 2, "split": 3}
+# The one vocabulary of knobs, in cost order (ControllerConfig.max_knob names one of them;
+# the mover's steps set deployment *settings*, a different thing: mover.Step.setting).
+PlanKnob = Literal["replicas", "pool", "precision", "split"]  # what a plan turns (ControllerConfig.max_knob)
+Knob = Literal["routing", PlanKnob]
+KNOB_RANK: dict[str, int] = {k: i for i, k in enumerate(get_args(Knob))}
 
 
 class Move(BaseModel):
     """One action for the mover. Apply one at a time, waiting for new replicas to warm."""
 
     action: Literal["rebalance", "set_replicas", "add", "remove"] = Field(..., description="What to do.")
-    knob: Knob = Field(..., description="Which knob this turns (cost order routing < replicas < pool < split).")
+    knob: Knob = Field(..., description="Which knob this turns (cost order routing < replicas < pool < precision "
+                       "< split).")
     deployment: StageDeployment = Field(..., description="Target deployment (for set_replicas: the new count).")
     replicas_from: int = Field(0, description="Replicas before the move.")
     replicas_to: int = Field(0, description="Replicas after the move.")
@@ -103,6 +107,7 @@ def diff(current: Sequence[StageDeployment], target: Sequence[StageDeployment],
     """
     cur = {d.key: d for d in current}
     ranges = {(d.start, d.end) for d in current}
+    placed = {(d.start, d.end, d.pool) for d in current}
     tkeys = {d.key for d in target}
     tsplit = [d.start for d in sorted(target, key=lambda d: d.start)[1:]]
     grow: list[Move] = []
@@ -114,18 +119,21 @@ def diff(current: Sequence[StageDeployment], target: Sequence[StageDeployment],
                                  replicas_to=t.replicas, reason=f"layers {t.start}-{t.end - 1} on {t.pool}: "
                                  f"{c.replicas} -> {t.replicas} replicas for the offered load"))
         else:
-            knob: Knob = "pool" if (t.start, t.end) in ranges else "split"
-            what = (f"move layers {t.start}-{t.end - 1} to {t.pool}/{t.precision}" if knob == "pool"
-                    else f"new split: layers {t.start}-{t.end - 1} on {t.pool}/{t.precision}")
+            knob: Knob = ("precision" if (t.start, t.end, t.pool) in placed else "pool") \
+                if (t.start, t.end) in ranges else "split"
+            what = (f"new split: layers {t.start}-{t.end - 1} on {t.pool}/{t.precision}" if knob == "split"
+                    else f"move layers {t.start}-{t.end - 1} to {t.pool}/{t.precision}")
             grow.append(Move(action="add", knob=knob, deployment=t, replicas_from=0, replicas_to=t.replicas,
                              split=tsplit if knob == "split" else None,
                              reason=f"{what} x{t.replicas} (added before the old one is removed)"))
     grow.sort(key=lambda m: (KNOB_RANK[m.knob], m.replicas_to < m.replicas_from, m.deployment.key))
     shrink: list[Move] = []
     tranges = {(d.start, d.end) for d in target}
+    tplaced = {(d.start, d.end, d.pool) for d in target}
     for c in sorted(current, key=lambda d: d.key):
         if c.key not in tkeys:
-            knob = "pool" if (c.start, c.end) in tranges else "split"
+            knob = ("precision" if (c.start, c.end, c.pool) in tplaced else "pool") \
+                if (c.start, c.end) in tranges else "split"
             shrink.append(Move(action="remove", knob=knob, deployment=c, replicas_from=c.replicas, replicas_to=0,
                                reason=f"retire layers {c.start}-{c.end - 1} on {c.pool}/{c.precision}: "
                                "replaced by the target placement"))
