@@ -53,3 +53,14 @@ def test_deep_visits_per_token_from_two_samples():
     assert _deep_per_token([100, 20], 90, [400, 95], 390) == pytest.approx(0.25)
     assert _deep_per_token([100, 20], 90, [400, 95], 90) is None  # no token emitted in between
     assert _deep_per_token(None, 0, [1, 1], 5) is None
+
+
+def test_settled_counts_from_when_the_last_move_was_done():
+    from offramp.bench.placement_exits import settled_from
+
+    assert settled_from([]) == 10.0
+    moves = [{"at_s": 28.2, "result": "applied in 22.8s (1 step(s))"},
+             {"at_s": 59.0, "result": "applied in 10.2s (2 step(s))"}]
+    assert settled_from(moves) == pytest.approx(59.0 + 10.2 + 10.0)
+    assert settled_from(moves + [{"at_s": 111.4, "result": "in progress"}]) == math.inf  # never settled
+    assert settled_from([{"at_s": 40.0, "result": "rolled_back in 30.0s (1 step(s))"}]) == pytest.approx(80.0)

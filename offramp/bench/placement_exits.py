@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import sys
 import threading
 import time
@@ -205,7 +206,8 @@ def _contender(name: str, args, model_dir: Path, emulate: dict, pools: list, pro
             ing = rayops.registry_ingress(APP) or {}
             timeline.append({"t": time.monotonic() - t0, "cost": _placement_cost(cur, by_name),
                              "stages": [(d.pool, d.replicas) for d in cur],
-                             "passes": ing.get("stage_passes"), "emitted": ing.get("tokens_emitted")})
+                             "passes": ing.get("stage_passes"), "emitted": ing.get("tokens_emitted"),
+                             "server_p99": ing.get("request_tpot_ms_p99")})
             time.sleep(2.0)
         t1 = time.monotonic()
         ing1 = rayops.registry_ingress(APP) or {}
@@ -225,10 +227,13 @@ def _contender(name: str, args, model_dir: Path, emulate: dict, pools: list, pro
     moves = [] if st is None else [
         {"at_s": round(d["time"] - wall_off - t0, 1), "reason": d.get("reason"), "result": d.get("result")}
         for d in st["decisions"] if d.get("outcome") == "apply" and d["time"] - wall_off >= t0 - args.warm_s]
-    settled = max([m["at_s"] for m in moves], default=0.0) + 10.0  # after the last move has warmed up
+    settled = settled_from(moves)
     tp_all = [tp for _, tp, e in reqs if e is None and tp is not None]
     tp_steady = [tp for t, tp, e in reqs if e is None and tp is not None and t >= settled]
     mean_cost = time_weighted([(p["t"], p["cost"]) for p in timeline])
+    # what the controller saw: the ingress's p99 over its last 30 s, sampled every 2 s
+    seen = [(p["t"], p["server_p99"]) for p in timeline if p.get("server_p99") is not None]
+    seen_settled = [v for t, v in seen if t >= settled]
     deep = _deep_per_token(ing0.get("stage_passes"), ing0.get("tokens_emitted"),
                            ing1.get("stage_passes"), ing1.get("tokens_emitted"))
     return {
@@ -237,13 +242,29 @@ def _contender(name: str, args, model_dir: Path, emulate: dict, pools: list, pro
         "tpot_ms_p99": round(1000 * percentile(tp_all, 0.99), 2) if tp_all else None,
         "tpot_ms_p99_settled": round(1000 * percentile(tp_steady, 0.99), 2) if tp_steady else None,
         "tpot_ms_mean": round(1000 * sum(tp_all) / len(tp_all), 2) if tp_all else None,
-        "settled_from_s": settled, "requests_ok": sum(1 for _, _, e in reqs if e is None),
+        "server_p99_ms_median_settled": round(percentile(seen_settled, 0.5), 2) if seen_settled else None,
+        "server_over_slo_settled": round(sum(v > args.tpot_slo_ms for v in seen_settled) / len(seen_settled), 3)
+        if seen_settled else None,
+        "settled_from_s": settled if math.isfinite(settled) else None, "requests_ok": sum(1 for _, _, e in reqs if e is None),
         "requests_failed": sum(1 for _, _, e in reqs if e is not None),
         "failures": [e for _, _, e in reqs if e is not None][:3],
         "deep_visits_per_token": None if deep is None else round(deep, 3), "moves": moves,
         "plan": None if st is None else st.get("plan"),
         "_timeline": timeline, "_requests": [(t, tp) for t, tp, e in reqs if e is None and tp is not None],
     }
+
+
+def settled_from(moves: list[dict], warm_s: float = 10.0) -> float:
+    """Seconds into the window from which the placement is settled: ``warm_s`` after the
+    last move was *done* (decided at ``at_s``, its result says how long it took); never
+    (inf) while a move is still in progress at the end."""
+    out = warm_s
+    for m in moves:
+        took = re.match(r"\w+ in ([0-9.]+)s", m.get("result") or "")
+        if took is None:
+            return math.inf
+        out = max(out, m["at_s"] + float(took.group(1)) + warm_s)
+    return out
 
 
 def time_weighted(points: list[tuple[float, float]]) -> float:
@@ -392,7 +413,11 @@ def _plot(path: Path, res: dict, slo: float) -> None:
         roll = [(t, percentile([x for u, x in reqs if t - 20 <= u <= t], 0.99) * 1000)
                 for t in range(20, int(ts[-1]) + 1, 2) if any(t - 20 <= u <= t for u, _ in reqs)]
         if roll:
-            ax2.plot([t for t, _ in roll], [p for _, p in roll], color="tab:red", label="p99 TPOT (20 s window)")
+            ax2.plot([t for t, _ in roll], [p for _, p in roll], color="tab:red", label="p99 TPOT, client (20 s window)")
+        seen = [(p["t"], p["server_p99"]) for p in tl if p.get("server_p99") is not None]
+        if seen:
+            ax2.plot([t for t, _ in seen], [v for _, v in seen], color="tab:purple", lw=0.8,
+                     label="p99 the controller sees (ingress, 30 s)")
         ax2.axhline(slo, color="tab:red", ls=":", label=f"SLO {slo:g} ms")
         deep = [(b["t"], d) for a, b in zip(tl, tl[1:])
                 if (d := _deep_per_token(a["passes"], a["emitted"], b["passes"], b["emitted"])) is not None]
