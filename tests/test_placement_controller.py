@@ -786,3 +786,28 @@ def test_the_cool_down_counts_from_when_a_move_is_done():
     assert ctl.policy.last_moves()[2] == done and ctl.policy.last_moves()[0] is None
     recs = run(ctl, ops, 2)[-1]  # 10 s after, still saturated: resting
     assert any("cooling down" in r["reason"] and f"{60 - (ops.t - done):.0f}s" in r["reason"] for r in recs)
+
+
+def test_a_remembered_breach_holds_at_any_higher_load_a_good_record_only_near_its_own():
+    """A placement that missed the SLO served less than was offered (its measured rate is
+    low): the memory of it holds at any higher load. One that met it holds only within
+    the load band (at a much higher load it is predicted afresh)."""
+    ops = FakeOps(app_config())
+    ctl = controller(ops, tpot_slo_s=0.1)
+    bad, good = ([StageDeployment(start=a, end=a + 1, pool=p) for a, p in enumerate(pools)]
+                 for pools in (("cpu", "cpu", "cpu", "cpu"), ("gpu", "gpu", "cpu", "cpu")))
+
+    def serve(placement, p99_ms, factor, rate):
+        obs = Observation(ops.t, 5.0, [], "ingress", request_tpot_ms_p99=p99_ms)
+        for _ in range(2):  # sustain_intervals: long enough to count
+            out = ctl._remember(obs, placement, factor, rate)
+        return out
+
+    serve(bad, 300.0, 6.0, 10.0)
+    serve(good, 20.0, 1.0, 10.0)
+    from offramp.placement.planner import placement_signature as sig
+
+    other = [StageDeployment(start=a, end=a + 1, pool="gpu") for a in range(4)]
+    assert serve(other, 20.0, 1.0, 10.0) == {sig(bad): 6.0, sig(good): 1.0}
+    assert serve(other, 20.0, 1.0, 25.0) == {sig(bad): 6.0}  # 2.5x the load: only the breach holds
+    assert serve(other, 20.0, 1.0, 5.0) == {}  # half the load: both predicted afresh

@@ -124,21 +124,23 @@ def test_oscillating_load_yields_bounded_moves():
 
 
 
-def test_a_dearer_plan_gains_nothing_while_the_slo_holds():
-    """Cost and TPOT weighed together: a dearer target's lower TPOT is no gain while the
-    current placement meets the SLO, and is one once it does not; a cheaper one gains its
-    saving either way."""
+def test_a_dearer_plan_moves_only_on_a_sustained_breach():
+    """Cost and TPOT weighed together: a dearer target's lower TPOT is no gain, whether or
+    not the current placement meets the SLO this interval; a sustained breach moves to it;
+    a cheaper one gains its saving."""
     from offramp.placement.policy import predicted_gain
 
     cur_ok = P([D(0, 16, pool="cpu")], cost=0.25, tpot=0.030)
     cur_late = cur_ok.model_copy(update={"meets_slo": False})
     fast = P([D(0, 16)], cost=2.0, tpot=0.010)
-    assert predicted_gain(cur_ok, fast) == 0.0
-    assert predicted_gain(cur_late, fast) == pytest.approx(2 / 3)
+    assert predicted_gain(cur_ok, fast) == 0.0 and predicted_gain(cur_late, fast) == 0.0
     assert predicted_gain(fast, cur_ok) == pytest.approx(0.875)
     pol = Policy(L, PolicyConfig(sustain_intervals=3, cooldown_s=0))
-    assert not applied(pol.step(0, cur_ok.deployments(), fast, cur_ok))
-    assert applied(pol.step(10, cur_late.deployments(), fast, cur_late))
+    late = {(0, 16): "TPOT 40.0 ms > SLO 35.0 ms"}
+    assert not applied(pol.step(0, cur_late.deployments(), fast, cur_late, late))  # one noisy interval
+    assert not applied(pol.step(10, cur_late.deployments(), fast, cur_late, late))
+    (m,) = applied(pol.step(20, cur_late.deployments(), fast, cur_late, late))  # sustained
+    assert m.deployment.pool == "gpu" and "sustained 3" in m.reason
 
 
 def test_one_vocabulary_of_knobs_in_cost_order():

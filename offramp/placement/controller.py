@@ -99,8 +99,12 @@ class ControllerConfig(BaseModel):
     remember_s: float = Field(1800.0, ge=0, description="How long what a placement measured while it served (its "
                               "p99 over the model's mean) replaces the model's prediction when the planner "
                               "weighs that placement again; 0 = never (predict every placement afresh).")
-    remember_load_band: float = Field(0.3, ge=0, description="A remembered placement counts only at a load within "
-                                      "this fraction of the load it was measured at (another load: predict it).")
+    remember_load_band: float = Field(0.3, ge=0, description="A remembered placement counts at a load within this "
+                                      "fraction of the load it was measured at, and one that missed the SLO also at "
+                                      "any higher load (it served less than was offered); else it is predicted.")
+    slo_headroom: float = Field(0.1, ge=0, lt=1, description="Plans aim at a p99 of tpot_slo_s x (1 - slo_headroom); "
+                                "the breach rule fires at tpot_slo_s itself. A placement predicted just under the "
+                                "SLO is not worth a move the run-to-run noise of a p99 undoes.")
 
     @field_validator("cost_per_replica_hour")
     @classmethod
@@ -472,7 +476,9 @@ class PlacementController:
             pins.append(Pin(stage=k, pool=pool, precision=prec, replicas=u.replicas if u else None))
         split = None if self._turns("split") else [d.start for d in current[1:]]
         c = Constraints(num_stages=len(current), split=split, pins=pins,
-                        tpot_slo_s=self.cfg.tpot_slo_s, target_utilisation=self.cfg.target_utilisation,
+                        tpot_slo_s=None if self.cfg.tpot_slo_s is None else
+                        self.cfg.tpot_slo_s * (1 - self.cfg.slo_headroom),
+                        target_utilisation=self.cfg.target_utilisation,
                         batch_size=max(1, round(max(batches))) if batches else 16,
                         max_replicas_per_stage=64)  # capped below: an over-bound plan is still a plan
         try:  # the p99 anchor: the current placement's predicted mean against the measured p99
@@ -524,9 +530,10 @@ class PlacementController:
             self.measured[sig] = {"time": now, "factor": factor, "rate": rate, "p99_ms": p99}
         for k in [k for k, m in self.measured.items() if now - m["time"] > self.cfg.remember_s]:
             del self.measured[k]
-        band = self.cfg.remember_load_band
+        band, slo_ms = self.cfg.remember_load_band, 1e3 * (self.cfg.tpot_slo_s or math.inf)
         return {k: m["factor"] for k, m in self.measured.items()
-                if k != sig and rate > 0 and abs(rate - m["rate"]) <= band * m["rate"]}
+                if k != sig and rate > 0 and (abs(rate - m["rate"]) <= band * m["rate"]
+                                              or (m["p99_ms"] > slo_ms and rate >= m["rate"]))}
 
     def tick(self) -> list[dict]:
         """One interval: observe, plan, decide, apply at most the policy's bounded moves."""
@@ -606,6 +613,8 @@ class PlacementController:
                 "tpot_ms": round(self.last_plan.tpot_s * 1e3, 3),
                 "tpot_p99_ms": round(self.last_plan.tpot_p99_s * 1e3, 3), "meets_slo": self.last_plan.meets_slo,
                 "slo_ms": None if self.cfg.tpot_slo_s is None else round(self.cfg.tpot_slo_s * 1e3, 3),
+                "planned_for_ms": None if self.cfg.tpot_slo_s is None else
+                round(self.cfg.tpot_slo_s * (1 - self.cfg.slo_headroom) * 1e3, 3),
                 "cost_per_hour": self.last_plan.cost, "exit_aware": self.cfg.exit_aware,
                 "reasons": self.last_plan.reasons, "notes": self.last_plan.notes},
             "moves_made": self.moves_made,

@@ -3,8 +3,8 @@
 Rules (ARCHITECTURE.md, "Placement controller"):
 
 * act only on a breach sustained for ``sustain_intervals`` intervals, or a predicted
-  gain (cost, or TPOT where it does not cost more while the SLO holds) of at least
-  ``min_gain``;
+  gain (cost, or TPOT at no higher cost) of at least ``min_gain``: a dearer placement
+  only on a sustained breach;
 * knobs in order of cost: routing < replicas < pool < precision < split points; the controller's
   ``max_knob`` caps which of them a plan may turn;
 * per-stage (per-layer) cool-down, at most ``max_moves_per_interval`` moves per interval;
@@ -157,14 +157,14 @@ def _is_completion(current: Sequence[StageDeployment], target: Sequence[StageDep
 
 def predicted_gain(current: Plan, target: Plan) -> float:
     """Relative improvement of ``target`` over ``current`` in cost or TPOT (the larger), the
-    two weighed together as the planner's objective does: a dearer target gains nothing
-    while the current placement meets the SLO (paying more for a lower TPOT nobody asked
-    for is a loss; when it stops meeting it, the breach rule or this gain moves)."""
+    two weighed together as the planner's objective does: a dearer target gains nothing.
+    Paying more is justified by a *sustained* breach only (the breach rule): one noisy
+    interval over the SLO must not buy devices that the next quiet one gives back."""
     g_cost = (current.cost - target.cost) / current.cost if current.cost > 0 else 0.0
     g_lat = (current.tpot_s - target.tpot_s) / current.tpot_s if current.tpot_s > 0 else 0.0
     if not math.isfinite(g_lat):
         g_lat = 1.0
-    if target.cost > current.cost + 1e-9 and current.meets_slo:
+    if target.cost > current.cost + 1e-9:
         return 0.0
     return max(g_cost, g_lat)
 
