@@ -811,3 +811,19 @@ def test_a_remembered_breach_holds_at_any_higher_load_a_good_record_only_near_it
     assert serve(other, 20.0, 1.0, 10.0) == {sig(bad): 6.0, sig(good): 1.0}
     assert serve(other, 20.0, 1.0, 25.0) == {sig(bad): 6.0}  # 2.5x the load: only the breach holds
     assert serve(other, 20.0, 1.0, 5.0) == {}  # half the load: both predicted afresh
+
+
+@pytest.mark.parametrize("pin_pool, floor", [("cpu", True), ("gpu", False)])
+def test_the_measured_floor_holds_only_where_the_stage_was_measured(pin_pool, floor):
+    """Stage 2 measured 2.4 busy replicas' worth on the CPU pool: kept there, the plan gets
+    at least ceil(2.4 / 0.5) = 5 replicas; moved to the GPU pool, those busy seconds say
+    nothing and the cost model sizes it."""
+    ops = FakeOps(app_config(replicas=(1, 1, 3, 1)))
+    ctl = controller(ops, max_knob="pool", max_replicas_per_stage=8, pins=[Pin(stage=2, pool=pin_pool)])
+    busy = {0: {"a": 0.1}, 1: {"b": 0.1}, 2: {"c": 0.8, "d": 0.8, "e": 0.8}, 3: {"f": 0.1}}
+    obs = Observation(ops.t, 5.0, [StageLoad(k, r, len(busy[k]), 20.0, busy[k], 0.01, 2.0, 0, 0.1, 2)
+                                   for k, r in enumerate(RANGES)], "ingress", request_tpot_ms_p99=20.0)
+    _, target, _, _ = ctl.make_plan(obs)
+    st = target.stages[2]
+    assert st.pool == pin_pool
+    assert (st.replicas >= 5) is floor

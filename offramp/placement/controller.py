@@ -489,11 +489,13 @@ class PlacementController:
         c = c.model_copy(update={"tpot_p99_factors": self._remember(obs, current, c.tpot_p99_factor,
                                                                      w.decode_tokens_per_s)})
         target = plan(self.facts.model, pools, w, c, self.costs)
-        # measured floor: never fewer replicas than the measured busy time needs
+        # measured floor: never fewer replicas than the measured busy time needs, where the
+        # stage stays where it was measured (busy seconds on one pool say nothing of another's)
         stages = []
         for k, st in enumerate(target.stages):
             s = obs.stages[k]
-            need = math.ceil(sum(s.busy.values()) / self.cfg.target_utilisation - 1e-9) if s.busy else 1
+            here = k < len(current) and (st.start, st.end, st.pool, st.precision) == current[k].key
+            need = math.ceil(sum(s.busy.values()) / self.cfg.target_utilisation - 1e-9) if s.busy and here else 1
             pinned = user.get(k) and user[k].replicas
             n = st.replicas if pinned else min(self.cfg.max_replicas_per_stage, max(st.replicas, need))
             n = max(n, 1)
