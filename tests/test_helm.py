@@ -229,14 +229,15 @@ def test_placement_controller_renders_into_app_args(tmp_path):
     values = tmp_path / "values.yaml"  # a file: `helm --set` passes 3.5 as a string
     values.write_text(yaml.safe_dump({"placement": {
         "enabled": True, "maxKnob": "pool", "tpotSloMs": 150, "dryRun": True, "intervalS": 5,
-        "costPerReplicaHour": {"gpu": 3.5}}}))
+        "costPerReplicaHour": {"gpu": 3.5}, "sloHeadroom": 0.2}}))
     args = sc.serve_config(sc.render([values]))["applications"][0]["args"]
-    assert args["placement"] == {"interval_s": 5, "max_knob": "pool", "tpot_slo_s": 0.15,
+    assert args["placement"] == {"interval_s": 5, "max_knob": "pool", "tpot_slo_s": 0.15, "slo_headroom": 0.2,
                                  "target_utilisation": 0.75, "max_replicas_per_stage": 4,
                                  "policy": {"dry_run": True}, "cost_per_replica_hour": {"gpu": 3.5, "cpu": 0.25}}
     placement = AppArgs.model_validate(args).placement
     cfg = ControllerConfig.model_validate({**placement, "app": "offramp"})  # what the ingress starts
     assert (cfg.tpot_slo_s, cfg.policy.dry_run, cfg.cost_per_replica_hour) == (0.15, True, {"gpu": 3.5, "cpu": 0.25})
+    assert cfg.slo_headroom == 0.2
     default = sc.serve_config(render(sets=("placement.enabled=true",)))["applications"][0]["args"]["placement"]
     assert default["tpot_slo_s"] is None and AppArgs.model_validate({"placement": default})
 
@@ -538,6 +539,7 @@ BAD_VALUES = {
     "bad_exit_mode": ("exit:\n  mode: sometimes\n", "exit/mode"),
     "bad_max_knob": ("placement:\n  maxKnob: everything\n", "placement/maxKnob"),
     "negative_replica_cost": ("placement:\n  costPerReplicaHour:\n    gpu: -1\n", "placement/costPerReplicaHour/gpu"),
+    "headroom_of_the_whole_slo": ("placement:\n  sloHeadroom: 1\n", "placement/sloHeadroom"),
     "min_above_max": ("cpuWorkers:\n  minReplicas: 5\n", "cpuWorkers.minReplicas=5"),
     "managed_ray_start_param": ("cpuWorkers:\n  rayStartParams:\n    num-cpus: \"8\"\n", "cpuWorkers.rayStartParams.num-cpus"),
 }

@@ -113,6 +113,7 @@ applications:
         interval_s: {{ $p.intervalS }}
         max_knob: {{ $p.maxKnob }}
         tpot_slo_s: {{ if $p.tpotSloMs }}{{ divf $p.tpotSloMs 1000 }}{{ else }}null{{ end }}
+        slo_headroom: {{ $p.sloHeadroom }}
         target_utilisation: {{ $p.targetUtilisation }}
         max_replicas_per_stage: {{ $p.maxReplicasPerStage | int }}
         policy:
