@@ -827,3 +827,28 @@ def test_the_measured_floor_holds_only_where_the_stage_was_measured(pin_pool, fl
     st = target.stages[2]
     assert st.pool == pin_pool
     assert (st.replicas >= 5) is floor
+
+
+def test_plans_aim_under_the_slo_by_the_headroom_and_breaches_fire_at_the_slo(monkeypatch):
+    """``slo_headroom``: the planner is asked for p99 <= SLO x (1 - headroom); the breach
+    rule compares the measured p99 with the SLO itself (20 ms measured: no breach at 21 ms)."""
+    import offramp.placement.controller as controller_mod
+
+    seen = []
+    real = controller_mod.plan
+
+    def spy(model, pools, w, c, costs):
+        seen.append(c.tpot_slo_s)
+        return real(model, pools, w, c, costs)
+
+    monkeypatch.setattr(controller_mod, "plan", spy)
+    ops = FakeOps(app_config())  # its ingress reports a 20 ms p99
+    ctl = controller(ops, tpot_slo_s=0.021, slo_headroom=0.2)
+    recs = [r for rs in run(ctl, ops, 4) for r in rs]
+    assert seen and seen[-1] == pytest.approx(0.0168)
+    assert ctl.status()["plan"]["planned_for_ms"] == pytest.approx(16.8)
+    assert max(r.get("breach_intervals", 0) for r in recs) == 0
+    ops2 = FakeOps(app_config())
+    late = controller(ops2, tpot_slo_s=0.019, slo_headroom=0.2)
+    recs = [r for rs in run(late, ops2, 3) for r in rs]
+    assert max(r.get("breach_intervals", 0) for r in recs) == 2  # 20 ms > 19 ms, both intervals
