@@ -462,21 +462,27 @@ def test_recover_rolls_back_half_applied_split_move_in_reverse_order(surge):
         assert deployment_entry(ops.config, f"Stage{k}") == deployment_entry(before, f"Stage{k}")
 
 
-def test_controller_plans_split_points_only_when_allowed(monkeypatch):
+@pytest.fixture
+def planned(monkeypatch):
+    """The Constraints of every plan() the controller asks for, in order."""
     import offramp.placement.controller as controller_mod
 
     seen = []
     real = controller_mod.plan
 
     def spy(model, pools, w, c, costs):
-        seen.append(c.split)
+        seen.append(c)
         return real(model, pools, w, c, costs)
 
     monkeypatch.setattr(controller_mod, "plan", spy)
+    return seen
+
+
+def test_controller_plans_split_points_only_when_allowed(planned):
     for knob, expect in [("precision", [1, 2, 3]), ("split", None)]:
         ops = FakeOps(app_config())
         run(controller(ops, max_knob=knob), ops, 2)
-        assert seen[-1] == expect
+        assert planned[-1].split == expect
 
 
 # -- crash safety ---------------------------------------------------------------------------
@@ -829,23 +835,13 @@ def test_the_measured_floor_holds_only_where_the_stage_was_measured(pin_pool, fl
     assert (st.replicas >= 5) is floor
 
 
-def test_plans_aim_under_the_slo_by_the_headroom_and_breaches_fire_at_the_slo(monkeypatch):
+def test_plans_aim_under_the_slo_by_the_headroom_and_breaches_fire_at_the_slo(planned):
     """``slo_headroom``: the planner is asked for p99 <= SLO x (1 - headroom); the breach
     rule compares the measured p99 with the SLO itself (20 ms measured: no breach at 21 ms)."""
-    import offramp.placement.controller as controller_mod
-
-    seen = []
-    real = controller_mod.plan
-
-    def spy(model, pools, w, c, costs):
-        seen.append(c.tpot_slo_s)
-        return real(model, pools, w, c, costs)
-
-    monkeypatch.setattr(controller_mod, "plan", spy)
     ops = FakeOps(app_config())  # its ingress reports a 20 ms p99
     ctl = controller(ops, tpot_slo_s=0.021, slo_headroom=0.2)
     recs = [r for rs in run(ctl, ops, 4) for r in rs]
-    assert seen and seen[-1] == pytest.approx(0.0168)
+    assert planned and planned[-1].tpot_slo_s == pytest.approx(0.0168)
     assert ctl.status()["plan"]["planned_for_ms"] == pytest.approx(16.8)
     assert max(r.get("breach_intervals", 0) for r in recs) == 0
     ops2 = FakeOps(app_config())

@@ -231,9 +231,7 @@ def _contender(name: str, args, model_dir: Path, emulate: dict, pools: list, pro
     tp_all = [tp for _, tp, e in reqs if e is None and tp is not None]
     tp_steady = [tp for t, tp, e in reqs if e is None and tp is not None and t >= settled]
     mean_cost = time_weighted([(p["t"], p["cost"]) for p in timeline])
-    # what the controller saw: the ingress's p99 over its last 30 s, sampled every 2 s
-    seen = [(p["t"], p["server_p99"]) for p in timeline if p.get("server_p99") is not None]
-    seen_settled = [v for t, v in seen if t >= settled]
+    seen_settled = [v for t, v in _controller_p99(timeline) if t >= settled]
     deep = _deep_per_token(ing0.get("stage_passes"), ing0.get("tokens_emitted"),
                            ing1.get("stage_passes"), ing1.get("tokens_emitted"))
     return {
@@ -252,6 +250,11 @@ def _contender(name: str, args, model_dir: Path, emulate: dict, pools: list, pro
         "plan": None if st is None else st.get("plan"),
         "_timeline": timeline, "_requests": [(t, tp) for t, tp, e in reqs if e is None and tp is not None],
     }
+
+
+def _controller_p99(timeline: list[dict]) -> list[tuple[float, float]]:
+    """(t, ms): what the controller saw, the ingress's p99 over its last 30 s, every 2 s."""
+    return [(p["t"], p["server_p99"]) for p in timeline if p.get("server_p99") is not None]
 
 
 def settled_from(moves: list[dict], warm_s: float = 10.0) -> float:
@@ -414,7 +417,7 @@ def _plot(path: Path, res: dict, slo: float) -> None:
                 for t in range(20, int(ts[-1]) + 1, 2) if any(t - 20 <= u <= t for u, _ in reqs)]
         if roll:
             ax2.plot([t for t, _ in roll], [p for _, p in roll], color="tab:red", label="p99 TPOT, client (20 s window)")
-        seen = [(p["t"], p["server_p99"]) for p in tl if p.get("server_p99") is not None]
+        seen = _controller_p99(tl)
         if seen:
             ax2.plot([t for t, _ in seen], [v for _, v in seen], color="tab:purple", lw=0.8,
                      label="p99 the controller sees (ingress, 30 s)")

@@ -106,6 +106,11 @@ class ControllerConfig(BaseModel):
                                 "the breach rule fires at tpot_slo_s itself. A placement predicted just under the "
                                 "SLO is not worth a move the run-to-run noise of a p99 undoes.")
 
+    @property
+    def planned_slo_s(self) -> float | None:
+        """The p99 plans aim at: ``tpot_slo_s`` less the headroom (None without an SLO)."""
+        return None if self.tpot_slo_s is None else self.tpot_slo_s * (1 - self.slo_headroom)
+
     @field_validator("cost_per_replica_hour")
     @classmethod
     def _costs(cls, v: dict[str, float]) -> dict[str, float]:
@@ -476,9 +481,7 @@ class PlacementController:
             pins.append(Pin(stage=k, pool=pool, precision=prec, replicas=u.replicas if u else None))
         split = None if self._turns("split") else [d.start for d in current[1:]]
         c = Constraints(num_stages=len(current), split=split, pins=pins,
-                        tpot_slo_s=None if self.cfg.tpot_slo_s is None else
-                        self.cfg.tpot_slo_s * (1 - self.cfg.slo_headroom),
-                        target_utilisation=self.cfg.target_utilisation,
+                        tpot_slo_s=self.cfg.planned_slo_s, target_utilisation=self.cfg.target_utilisation,
                         batch_size=max(1, round(max(batches))) if batches else 16,
                         max_replicas_per_stage=64)  # capped below: an over-bound plan is still a plan
         try:  # the p99 anchor: the current placement's predicted mean against the measured p99
@@ -494,7 +497,7 @@ class PlacementController:
         stages = []
         for k, st in enumerate(target.stages):
             s = obs.stages[k]
-            here = k < len(current) and (st.start, st.end, st.pool, st.precision) == current[k].key
+            here = k < len(current) and st.key == current[k].key
             need = math.ceil(sum(s.busy.values()) / self.cfg.target_utilisation - 1e-9) if s.busy and here else 1
             pinned = user.get(k) and user[k].replicas
             n = st.replicas if pinned else min(self.cfg.max_replicas_per_stage, max(st.replicas, need))
@@ -566,7 +569,7 @@ class PlacementController:
             rec = json.loads(d.model_dump_json())
             if d.outcome == "apply" and d.move is not None and self.dry_run:
                 rec.update(outcome="dry_run", result="dry run: not applied")
-                self._undo_cooldown(d)
+                self._cooldown_from(d, None)
             elif d.outcome == "apply" and d.move is not None:
                 rec["result"] = "in progress"
                 self._log(rec)  # logged and persisted before the move: a crash keeps the record
@@ -574,11 +577,11 @@ class PlacementController:
                 try:
                     res = self.mover.apply(d.move)
                     rec["result"] = f"{res.outcome} in {res.seconds:.1f}s ({len(res.steps)} step(s))"
-                    self._restart_cooldown(d)
+                    self._cooldown_from(d, self.ops.clock())  # from when it is done, not decided
                     self.moves_made += res.outcome == "applied"
                 except MoveDeferred as e:
                     rec.update(outcome="hold", result=f"deferred: {e}")
-                    self._undo_cooldown(d)
+                    self._cooldown_from(d, None)
                 except MoveFailed as e:
                     rec.update(outcome="failed", result=str(e))
                 log.info("placement result %s", json.dumps(rec, default=str))
@@ -589,17 +592,12 @@ class PlacementController:
         self._persist()
         return out
 
-    def _restart_cooldown(self, d: Decision) -> None:
-        """The cool-down counts from when a move is done, not from when it was decided: a move
-        that takes most of the cool-down to apply would otherwise leave no time to measure
-        the new placement before the same layers may move again."""
+    def _cooldown_from(self, d: Decision, at: float | None) -> None:
+        """Restart the cool-down of ``d``'s layers at ``at``: when a move is *done* (a move that
+        takes most of the cool-down to apply would otherwise leave no time to measure the new
+        placement), or None for a move the mover did not make (nothing changed)."""
         if d.move is not None:
-            self.policy.moved(range(d.move.deployment.start, d.move.deployment.end), self.ops.clock())
-
-    def _undo_cooldown(self, d: Decision) -> None:
-        """A move the mover does not make must not start a cool-down (nothing changed)."""
-        if d.move is not None:
-            self.policy.moved(range(d.move.deployment.start, d.move.deployment.end), None)
+            self.policy.moved(range(d.move.deployment.start, d.move.deployment.end), at)
 
     def status(self, last: int = 20) -> dict:
         cur = self.current()
@@ -615,8 +613,7 @@ class PlacementController:
                 "tpot_ms": round(self.last_plan.tpot_s * 1e3, 3),
                 "tpot_p99_ms": round(self.last_plan.tpot_p99_s * 1e3, 3), "meets_slo": self.last_plan.meets_slo,
                 "slo_ms": None if self.cfg.tpot_slo_s is None else round(self.cfg.tpot_slo_s * 1e3, 3),
-                "planned_for_ms": None if self.cfg.tpot_slo_s is None else
-                round(self.cfg.tpot_slo_s * (1 - self.cfg.slo_headroom) * 1e3, 3),
+                "planned_for_ms": None if self.cfg.planned_slo_s is None else round(self.cfg.planned_slo_s * 1e3, 3),
                 "cost_per_hour": self.last_plan.cost, "exit_aware": self.cfg.exit_aware,
                 "reasons": self.last_plan.reasons, "notes": self.last_plan.notes},
             "moves_made": self.moves_made,

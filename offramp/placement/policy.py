@@ -98,6 +98,14 @@ def is_safe(placement: Sequence[StageDeployment], move: Move, num_layers: int) -
     return all(a or not b for a, b in zip(after, before))
 
 
+def _knob_of(d: StageDeployment, other: Sequence[StageDeployment]) -> Knob:
+    """The knob that adds (or retires) ``d`` against the ``other`` placement: its layers
+    on another precision of the same pool, on another pool, or in another split."""
+    if not any((o.start, o.end) == (d.start, d.end) for o in other):
+        return "split"
+    return "precision" if any((o.start, o.end, o.pool) == (d.start, d.end, d.pool) for o in other) else "pool"
+
+
 def diff(current: Sequence[StageDeployment], target: Sequence[StageDeployment],
          num_layers: int) -> list[Move]:
     """Moves from ``current`` to ``target``, cheapest knob first, adds before removes.
@@ -106,8 +114,6 @@ def diff(current: Sequence[StageDeployment], target: Sequence[StageDeployment],
     still has a replica (make before break).
     """
     cur = {d.key: d for d in current}
-    ranges = {(d.start, d.end) for d in current}
-    placed = {(d.start, d.end, d.pool) for d in current}
     tkeys = {d.key for d in target}
     tsplit = [d.start for d in sorted(target, key=lambda d: d.start)[1:]]
     grow: list[Move] = []
@@ -119,8 +125,7 @@ def diff(current: Sequence[StageDeployment], target: Sequence[StageDeployment],
                                  replicas_to=t.replicas, reason=f"layers {t.start}-{t.end - 1} on {t.pool}: "
                                  f"{c.replicas} -> {t.replicas} replicas for the offered load"))
         else:
-            knob: Knob = ("precision" if (t.start, t.end, t.pool) in placed else "pool") \
-                if (t.start, t.end) in ranges else "split"
+            knob = _knob_of(t, current)
             what = (f"new split: layers {t.start}-{t.end - 1} on {t.pool}/{t.precision}" if knob == "split"
                     else f"move layers {t.start}-{t.end - 1} to {t.pool}/{t.precision}")
             grow.append(Move(action="add", knob=knob, deployment=t, replicas_from=0, replicas_to=t.replicas,
@@ -128,12 +133,9 @@ def diff(current: Sequence[StageDeployment], target: Sequence[StageDeployment],
                              reason=f"{what} x{t.replicas} (added before the old one is removed)"))
     grow.sort(key=lambda m: (KNOB_RANK[m.knob], m.replicas_to < m.replicas_from, m.deployment.key))
     shrink: list[Move] = []
-    tranges = {(d.start, d.end) for d in target}
-    tplaced = {(d.start, d.end, d.pool) for d in target}
     for c in sorted(current, key=lambda d: d.key):
         if c.key not in tkeys:
-            knob = ("precision" if (c.start, c.end, c.pool) in tplaced else "pool") \
-                if (c.start, c.end) in tranges else "split"
+            knob = _knob_of(c, target)
             shrink.append(Move(action="remove", knob=knob, deployment=c, replicas_from=c.replicas, replicas_to=0,
                                reason=f"retire layers {c.start}-{c.end - 1} on {c.pool}/{c.precision}: "
                                "replaced by the target placement"))
