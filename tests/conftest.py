@@ -53,15 +53,13 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def _serve_session(ray_cluster, tiny_model_dir):
     """The session's Offramp app: its config and port (started by ``serve_cluster``)."""
-    from ray import serve
-
-    from serve_fixtures import ServeCluster, free_port, serve_config
+    from serve_fixtures import ServeCluster, free_port, serve_config, stop_serve
 
     port = free_port()
     root = f"http://127.0.0.1:{port}"
     yield ServeCluster(base_url=f"{root}/v1", root_url=root, model_dir=tiny_model_dir, port=port,
                        config=serve_config(tiny_model_dir, port), cluster=ray_cluster)
-    serve.shutdown()
+    stop_serve()
 
 
 @pytest.fixture

@@ -68,9 +68,16 @@ def fresh_serve() -> None:
     """Shut Serve down so the next config starts it with its own HTTP/gRPC options (a
     running Serve keeps the options it started with: the config would deploy, and its
     port would not listen). ``serve_cluster`` applies the session app again afterwards."""
-    from ray import serve
+    stop_serve()
 
-    serve.shutdown()
+
+def stop_serve() -> None:
+    """``serve.shutdown()``, and no HAProxy of this cluster outlives it (an orphan would hold
+    the cluster's stats port, so the next Serve's HAProxy could not start and every later
+    test would error: :func:`offramp.cluster.local.reap_orphaned_haproxy`)."""
+    from offramp.cluster.rayops import shutdown_serve
+
+    shutdown_serve(_HAPROXY_STATS[0] if _HAPROXY_STATS else None)
 
 
 def ensure_serving(sc: "ServeCluster", wait_s: float = 180.0) -> None:
@@ -87,7 +94,7 @@ def ensure_serving(sc: "ServeCluster", wait_s: float = 180.0) -> None:
             return
     except Exception:  # noqa: BLE001 - Serve not running, or not on this port: start it below
         pass
-    serve.shutdown()
+    stop_serve()
     serve.start(http_options={"host": "127.0.0.1", "port": sc.port}, proxy_location="HeadOnly")
     apply_config(sc.config, wait_s=wait_s)
 
@@ -179,6 +186,7 @@ class ServeCluster:
 
 
 _STATE_API: list[str] = []  # the dashboard URL of the cluster started here (state API calls go there)
+_HAPROXY_STATS: list[str] = []  # the stats port every HAProxy of that cluster binds
 
 
 class RayCannotStart(RuntimeError):
@@ -198,6 +206,7 @@ def start_ray_cluster():
     # Serve's HAProxy mode, as the README runs it: read by the processes started below, and
     # only by them (restored after, so a bench a test starts makes its own choice).
     ha_env = private_haproxy_env()
+    _HAPROXY_STATS[:] = [ha_env["RAY_SERVE_HAPROXY_STATS_PORT"]]
     saved = {k: os.environ.get(k) for k in ha_env}
     os.environ.update(ha_env)
     try:
@@ -244,22 +253,10 @@ def _start_ray_cluster():
 
 
 def haproxy_binds() -> set[str]:
-    """``host:port`` of every HAProxy ``bind`` line in the configs of the running HAProxy
-    processes (Serve's HAProxy mode starts them with ``-f <config>``)."""
-    binds = set()
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            argv = cmdline.read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if not argv or not argv[0].endswith(b"haproxy") or b"-f" not in argv:
-            continue
-        try:
-            text = Path(argv[argv.index(b"-f") + 1].decode()).read_text()
-        except (OSError, IndexError):
-            continue
-        binds |= {line.split()[1] for line in text.splitlines() if line.strip().startswith("bind ")}
-    return binds
+    """``host:port`` of every HAProxy ``bind`` line of the running HAProxy processes."""
+    from offramp.cluster.local import haproxy_processes
+
+    return set().union(*haproxy_processes().values())
 
 
 def registry_endpoints() -> list[dict[str, Any]]:

@@ -47,8 +47,7 @@ def chart_config(tiny_model_dir):
 
 def test_chart_serve_config_serves_on_its_pools(ray_cluster, chart_config):
     from openai import OpenAI
-    from ray import serve
-    from serve_fixtures import apply_config, fresh_serve, node_pools, replica_actors
+    from serve_fixtures import apply_config, fresh_serve, node_pools, replica_actors, stop_serve
 
     app = chart_config["applications"][0]
     assert app["args"]["model"] and app["import_path"] == "offramp.deployments.app:build_app"
@@ -74,4 +73,4 @@ def test_chart_serve_config_serves_on_its_pools(ray_cluster, chart_config):
                 if wanted:
                     assert pools[a.node_id] == wanted[0], f"{dep['name']} ran on the {pools[a.node_id]} pool"
     finally:
-        serve.shutdown()  # later files start Serve again with their own config
+        stop_serve()  # later files start Serve again with their own config

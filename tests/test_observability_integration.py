@@ -25,8 +25,7 @@ KEY = "sk-observability-test"
 
 @pytest.fixture
 def traced_app(ray_cluster, tiny_model_dir, otlp_receiver):  # noqa: F811
-    from ray import serve
-    from serve_fixtures import APP, apply_config, free_port, fresh_serve, serve_config
+    from serve_fixtures import APP, apply_config, free_port, fresh_serve, serve_config, stop_serve
 
     config = serve_config(tiny_model_dir, free_port())
     config["grpc_options"] = {"port": free_port(), "grpc_servicer_functions": [
@@ -41,7 +40,7 @@ def traced_app(ray_cluster, tiny_model_dir, otlp_receiver):  # noqa: F811
     apply_config(config, wait_s=240)
     assert app["name"] == APP
     yield config
-    serve.shutdown()
+    stop_serve()
 
 
 def _complete(config, body, traceparent=None):

@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,6 +35,59 @@ def private_haproxy_env() -> dict[str, str]:
     return {**HAPROXY_ENV, "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
             "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
+
+
+def haproxy_processes() -> dict[int, set[str]]:
+    """pid -> ``host:port`` of every ``bind`` line in its config, for each HAProxy running
+    on this host (Serve's HAProxy mode starts them with ``-f <config>``; Linux ``/proc``)."""
+    found = {}
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().split(b"\0")
+            if not argv or not argv[0].endswith(b"haproxy") or b"-f" not in argv:
+                continue
+            text = Path(argv[argv.index(b"-f") + 1].decode()).read_text()
+        except (OSError, IndexError, UnicodeDecodeError):
+            continue
+        found[int(cmdline.parent.name)] = {line.split()[1] for line in text.splitlines()
+                                           if line.strip().startswith("bind ") and len(line.split()) > 1}
+    return found
+
+
+def _parent_cmdline(pid: int) -> bytes:
+    try:
+        ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        return Path(f"/proc/{ppid}/cmdline").read_bytes()
+    except (OSError, ValueError, IndexError):
+        return b""
+
+
+def reap_orphaned_haproxy(stats_port: int | str | None = None, wait_s: float = 10.0) -> list[int]:
+    """Kill the HAProxy processes Serve left behind on this host: those bound to
+    ``stats_port`` (default: this process's ``RAY_SERVE_HAPROXY_STATS_PORT``, else Serve's
+    8404) whose parent is no longer Serve's HAProxy manager actor. Returns their pids.
+
+    Serve's HAProxy manager kills its HAProxy in the controller's graceful shutdown; when
+    that shutdown times out (``serve.shutdown()`` waits 30 s, then ``ray.kill``s the
+    controller, seen on loaded 2-core machines) the manager dies with SIGKILL and its
+    HAProxy lives on, holding the stats port: the next Serve on the cluster cannot start
+    its HAProxy ("cannot bind socket (Address already in use)")."""
+    port = str(stats_port or os.environ.get("RAY_SERVE_HAPROXY_STATS_PORT", "8404"))
+    killed: list[int] = []
+    deadline = time.monotonic() + wait_s
+    while True:
+        orphans = [pid for pid, binds in haproxy_processes().items()
+                   if any(b.rsplit(":", 1)[-1] == port for b in binds)
+                   and not _parent_cmdline(pid).startswith(b"ray::HAProxyManager")]
+        if not orphans:
+            return killed
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"HAProxy processes {orphans} bound to port {port} do not exit")
+        for pid in orphans:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+        time.sleep(0.2)
 
 
 def state_file() -> Path:

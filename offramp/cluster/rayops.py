@@ -402,12 +402,17 @@ def delete_app(name: str) -> None:
     serve.delete(name)
 
 
-def shutdown_serve() -> None:
-    """Remove Serve and its apps from the connected cluster; nothing when not connected."""
+def shutdown_serve(haproxy_stats_port: int | str | None = None) -> None:
+    """Remove Serve and its apps from the connected cluster, and any HAProxy it leaves
+    behind on this host (:func:`offramp.cluster.local.reap_orphaned_haproxy`: its stats
+    port would stop the next Serve's HAProxy); nothing when not connected."""
     from ray import serve
+
+    from offramp.cluster.local import reap_orphaned_haproxy
 
     if ray.is_initialized():
         serve.shutdown()
+        reap_orphaned_haproxy(haproxy_stats_port)
 
 
 def connect(address: str | None = None) -> None:
