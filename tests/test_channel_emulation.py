@@ -126,3 +126,18 @@ def test_stage_stats_count_drafting_passes():
     assert fake.steps["decode_batches"] == 4 and fake.steps["busy_s"] == pytest.approx(0.1)
     record(fake, 1, 5, 0.2)  # a prefill chunk, no drafts
     assert fake.steps["batches"] == 5 and fake.steps["prefill_positions"] == 5
+
+
+def test_an_emulated_pool_charges_each_stage_for_its_layers():
+    """A pool modelled from a 4-layer stage: a 2-layer stage reads half the weights and
+    does half the compute per position, a pass's fixed part is the same; without
+    ``layers`` every stage takes the stated times (the older meaning)."""
+    dev = EmulatedDevice(step_s=0.01, mem_s=0.02, per_token_s=0.001, layers=4)
+    half = dev.for_layers(2)
+    assert (half.step_s, half.mem_s, half.per_token_s, half.layers) == (0.01, 0.01, 0.0005, 2)
+    assert half.seconds(1) == pytest.approx(0.02) and half.seconds(40) == pytest.approx(0.03)
+    assert dev.for_layers(4) is dev and dev.for_layers(8).seconds(1) == pytest.approx(0.05)
+    flat = EmulatedDevice(step_s=0.01, mem_s=0.02)
+    assert flat.for_layers(2) is flat
+    with pytest.raises(ValueError):
+        AppArgs.model_validate({"model": "m", "emulate_pools": {"cpu": {"step_s": 0.01, "layers": 0}}})

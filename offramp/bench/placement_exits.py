@@ -3,8 +3,9 @@
 Three contenders serve the same open-loop load (greedy streamed requests arriving as a
 seeded Poisson process at ``--rate`` per second, held-out prompts of ``--tasks``), one
 after the other, on one local pool cluster (a head, a GPU-pool node, a CPU-pool node), each
-starting from the same placement: the embedded model in two stages, both on the fast pool,
-speculative exits (Stage0 drafts with its exit head, Stage1 verifies a draft in one visit):
+starting from the same placement: the embedded model in ``--stages`` stages (2 by default),
+all on the fast pool, speculative exits (Stage0 drafts with its exit head, the deep stages
+verify a draft in one visit):
 
 * ``exit_aware``: the placement controller (knobs up to ``pool``, the cost objective, a p99
   TPOT SLO) planning with the measured post-exit traffic: deep visits per stage-0 pass,
@@ -27,8 +28,10 @@ The fast pool is that fit slowed by ``--fast-factor``, the slow pool by ``--slow
 a replica waits out the fitted roofline times the factor after each pass
 (:class:`~offramp.deployments.config.EmulatedDevice`, an asyncio sleep that holds the
 replica but no core), so replicas of an emulated pool add capacity as separate devices
-would. The controller is given the same pool figures (what an operator would state, or
-profiles would fit). Real compute still runs under the sleep; the fast factor keeps it
+would; a stage of other depth than Stage1 waits in proportion to its layers
+(``EmulatedDevice.layers``). Each pool has two devices per stage, room to scale both ways.
+The controller is given the same pool figures (what an operator would state, or profiles
+would fit). Real compute still runs under the sleep; the fast factor keeps it
 below the emulated time on this machine's two cores.
 """
 from __future__ import annotations
@@ -55,6 +58,9 @@ def add_arguments(p) -> None:
                         "under one load (see the module doc of offramp.bench.placement_exits)")
     g.add_argument("--exit-mode", choices=("speculative", "calibrated"), default="speculative",
                    help="the load's exit mode (app default)")
+    g.add_argument("--stages", type=int, default=2,
+                   help="pipeline stages, all starting on the fast pool; Stage0 drafts (speculative) or exits first "
+                        "(calibrated), the others are the deep stages exits thin")
     g.add_argument("--run-s", type=float, default=120.0, help="measured seconds per contender")
     g.add_argument("--warm-s", type=float, default=15.0, help="seconds of load before the measured window")
     g.add_argument("--rate", type=float, default=1.5, help="requests per second (Poisson arrivals, open loop)")
@@ -71,7 +77,7 @@ def add_arguments(p) -> None:
                         "accepts depends on it: about 5 on math, 1.6 on coding and prose, embedded model)")
 
 
-def _emulation(model_dir: Path, factor_fast: float, factor_slow: float, ctx: int):
+def _emulation(model_dir: Path, factor_fast: float, factor_slow: float, ctx: int, devices: int):
     """Fit this machine's speed from Stage1's start-up profile; the two pools' emulation
     (EmulatedDevice) and the controller's PoolSpecs, each the fit slowed by its factor."""
     from offramp.deployments.config import EmulatedDevice
@@ -89,21 +95,22 @@ def _emulation(model_dir: Path, factor_fast: float, factor_slow: float, ctx: int
     per_pos = layers * model.layer_flops(ctx) / fit.flops
     emulate, pools = {}, []
     for name, kind, f in (("gpu", "gpu", factor_fast), ("cpu", "cpu", factor_slow)):
-        emulate[name] = EmulatedDevice(step_s=f * fit.fixed_overhead_s, mem_s=f * mem, per_token_s=f * per_pos)
-        pools.append(PoolSpec(name=name, kind=kind, count=4, memory_bytes=16e9, mem_bandwidth=fit.mem_bandwidth / f,
+        emulate[name] = EmulatedDevice(step_s=f * fit.fixed_overhead_s, mem_s=f * mem, per_token_s=f * per_pos,
+                                       layers=layers)  # a stage of other depth scales (for_layers)
+        pools.append(PoolSpec(name=name, kind=kind, count=devices, memory_bytes=16e9, mem_bandwidth=fit.mem_bandwidth / f,
                               flops=fit.flops / f, fixed_overhead_s=f * fit.fixed_overhead_s, hop_fixed_s=0.002,
                               cost_per_hour=DEFAULT_COST_PER_HOUR[kind]))
     return fit, samples, emulate, pools
 
 
-def _config(model_dir: Path, port: int, emulate: dict, exit_mode: str) -> dict:
+def _config(model_dir: Path, port: int, emulate: dict, exit_mode: str, stages: int) -> dict:
     deps = [{"name": INGRESS_NAME, "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}}]
     deps += [{"name": stage_name(k), "num_replicas": 1,
-              "ray_actor_options": {"num_cpus": 0.5, "resources": {"pool_gpu": 1}}} for k in range(2)]
+              "ray_actor_options": {"num_cpus": 0.5, "resources": {"pool_gpu": 1}}} for k in range(stages)]
     return {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": port},
             "applications": [{"name": APP, "route_prefix": "/", "import_path": "offramp.deployments.app:build_app",
-                              "args": {"model": str(model_dir), "num_stages": 2,
-                                       "stages": [{"pool": "gpu", "threads": 1}, {"pool": "gpu", "threads": 1}],
+                              "args": {"model": str(model_dir), "num_stages": stages,
+                                       "stages": [{"pool": "gpu", "threads": 1}] * stages,
                                        "exit": {"mode": exit_mode, "draft_max_active": None},
                                        "api_key_env": "", "request_timeout_s": 60.0,
                                        "emulate_pools": {k: v.model_dump() for k, v in emulate.items()}},
@@ -184,7 +191,7 @@ def _contender(name: str, args, model_dir: Path, emulate: dict, pools: list, pro
     from offramp.placement.mover import INTENT_KEY, stage_placement
 
     by_name = {p.name: p for p in pools}
-    deploy_config(_config(model_dir, port, emulate, args.exit_mode), APP, wait_s=300)
+    deploy_config(_config(model_dir, port, emulate, args.exit_mode, args.stages), APP, wait_s=300)
     ranges = app_facts(rayops.deployed_app_config(APP)).ranges
     load = _Requests(f"http://127.0.0.1:{port}/v1", prompts, args.max_tokens, args.rate, seed=7)
     actor, timeline, st = None, [], None
@@ -314,6 +321,7 @@ def _run(args, emit) -> int:
     from offramp.bench.serve import TASKS, build_prompts
     from offramp.cluster import rayops
     from offramp.cluster.local import free_port, pool_cluster
+    from offramp.ops.checkpoint import load_spec
     from offramp.ops.engine import resolve_model_dir
     from offramp.training.data import DataSpec, build_corpus
 
@@ -331,7 +339,11 @@ def _run(args, emit) -> int:
     prompts = [ids for _, ids in build_prompts(heldout, lambda t: tok.encode(t, add_special_tokens=True, verbose=False),
                                                24, args.prompt_tokens, tasks)]
     ctx = args.prompt_tokens + args.max_tokens // 2
-    fit, samples, emulate, pools = _emulation(model_dir, args.fast_factor, args.slow_factor, ctx)
+    num_layers = load_spec(model_dir).num_layers
+    if not 2 <= args.stages <= num_layers:
+        raise ValueError(f"--stages {args.stages}: the embedded model has {num_layers} layers; use 2 to {num_layers}")
+    # Room to scale both ways in both pools: two devices per stage in each.
+    fit, samples, emulate, pools = _emulation(model_dir, args.fast_factor, args.slow_factor, ctx, 2 * args.stages)
     out: dict = {"contenders": {}}
     bar = tqdm(total=len(names), desc="bench placement --exit-aware", file=sys.stderr, disable=args.json)
     port = free_port()
@@ -349,7 +361,7 @@ def _run(args, emit) -> int:
     slo = args.tpot_slo_ms
     out.update({
         "verdict": verdict(res, slo), "tpot_slo_ms": slo, "rate_per_s": args.rate, "max_tokens": args.max_tokens,
-        "exit_mode": args.exit_mode, "tasks": list(tasks),
+        "exit_mode": args.exit_mode, "tasks": list(tasks), "stages": args.stages,
         "emulation": {"fit": {"fixed_overhead_ms": round(1e3 * fit.fixed_overhead_s, 4),
                               "mem_bandwidth_gb_s": round(fit.mem_bandwidth / 1e9, 3),
                               "gflops": round(fit.flops / 1e9, 3), "rms_residual_ms": round(1e3 * fit.rms_residual_s, 4),

@@ -76,6 +76,7 @@ class StageDeployment:
         # Warm-up + a quick profile of the bare layers before the replica takes traffic (its
         # first requests do not pay lazy initialisation; the controller seeds its cost model).
         emulate = args.emulate_pools.get(pool)
+        emulate = None if emulate is None else emulate.for_layers(layers[1] - layers[0])
         profile = self.worker.profile() if sa.profile_on_start else []
         if emulate is not None:  # a modelled device: its profile is the modelled speed
             profile = [{**p, "seconds": max(p["seconds"], emulate.seconds(p["batch"]))} for p in profile]

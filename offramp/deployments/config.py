@@ -141,8 +141,19 @@ class EmulatedDevice(BaseModel):
     mem_s: float = Field(0.0, ge=0, le=10, description="Least time of the part after step_s (weight reads), "
                          "whatever the positions: a pass is memory-bound until per_token_s x positions exceeds it.")
 
+    layers: int | None = Field(None, ge=1, description="Layers of the stage these times were modelled for; a stage "
+                               "of other depth scales mem_s and per_token_s by its layers over these (step_s, the "
+                               "fixed part of a pass, stays). None: every stage takes these times, whatever its depth.")
+
     def seconds(self, positions: int) -> float:
         return self.step_s + max(self.mem_s, self.per_token_s * positions)
+
+    def for_layers(self, layers: int) -> "EmulatedDevice":
+        """This device's times for a stage of ``layers`` layers."""
+        if self.layers is None or layers == self.layers:
+            return self
+        f = layers / self.layers
+        return self.model_copy(update={"mem_s": self.mem_s * f, "per_token_s": self.per_token_s * f, "layers": layers})
 
 
 class ExitArgs(BaseModel):
