@@ -463,7 +463,9 @@ def test_client_disconnect_cancels_stream(server):
 
 def test_client_disconnect_cancels_non_streaming(server):
     url, backend = server[0].url, server[1]
-    backend.delay_s = 0.05
+    backend.delay_s = 0.25
+    # 40 tokens take 10 s: the client leaves at 0.4 s, and the cancel has seconds of slack on
+    # a loaded machine (CI once saw all 40 emitted at 0.05 s a token, 2 s, before it landed).
     with pytest.raises(httpx.ReadTimeout):
         post(url, "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 40}, timeout=0.4)
     rid = backend.requests[-1].request_id
