@@ -25,7 +25,7 @@ from offramp.api.frontend import ApiSettings, Frontend
 from offramp.api.grpc_service import status_of
 from offramp.api.proto import offramp_pb2 as pb
 from offramp.api.proto import offramp_pb2_grpc as pb_grpc
-from offramp.api.protocol import MIN_TEMPERATURE, CompletionRequest
+from offramp.api.schemas import MIN_TEMPERATURE, CompletionRequest
 
 from test_api import KEY, MODEL, assert_openai_error, env, post, server  # noqa: F401 (env, server: fixtures)
 from test_api_helpers import FakeBackend

@@ -53,7 +53,7 @@ from offramp.api.errors import ApiError
 from offramp.api.frontend import Frontend
 from offramp.api.generation import ChoiceDelta, Generation
 from offramp.api.logprobs import LogprobFormatter
-from offramp.api.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, check_limits
+from offramp.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields, check_limits
 from offramp.api.text import encode_chat, encode_prompt
 from offramp.errors import OfframpError
 from offramp.observability import tracing

@@ -73,7 +73,7 @@ def internal(e: BaseException) -> ApiError:
 
 def from_validation(e: ValidationError | RequestValidationError) -> ApiError:
     """One 400 naming every bad field (inputs themselves are not echoed back)."""
-    from offramp.api.protocol import BadRequestValue
+    from offramp.api.schemas import BadRequestValue
 
     errors = e.errors(include_url=False, include_input=False) if isinstance(e, ValidationError) else e.errors()
     messages: list[str] = []

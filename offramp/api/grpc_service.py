@@ -189,7 +189,7 @@ class GrpcIngressMixin:
         """Validate exactly as POST /v1/completions does; return an unstarted Generation."""
         from offramp.api.app import parse
         from offramp.api.generation import Generation
-        from offramp.api.protocol import CompletionRequest, check_limits
+        from offramp.api.schemas import CompletionRequest, check_limits
         from offramp.api.text import encode_prompt
 
         fe, settings = self.frontend, self.frontend.settings

@@ -1,4 +1,5 @@
-"""Request models of the OpenAI-compatible HTTP API, and the limits that depend on settings.
+"""Request schemas of the OpenAI-compatible HTTP API (gRPC builds the same models), and
+the limits that depend on settings. (The front-end/backend contract is :mod:`offramp.protocol`.)
 
 Validation is strict: unknown fields, wrong JSON types (``"0.5"`` for a number, ``true``
 for an integer) and non-finite numbers are rejected with a 400 that names the field.
