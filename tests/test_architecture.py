@@ -168,3 +168,33 @@ def test_each_module_name_means_one_thing():
         seen.setdefault(path.name, []).append(str(path.relative_to(ROOT)))
     twice = {name: sorted(paths) for name, paths in seen.items() if len(paths) > 1}
     assert twice == {k: sorted(v) for k, v in explained.items()}, f"module names used twice: {twice}"
+
+
+def test_each_public_class_and_constant_is_defined_once():
+    """A class or UPPER_CASE constant name is defined at the top of one module of offramp
+    (``ModelSpec``, ``StageDeployment``, ``Calibration``, ``DTYPES`` and ``PRECISIONS`` once each
+    meant two things; ``INTERNAL_MESSAGE`` and ``TASKS`` were copies), except where listed
+    with why."""
+    import ast
+
+    explained = {
+        # each bench's own contenders: what it compares (names differ, so do the meanings)
+        "CONTENDERS": ["bench/placement_exits.py", "bench/serve.py"],
+    }
+    defined: dict[str, list[str]] = {}
+    for path in sorted(ROOT.rglob("*.py")):
+        if "proto" in path.relative_to(ROOT).parts[:-1]:
+            continue
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ClassDef):
+                names = [node.name]
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                names = [t.id for t in targets if isinstance(t, ast.Name) and t.id.isupper()]
+            else:
+                continue
+            for name in names:
+                if not name.startswith("_"):
+                    defined.setdefault(name, []).append(str(path.relative_to(ROOT)))
+    twice = {name: sorted(paths) for name, paths in defined.items() if len(paths) > 1}
+    assert twice == {k: sorted(v) for k, v in explained.items()}, f"defined in more than one module: {twice}"

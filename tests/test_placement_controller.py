@@ -10,17 +10,17 @@ import pytest
 from offramp.placement.controller import (
     AppFacts, ControllerConfig, Observation, PlacementController, SignalCollector, StageLoad, workload_from,
 )
-from offramp.placement.cost_model import ModelSpec, PoolSpec
+from offramp.placement.cost_model import ModelShape, PoolSpec
 from offramp.placement.mover import (
     MoveDeferred, MoveFailed, Mover, Step, deployment_entry, entry_pool, entry_precision, live_ranges, plan_steps,
     stage_placement,
 )
-from offramp.placement.planner import Pin, StageDeployment
+from offramp.placement.planner import Pin, StagePlacement
 from offramp.placement.policy import Move, PolicyConfig
 
 APP = "offramp"
 RANGES = [(0, 1), (1, 2), (2, 3), (3, 4)]
-MODEL = ModelSpec(name="tiny4", num_layers=4, hidden=64, intermediate=128, heads=4, kv_heads=4, vocab=512)
+MODEL = ModelShape(name="tiny4", num_layers=4, hidden=64, intermediate=128, heads=4, kv_heads=4, vocab=512)
 FACTS = AppFacts(RANGES, MODEL, max_context=256)
 POOLS = [PoolSpec(name="gpu", kind="gpu", count=8, memory_bytes=24e9, mem_bandwidth=600e9, flops=60e12,
                   fixed_overhead_s=0.003, cost_per_hour=2.0),
@@ -253,7 +253,7 @@ def test_placement_from_config_and_steps(surge):
     assert new["args"] == cfg["args"]  # args never change: Serve restarts nothing else
     with pytest.raises(MoveDeferred, match="never scales a stage below 1"):
         Step("Stage2", 2, "num_replicas", 0).apply_to(cfg)
-    pool = Move(action="add", knob="pool", deployment=StageDeployment(start=2, end=3, pool="gpu", replicas=1),
+    pool = Move(action="add", knob="pool", deployment=StagePlacement(start=2, end=3, pool="gpu", replicas=1),
                 replicas_to=1)
     steps = plan_steps(cfg, RANGES, pool)  # make before break: surge, or 2 on the old pool, switch, back to 1
     assert [(s.deployment, s.setting, s.value) for s in steps] == guarded("Stage2", "pool", "gpu", surge)
@@ -265,7 +265,7 @@ def test_placement_from_config_and_steps(surge):
     assert e.get("max_surge_percent") == (100 if surge else None)
     remove_old = Move(action="remove", knob="pool", deployment=cur[2], replicas_from=1)
     assert plan_steps(moved, RANGES, remove_old) == []
-    split = Move(action="add", knob="split", deployment=StageDeployment(start=0, end=2, pool="gpu"), replicas_to=1)
+    split = Move(action="add", knob="split", deployment=StagePlacement(start=0, end=2, pool="gpu"), replicas_to=1)
     with pytest.raises(MoveDeferred, match="split"):
         plan_steps(cfg, RANGES, split)
     auto = copy.deepcopy(cfg)
@@ -396,7 +396,7 @@ RANGES8 = [(0, 2), (2, 4), (4, 6), (6, 8)]  # the mover needs only the ranges, n
 
 
 def split_move(split):
-    return Move(action="add", knob="split", deployment=StageDeployment(start=0, end=split[0], pool="gpu"),
+    return Move(action="add", knob="split", deployment=StagePlacement(start=0, end=split[0], pool="gpu"),
                 split=split, replicas_to=1)
 
 
@@ -419,7 +419,7 @@ def test_split_move_grows_one_side_then_shrinks_the_other(target, grow, shrink, 
         assert deployment_entry(ops.config, f"Stage{k}") == deployment_entry(before, f"Stage{k}")
     assert replicas(ops) == [1, 1, 1, 1] and ops.kv.get("intent/offramp") is None
     # the old range's "remove" is a no-op now; moving to where it is does nothing
-    old = StageDeployment(start=2, end=4, pool="gpu")
+    old = StagePlacement(start=2, end=4, pool="gpu")
     assert plan_steps(ops.config, RANGES8, Move(action="remove", knob="split", deployment=old)) == []
     assert plan_steps(ops.config, RANGES8, split_move(target)) == []
 
@@ -508,7 +508,7 @@ def crashing_apply(ops, on_call):
 
 def move_stage(k, to, pool="gpu"):
     return Move(action="set_replicas", knob="replicas",
-                deployment=StageDeployment(start=k, end=k + 1, pool=pool, replicas=to), replicas_from=1, replicas_to=to)
+                deployment=StagePlacement(start=k, end=k + 1, pool=pool, replicas=to), replicas_from=1, replicas_to=to)
 
 
 @pytest.mark.parametrize("when,expect,reps", [
@@ -538,7 +538,7 @@ def test_recover_rolls_back_half_applied_pool_move(monkeypatch):
     monkeypatch.setattr(mover_mod, "serve_surges", lambda: False)  # the 3-step guard (a 1-step move just completes)
     ops = FakeOps(app_config())
     real = crashing_apply(ops, (2, "after"))  # step 1 (2 replicas) done, step 2 (pool switch) applied, then crash
-    pool_move = Move(action="add", knob="pool", deployment=StageDeployment(start=3, end=4, pool="gpu", replicas=1),
+    pool_move = Move(action="add", knob="pool", deployment=StagePlacement(start=3, end=4, pool="gpu", replicas=1),
                      replicas_to=1)
     with pytest.raises(Crash):
         Mover(APP, ops, RANGES).apply(pool_move)
@@ -616,7 +616,7 @@ def test_precision_move_is_make_before_break_and_touches_one_deployment(surge):
     ops = FakeOps(app_config())
     before = copy.deepcopy(ops.config)
     move = Move(action="add", knob="precision",
-                deployment=StageDeployment(start=3, end=4, pool="cpu", precision="bf16", replicas=1), replicas_to=1)
+                deployment=StagePlacement(start=3, end=4, pool="cpu", precision="bf16", replicas=1), replicas_to=1)
     steps = plan_steps(ops.config, RANGES, move)
     expect = guarded("Stage3", "precision", "bf16", surge)
     assert [(s.deployment, s.setting, s.value) for s in steps] == expect
@@ -631,7 +631,7 @@ def test_precision_move_is_make_before_break_and_touches_one_deployment(surge):
     assert stage_placement(ops.config, RANGES)[3].precision == "bf16"
     # the old precision's "remove" is a no-op now; a move to where it already is is refused
     # with the reason; int8 weight-only is one more precision a stage loads
-    old = StageDeployment(start=3, end=4, pool="cpu", precision="fp32", replicas=1)
+    old = StagePlacement(start=3, end=4, pool="cpu", precision="fp32", replicas=1)
     assert plan_steps(ops.config, RANGES, Move(action="remove", knob="precision", deployment=old)) == []
     with pytest.raises(MoveDeferred, match="already runs"):
         plan_steps(ops.config, RANGES, move)
@@ -644,7 +644,7 @@ def test_controller_applies_a_split_move_when_allowed():
     """8 layers in 4 stages, stages 2-3 saturated on the CPU pool: with ``max_knob: split``
     the controller also shifts a boundary (one per move, through the mover); the deployed
     ranges stay contiguous over all 8 layers and every decision carries its reason."""
-    m8 = ModelSpec(name="t8", num_layers=8, hidden=1024, intermediate=4096, heads=16, kv_heads=16, vocab=32000)
+    m8 = ModelShape(name="t8", num_layers=8, hidden=1024, intermediate=4096, heads=16, kv_heads=16, vocab=32000)
     ops = FakeOps(app_config())
     ops.busy = {0: 0.3, 1: 0.3, 2: 0.95, 3: 0.95}
     cfg = ControllerConfig(app=APP, interval_s=5, pools=POOLS, target_utilisation=0.5, max_knob="split",
@@ -800,7 +800,7 @@ def test_a_remembered_breach_holds_at_any_higher_load_a_good_record_only_near_it
     the load band (at a much higher load it is predicted afresh)."""
     ops = FakeOps(app_config())
     ctl = controller(ops, tpot_slo_s=0.1)
-    bad, good = ([StageDeployment(start=a, end=a + 1, pool=p) for a, p in enumerate(pools)]
+    bad, good = ([StagePlacement(start=a, end=a + 1, pool=p) for a, p in enumerate(pools)]
                  for pools in (("cpu", "cpu", "cpu", "cpu"), ("gpu", "gpu", "cpu", "cpu")))
 
     def serve(placement, p99_ms, factor, rate):
@@ -813,7 +813,7 @@ def test_a_remembered_breach_holds_at_any_higher_load_a_good_record_only_near_it
     serve(good, 20.0, 1.0, 10.0)
     from offramp.placement.planner import placement_signature as sig
 
-    other = [StageDeployment(start=a, end=a + 1, pool="gpu") for a in range(4)]
+    other = [StagePlacement(start=a, end=a + 1, pool="gpu") for a in range(4)]
     assert serve(other, 20.0, 1.0, 10.0) == {sig(bad): 6.0, sig(good): 1.0}
     assert serve(other, 20.0, 1.0, 25.0) == {sig(bad): 6.0}  # 2.5x the load: only the breach holds
     assert serve(other, 20.0, 1.0, 5.0) == {}  # half the load: both predicted afresh

@@ -6,12 +6,12 @@ import math
 import pytest
 
 from offramp.placement.cost_model import (
-    Calibration, CostModel, ModelSpec, PlacementError, PoolSpec, ProfileSample, _sample_work, fit_profile,
+    StepCalibration, CostModel, ModelShape, PlacementError, PoolSpec, ProfileSample, _sample_work, fit_profile,
     reach_from_exit_rates,
 )
 from offramp.placement.signals import StageSignals, stage_arrival_rates
 
-M = ModelSpec.tiny()
+M = ModelShape.tiny()
 CPU = PoolSpec(name="cpu", kind="cpu", count=2, memory_bytes=8e9, mem_bandwidth=2e10, flops=5e10,
                fixed_overhead_s=0.0005, precisions=["fp32", "int8"])
 GPU = PoolSpec(name="gpu", kind="gpu", count=1, memory_bytes=80e9, mem_bandwidth=2e12, flops=3e14,
@@ -89,7 +89,7 @@ def test_fit_profile_single_regime_keeps_prior_and_rejects_too_few():
 
 
 def test_online_correction_converges():
-    cm = CostModel(M, Calibration(alpha=0.2))
+    cm = CostModel(M, StepCalibration(alpha=0.2))
     pred = cm.decode_step(0, 4, CPU, "fp32", 4, 64, calibrated=False).seconds
     for i in range(60):
         noise = 1.0 + 0.05 * (1 if i % 2 else -1)
@@ -116,9 +116,9 @@ def test_stage_arrival_rates_sum_replicas_and_skip_unknown():
 
 
 def test_calibration_carries_a_stage_factor_to_a_pool_not_measured_yet():
-    from offramp.placement.cost_model import Calibration
+    from offramp.placement.cost_model import StepCalibration
 
-    cal = Calibration(alpha=1.0)
+    cal = StepCalibration(alpha=1.0)
     cal.observe("gpu", "decode", 4, 8, measured_s=0.02, predicted_s=0.01)
     cal.observe("gpu", "decode", 0, 4, measured_s=0.01, predicted_s=0.01)
     assert cal.factor("gpu", "decode", 4, 8) == pytest.approx(2.0)

@@ -182,7 +182,7 @@ def test_pool_and_precision_moves_under_load(serve_cluster):
     only failures count). Each is 3 Serve steps, make before break; the replicas that end up
     serving report the new pool / precision in the registry; no other stage restarts."""
     from offramp.placement.mover import Mover, RayOps, serve_surges
-    from offramp.placement.planner import StageDeployment
+    from offramp.placement.planner import StagePlacement
     from offramp.placement.policy import Move
 
     ranges = [(0, 1), (1, 2), (2, 3), (3, 4)]
@@ -191,7 +191,7 @@ def test_pool_and_precision_moves_under_load(serve_cluster):
     try:
         load.start()
         time.sleep(2)
-        to_gpu = Move(action="add", knob="pool", deployment=StageDeployment(start=3, end=4, pool="gpu", replicas=1),
+        to_gpu = Move(action="add", knob="pool", deployment=StagePlacement(start=3, end=4, pool="gpu", replicas=1),
                       replicas_to=1, reason="test: pool move under load")
         res = Mover(APP, RayOps(), ranges, deadline_s=120).apply(to_gpu)
         assert res.outcome == "applied" and len(res.steps) == (1 if serve_surges() else 3), res
@@ -203,7 +203,7 @@ def test_pool_and_precision_moves_under_load(serve_cluster):
 
         load.expected = {}  # bf16 may change greedy tokens: count failures only from here
         to_bf16 = Move(action="add", knob="precision",
-                       deployment=StageDeployment(start=3, end=4, pool="gpu", precision="bf16", replicas=1),
+                       deployment=StagePlacement(start=3, end=4, pool="gpu", precision="bf16", replicas=1),
                        replicas_to=1, reason="test: precision move under load")
         res = Mover(APP, RayOps(), ranges, deadline_s=120).apply(to_bf16)
         assert [s["setting"] for s in res.steps] == (["precision"] if serve_surges() else

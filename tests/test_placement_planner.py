@@ -5,12 +5,12 @@ import math
 
 import pytest
 
-from offramp.placement.cost_model import ModelSpec, PlacementError, PoolSpec, reach_from_exit_rates
+from offramp.placement.cost_model import ModelShape, PlacementError, PoolSpec, reach_from_exit_rates
 from offramp.placement.planner import (
-    Constraints, Pin, StageDeployment, Workload, evaluate, placement_signature, plan,
+    Constraints, Pin, StagePlacement, Workload, evaluate, placement_signature, plan,
 )
 
-M = ModelSpec(name="m1b", num_layers=16, hidden=2048, intermediate=5632, heads=32, kv_heads=4, vocab=32000,
+M = ModelShape(name="m1b", num_layers=16, hidden=2048, intermediate=5632, heads=32, kv_heads=4, vocab=32000,
               exit_layers=[4, 8, 12])
 GPU = PoolSpec(name="gpu", kind="gpu", count=4, memory_bytes=24e9, mem_bandwidth=600e9, flops=60e12,
                fixed_overhead_s=0.003, precisions=["bf16"], cost_per_hour=2.0)
@@ -112,8 +112,8 @@ def test_invalid_inputs_rejected_with_fix(call, match):
 
 def test_evaluate_rejects_gaps():
     with pytest.raises(PlacementError, match="contiguous"):
-        evaluate(M, [GPU], Workload(), [StageDeployment(start=0, end=4, pool="gpu", precision="bf16"),
-                                         StageDeployment(start=6, end=16, pool="gpu", precision="bf16")])
+        evaluate(M, [GPU], Workload(), [StagePlacement(start=0, end=4, pool="gpu", precision="bf16"),
+                                         StagePlacement(start=6, end=16, pool="gpu", precision="bf16")])
 
 
 def test_speculative_verification_costs_positions_and_rejected_drafts_cost_passes():
@@ -124,8 +124,8 @@ def test_speculative_verification_costs_positions_and_rejected_drafts_cost_passe
     w = Workload(decode_tokens_per_s=400, reach=reach, concurrent_sequences=16)
     spec = w.model_copy(update={"positions_per_row": [1.0] * 8 + [5.0] * 8, "tokens_per_pass": 0.6})
     split = Constraints(split=[8])
-    deps = [StageDeployment(start=0, end=8, pool="gpu", precision="bf16"),
-            StageDeployment(start=8, end=16, pool="cpu", precision="fp32")]
+    deps = [StagePlacement(start=0, end=8, pool="gpu", precision="bf16"),
+            StagePlacement(start=8, end=16, pool="cpu", precision="fp32")]
     plain, verified = evaluate(M, [GPU, CPU], w, deps, split), evaluate(M, [GPU, CPU], spec, deps, split)
     assert verified.stages[1].step_s > plain.stages[1].step_s  # more positions per row at the deep stage
     assert verified.stages[0].step_s == pytest.approx(plain.stages[0].step_s)
@@ -177,8 +177,8 @@ def test_a_placement_measured_over_the_slo_is_not_planned_again():
     again = evaluate(M, [GPU, CPU], w, first.deployments(), burnt)
     assert again.tpot_p99_s == pytest.approx(3.0 * again.tpot_s) and not again.meets_slo
     prec = {"gpu": "bf16", "cpu": "fp32"}
-    every = {placement_signature([StageDeployment(start=0, end=8, pool=a, precision=prec[a]),
-                                  StageDeployment(start=8, end=16, pool=b, precision=prec[b])]): 50.0
+    every = {placement_signature([StagePlacement(start=0, end=8, pool=a, precision=prec[a]),
+                                  StagePlacement(start=8, end=16, pool=b, precision=prec[b])]): 50.0
              for a in prec for b in prec}
     over = Constraints(split=[8], tpot_slo_s=slo, tpot_p99_factors=every)
     none = plan(M, [GPU, CPU], w, over)

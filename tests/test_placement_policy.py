@@ -6,14 +6,14 @@ import random
 
 import pytest
 
-from offramp.placement.planner import Plan, StageDeployment, StagePlan
+from offramp.placement.planner import Plan, StagePlacement, StagePlan
 from offramp.placement.policy import Policy, PolicyConfig, apply_move, covered_layers, diff
 
 L = 16
 
 
 def D(start, end, pool="gpu", replicas=1, precision="bf16"):
-    return StageDeployment(start=start, end=end, pool=pool, precision=precision, replicas=replicas)
+    return StagePlacement(start=start, end=end, pool=pool, precision=precision, replicas=replicas)
 
 
 def P(deps, cost, tpot=0.01):

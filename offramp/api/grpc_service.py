@@ -34,6 +34,7 @@ from typing import Any, AsyncIterator
 import grpc
 
 from offramp.api.auth import key_matches, presented_key
+from offramp.api.errors import INTERNAL_MESSAGE
 from offramp.api.frontend import Frontend
 from offramp.api.proto import offramp_pb2 as pb
 from offramp.api.proto import offramp_pb2_grpc as pb_grpc
@@ -43,7 +44,6 @@ from offramp.observability import tracing
 log = logging.getLogger("offramp.api.grpc")
 
 DEFAULT_MAX_TOKENS = 16  # as /v1/completions
-INTERNAL_MESSAGE = "The server had an error while processing your request; it has been logged."
 
 
 class GrpcError(Exception):

@@ -9,6 +9,8 @@ import resource
 import sys
 from typing import Iterable
 
+APP = "offramp"  # the Serve application name every bench deploys on its own cluster
+
 
 @contextlib.contextmanager
 def json_stdout(enabled: bool):

@@ -31,10 +31,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from offramp.bench.common import json_stdout
+from offramp.bench.common import APP, json_stdout
 from offramp.deployments.config import INGRESS_NAME, stage_name
 
-APP = "offramp"
 FAULTS = ("stage0", "stage1", "ingress", "registry", "node")
 PROMPTS = ("The sun rose over the", "def area(width, height):\n", "12+30=", "In the beginning",
            "Pipeline stages", "import os\n")

@@ -37,10 +37,9 @@ import time
 from pathlib import Path
 
 from offramp.bench import placement_exits
-from offramp.bench.common import json_stdout, percentile
+from offramp.bench.common import APP, json_stdout, percentile
 from offramp.deployments.config import INGRESS_NAME, stage_name
 
-APP = "offramp"
 
 
 def register(bsub) -> None:
@@ -312,11 +311,11 @@ def _frange(a: float, b: float, step: float):
 def _pool_move(load: _Load, to: str) -> dict:
     """Stage3 (layers 3-3) to pool ``to`` through the mover, under load."""
     from offramp.placement.mover import Mover, MoveFailed, RayOps
-    from offramp.placement.planner import StageDeployment
+    from offramp.placement.planner import StagePlacement
     from offramp.placement.policy import Move
 
     failed0, t = len(load.failed), time.monotonic()
-    move = Move(action="add", knob="pool", deployment=StageDeployment(start=3, end=4, pool=to, replicas=1),
+    move = Move(action="add", knob="pool", deployment=StagePlacement(start=3, end=4, pool=to, replicas=1),
                 replicas_to=1, reason="bench: pool move under load")
     try:
         res = Mover(APP, RayOps(), [(0, 1), (1, 2), (2, 3), (3, 4)], deadline_s=120).apply(move)

@@ -44,10 +44,9 @@ import threading
 import time
 from pathlib import Path
 
-from offramp.bench.common import json_stdout, percentile
+from offramp.bench.common import APP, json_stdout, percentile
 from offramp.deployments.config import INGRESS_NAME, stage_name
 
-APP = "offramp"
 CONTENDERS = ("exit_aware", "exit_unaware", "static_fast")
 
 
@@ -82,13 +81,13 @@ def _emulation(model_dir: Path, factor_fast: float, factor_slow: float, ctx: int
     (EmulatedDevice) and the controller's PoolSpecs, each the fit slowed by its factor."""
     from offramp.deployments.config import EmulatedDevice
     from offramp.ops.engine import StagedModel
-    from offramp.placement.controller import model_spec
+    from offramp.placement.controller import model_shape
     from offramp.placement.cost_model import DEFAULT_COST_PER_HOUR, PoolSpec, ProfileSample, fit_profile
 
     staged = StagedModel(model_dir, num_stages=2, max_slots=16, max_seq=256)
     staged.workers[1].profile()  # warm-up: the first timings of a fresh process run slow
     samples = [ProfileSample.model_validate(p) for p in staged.workers[1].profile(repeats=5)]
-    model = model_spec(staged.spec)
+    model = model_shape(staged.spec)
     fit = fit_profile(model, samples)
     layers = staged.ranges[1][1] - staged.ranges[1][0]
     mem = model.weight_bytes(layers * model.layer_params(), "fp32") / fit.mem_bandwidth

@@ -22,8 +22,7 @@ import time
 from pathlib import Path
 
 from offramp.bench.common import json_stdout
-
-PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+from offramp.deployments.config import PRECISIONS  # a stage's precisions, the ones compared
 
 
 def register(bsub) -> None:

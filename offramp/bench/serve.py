@@ -48,7 +48,8 @@ from typing import Any, Callable
 
 from offramp.bench.common import json_stdout, percentile
 from offramp.protocol import DraftCounts
-TASKS = ("qa", "math", "coding")
+from offramp.training.data import TASKS  # the held-out tasks prompts come from
+
 STREAMED = ("served", "served_calibrated", "served_speculative", "served_1stage", "served_compiled")
 CONTENDERS = {
     "served": "Offramp served, N stages, exits off, HTTP streaming through Serve's proxy (--proxy)",

@@ -71,7 +71,7 @@ WRITE_BUFFER_CAP = 64 * 2**20  # replies a peer may leave unread before it is cu
 # (docs/benchmarks.md). Longer passes (prefills) still go to a worker thread, so the loop
 # keeps answering frames and health checks while they run.
 INLINE_MAX_POSITIONS = 64
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64}
+WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64}
 ERRORS = {c.__name__: c for c in (errors.BadRequest, errors.Overloaded, errors.StageUnavailable,
                                     errors.DeadlineExceeded, errors.RowFailed, KVMissing)}
 
@@ -98,7 +98,7 @@ def encode(header: dict, packer: _Packer | None = None) -> bytes:
 
 
 def unpack_tensor(payload: memoryview, ref: dict) -> torch.Tensor:
-    dtype = DTYPES.get(ref["dtype"])
+    dtype = WIRE_DTYPES.get(ref["dtype"])
     if dtype is None:
         raise errors.BadRequest(f"unsupported tensor dtype {ref['dtype']!r} on the stage channel")
     shape = [int(s) for s in ref["shape"]]

@@ -21,7 +21,7 @@ from offramp.ops.layers import DecoderLayer, Rope, StepMeta, make_norm
 
 # Stage precision -> the dtype its tensors are loaded in. int8 is weight-only: loaded in
 # fp32, then the decoder blocks' linear layers are quantised (offramp.ops.quant).
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.float32}
+COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.float32}
 
 
 class Stage(nn.Module):
@@ -177,8 +177,8 @@ def load_stage(model_dir: str | Path, spec: ModelSpec, layer_range: tuple[int, i
                exits: ex.ExitsConfig | None, dtype: str = "fp32", device: str = "cpu",
                reader: WeightReader | None = None) -> Stage:
     """Build a stage and load exactly the tensors it owns."""
-    if dtype not in DTYPES:
-        raise ConfigError(f"stage dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if dtype not in COMPUTE_DTYPES:
+        raise ConfigError(f"stage dtype {dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}")
     reader = reader or WeightReader(model_dir)
     start, end = layer_range
     # An exit head at the end boundary: from the exits file when it lists this layer;
@@ -222,7 +222,7 @@ def load_stage(model_dir: str | Path, spec: ModelSpec, layer_range: tuple[int, i
         tied = spec.tie_word_embeddings or "lm_head.weight" not in reader
         sd["lm_head.weight"] = sd["embed.weight"] if (tied and first) else reader.get(embed_name if tied else "lm_head.weight")
 
-    target = DTYPES[dtype]
+    target = COMPUTE_DTYPES[dtype]
     sd = {k: v.to(device=device, dtype=target if v.is_floating_point() else v.dtype) for k, v in sd.items()}
     missing, unexpected = stage.load_state_dict(sd, strict=False, assign=True)
     if missing or unexpected:

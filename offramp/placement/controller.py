@@ -16,7 +16,7 @@ cumulative counters between two samples. From them:
   stages once per draft, so they look like stages behind an exit);
 * per-replica utilisation = d(busy_s)/dt, step time = d(busy_s)/d(batches), batch =
   d(rows)/d(batches); these also calibrate the cost model online
-  (:class:`~offramp.placement.cost_model.Calibration`).
+  (:class:`~offramp.placement.cost_model.StepCalibration`).
 
 The plan turns only the knobs allowed (``max_knob``: replicas; + pools; + precision; +
 split points, moved one boundary per move), respects pins, and never gives a stage fewer
@@ -44,12 +44,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from offramp.cluster.records import StageStats
 from offramp.placement.cost_model import (
-    DEFAULT_COST_PER_HOUR, CostModel, ModelSpec, PlacementError, PoolFit, PoolSpec, ProfileSample, fit_profile,
+    DEFAULT_COST_PER_HOUR, CostModel, ModelShape, PlacementError, PoolFit, PoolSpec, ProfileSample, fit_profile,
     reach_from_exit_rates,
 )
 from offramp.placement.mover import MoveDeferred, MoveFailed, Mover, Ops, RayOps, live_ranges, stage_placement
 from offramp.placement.planner import (
-    Constraints, Pin, Plan, StageDeployment, Workload, evaluate, placement_signature, plan,
+    Constraints, Pin, Plan, StagePlacement, Workload, evaluate, placement_signature, plan,
 )
 from offramp.placement.policy import KNOB_RANK, Decision, Knob, PlanKnob, Policy, PolicyConfig, detect_breaches
 from offramp.placement.signals import StageSignals
@@ -132,14 +132,14 @@ class AppFacts:
     """What the controller needs to know about the served model."""
 
     ranges: list[tuple[int, int]]  # layers [start, end) per stage
-    model: ModelSpec  # the planner's view of the model
+    model: ModelShape  # the planner's view of the model
     max_context: int
     kv_fill: str = "exact"
 
 
-def model_spec(spec, exit_layers=()) -> ModelSpec:
+def model_shape(spec, exit_layers=()) -> ModelShape:
     """The planner's view of a checkpoint's config (``offramp.ops.checkpoint.load_spec``)."""
-    return ModelSpec(name=spec.model_type, num_layers=spec.num_layers, hidden=spec.hidden_size,
+    return ModelShape(name=spec.model_type, num_layers=spec.num_layers, hidden=spec.hidden_size,
                      intermediate=spec.intermediate_size, heads=spec.num_heads, kv_heads=spec.num_kv_heads,
                      vocab=spec.vocab_size, tied_embeddings=spec.tie_word_embeddings,
                      exit_layers=[e for e in exit_layers if 1 <= e < spec.num_layers])
@@ -151,7 +151,7 @@ def app_facts(app_config: dict) -> AppFacts:
 
     args = AppArgs.model_validate(app_config.get("args") or {})
     _, spec, ranges, exits = model_facts(args)
-    model = model_spec(spec, exits.exit_layers if exits else ())
+    model = model_shape(spec, exits.exit_layers if exits else ())
     return AppFacts([(r.start, r.stop) if hasattr(r, "start") else tuple(r) for r in ranges], model,
                     min(args.max_context or spec.max_position, spec.max_position), args.exit.kv_fill)
 
@@ -386,14 +386,14 @@ class PlacementController:
             self._persist()
         return report
 
-    def current(self) -> list[StageDeployment]:
+    def current(self) -> list[StagePlacement]:
         return stage_placement(self.ops.deployed_app_config(self.cfg.app) or {}, self.facts.ranges)
 
     def ranges(self) -> list[tuple[int, int]]:
         """Layers per stage as deployed now (split moves change them)."""
         return live_ranges(self.ops.deployed_app_config(self.cfg.app) or {}, self.facts.ranges)
 
-    def pools(self, current: list[StageDeployment]) -> list[PoolSpec]:
+    def pools(self, current: list[StagePlacement]) -> list[PoolSpec]:
         """The configured pools, else defaults sized from the cluster; with timing fitted
         from start-up profiles where the pool has them (``profile_pools``)."""
         if self.cfg.pools:
@@ -451,7 +451,7 @@ class PlacementController:
             self.last_obs = obs
         return obs
 
-    def _calibrate(self, obs: Observation, current: list[StageDeployment], pools: dict[str, PoolSpec],
+    def _calibrate(self, obs: Observation, current: list[StagePlacement], pools: dict[str, PoolSpec],
                    w: Workload) -> None:
         for s, d in zip(obs.stages, current):
             if math.isfinite(s.step_s) and s.step_s > 0 and d.pool in pools:
@@ -464,7 +464,7 @@ class PlacementController:
         """Whether the plan may turn ``knob`` (``max_knob`` and every cheaper one)."""
         return KNOB_RANK[knob] <= KNOB_RANK[self.cfg.max_knob]
 
-    def make_plan(self, obs: Observation) -> tuple[list[StageDeployment], Plan, Plan, Workload]:
+    def make_plan(self, obs: Observation) -> tuple[list[StagePlacement], Plan, Plan, Workload]:
         """(current placement, target plan, current placement's evaluation, workload)."""
         current = self.current()
         pools = self.pools(current)
@@ -513,7 +513,7 @@ class PlacementController:
         self.last_plan = target
         return current, target, cur_eval, w
 
-    def _remember(self, obs: Observation, current: list[StageDeployment], factor: float,
+    def _remember(self, obs: Observation, current: list[StagePlacement], factor: float,
                   rate: float) -> dict[str, float]:
         """Record what the current placement measures; return the other placements' remembered
         p99 factors that still apply (fresh, at a load within ``remember_load_band``).

@@ -17,7 +17,7 @@ and latency everywhere, but save FLOPs (what a CPU pool is short of) only in
 ``propagate`` mode — the model says so rather than hiding it.
 
 Pool parameters are seeded by :func:`fit_profile` (least squares over measured samples)
-and corrected online by :class:`Calibration` (EWMA of measured / predicted).
+and corrected online by :class:`StepCalibration` (EWMA of measured / predicted).
 """
 from __future__ import annotations
 
@@ -49,9 +49,9 @@ class PrecisionInfo:
 
 
 # int8 is weight-only (per-output-channel fp32 scales, ~4/hidden bytes per weight on top,
-# added in ModelSpec.weight_bytes); activations and KV stay fp32 as on today's CPU path.
+# added in ModelShape.weight_bytes); activations and KV stay fp32 as on today's CPU path.
 # Its quality impact is measured elsewhere; the planner uses it only when allowed.
-PRECISIONS: dict[str, PrecisionInfo] = {
+PRECISION_INFO: dict[str, PrecisionInfo] = {
     "fp32": PrecisionInfo(4.0, 4),
     "bf16": PrecisionInfo(2.0, 2),
     "fp16": PrecisionInfo(2.0, 2),
@@ -59,8 +59,9 @@ PRECISIONS: dict[str, PrecisionInfo] = {
 }
 
 
-class ModelSpec(BaseModel):
-    """Shape of a Llama-style decoder (gated MLP, GQA attention)."""
+class ModelShape(BaseModel):
+    """The planner's view of a model: the shape of a Llama-style decoder (gated MLP, GQA
+    attention) that its costs follow. (The checkpoint's own config is ``ops.checkpoint.ModelSpec``.)"""
 
     model_config = ConfigDict(frozen=True)
 
@@ -81,7 +82,7 @@ class ModelSpec(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _check(self) -> "ModelSpec":
+    def _check(self) -> "ModelShape":
         if self.hidden % self.heads or self.heads % self.kv_heads:
             raise PlacementError(
                 f"model {self.name}: hidden={self.hidden}, heads={self.heads}, kv_heads={self.kv_heads} "
@@ -96,7 +97,7 @@ class ModelSpec(BaseModel):
         return self
 
     @classmethod
-    def tiny(cls) -> "ModelSpec":
+    def tiny(cls) -> "ModelShape":
         """The 20M-parameter development model (d384, 8 layers) with exits after layers 2, 4, 6."""
         return cls(name="tiny", num_layers=8, hidden=384, intermediate=1024, heads=6, kv_heads=6,
                    vocab=32000, exit_layers=[2, 4, 6])
@@ -116,13 +117,13 @@ class ModelSpec(BaseModel):
 
     def weight_bytes(self, params: float, precision: str) -> float:
         """Bytes of ``params`` weights at ``precision`` (int8 adds per-row fp32 scales)."""
-        info = PRECISIONS[precision]
+        info = PRECISION_INFO[precision]
         scale = 4.0 / self.hidden if precision == "int8" else 0.0
         return params * (info.weight_bytes + scale)
 
     def kv_bytes_per_token_layer(self, precision: str) -> int:
         """K and V of one token at one layer."""
-        return 2 * self.kv_dim * PRECISIONS[precision].act_bytes
+        return 2 * self.kv_dim * PRECISION_INFO[precision].act_bytes
 
     def layer_flops(self, context: float) -> float:
         """FLOPs of one token through one block attending over ``context`` tokens."""
@@ -196,7 +197,7 @@ class StepCost:
     bound: Literal["memory", "compute"]
 
 
-class Calibration:
+class StepCalibration:
     """Online correction: EWMA of measured / predicted step time per (pool, kind, stage).
 
     Ratios are averaged in log space so a 2x over- and a 2x under-estimate cancel.
@@ -205,7 +206,7 @@ class Calibration:
 
     def __init__(self, alpha: float = 0.2, clamp: tuple[float, float] = (0.1, 10.0)):
         if not 0 < alpha <= 1:
-            raise PlacementError(f"Calibration alpha={alpha} must be in (0, 1]; 0.1-0.3 is typical.")
+            raise PlacementError(f"StepCalibration alpha={alpha} must be in (0, 1]; 0.1-0.3 is typical.")
         self.alpha = alpha
         self.clamp = clamp
         self._log: dict[tuple, float] = {}
@@ -237,9 +238,9 @@ class Calibration:
 class CostModel:
     """Predicts step, hop and memory costs of layer ranges on pools."""
 
-    def __init__(self, model: ModelSpec, calibration: Calibration | None = None):
+    def __init__(self, model: ModelShape, calibration: StepCalibration | None = None):
         self.model = model
-        self.calibration = calibration or Calibration()
+        self.calibration = calibration or StepCalibration()
 
     # --- memory ---------------------------------------------------------------------
     def weight_bytes(self, start: int, end: int, precision: str) -> float:
@@ -304,7 +305,7 @@ class CostModel:
 
     def hop_s(self, src: PoolSpec, dst: PoolSpec, rows: float, precision: str = "fp32") -> float:
         """Move ``rows`` hidden states from a stage on ``src`` to one on ``dst``."""
-        nbytes = rows * self.model.hidden * PRECISIONS[precision].act_bytes
+        nbytes = rows * self.model.hidden * PRECISION_INFO[precision].act_bytes
         return max(src.hop_fixed_s, dst.hop_fixed_s) + nbytes / min(src.link_bandwidth, dst.link_bandwidth)
 
     def _roofline(self, pool: PoolSpec, precision: str, nbytes: float, flops: float, kind: StepKind,
@@ -349,13 +350,13 @@ class PoolFit:
                                        "mem_bandwidth": self.mem_bandwidth, "flops": self.flops})
 
 
-def _sample_work(model: ModelSpec, s: ProfileSample, precision: str) -> tuple[float, float]:
+def _sample_work(model: ModelShape, s: ProfileSample, precision: str) -> tuple[float, float]:
     nbytes = (model.weight_bytes(s.layers * model.layer_params(), precision)
               + s.batch * s.context * s.layers * model.kv_bytes_per_token_layer(precision))
     return nbytes, s.batch * s.layers * model.layer_flops(s.context)
 
 
-def fit_profile(model: ModelSpec, samples: Iterable[ProfileSample], precision: str = "fp32",
+def fit_profile(model: ModelShape, samples: Iterable[ProfileSample], precision: str = "fp32",
                 prior: PoolSpec | None = None) -> PoolFit:
     """Fit ``t = c + max(bytes/bw, flops/F)`` to measured samples by least squares.
 

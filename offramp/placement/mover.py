@@ -64,7 +64,7 @@ from typing import Any, Callable, Literal, Protocol
 from offramp.cluster import pool_of
 from offramp.deployments.config import PRECISIONS, STAGE_DTYPE_ENV, STAGE_LAYERS_ENV, parse_layers, stage_name
 from offramp.errors import OfframpError
-from offramp.placement.planner import StageDeployment
+from offramp.placement.planner import StagePlacement
 from offramp.placement.policy import Move
 
 log = logging.getLogger("offramp.placement")
@@ -265,13 +265,13 @@ class Step:
         return with_entry(app_config, e)
 
 
-def stage_placement(app_config: dict, ranges: list[tuple[int, int]]) -> list[StageDeployment]:
+def stage_placement(app_config: dict, ranges: list[tuple[int, int]]) -> list[StagePlacement]:
     """Current placement (stage k -> layers, pool, precision, replicas) from the applied config
     (``ranges``: the app's split; split moves' per-deployment overrides win)."""
     out = []
     for k, (start, end) in enumerate(live_ranges(app_config, ranges)):
         e = deployment_entry(app_config, stage_name(k))
-        out.append(StageDeployment(start=start, end=end, pool=entry_pool(e, stage_arg(app_config, k, "pool", "any")),
+        out.append(StagePlacement(start=start, end=end, pool=entry_pool(e, stage_arg(app_config, k, "pool", "any")),
                                    precision=entry_precision(e, stage_arg(app_config, k, "dtype", "fp32")),
                                    replicas=max(entry_replicas(e), 1)))
     return out

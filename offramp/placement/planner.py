@@ -36,7 +36,7 @@ from typing import Literal, Sequence
 from pydantic import BaseModel, Field, model_validator
 
 from offramp.placement.cost_model import (
-    PRECISIONS, CostModel, KvFill, ModelSpec, PlacementError, PoolSpec, Precision,
+    PRECISION_INFO, CostModel, KvFill, ModelShape, PlacementError, PoolSpec, Precision,
 )
 
 
@@ -116,8 +116,9 @@ class Constraints(BaseModel):
     max_labels: int = Field(16, ge=1, description="Pareto labels kept per DP state (bounds search time).")
 
 
-class StageDeployment(BaseModel):
-    """One stage deployment: a layer range on a pool (the unit the mover creates and removes)."""
+class StagePlacement(BaseModel):
+    """Where one stage runs: a layer range on a pool, its replicas and precision (the unit the
+    mover creates and removes; the Serve deployment itself is ``deployments.app.StageDeployment``)."""
 
     start: int = Field(..., ge=0, description="First layer.")
     end: int = Field(..., ge=1, description="One past the last layer.")
@@ -130,7 +131,7 @@ class StageDeployment(BaseModel):
         return (self.start, self.end, self.pool, self.precision)
 
 
-class StagePlan(StageDeployment):
+class StagePlan(StagePlacement):
     """A planned stage with the cost model's predictions."""
 
     step_s: float = Field(0.0, description="Predicted decode step at the latency batch.")
@@ -141,9 +142,9 @@ class StagePlan(StageDeployment):
     kv_bytes: float = Field(0.0, description="KV reserved per replica.")
     bound: str = Field("memory", description="'memory' or 'compute' at full batch.")
 
-    def deployment(self) -> StageDeployment:
+    def deployment(self) -> StagePlacement:
         """This stage as the mover's unit (the predictions dropped)."""
-        return StageDeployment(**self.model_dump(include=set(StageDeployment.model_fields)))
+        return StagePlacement(**self.model_dump(include=set(StagePlacement.model_fields)))
 
 
 class Plan(BaseModel):
@@ -165,17 +166,17 @@ class Plan(BaseModel):
     def split(self) -> list[int]:
         return [s.start for s in self.stages[1:]]
 
-    def deployments(self) -> list[StageDeployment]:
+    def deployments(self) -> list[StagePlacement]:
         return [s.deployment() for s in self.stages]
 
 
-def placement_signature(stages: Sequence[StageDeployment]) -> str:
+def placement_signature(stages: Sequence[StagePlacement]) -> str:
     """What a placement is, replicas aside: layer ranges with their pool and precision
     (``"0-4:gpu/fp32,4-8:cpu/fp32"``), the key of ``Constraints.tpot_p99_factors``."""
     return ",".join(f"{d.start}-{d.end}:{d.pool}/{d.precision}" for d in sorted(stages, key=lambda d: d.start))
 
 
-def p99_factor_of(stages: Sequence[StageDeployment], c: "Constraints") -> float:
+def p99_factor_of(stages: Sequence[StagePlacement], c: "Constraints") -> float:
     """The p99 factor a placement is predicted with: its measured one if remembered, else the current."""
     return c.tpot_p99_factors.get(placement_signature(stages), c.tpot_p99_factor) if c.tpot_p99_factors \
         else c.tpot_p99_factor
@@ -196,7 +197,7 @@ class _Label:
     parent: "_Label | None"
 
 
-def _validate(model: ModelSpec, pools: Sequence[PoolSpec], w: Workload, c: Constraints) -> list[float]:
+def _validate(model: ModelShape, pools: Sequence[PoolSpec], w: Workload, c: Constraints) -> list[float]:
     if not pools:
         raise PlacementError("no pools given; add at least one PoolSpec (e.g. a CPU pool for the whole model).")
     names = [p.name for p in pools]
@@ -292,7 +293,7 @@ def _dominated(a: _Label, b: _Label) -> bool:
     return b.cost <= a.cost + 1e-12 and b.lat <= a.lat + 1e-15 and all(y <= x for x, y in zip(a.usage, b.usage))
 
 
-def _search(model: ModelSpec, pools: Sequence[PoolSpec], reach: list[float], w: Workload, c: Constraints,
+def _search(model: ModelShape, pools: Sequence[PoolSpec], reach: list[float], w: Workload, c: Constraints,
             cm: CostModel, use_slo: bool) -> list[_Label]:
     L = model.num_layers
     counts = tuple(p.count for p in pools)
@@ -397,7 +398,7 @@ def _to_plan(lab: _Label, pools: Sequence[PoolSpec], c: Constraints, w: Workload
                 tpot_full_depth_s=full, devices=devices, meets_slo=met, notes=notes)
 
 
-def plan(model: ModelSpec, pools: Sequence[PoolSpec], workload: Workload,
+def plan(model: ModelShape, pools: Sequence[PoolSpec], workload: Workload,
          constraints: Constraints | None = None, cost_model: CostModel | None = None) -> Plan:
     """Best placement for ``workload`` (see the module docstring for the objective)."""
     c = constraints or Constraints()
@@ -415,7 +416,7 @@ def plan(model: ModelSpec, pools: Sequence[PoolSpec], workload: Workload,
     raise PlacementError(_diagnose(model, pools, workload, c, cm))
 
 
-def _explained(p: Plan, model: ModelSpec, pools: Sequence[PoolSpec], w: Workload, c: Constraints,
+def _explained(p: Plan, model: ModelShape, pools: Sequence[PoolSpec], w: Workload, c: Constraints,
                cm: CostModel) -> Plan:
     """``p`` with one reason per stage: each other pool/precision for the same layers (sized
     for the same load, the rest of the plan unchanged), what it would cost and predict, and
@@ -471,7 +472,7 @@ def _splits(lab: _Label) -> tuple[int, ...]:
     return tuple(reversed(out))
 
 
-def _diagnose(model: ModelSpec, pools: Sequence[PoolSpec], w: Workload, c: Constraints, cm: CostModel) -> str:
+def _diagnose(model: ModelShape, pools: Sequence[PoolSpec], w: Workload, c: Constraints, cm: CostModel) -> str:
     """Name the binding problem when no plan exists."""
     fits = [p.name for p in pools
             if model.weight_bytes(model.layer_params(), min(p.precisions, key=_wbytes)) < p.usable_bytes]
@@ -488,11 +489,11 @@ def _diagnose(model: ModelSpec, pools: Sequence[PoolSpec], w: Workload, c: Const
 
 
 def _wbytes(precision: str) -> float:
-    return PRECISIONS[precision].weight_bytes
+    return PRECISION_INFO[precision].weight_bytes
 
 
-def evaluate(model: ModelSpec, pools: Sequence[PoolSpec], workload: Workload,
-             stages: Sequence[StageDeployment], constraints: Constraints | None = None,
+def evaluate(model: ModelShape, pools: Sequence[PoolSpec], workload: Workload,
+             stages: Sequence[StagePlacement], constraints: Constraints | None = None,
              cost_model: CostModel | None = None) -> Plan:
     """Predicted metrics of an existing placement (replica counts as given, not re-planned).
 

@@ -22,7 +22,7 @@ from typing import Literal, Mapping, Sequence, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from offramp.placement.planner import Plan, StageDeployment
+from offramp.placement.planner import Plan, StagePlacement
 from offramp.placement.signals import StageSignals
 
 # The one vocabulary of knobs, in cost order (ControllerConfig.max_knob names one of them;
@@ -38,7 +38,7 @@ class Move(BaseModel):
     action: Literal["rebalance", "set_replicas", "add", "remove"] = Field(..., description="What to do.")
     knob: Knob = Field(..., description="Which knob this turns (cost order routing < replicas < pool < precision "
                        "< split).")
-    deployment: StageDeployment = Field(..., description="Target deployment (for set_replicas: the new count).")
+    deployment: StagePlacement = Field(..., description="Target deployment (for set_replicas: the new count).")
     replicas_from: int = Field(0, description="Replicas before the move.")
     replicas_to: int = Field(0, description="Replicas after the move.")
     split: list[int] | None = Field(None, description="Knob split: the target plan's split points; the mover "
@@ -72,7 +72,7 @@ class PolicyConfig(BaseModel):
 
 
 # --- placement algebra ------------------------------------------------------------
-def covered_layers(placement: Sequence[StageDeployment], num_layers: int) -> list[bool]:
+def covered_layers(placement: Sequence[StagePlacement], num_layers: int) -> list[bool]:
     cov = [False] * num_layers
     for d in placement:
         if d.replicas >= 1:
@@ -81,7 +81,7 @@ def covered_layers(placement: Sequence[StageDeployment], num_layers: int) -> lis
     return cov
 
 
-def apply_move(placement: Sequence[StageDeployment], move: Move) -> list[StageDeployment]:
+def apply_move(placement: Sequence[StagePlacement], move: Move) -> list[StagePlacement]:
     """The placement after ``move`` (pure; the mover's dry-run)."""
     out = [d for d in placement if d.key != move.deployment.key]
     if move.action in ("add", "set_replicas"):
@@ -91,14 +91,14 @@ def apply_move(placement: Sequence[StageDeployment], move: Move) -> list[StageDe
     return sorted(out, key=lambda d: d.key)
 
 
-def is_safe(placement: Sequence[StageDeployment], move: Move, num_layers: int) -> bool:
+def is_safe(placement: Sequence[StagePlacement], move: Move, num_layers: int) -> bool:
     """True when every layer keeps a replica after ``move``."""
     before = covered_layers(placement, num_layers)
     after = covered_layers(apply_move(placement, move), num_layers)
     return all(a or not b for a, b in zip(after, before))
 
 
-def _knob_of(d: StageDeployment, other: Sequence[StageDeployment]) -> Knob:
+def _knob_of(d: StagePlacement, other: Sequence[StagePlacement]) -> Knob:
     """The knob that adds (or retires) ``d`` against the ``other`` placement: its layers
     on another precision of the same pool, on another pool, or in another split."""
     if not any((o.start, o.end) == (d.start, d.end) for o in other):
@@ -106,7 +106,7 @@ def _knob_of(d: StageDeployment, other: Sequence[StageDeployment]) -> Knob:
     return "precision" if any((o.start, o.end, o.pool) == (d.start, d.end, d.pool) for o in other) else "pool"
 
 
-def diff(current: Sequence[StageDeployment], target: Sequence[StageDeployment],
+def diff(current: Sequence[StagePlacement], target: Sequence[StagePlacement],
          num_layers: int) -> list[Move]:
     """Moves from ``current`` to ``target``, cheapest knob first, adds before removes.
 
@@ -148,7 +148,7 @@ def diff(current: Sequence[StageDeployment], target: Sequence[StageDeployment],
     return out
 
 
-def _is_completion(current: Sequence[StageDeployment], target: Sequence[StageDeployment], m: Move) -> bool:
+def _is_completion(current: Sequence[StagePlacement], target: Sequence[StagePlacement], m: Move) -> bool:
     """A remove whose layers are already served by live deployments of the target."""
     if m.action != "remove":
         return False
@@ -214,7 +214,7 @@ class Policy:
         for l in layers:
             self._last_move[l] = -math.inf if at is None else at
 
-    def step(self, now: float, current: Sequence[StageDeployment], target: Plan, current_eval: Plan,
+    def step(self, now: float, current: Sequence[StagePlacement], target: Plan, current_eval: Plan,
              breaches: Mapping[tuple[int, int], str] | None = None,
              routing: Sequence[Move] = ()) -> list[Decision]:
         """Decisions for this interval; those with outcome 'apply' are the moves to make, in order."""
