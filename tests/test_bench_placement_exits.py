@@ -64,3 +64,28 @@ def test_settled_counts_from_when_the_last_move_was_done():
     assert settled_from(moves) == pytest.approx(59.0 + 10.2 + 10.0)
     assert settled_from(moves + [{"at_s": 111.4, "result": "in progress"}]) == math.inf  # never settled
     assert settled_from([{"at_s": 40.0, "result": "rolled_back in 30.0s (1 step(s))"}]) == pytest.approx(80.0)
+
+
+def test_replot_draws_the_timeline_again_from_the_json(tmp_path):
+    """A run's --json keeps each contender's timeline and request TPOTs; --replot draws the
+    figure from it (4 stages: every stage's band inside the axes); a JSON without them (an
+    older run) is refused with the fix named."""
+    import json
+
+    import pytest
+
+    from offramp.bench.placement_exits import replot
+
+    tl = [{"t": float(t), "cost": 8.0 if t < 30 else 4.5, "stages": [["gpu", 1]] + [["cpu" if t >= 30 else "gpu", 1]] * 3,
+           "passes": [t * 10, t * 4], "emitted": t * 11, "server_p99": 20.0} for t in range(0, 60, 2)]
+    out = {"tpot_slo_ms": 35.0, "contenders": {
+        "exit_aware": {"timeline": tl, "requests_tpot": [[t, 0.012] for t in range(1, 60)], "moves": [],
+                       "cost_per_hour_mean": 5.2, "tpot_ms_p99": 12.0, "requests_failed": 0}}}
+    src = tmp_path / "run.json"
+    src.write_text(json.dumps(out))
+    png = tmp_path / "again.png"
+    assert replot(src, png) == 0 and png.stat().st_size > 10_000
+    out["contenders"]["exit_aware"].pop("timeline")
+    src.write_text(json.dumps(out))
+    with pytest.raises(ValueError, match="run it again"):
+        replot(src, tmp_path / "no.png")

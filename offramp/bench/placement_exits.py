@@ -71,6 +71,8 @@ def add_arguments(p) -> None:
     g.add_argument("--interval-s", type=float, default=4.0, help="controller interval")
     g.add_argument("--prompt-tokens", type=int, default=24, help="prompt length (held-out text, every task)")
     g.add_argument("--contenders", default=",".join(CONTENDERS), help="subset to run, comma-separated")
+    g.add_argument("--replot", type=Path, metavar="JSON", default=None,
+                   help="only draw the timeline (--png) again from a run's --json output")
     g.add_argument("--tasks", default="qa,math,coding",
                    help="held-out tasks the prompts come from, comma-separated (how many drafts a deep visit "
                         "accepts depends on it: about 5 on math, 1.6 on coding and prose, embedded model)")
@@ -306,8 +308,24 @@ def verdict(res: dict, slo_ms: float) -> dict | None:
 
 
 def run(args) -> int:
+    if args.replot is not None:
+        return replot(args.replot, args.png)
     with json_stdout(args.json) as emit:
         return _run(args, emit)
+
+
+def replot(json_path: Path, png: Path) -> int:
+    """Draw the timeline figure again from a run's ``--json`` output (no cluster, no load)."""
+    import json
+
+    out = json.loads(Path(json_path).read_text())
+    res = {n: {**r, "_timeline": r.get("timeline") or [], "_requests": [tuple(x) for x in r.get("requests_tpot") or []]}
+           for n, r in out["contenders"].items()}
+    if not any(r["_timeline"] for r in res.values()):
+        raise ValueError(f"{json_path}: no timeline in it (written by an older version of this bench); run it again")
+    _plot(png, res, out["tpot_slo_ms"])
+    print(f"timeline: {png}")
+    return 0
 
 
 def _run(args, emit) -> int:
@@ -370,8 +388,8 @@ def _run(args, emit) -> int:
                       "cost_per_hour": {p.name: p.cost_per_hour for p in pools}},
         "png": str(args.png), "wall_s": round(time.monotonic() - t_start, 1)})
     _plot(args.png, res, slo)
-    for r in res.values():
-        r.pop("_timeline", None), r.pop("_requests", None)
+    for r in res.values():  # kept in the JSON under public names: --replot draws the figure again from it
+        r["timeline"], r["requests_tpot"] = r.pop("_timeline", []), r.pop("_requests", [])
     if args.json:
         emit(out)
     else:
@@ -409,9 +427,11 @@ def _plot(path: Path, res: dict, slo: float) -> None:
         ts = [p["t"] for p in tl]
         ax.step(ts, [p["cost"] for p in tl], where="post", color="k", label="cost per hour")
         ax.set_ylabel("cost / h")
-        top = max(p["cost"] for p in tl) * 1.5 or 1.0
-        for k in range(len(tl[0]["stages"])):  # one band per stage: its pool, replicas written on it
-            y0, h = top * (0.72 + 0.13 * k), top * 0.1
+        cmax = max(p["cost"] for p in tl) or 1.0
+        n = len(tl[0]["stages"])
+        top = cmax * (1.1 + 0.2 * n)  # the cost line below, one band per stage above it
+        for k in range(n):  # one band per stage: its pool, replicas written on it
+            y0, h = cmax * (1.1 + 0.2 * k), cmax * 0.16
             prev = None
             for a, b in zip(tl, tl[1:] + [tl[-1]]):
                 pool, reps = a["stages"][k]
@@ -421,7 +441,7 @@ def _plot(path: Path, res: dict, slo: float) -> None:
                     ax.text(a["t"] + 8, y0 + h / 2, f"x{reps}", va="center", fontsize=7)
                     prev = (pool, reps)
             ax.text(ts[0], y0 + h / 2, "Stage%d " % k, va="center", ha="right", fontsize=7)
-        ax.set_ylim(0, top * 1.0 + top * 0.02)
+        ax.set_ylim(0, top)
         ax2 = ax.twinx()
         reqs = sorted(r["_requests"])
         roll = [(t, percentile([x for u, x in reqs if t - 20 <= u <= t], 0.99) * 1000)
