@@ -23,6 +23,21 @@ if str(Path(__file__).parent) not in sys.path:  # `from serve_fixtures import ..
 _RAY_START_ERROR: list[str] = []  # set once if Ray could not start; later tests skip at once
 
 
+def pytest_collection_modifyitems(config, items):
+    """``@pytest.mark.gpu`` tests run where CUDA is (a lent GPU machine) and are skipped,
+    saying so, everywhere else; the rest of the suite never needs a GPU."""
+    gpu_tests = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_tests:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (pytest -m gpu on a GPU machine)")
+    for item in gpu_tests:
+        item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny random Llama checkpoint (4 layers, vocab 512, byte tokenizer)."""

@@ -7,13 +7,13 @@ import math
 
 import pytest
 
+from offramp.deployments.config import ServeApp
 from offramp.placement.controller import (
     AppFacts, ControllerConfig, Observation, PlacementController, SignalCollector, StageLoad, workload_from,
 )
 from offramp.placement.cost_model import ModelShape, PoolSpec
 from offramp.placement.mover import (
-    MoveDeferred, MoveFailed, Mover, Step, deployment_entry, entry_pool, entry_precision, live_ranges, plan_steps,
-    stage_placement,
+    MoveDeferred, MoveFailed, Mover, Step, plan_steps, stage_placement,
 )
 from offramp.placement.planner import Pin, StagePlacement
 from offramp.placement.policy import Move, PolicyConfig
@@ -38,6 +38,11 @@ def app_config(replicas=(1, 1, 1, 1), pools=("gpu", "gpu", "cpu", "cpu")):
             "deployments": deps}
 
 
+
+def _layers(app_config: dict, ranges) -> list[tuple[int, int]]:
+    """Layers per stage as deployed (split moves' overrides over the app's split)."""
+    return [st.layers for st in ServeApp(app_config, ranges).stages()]
+
 class FakeOps:
     """Serve applies a config after ``start_s`` of fake time; a replica registers at once and
     reports the busy fraction the test sets for its stage."""
@@ -61,9 +66,11 @@ class FakeOps:
     def _sync(self, ready_at):
         for k in range(4):
             name = f"Stage{k}"
-            e = deployment_entry(self.config, name)
+            e, st = ServeApp(self.config).entry(name), ServeApp(self.config).stage(k)
             env = ((e.get("ray_actor_options") or {}).get("runtime_env") or {}).get("env_vars") or {}
-            want, pool = e.get("num_replicas", 1), (entry_pool(e), entry_precision(e), env.get("OFFRAMP_STAGE_LAYERS"))
+            want = e.get("num_replicas", 1)  # what replaces replicas: any change of their actor options
+            pool = (st.pool if st.pool_pinned else "any", env.get("OFFRAMP_STAGE_DTYPE") or "fp32",
+                    env.get("OFFRAMP_STAGE_LAYERS"))
             reps = self._replicas.setdefault(name, [])
             keep = [r for r in reps if r["pool"] == pool][:want]  # actor option change: all replaced
             while len(keep) < want:
@@ -168,7 +175,7 @@ def run(ctl, ops, intervals, dt=5.0):
 
 
 def replicas(ops):
-    return [deployment_entry(ops.config, f"Stage{k}")["num_replicas"] for k in range(4)]
+    return [ServeApp(ops.config).entry(f"Stage{k}")["num_replicas"] for k in range(4)]
 
 
 # -- signals -> workload ------------------------------------------------------------------
@@ -249,7 +256,7 @@ def test_placement_from_config_and_steps(surge):
               replicas_from=1, replicas_to=2)
     (s,) = plan_steps(cfg, RANGES, up)
     new = s.apply_to(cfg)
-    assert deployment_entry(new, "Stage2")["num_replicas"] == 2 and deployment_entry(cfg, "Stage2")["num_replicas"] == 1
+    assert ServeApp(new).entry("Stage2")["num_replicas"] == 2 and ServeApp(cfg).entry("Stage2")["num_replicas"] == 1
     assert new["args"] == cfg["args"]  # args never change: Serve restarts nothing else
     with pytest.raises(MoveDeferred, match="never scales a stage below 1"):
         Step("Stage2", 2, "num_replicas", 0).apply_to(cfg)
@@ -260,7 +267,7 @@ def test_placement_from_config_and_steps(surge):
     moved = cfg
     for s in steps:
         moved = s.apply_to(moved)
-    e = deployment_entry(moved, "Stage2")
+    e = ServeApp(moved).entry("Stage2")
     assert e["ray_actor_options"]["resources"] == {"pool_gpu": 1} and e["ray_actor_options"]["num_cpus"] == 0.5
     assert e.get("max_surge_percent") == (100 if surge else None)
     remove_old = Move(action="remove", knob="pool", deployment=cur[2], replicas_from=1)
@@ -269,9 +276,36 @@ def test_placement_from_config_and_steps(surge):
     with pytest.raises(MoveDeferred, match="split"):
         plan_steps(cfg, RANGES, split)
     auto = copy.deepcopy(cfg)
-    deployment_entry(auto, "Stage2")["autoscaling_config"] = {"min_replicas": 1}
+    ServeApp(auto).entry("Stage2")["autoscaling_config"] = {"min_replicas": 1}
     with pytest.raises(MoveDeferred, match="autoscaled"):
         plan_steps(auto, RANGES, up)
+
+
+def test_the_serve_app_view_reads_each_setting_where_it_lives_and_never_mutates():
+    """``ServeApp``: a stage's pool is its pool resource, else the app's stages[k].pool; its
+    precision and layers are the move's env overrides, else stages[k].dtype and the split;
+    "auto" replicas or an autoscaling_config mark it autoscaled; an edit is a new view."""
+    cfg = app_config(pools=("gpu", "gpu", "cpu", "cpu"))
+    cfg["deployments"][1].pop("ray_actor_options")  # Stage0: no pool resource of its own
+    cfg["args"]["stages"][0]["dtype"] = "bf16"
+    frozen = copy.deepcopy(cfg)
+    app = ServeApp(cfg, RANGES)
+    s0 = app.stage(0)
+    assert (s0.name, s0.pool, s0.pool_pinned, s0.precision, s0.layers, s0.replicas) == \
+        ("Stage0", "gpu", False, "bf16", (0, 1), 1)
+    edited = app.with_setting("Stage0", "pool", "cpu").with_setting("Stage0", "precision", "int8") \
+        .with_setting("Stage1", "layers", "1:3", surge=True).with_setting("Stage3", "num_replicas", 3)
+    assert cfg == frozen, "the view never changes the dict it was built from"
+    s0, s1, s3 = edited.stage(0), edited.stage(1), edited.stage(3)
+    assert (s0.pool, s0.pool_pinned, s0.precision) == ("cpu", True, "int8")
+    assert s1.layers == (1, 3) and edited.entry("Stage1")["max_surge_percent"] == 100
+    assert s3.replicas == 3 and not s3.autoscaled
+    assert [st.layers for st in edited.stages()] == [(0, 1), (1, 3), (2, 3), (3, 4)]
+    auto = edited.with_entry({**edited.entry("Stage3"), "num_replicas": "auto"})
+    assert auto.stage(3).autoscaled and auto.stage(3).replicas == -1
+    assert ServeApp(None).stage(2).pool == "any" and ServeApp({}).entry("Stage9") == {"name": "Stage9"}
+    with pytest.raises(ValueError, match="num_replicas, pool, precision, layers"):
+        app.with_setting("Stage0", "knob", 1)
 
 
 # -- controller decision sequences ----------------------------------------------------------
@@ -356,7 +390,7 @@ def test_a_failed_restore_keeps_the_intent_until_a_reconcile_restores_it():
     ctl, failed = _failing_stage3_move(ops)
     assert "intent is kept" in failed["result"]
     kept = json.loads(ops.kv["intent/offramp"])  # the move and the config to restore survive
-    assert deployment_entry(kept["before"], "Stage3")["num_replicas"] == 1
+    assert ServeApp(kept["before"]).entry("Stage3")["num_replicas"] == 1
     assert replicas(ops)[3] == 2  # the half-applied move is still live
     with pytest.raises(MoveDeferred):  # no new move on top of it
         ctl.mover.apply(Move.model_validate(kept["move"]))
@@ -412,11 +446,11 @@ def test_split_move_grows_one_side_then_shrinks_the_other(target, grow, shrink, 
     assert [(s.deployment, s.setting, s.value) for s in steps] == expect
     res = Mover(APP, ops, RANGES8, deadline_s=30).apply(split_move(target))
     assert res.outcome == "applied" and len(res.steps) == len(expect)
-    assert live_ranges(ops.config, RANGES8) == [(0, 2), (2, target[1]), (target[1], 6), (6, 8)]
-    assert [(d.start, d.end) for d in stage_placement(ops.config, RANGES8)] == live_ranges(ops.config, RANGES8)
+    assert _layers(ops.config, RANGES8) == [(0, 2), (2, target[1]), (target[1], 6), (6, 8)]
+    assert [(d.start, d.end) for d in stage_placement(ops.config, RANGES8)] == _layers(ops.config, RANGES8)
     assert ops.config["args"] == before["args"]  # no other deployment restarts
     for k in (0, 3):
-        assert deployment_entry(ops.config, f"Stage{k}") == deployment_entry(before, f"Stage{k}")
+        assert ServeApp(ops.config).entry(f"Stage{k}") == ServeApp(before).entry(f"Stage{k}")
     assert replicas(ops) == [1, 1, 1, 1] and ops.kv.get("intent/offramp") is None
     # the old range's "remove" is a no-op now; moving to where it is does nothing
     old = StagePlacement(start=2, end=4, pool="gpu")
@@ -433,7 +467,7 @@ def test_split_move_reaches_any_target_one_boundary_at_a_time(surge):
         if res.outcome == "noop":
             break
         assert len(res.steps) == 2  # 2 replicas already: no scale-up guard either way
-        seen.append(live_ranges(ops.config, RANGES8))
+        seen.append(_layers(ops.config, RANGES8))
     assert seen[-1] == [(0, 3), (3, 6), (6, 7), (7, 8)] and len(seen) == 3
     for bad, msg in [([3, 3, 7], "increasing"), ([3, 6], "keeps the number of stages"), ([3, 6, 8], "1..7")]:
         with pytest.raises(MoveDeferred, match=msg):
@@ -448,18 +482,18 @@ def test_recover_rolls_back_half_applied_split_move_in_reverse_order(surge):
     real = crashing_apply(ops, (2, "before") if surge else (5, "after"))
     with pytest.raises(Crash):
         Mover(APP, ops, RANGES8).apply(split_move([2, 5, 6]))
-    assert live_ranges(ops.config, RANGES8) == [(0, 2), (2, 5), (4 if surge else 5, 6), (6, 8)]
+    assert _layers(ops.config, RANGES8) == [(0, 2), (2, 5), (4 if surge else 5, 6), (6, 8)]
     ops.deploy_app_config = real
     n = len(ops.applied)
     report = Mover(APP, ops, RANGES8).reconcile()
     assert report["outcome"].startswith("rolled back")
     # Stage2 (the shrunk side) is restored before Stage1: every step keeps both chains whole
     configs = ops.applied[n - 1:]
-    changed = [[f"Stage{k}" for k in range(4) if deployment_entry(a, f"Stage{k}") != deployment_entry(b, f"Stage{k}")]
+    changed = [[f"Stage{k}" for k in range(4) if ServeApp(a).entry(f"Stage{k}") != ServeApp(b).entry(f"Stage{k}")]
                for a, b in zip(configs, configs[1:])]
     assert changed == ([["Stage1"]] if surge else [["Stage2"], ["Stage1"]])
     for k in range(4):
-        assert deployment_entry(ops.config, f"Stage{k}") == deployment_entry(before, f"Stage{k}")
+        assert ServeApp(ops.config).entry(f"Stage{k}") == ServeApp(before).entry(f"Stage{k}")
 
 
 @pytest.fixture
@@ -542,12 +576,12 @@ def test_recover_rolls_back_half_applied_pool_move(monkeypatch):
                      replicas_to=1)
     with pytest.raises(Crash):
         Mover(APP, ops, RANGES).apply(pool_move)
-    assert entry_pool(deployment_entry(ops.config, "Stage3")) == "gpu"
+    assert ServeApp(ops.config).stage(3).pool == "gpu"
     ops.deploy_app_config = real
     report = controller(ops).recover()
     assert report["outcome"].startswith("rolled back")
-    e = deployment_entry(ops.config, "Stage3")
-    assert entry_pool(e) == "cpu" and e["num_replicas"] == 1
+    e = ServeApp(ops.config).entry("Stage3")
+    assert ServeApp(ops.config).stage(3).pool == "cpu" and e["num_replicas"] == 1
 
 
 def test_cooldown_survives_restart():
@@ -622,12 +656,12 @@ def test_precision_move_is_make_before_break_and_touches_one_deployment(surge):
     assert [(s.deployment, s.setting, s.value) for s in steps] == expect
     res = Mover(APP, ops, RANGES, deadline_s=30, poll_s=0.5).apply(move)
     assert res.outcome == "applied" and len(res.steps) == len(expect)
-    e = deployment_entry(ops.config, "Stage3")
+    e = ServeApp(ops.config).entry("Stage3")
     assert e["ray_actor_options"]["runtime_env"]["env_vars"] == {"OFFRAMP_STAGE_DTYPE": "bf16"}
     assert e["ray_actor_options"]["resources"] == {"pool_cpu": 1} and e["num_replicas"] == 1
     assert ops.config["args"] == before["args"]  # args unchanged: no other stage restarts
     for k in range(3):
-        assert deployment_entry(ops.config, f"Stage{k}") == deployment_entry(before, f"Stage{k}")
+        assert ServeApp(ops.config).entry(f"Stage{k}") == ServeApp(before).entry(f"Stage{k}")
     assert stage_placement(ops.config, RANGES)[3].precision == "bf16"
     # the old precision's "remove" is a no-op now; a move to where it already is is refused
     # with the reason; int8 weight-only is one more precision a stage loads
@@ -653,7 +687,7 @@ def test_controller_applies_a_split_move_when_allowed():
     recs = [r for rs in run(ctl, ops, 6) for r in rs]
     splits = [r for r in recs if r["outcome"] == "apply" and r["move"]["knob"] == "split"]
     assert splits and all(r["result"].startswith("applied") and r["reason"] for r in splits)
-    ranges = live_ranges(ops.config, RANGES8)
+    ranges = _layers(ops.config, RANGES8)
     assert ranges != RANGES8 and ranges[0][0] == 0 and ranges[-1][1] == 8
     assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
     assert [(d.start, d.end) for d in ctl.current()] == ranges
@@ -750,7 +784,7 @@ class SlowOnCpuOps(FakeOps):
     there), which no prediction of this model shows."""
 
     def ingress_stats(self, app):
-        cpu = entry_pool(deployment_entry(self.config, "Stage0")) == "cpu"
+        cpu = ServeApp(self.config).stage(0).pool == "cpu"
         return {"stage_calls": list(self.calls), "request_tpot_ms_p99": 200.0 if cpu else 20.0}
 
 
@@ -765,7 +799,7 @@ def test_a_placement_that_breached_is_not_tried_again_at_the_same_load(remember_
     pools = []
     for _ in range(60):  # 300 s: five cool-downs
         run(ctl, ops, 1)
-        pools.append(entry_pool(deployment_entry(ops.config, "Stage0")))
+        pools.append(ServeApp(ops.config).stage(0).pool)
     went = [i for i in range(1, len(pools)) if pools[i] == "cpu" and pools[i - 1] == "gpu"]
     back = [i for i in range(1, len(pools)) if pools[i] == "gpu" and pools[i - 1] == "cpu"]
     assert went and back and back[0] > went[0]  # tried the cheap pool, measured the breach, went back

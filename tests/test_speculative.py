@@ -347,3 +347,14 @@ def test_served_speculative_rows_stop_drafting_above_draft_max_active(checkpoint
         outs, stats = asyncio.run(scenario(limit))
         assert [[e.token_id for e in evs] for evs in outs] == ref
         assert (stats["speculative"]["drafted"] > 0) == drafts, limit
+
+
+@pytest.mark.gpu
+def test_forced_drafts_on_cuda_equal_exits_off(checkpoint):
+    """Drafting and verification with every stage on a GPU keep the output token for token
+    the full model's (greedy), as on the CPU."""
+    model = StagedModel(checkpoint, num_stages=2, device="cuda")
+    off = model.generate(PROMPTS, GREEDY, ExitPolicy("off"))
+    spec = model.generate(PROMPTS, GREEDY, ExitPolicy("speculative", max_draft=4))
+    assert [s.generated for s in spec] == [s.generated for s in off]
+    assert sum(s.drafted for s in spec) > 0

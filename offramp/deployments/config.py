@@ -14,6 +14,7 @@ from typing import Any, Literal, NamedTuple, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from offramp.cluster import pool_of
 from offramp.errors import ConfigError
 from offramp.protocol import DEFAULT_MAX_DRAFT, MAX_DRAFT_LIMIT
 
@@ -364,3 +365,103 @@ def model_facts(args: AppArgs) -> ModelFacts:
     ranges = partition_layers(spec.num_layers, args.num_stages, args.split)
     exits = ex.load_exits_config(model_dir) if ex.exits_present(model_dir) else None
     return ModelFacts(model_dir, spec, ranges, exits)
+
+
+# -- the applied Serve config, typed ------------------------------------------------------
+Setting = Literal["num_replicas", "pool", "precision", "layers"]
+
+
+class StageEntry(NamedTuple):
+    """Stage ``k``'s deployment as an applied Serve config sets it."""
+
+    name: str  # stage_name(k)
+    replicas: int  # num_replicas; -1 when Serve autoscales it
+    autoscaled: bool  # an autoscaling_config or num_replicas "auto": Serve, not placement, sizes it
+    pool: str  # its pool_<name> resource, else the app's stages[k].pool, else "any"
+    pool_pinned: bool  # the deployment names a pool_<name> resource itself (a pool move sets one)
+    precision: str  # a precision move's env override, else stages[k].dtype, else "fp32"
+    layers: tuple[int, int]  # a split move's env override, else the app's split
+
+
+class ServeApp:
+    """A typed view of one application of a Serve config (its dict: ``args``, ``deployments``),
+    as ``serve deploy`` takes it and Serve reports it back: what the placement mover reads
+    and edits. Edits return a new view; the dict it was built from is never changed.
+
+    Where a stage's settings live: replicas in ``deployments[].num_replicas``; the pool as a
+    ``pool_<name>`` custom resource in ``ray_actor_options.resources`` (else the app's
+    ``args.stages[k].pool``); precision and layers as :data:`STAGE_DTYPE_ENV` /
+    :data:`STAGE_LAYERS_ENV` in ``ray_actor_options.runtime_env.env_vars`` (else
+    ``args.stages[k].dtype`` and the app's split, ``ranges``), read by each stage replica."""
+
+    def __init__(self, config: dict | None, ranges: list | tuple = ()):
+        self.config = config or {}
+        self.ranges = [tuple(r) for r in ranges]
+
+    def entry(self, name: str) -> dict:
+        """The ``deployments:`` entry of ``name`` (an empty one when the config lists none)."""
+        for d in self.config.get("deployments", []) or []:
+            if d.get("name") == name:
+                return d
+        return {"name": name}
+
+    def _arg(self, k: int, key: str, default: str) -> str:
+        stages = (self.config.get("args") or {}).get("stages") or []
+        return (stages[k] if k < len(stages) else {}).get(key, default)
+
+    def stage(self, k: int) -> StageEntry:
+        name = stage_name(k)
+        e = self.entry(name)
+        opts = e.get("ray_actor_options") or {}
+        env = (opts.get("runtime_env") or {}).get("env_vars") or {}
+        n = e.get("num_replicas", 1)
+        replicas = 1 if n is None else n if isinstance(n, int) else -1
+        layers = parse_layers(env[STAGE_LAYERS_ENV]) if env.get(STAGE_LAYERS_ENV) else \
+            (self.ranges[k] if k < len(self.ranges) else (0, 0))
+        pinned = pool_of(opts.get("resources") or {}, "")
+        return StageEntry(name, replicas, bool(e.get("autoscaling_config")) or replicas < 0,
+                          pinned or self._arg(k, "pool", "any"), bool(pinned),
+                          env.get(STAGE_DTYPE_ENV) or self._arg(k, "dtype", "fp32"), tuple(layers))
+
+    def stages(self) -> list[StageEntry]:
+        """Every stage of the app's split (``ranges``)."""
+        return [self.stage(k) for k in range(len(self.ranges))]
+
+    def with_entry(self, entry: dict) -> "ServeApp":
+        """This app with deployment ``entry["name"]`` replaced by (or given) ``entry``."""
+        import copy
+
+        cfg = copy.deepcopy(self.config)
+        deps = cfg.setdefault("deployments", [])
+        for i, d in enumerate(deps):
+            if d.get("name") == entry["name"]:
+                deps[i] = copy.deepcopy(entry)
+                break
+        else:
+            deps.append(copy.deepcopy(entry))
+        return ServeApp(cfg, self.ranges)
+
+    def with_setting(self, name: str, setting: Setting, value: Any, surge: bool = False) -> "ServeApp":
+        """This app with one setting of deployment ``name`` changed (each a rolling update
+        when applied); ``surge``: also ``max_surge_percent: 100`` (new replicas ready before
+        old ones stop)."""
+        import copy
+
+        e = copy.deepcopy(self.entry(name))
+        if surge:
+            e["max_surge_percent"] = 100
+        opts = e.setdefault("ray_actor_options", {}) if setting != "num_replicas" else {}
+        if setting == "num_replicas":
+            e["num_replicas"] = value
+        elif setting in ("precision", "layers"):
+            renv = dict(opts.get("runtime_env") or {})
+            var = STAGE_DTYPE_ENV if setting == "precision" else STAGE_LAYERS_ENV
+            renv["env_vars"] = {**(renv.get("env_vars") or {}), var: str(value)}
+            opts["runtime_env"] = renv
+        elif setting == "pool":
+            res = {k: v for k, v in (opts.get("resources") or {}).items() if not k.startswith("pool_")}
+            res[f"pool_{value}"] = 1
+            opts["resources"] = res
+        else:
+            raise ValueError(f"setting {setting!r}: one of num_replicas, pool, precision, layers")
+        return self.with_entry(e)

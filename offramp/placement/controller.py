@@ -43,11 +43,12 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from offramp.cluster.records import StageStats
+from offramp.deployments.config import AppArgs, ServeApp, model_facts
 from offramp.placement.cost_model import (
     DEFAULT_COST_PER_HOUR, CostModel, ModelShape, PlacementError, PoolFit, PoolSpec, ProfileSample, fit_profile,
     reach_from_exit_rates,
 )
-from offramp.placement.mover import MoveDeferred, MoveFailed, Mover, Ops, RayOps, live_ranges, stage_placement
+from offramp.placement.mover import MoveDeferred, MoveFailed, Mover, Ops, RayOps, stage_placement
 from offramp.placement.planner import (
     Constraints, Pin, Plan, StagePlacement, Workload, evaluate, placement_signature, plan,
 )
@@ -147,8 +148,6 @@ def model_shape(spec, exit_layers=()) -> ModelShape:
 
 def app_facts(app_config: dict) -> AppFacts:
     """Model facts of a deployed Offramp app (reads the checkpoint's config, no weights)."""
-    from offramp.deployments.config import AppArgs, model_facts
-
     args = AppArgs.model_validate(app_config.get("args") or {})
     _, spec, ranges, exits = model_facts(args)
     model = model_shape(spec, exits.exit_layers if exits else ())
@@ -391,7 +390,8 @@ class PlacementController:
 
     def ranges(self) -> list[tuple[int, int]]:
         """Layers per stage as deployed now (split moves change them)."""
-        return live_ranges(self.ops.deployed_app_config(self.cfg.app) or {}, self.facts.ranges)
+        app = ServeApp(self.ops.deployed_app_config(self.cfg.app), self.facts.ranges)
+        return [st.layers for st in app.stages()]
 
     def pools(self, current: list[StagePlacement]) -> list[PoolSpec]:
         """The configured pools, else defaults sized from the cluster; with timing fitted

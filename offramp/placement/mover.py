@@ -52,17 +52,15 @@ first), which is again a sequence of complete chains.
 """
 from __future__ import annotations
 
-import copy
 import functools
 import json
 import logging
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Literal, Protocol
+from typing import Any, Callable, Protocol
 
-from offramp.cluster import pool_of
-from offramp.deployments.config import PRECISIONS, STAGE_DTYPE_ENV, STAGE_LAYERS_ENV, parse_layers, stage_name
+from offramp.deployments.config import PRECISIONS, ServeApp, Setting, StageEntry, stage_name
 from offramp.errors import OfframpError
 from offramp.placement.planner import StagePlacement
 from offramp.placement.policy import Move
@@ -157,57 +155,7 @@ class RayOps:
         time.sleep(seconds)
 
 
-# -- Serve config editing (pure) ---------------------------------------------------------
-def deployment_entry(app_config: dict, name: str) -> dict:
-    """The ``deployments:`` entry of ``name`` (an empty one when the config lists none)."""
-    for d in app_config.get("deployments", []) or []:
-        if d.get("name") == name:
-            return d
-    return {"name": name}
-
-
-def entry_replicas(entry: dict) -> int:
-    n = entry.get("num_replicas", 1)
-    return 1 if n is None else n if isinstance(n, int) else -1  # -1: "auto" (autoscaled)
-
-
-def entry_pool(entry: dict, default: str = "any") -> str:
-    return pool_of((entry.get("ray_actor_options") or {}).get("resources") or {}, default)
-
-
-def stage_arg(app_config: dict, k: int, key: str, default: str) -> str:
-    """``args.stages[k][key]`` of an applied app config, or ``default``."""
-    stages = (app_config.get("args") or {}).get("stages") or []
-    return (stages[k] if k < len(stages) else {}).get(key, default)
-
-
-def _entry_env(entry: dict) -> dict:
-    return ((entry.get("ray_actor_options") or {}).get("runtime_env") or {}).get("env_vars") or {}
-
-
-def entry_precision(entry: dict, default: str = "fp32") -> str:
-    return _entry_env(entry).get(STAGE_DTYPE_ENV) or default
-
-
-def live_ranges(app_config: dict, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Layers per stage as deployed: the app's split, overridden per deployment by split moves."""
-    out = []
-    for k, rng in enumerate(ranges):
-        v = _entry_env(deployment_entry(app_config, stage_name(k))).get(STAGE_LAYERS_ENV)
-        out.append(parse_layers(v) if v else tuple(rng))
-    return out
-
-
-def with_entry(app_config: dict, entry: dict) -> dict:
-    """A copy of ``app_config`` whose deployment ``entry["name"]`` is ``entry``."""
-    cfg = copy.deepcopy(app_config)
-    deps = cfg.setdefault("deployments", [])
-    for i, d in enumerate(deps):
-        if d.get("name") == entry["name"]:
-            deps[i] = copy.deepcopy(entry)
-            return cfg
-    deps.append(copy.deepcopy(entry))
-    return cfg
+# -- Serve config editing (pure: deployments.config.ServeApp) ----------------------------
 
 
 @functools.lru_cache(maxsize=1)
@@ -232,7 +180,7 @@ class Step:
 
     deployment: str  # e.g. "Stage2"
     stage: int
-    setting: Literal["num_replicas", "pool", "precision", "layers"]
+    setting: Setting
     value: Any
     surge: bool = False
 
@@ -243,47 +191,26 @@ class Step:
         return cls(**{("setting" if k == "knob" else k): v for k, v in d.items()})
 
     def apply_to(self, app_config: dict) -> dict:
-        e = copy.deepcopy(deployment_entry(app_config, self.deployment))
-        if self.surge:
-            e["max_surge_percent"] = 100
-        if self.setting == "num_replicas":
-            if not isinstance(self.value, int) or self.value < 1:
-                raise MoveDeferred(f"{self.deployment}: num_replicas={self.value}; the mover never scales a stage "
-                                   "below 1 (its layers would have no replica)")
-            e["num_replicas"] = self.value
-        elif self.setting in ("precision", "layers"):
-            opts = e.setdefault("ray_actor_options", {})
-            renv = dict(opts.get("runtime_env") or {})
-            var = STAGE_DTYPE_ENV if self.setting == "precision" else STAGE_LAYERS_ENV
-            renv["env_vars"] = {**(renv.get("env_vars") or {}), var: str(self.value)}
-            opts["runtime_env"] = renv
-        else:
-            opts = e.setdefault("ray_actor_options", {})
-            res = {k: v for k, v in (opts.get("resources") or {}).items() if not k.startswith("pool_")}
-            res[f"pool_{self.value}"] = 1
-            opts["resources"] = res
-        return with_entry(app_config, e)
+        if self.setting == "num_replicas" and (not isinstance(self.value, int) or self.value < 1):
+            raise MoveDeferred(f"{self.deployment}: num_replicas={self.value}; the mover never scales a stage "
+                               "below 1 (its layers would have no replica)")
+        return ServeApp(app_config).with_setting(self.deployment, self.setting, self.value, self.surge).config
 
 
 def stage_placement(app_config: dict, ranges: list[tuple[int, int]]) -> list[StagePlacement]:
     """Current placement (stage k -> layers, pool, precision, replicas) from the applied config
     (``ranges``: the app's split; split moves' per-deployment overrides win)."""
-    out = []
-    for k, (start, end) in enumerate(live_ranges(app_config, ranges)):
-        e = deployment_entry(app_config, stage_name(k))
-        out.append(StagePlacement(start=start, end=end, pool=entry_pool(e, stage_arg(app_config, k, "pool", "any")),
-                                   precision=entry_precision(e, stage_arg(app_config, k, "dtype", "fp32")),
-                                   replicas=max(entry_replicas(e), 1)))
-    return out
+    return [StagePlacement(start=st.layers[0], end=st.layers[1], pool=st.pool, precision=st.precision,
+                           replicas=max(st.replicas, 1)) for st in ServeApp(app_config, ranges).stages()]
 
 
-def _managed(app_config: dict, name: str) -> dict:
-    """``name``'s entry; refused when Serve autoscales it (the controller does not fight Serve)."""
-    e = deployment_entry(app_config, name)
-    if e.get("autoscaling_config") or entry_replicas(e) < 0:
-        raise MoveDeferred(f"{name} is autoscaled by Serve; remove its autoscaling_config to let the "
+def _managed(app_config: dict, k: int) -> StageEntry:
+    """Stage ``k``'s entry; refused when Serve autoscales it (the controller does not fight Serve)."""
+    st = ServeApp(app_config).stage(k)
+    if st.autoscaled:
+        raise MoveDeferred(f"{st.name} is autoscaled by Serve; remove its autoscaling_config to let the "
                            "placement controller manage it")
-    return e
+    return st
 
 
 def _guarded(app_config: dict, name: str, k: int, changes: list[tuple[str, Any]],
@@ -292,7 +219,7 @@ def _guarded(app_config: dict, name: str, k: int, changes: list[tuple[str, Any]]
     without ever leaving it empty, then give it ``replicas`` (default: as many as now).
     With Serve's surge each change is one step (new replicas ready before old ones stop);
     without it the deployment holds at least 2 replicas while the changes roll."""
-    n = entry_replicas(deployment_entry(app_config, name))
+    n = ServeApp(app_config).stage(k).replicas
     surge = serve_surges()
     during = n if surge else max(n, 2)
     steps = [] if during == n else [Step(name, k, "num_replicas", during)]
@@ -319,7 +246,7 @@ def split_steps(app_config: dict, ranges: list[tuple[int, int]], target: list[in
         return []  # already there
     lo, hi, b = i, i + 1, target[i]  # the boundary between Stage i and Stage i+1 moves to b
     for k in (lo, hi):
-        _managed(app_config, stage_name(k))
+        _managed(app_config, k)
     new = {lo: (ranges[lo][0], b), hi: (b, ranges[hi][1])}
     grow = lo if b > ranges[lo][1] else hi
     steps = []
@@ -334,7 +261,7 @@ def plan_steps(app_config: dict, ranges: list[tuple[int, int]], move: Move) -> l
     d = move.deployment
     if move.action == "rebalance":
         return []
-    ranges = live_ranges(app_config, ranges)
+    ranges = [st.layers for st in ServeApp(app_config, ranges).stages()]
     if move.knob == "split" and move.action == "add":
         if move.split is None:
             raise MoveDeferred("a split move needs its target split points (Move.split); re-plan")
@@ -346,9 +273,8 @@ def plan_steps(app_config: dict, ranges: list[tuple[int, int]], move: Move) -> l
                            "re-plan")
     k = ranges.index((d.start, d.end))
     name = stage_name(k)
-    e = _managed(app_config, name)
-    cur_n, cur_pool = entry_replicas(e), entry_pool(e, "")
-    cur_prec = entry_precision(e, stage_arg(app_config, k, "dtype", "fp32"))
+    st = _managed(app_config, k)
+    cur_n, cur_pool, cur_prec = st.replicas, st.pool if st.pool_pinned else "", st.precision
     if move.action == "set_replicas":
         if d.pool != cur_pool and cur_pool:
             raise MoveDeferred(f"{name} runs on pool {cur_pool}, the move is for {d.pool}; re-plan")
@@ -427,8 +353,7 @@ class Mover:
                 old = set() if step.setting == "num_replicas" else set(
                     (self.ops.deployment_states(self.app).get(step.deployment) or {}).get("running", []))
                 self.ops.deploy_app_config(self.app, cfg)
-                self.wait(step.deployment, step.stage, entry_replicas(deployment_entry(cfg, step.deployment)),
-                          replaced=old)
+                self.wait(step.deployment, step.stage, ServeApp(cfg).stage(step.stage).replicas, replaced=old)
             except Exception as e:  # noqa: BLE001 - any failure: restore, then report
                 what = f"{step.deployment}: step {i + 1}/{len(steps)} ({step.setting}={step.value}) failed: {e}"
                 if not self._restore(steps[: i + 1], before):
@@ -473,12 +398,12 @@ class Mover:
         ok = True
         touched = list(dict.fromkeys((s.deployment, s.stage) for s in steps))
         for deployment, stage in reversed(touched):
-            entry = deployment_entry(before, deployment)
+            entry = ServeApp(before).entry(deployment)
             try:
-                live = self._config()
-                if deployment_entry(live, deployment) != entry:
-                    self.ops.deploy_app_config(self.app, with_entry(live, entry))
-                self.wait(deployment, stage, entry_replicas(entry))
+                live = ServeApp(self._config())
+                if live.entry(deployment) != entry:
+                    self.ops.deploy_app_config(self.app, live.with_entry(entry).config)
+                self.wait(deployment, stage, ServeApp(before).stage(stage).replicas)
             except Exception as e:  # noqa: BLE001 - the operator must look; the intent log says what
                 ok = False
                 log.error("restoring %s failed: %s", deployment, e)
@@ -494,15 +419,15 @@ class Mover:
         steps = [Step.from_dict(st) for st in intent["steps"]]
         touched = list(dict.fromkeys(st.deployment for st in steps))
         live_cfg = self._config()
-        live = {n: deployment_entry(live_cfg, n) for n in touched}
-        target = {n: deployment_entry(intent["target"], n) for n in touched}
-        before = {n: deployment_entry(intent["before"], n) for n in touched}
+        live = {n: ServeApp(live_cfg).entry(n) for n in touched}
+        target = {n: ServeApp(intent["target"]).entry(n) for n in touched}
+        before = {n: ServeApp(intent["before"]).entry(n) for n in touched}
         last = intent["step"] == len(steps) - 1
         restored = True
         if live == target and last:
             step = steps[-1]
             try:
-                self.wait(step.deployment, step.stage, entry_replicas(target[step.deployment]))
+                self.wait(step.deployment, step.stage, ServeApp(intent["target"]).stage(step.stage).replicas)
                 outcome = "completed"
             except Exception as e:  # noqa: BLE001
                 restored = self._restore(steps, intent["before"])
