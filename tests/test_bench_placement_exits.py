@@ -89,3 +89,30 @@ def test_replot_draws_the_timeline_again_from_the_json(tmp_path):
     src.write_text(json.dumps(out))
     with pytest.raises(ValueError, match="run it again"):
         replot(src, tmp_path / "no.png")
+
+
+def test_every_bench_deploys_a_valid_serve_config(tmp_path):
+    """The Serve configs the benches build (one builder, bench.common.local_serve_config)
+    validate as Serve's own deploy schema and as the app's arguments, with one deployment
+    per stage on its pool."""
+    import argparse
+
+    from ray.serve.schema import ServeDeploySchema
+
+    from offramp.bench import faults, placement, placement_exits
+    from offramp.deployments.config import AppArgs, EmulatedDevice, ServeApp
+
+    ns = argparse.Namespace(request_timeout_s=30.0, kv_lease_s=5.0, emulate=True, cpu_step_ms=5.0, cpu_token_ms=0.1)
+    configs = {
+        "faults": faults._config(str(tmp_path), 8123, ns),
+        "placement": placement._config(tmp_path, 8123, ns),
+        "placement --exit-aware": placement_exits._config(tmp_path, 8123, {"cpu": EmulatedDevice(step_s=0.01, layers=2)},
+                                                          "speculative", 3),
+    }
+    for name, cfg in configs.items():
+        ServeDeploySchema.model_validate(cfg)
+        (app,) = cfg["applications"]
+        args = AppArgs.model_validate(app["args"])
+        view = ServeApp(app, [(k, k + 1) for k in range(args.num_stages)])
+        assert len(app["deployments"]) == args.num_stages + 1, name
+        assert [st.pool for st in view.stages()] == [s.pool for s in args.stages], name

@@ -12,6 +12,21 @@ from typing import Iterable
 APP = "offramp"  # the Serve application name every bench deploys on its own cluster
 
 
+def local_serve_config(port: int, pools: list[str], app_args: dict) -> dict:
+    """The Serve config (the dict of a YAML) a bench deploys on its local pool cluster:
+    Serve's HTTP front on 127.0.0.1:``port`` on the head, the ingress (0.25 CPU), and stage
+    ``k`` on pool ``pools[k]`` (0.5 CPU and its ``pool_<name>`` resource, one replica);
+    ``app_args`` are the app's ``args`` (``num_stages`` is set from ``pools``)."""
+    from offramp.deployments.config import INGRESS_NAME, stage_name
+
+    deps = [{"name": INGRESS_NAME, "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}}]
+    deps += [{"name": stage_name(k), "num_replicas": 1,
+              "ray_actor_options": {"num_cpus": 0.5, "resources": {f"pool_{p}": 1}}} for k, p in enumerate(pools)]
+    return {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": port},
+            "applications": [{"name": APP, "route_prefix": "/", "import_path": "offramp.deployments.app:build_app",
+                              "args": {**app_args, "num_stages": len(pools)}, "deployments": deps}]}
+
+
 @contextlib.contextmanager
 def json_stdout(enabled: bool):
     """For ``--json``: while active, everything written to file descriptor 1 (Ray's worker

@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from offramp.bench.common import APP, json_stdout
+from offramp.bench.common import APP, json_stdout, local_serve_config
 from offramp.deployments.config import INGRESS_NAME, stage_name
 
 FAULTS = ("stage0", "stage1", "ingress", "registry", "node")
@@ -163,18 +163,12 @@ class Load:
 
 
 def _config(model_dir: str | None, port: int, args) -> dict:
-    deps = [{"name": INGRESS_NAME, "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}}]
-    deps += [{"name": stage_name(k), "num_replicas": 1,
-              "ray_actor_options": {"num_cpus": 0.5, "resources": {f"pool_{p}": 1}}}
-             for k, p in enumerate(("gpu", "cpu"))]
-    app_args = {"num_stages": 2, "stages": [{"pool": "gpu", "dtype": "fp32"}, {"pool": "cpu", "dtype": "fp32"}],
+    app_args = {"stages": [{"pool": "gpu", "dtype": "fp32"}, {"pool": "cpu", "dtype": "fp32"}],
                 "exit": {"mode": "off"}, "api_key_env": "", "request_timeout_s": args.request_timeout_s,
                 "kv_lease_s": args.kv_lease_s, "channel_host": "127.0.0.1"}
     if model_dir:
         app_args["model"] = model_dir
-    return {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": port},
-            "applications": [{"name": APP, "route_prefix": "/", "import_path": "offramp.deployments.app:build_app",
-                              "args": app_args, "deployments": deps}]}
+    return local_serve_config(port, ["gpu", "cpu"], app_args)
 
 
 def _replicas(deployment: str) -> list:

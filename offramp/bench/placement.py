@@ -37,8 +37,7 @@ import time
 from pathlib import Path
 
 from offramp.bench import placement_exits
-from offramp.bench.common import APP, json_stdout, percentile
-from offramp.deployments.config import INGRESS_NAME, stage_name
+from offramp.bench.common import APP, json_stdout, local_serve_config, percentile
 
 
 
@@ -86,16 +85,9 @@ def _pools(emulate: bool) -> list[str]:
 def _config(model_dir: Path, port: int, args) -> dict:
     pools = _pools(args.emulate)
     emulate = {"cpu": {"step_s": args.cpu_step_ms / 1000, "per_token_s": args.cpu_token_ms / 1000}} if args.emulate else {}
-    deps = [{"name": INGRESS_NAME, "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}}]
-    deps += [{"name": stage_name(k), "num_replicas": 1,
-              "ray_actor_options": {"num_cpus": 0.5, "resources": {f"pool_{p}": 1}}} for k, p in enumerate(pools)]
-    return {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": port},
-            "applications": [{"name": APP, "route_prefix": "/", "import_path": "offramp.deployments.app:build_app",
-                              "args": {"model": str(model_dir), "num_stages": 4,
-                                       "stages": [{"pool": p, "dtype": "fp32"} for p in pools],
-                                       "exit": {"mode": "off"}, "api_key_env": "", "request_timeout_s": 30.0,
-                                       "emulate_pools": emulate},
-                              "deployments": deps}]}
+    return local_serve_config(port, pools, {
+        "model": str(model_dir), "stages": [{"pool": p, "dtype": "fp32"} for p in pools], "exit": {"mode": "off"},
+        "api_key_env": "", "request_timeout_s": 30.0, "emulate_pools": emulate})
 
 
 class _Load:

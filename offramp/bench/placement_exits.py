@@ -44,8 +44,7 @@ import threading
 import time
 from pathlib import Path
 
-from offramp.bench.common import APP, json_stdout, percentile
-from offramp.deployments.config import INGRESS_NAME, stage_name
+from offramp.bench.common import APP, json_stdout, local_serve_config, percentile
 
 CONTENDERS = ("exit_aware", "exit_unaware", "static_fast")
 
@@ -105,17 +104,10 @@ def _emulation(model_dir: Path, factor_fast: float, factor_slow: float, ctx: int
 
 
 def _config(model_dir: Path, port: int, emulate: dict, exit_mode: str, stages: int) -> dict:
-    deps = [{"name": INGRESS_NAME, "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}}]
-    deps += [{"name": stage_name(k), "num_replicas": 1,
-              "ray_actor_options": {"num_cpus": 0.5, "resources": {"pool_gpu": 1}}} for k in range(stages)]
-    return {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": port},
-            "applications": [{"name": APP, "route_prefix": "/", "import_path": "offramp.deployments.app:build_app",
-                              "args": {"model": str(model_dir), "num_stages": stages,
-                                       "stages": [{"pool": "gpu", "threads": 1}] * stages,
-                                       "exit": {"mode": exit_mode, "draft_max_active": None},
-                                       "api_key_env": "", "request_timeout_s": 60.0,
-                                       "emulate_pools": {k: v.model_dump() for k, v in emulate.items()}},
-                              "deployments": deps}]}
+    return local_serve_config(port, ["gpu"] * stages, {
+        "model": str(model_dir), "stages": [{"pool": "gpu", "threads": 1}] * stages,
+        "exit": {"mode": exit_mode, "draft_max_active": None}, "api_key_env": "", "request_timeout_s": 60.0,
+        "emulate_pools": {k: v.model_dump() for k, v in emulate.items()}})
 
 
 class _Requests:
