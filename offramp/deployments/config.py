@@ -7,6 +7,7 @@ stay in the YAML's ``deployments:`` list under the names ``OfframpIngress`` and
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import ipaddress
 
@@ -417,7 +418,7 @@ class ServeApp:
         n = e.get("num_replicas", 1)
         replicas = 1 if n is None else n if isinstance(n, int) else -1
         layers = parse_layers(env[STAGE_LAYERS_ENV]) if env.get(STAGE_LAYERS_ENV) else \
-            (self.ranges[k] if k < len(self.ranges) else (0, 0))
+            (self.ranges[k] if k < len(self.ranges) else (0, 0))  # (0, 0): a view built without the split
         pinned = pool_of(opts.get("resources") or {}, "")
         return StageEntry(name, replicas, bool(e.get("autoscaling_config")) or replicas < 0,
                           pinned or self._arg(k, "pool", "any"), bool(pinned),
@@ -429,8 +430,6 @@ class ServeApp:
 
     def with_entry(self, entry: dict) -> "ServeApp":
         """This app with deployment ``entry["name"]`` replaced by (or given) ``entry``."""
-        import copy
-
         cfg = copy.deepcopy(self.config)
         deps = cfg.setdefault("deployments", [])
         for i, d in enumerate(deps):
@@ -445,8 +444,6 @@ class ServeApp:
         """This app with one setting of deployment ``name`` changed (each a rolling update
         when applied); ``surge``: also ``max_surge_percent: 100`` (new replicas ready before
         old ones stop)."""
-        import copy
-
         e = copy.deepcopy(self.entry(name))
         if surge:
             e["max_surge_percent"] = 100
