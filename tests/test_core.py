@@ -412,4 +412,3 @@ def test_stages_on_cuda_match_the_cpu_stages(checkpoint, dtype):
     else:
         same = sum(a == b for g, w in zip(got, want) for a, b in zip(g, w))
         assert same >= 0.9 * sum(len(w) for w in want), (got, want)
-

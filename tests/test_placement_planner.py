@@ -11,7 +11,7 @@ from offramp.placement.planner import (
 )
 
 M = ModelShape(name="m1b", num_layers=16, hidden=2048, intermediate=5632, heads=32, kv_heads=4, vocab=32000,
-              exit_layers=[4, 8, 12])
+               exit_layers=[4, 8, 12])
 GPU = PoolSpec(name="gpu", kind="gpu", count=4, memory_bytes=24e9, mem_bandwidth=600e9, flops=60e12,
                fixed_overhead_s=0.003, precisions=["bf16"], cost_per_hour=2.0)
 CPU = PoolSpec(name="cpu", kind="cpu", count=16, memory_bytes=64e9, mem_bandwidth=40e9, flops=1e12,
@@ -113,7 +113,7 @@ def test_invalid_inputs_rejected_with_fix(call, match):
 def test_evaluate_rejects_gaps():
     with pytest.raises(PlacementError, match="contiguous"):
         evaluate(M, [GPU], Workload(), [StagePlacement(start=0, end=4, pool="gpu", precision="bf16"),
-                                         StagePlacement(start=6, end=16, pool="gpu", precision="bf16")])
+                                        StagePlacement(start=6, end=16, pool="gpu", precision="bf16")])
 
 
 def test_speculative_verification_costs_positions_and_rejected_drafts_cost_passes():

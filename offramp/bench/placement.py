@@ -40,7 +40,6 @@ from offramp.bench import placement_exits
 from offramp.bench.common import APP, json_stdout, local_serve_config, percentile
 
 
-
 def register(bsub) -> None:
     p = bsub.add_parser("placement", help="placement controller under a load shift (own local cluster)")
     p.add_argument("--streams", type=int, default=4, help="concurrent greedy streams after the shift")

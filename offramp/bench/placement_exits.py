@@ -105,7 +105,7 @@ def _emulation(model_dir: Path, factor_fast: float, factor_slow: float, ctx: int
 
 def _config(model_dir: Path, port: int, emulate: dict, exit_mode: str, stages: int) -> dict:
     return local_serve_config(port, ["gpu"] * stages, {
-        "model": str(model_dir), "stages": [{"pool": "gpu", "threads": 1}] * stages,
+        "model": str(model_dir), "stages": [{"pool": "gpu", "threads": 1} for _ in range(stages)],
         "exit": {"mode": exit_mode, "draft_max_active": None}, "api_key_env": "", "request_timeout_s": 60.0,
         "emulate_pools": {k: v.model_dump() for k, v in emulate.items()}})
 
@@ -340,17 +340,17 @@ def _run(args, emit) -> int:
         raise ValueError(f"--contenders {args.contenders!r}: choose from {','.join(CONTENDERS)}")
     t_start = time.monotonic()
     model_dir = resolve_model_dir(None)
-    tok = load_tokenizer(model_dir)
-    heldout = build_corpus(DataSpec(), None)[1]
-    tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
-    if not tasks or any(t not in TASKS for t in tasks):
-        raise ValueError(f"--tasks {args.tasks!r}: choose from {','.join(TASKS)}")
-    prompts = [ids for _, ids in build_prompts(heldout, lambda t: tok.encode(t, add_special_tokens=True, verbose=False),
-                                               24, args.prompt_tokens, tasks)]
-    ctx = args.prompt_tokens + args.max_tokens // 2
     num_layers = load_spec(model_dir).num_layers
     if not 2 <= args.stages <= num_layers:
         raise ValueError(f"--stages {args.stages}: the embedded model has {num_layers} layers; use 2 to {num_layers}")
+    tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    if not tasks or any(t not in TASKS for t in tasks):
+        raise ValueError(f"--tasks {args.tasks!r}: choose from {','.join(TASKS)}")
+    tok = load_tokenizer(model_dir)
+    heldout = build_corpus(DataSpec(), None)[1]
+    prompts = [ids for _, ids in build_prompts(heldout, lambda t: tok.encode(t, add_special_tokens=True, verbose=False),
+                                               24, args.prompt_tokens, tasks)]
+    ctx = args.prompt_tokens + args.max_tokens // 2
     # Room to scale both ways in both pools: two devices per stage in each.
     fit, samples, emulate, pools = _emulation(model_dir, args.fast_factor, args.slow_factor, ctx, 2 * args.stages)
     out: dict = {"contenders": {}}

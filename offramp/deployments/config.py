@@ -444,21 +444,21 @@ class ServeApp:
         """This app with one setting of deployment ``name`` changed (each a rolling update
         when applied); ``surge``: also ``max_surge_percent: 100`` (new replicas ready before
         old ones stop)."""
+        if setting not in get_args(Setting):
+            raise ValueError(f"setting {setting!r}: one of {', '.join(get_args(Setting))}")
         e = copy.deepcopy(self.entry(name))
         if surge:
             e["max_surge_percent"] = 100
-        opts = e.setdefault("ray_actor_options", {}) if setting != "num_replicas" else {}
         if setting == "num_replicas":
             e["num_replicas"] = value
-        elif setting in ("precision", "layers"):
+            return self.with_entry(e)
+        opts = e.setdefault("ray_actor_options", {})
+        if setting == "pool":
+            res = {k: v for k, v in (opts.get("resources") or {}).items() if not k.startswith("pool_")}
+            opts["resources"] = {**res, f"pool_{value}": 1}
+        else:  # precision, layers: env vars the stage replica reads at start
             renv = dict(opts.get("runtime_env") or {})
             var = STAGE_DTYPE_ENV if setting == "precision" else STAGE_LAYERS_ENV
             renv["env_vars"] = {**(renv.get("env_vars") or {}), var: str(value)}
             opts["runtime_env"] = renv
-        elif setting == "pool":
-            res = {k: v for k, v in (opts.get("resources") or {}).items() if not k.startswith("pool_")}
-            res[f"pool_{value}"] = 1
-            opts["resources"] = res
-        else:
-            raise ValueError(f"setting {setting!r}: one of num_replicas, pool, precision, layers")
         return self.with_entry(e)

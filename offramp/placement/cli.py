@@ -139,7 +139,7 @@ def _apply_split(ctl, split: list[int], dry_run: bool) -> list[dict]:
 
     cur = ctl.current()
     d = StagePlacement(start=0, end=split[0] if split else cur[0].end, pool=cur[0].pool,
-                        precision=cur[0].precision, replicas=cur[0].replicas)
+                       precision=cur[0].precision, replicas=cur[0].replicas)
     m = Move(action="add", knob="split", deployment=d, split=split, replicas_from=d.replicas,
              replicas_to=d.replicas, reason=f"operator: split points -> {split}")
     done = []

@@ -43,7 +43,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from offramp.cluster.records import StageStats
-from offramp.deployments.config import AppArgs, ServeApp, model_facts
+from offramp.deployments.config import AppArgs, model_facts
 from offramp.placement.cost_model import (
     DEFAULT_COST_PER_HOUR, CostModel, ModelShape, PlacementError, PoolFit, PoolSpec, ProfileSample, fit_profile,
     reach_from_exit_rates,
@@ -141,9 +141,9 @@ class AppFacts:
 def model_shape(spec, exit_layers=()) -> ModelShape:
     """The planner's view of a checkpoint's config (``offramp.ops.checkpoint.load_spec``)."""
     return ModelShape(name=spec.model_type, num_layers=spec.num_layers, hidden=spec.hidden_size,
-                     intermediate=spec.intermediate_size, heads=spec.num_heads, kv_heads=spec.num_kv_heads,
-                     vocab=spec.vocab_size, tied_embeddings=spec.tie_word_embeddings,
-                     exit_layers=[e for e in exit_layers if 1 <= e < spec.num_layers])
+                      intermediate=spec.intermediate_size, heads=spec.num_heads, kv_heads=spec.num_kv_heads,
+                      vocab=spec.vocab_size, tied_embeddings=spec.tie_word_embeddings,
+                      exit_layers=[e for e in exit_layers if 1 <= e < spec.num_layers])
 
 
 def app_facts(app_config: dict) -> AppFacts:
@@ -390,8 +390,7 @@ class PlacementController:
 
     def ranges(self) -> list[tuple[int, int]]:
         """Layers per stage as deployed now (split moves change them)."""
-        app = ServeApp(self.ops.deployed_app_config(self.cfg.app), self.facts.ranges)
-        return [st.layers for st in app.stages()]
+        return [(d.start, d.end) for d in self.current()]
 
     def pools(self, current: list[StagePlacement]) -> list[PoolSpec]:
         """The configured pools, else defaults sized from the cluster; with timing fitted

@@ -155,9 +155,6 @@ class RayOps:
         time.sleep(seconds)
 
 
-# -- Serve config editing (pure: deployments.config.ServeApp) ----------------------------
-
-
 @functools.lru_cache(maxsize=1)
 def serve_surges() -> bool:
     """True when this Ray Serve takes ``max_surge_percent`` on a deployment (2.60 does): a
@@ -397,13 +394,14 @@ class Mover:
         False when a deployment could not be restored (the caller keeps the intent)."""
         ok = True
         touched = list(dict.fromkeys((s.deployment, s.stage) for s in steps))
+        old = ServeApp(before)
         for deployment, stage in reversed(touched):
-            entry = ServeApp(before).entry(deployment)
+            entry = old.entry(deployment)
             try:
                 live = ServeApp(self._config())
                 if live.entry(deployment) != entry:
                     self.ops.deploy_app_config(self.app, live.with_entry(entry).config)
-                self.wait(deployment, stage, ServeApp(before).stage(stage).replicas)
+                self.wait(deployment, stage, old.stage(stage).replicas)
             except Exception as e:  # noqa: BLE001 - the operator must look; the intent log says what
                 ok = False
                 log.error("restoring %s failed: %s", deployment, e)
@@ -418,16 +416,15 @@ class Mover:
             return None
         steps = [Step.from_dict(st) for st in intent["steps"]]
         touched = list(dict.fromkeys(st.deployment for st in steps))
-        live_cfg = self._config()
-        live = {n: ServeApp(live_cfg).entry(n) for n in touched}
-        target = {n: ServeApp(intent["target"]).entry(n) for n in touched}
-        before = {n: ServeApp(intent["before"]).entry(n) for n in touched}
+        target_app = ServeApp(intent["target"])
+        apps = (ServeApp(self._config()), target_app, ServeApp(intent["before"]))
+        live, target, before = ({n: app.entry(n) for n in touched} for app in apps)
         last = intent["step"] == len(steps) - 1
         restored = True
         if live == target and last:
             step = steps[-1]
             try:
-                self.wait(step.deployment, step.stage, ServeApp(intent["target"]).stage(step.stage).replicas)
+                self.wait(step.deployment, step.stage, target_app.stage(step.stage).replicas)
                 outcome = "completed"
             except Exception as e:  # noqa: BLE001
                 restored = self._restore(steps, intent["before"])
