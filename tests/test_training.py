@@ -265,10 +265,11 @@ def test_continued_training_shares_the_tokenizer_and_the_weights(data_dir, tmp_p
         load_init(big, ExitHeads(backbone(big), [1]), str(tmp_path / "src"), tok)
 
 
-def test_functions_are_tokenized_as_prompt_and_continuation(data_dir):
+def test_functions_and_problems_are_tokenized_as_prompt_and_continuation(data_dir):
     """A prompt ``def f(x):\\n`` ends in a bare newline token; in running text BPE merges
-    the newline with the next line's indentation. Training shows functions cut where a
-    prompt would end, so the model has seen what follows that bare newline."""
+    the newline with the next line's indentation (and ``=`` with a negative answer's
+    minus). Training shows functions and problems cut where a prompt would end, so the
+    model has seen what follows the prompt's last token."""
     from transformers import AutoTokenizer
 
     from offramp.training.pretrain import doc_ids, token_streams
@@ -281,6 +282,10 @@ def test_functions_are_tokenized_as_prompt_and_continuation(data_dir):
     assert tok.decode(ids, skip_special_tokens=True) == doc["text"]
     plain = {"task": "coding", "text": doc["text"]}  # a whole file: tokenized as it comes
     assert doc_ids(tok, plain) == tok(doc["text"])["input_ids"]
+    neg = {"task": "math", "text": "6-13=-7"}  # BPE merges "=-" in running text
+    assert tok("6-13=-7")["input_ids"][:len(tok("6-13=")["input_ids"])] != tok("6-13=")["input_ids"]
+    assert doc_ids(tok, neg)[:len(tok("6-13=")["input_ids"])] == tok("6-13=")["input_ids"]
+    assert tok.decode(doc_ids(tok, neg), skip_special_tokens=True) == neg["text"]
     streams = token_streams(data_dir, tok, data_dir / "streams_test.pt")
     fn = next(d for d in read_docs(data_dir, "train") if d.get("unit") == "function")
     needle = doc_ids(tok, fn)

@@ -97,8 +97,12 @@ def load_init(model, heads: ExitHeads, init_dir: str, tok) -> None:
 
 
 def prompt_cut(doc: dict) -> int | None:
-    """Where a prompt for this document would end, if it is a function: after its
-    signature line (``def area(width, height):\n``). See :func:`doc_ids`."""
+    """Where a prompt for this document ends, if it has one: after a function's signature
+    line (``def area(width, height):\n``), after an arithmetic problem's first ``=``
+    (``6-13=``). See :func:`doc_ids`."""
+    if doc.get("task") == "math":
+        eq = doc["text"].find("=")
+        return eq + 1 if eq >= 0 else None
     if doc.get("unit") != "function":
         return None
     from offramp.training.tasks import function_header
@@ -107,17 +111,34 @@ def prompt_cut(doc: dict) -> int | None:
     return len(head) if head else None
 
 
-def doc_ids(tok, doc: dict, cut: int | None = None) -> list[int]:
-    """``bos text`` token ids. A function is tokenized as its signature and its body
-    apart (at ``cut``, default :func:`prompt_cut`), as a prompt ``def f(x):\n`` and its
-    continuation are: byte-level BPE merges a newline with the indentation after it, so a
-    prompt ending in the bare newline token would otherwise be a sequence training never
-    showed (the model then closes the function and writes another ``def``)."""
-    cut = prompt_cut(doc) if cut is None else cut
-    if cut is None or cut >= len(doc["text"]):
-        return tok(doc["text"], add_special_tokens=True)["input_ids"]
-    return (tok(doc["text"][:cut], add_special_tokens=True)["input_ids"]
-            + tok(doc["text"][cut:], add_special_tokens=False)["input_ids"])
+def docs_ids(tok, docs: list[dict]) -> list[list[int]]:
+    """``bos text`` token ids per document. A document with a prompt (:func:`prompt_cut`)
+    is tokenized as its prompt and its continuation apart, as a served prompt and the
+    model's continuation are. Byte-level BPE merges across that boundary: a newline with
+    the next line's indentation (``):`` ``\n    ``), ``=`` with a minus sign (``=-``). A
+    prompt ``def f(x):\n`` or ``6-13=`` would otherwise end in a token that running text
+    never shows there, and the model never learns what follows it (before this cut it
+    closed the function and wrote another ``def``; it never answered a negative result)."""
+    cuts = [prompt_cut(d) for d in docs]
+    heads = [d["text"] if c is None else d["text"][:c] for d, c in zip(docs, cuts)]
+    split = [i for i, c in enumerate(cuts) if c is not None and c < len(docs[i]["text"])]
+    ids = tok(heads, add_special_tokens=True)["input_ids"] if docs else []
+    if split:
+        tails = tok([docs[i]["text"][cuts[i]:] for i in split], add_special_tokens=False)
+        for i, tail in zip(split, tails["input_ids"]):
+            ids[i] = ids[i] + tail
+    return ids
+
+
+def doc_ids(tok, doc: dict) -> list[int]:
+    """:func:`docs_ids` of one document."""
+    return docs_ids(tok, [doc])[0]
+
+
+# The tokenized training streams, cached beside the data; the name changes whenever
+# docs_ids tokenizes differently (v2: arithmetic cut after its first ``=``), so a cache
+# written by an older version is never read.
+STREAMS_CACHE = "train_tokens.v2.pt"
 
 
 def token_streams(data_dir: Path, tok, cache: Path) -> dict[str, torch.Tensor]:
@@ -127,10 +148,7 @@ def token_streams(data_dir: Path, tok, cache: Path) -> dict[str, torch.Tensor]:
     docs = read_docs(data_dir, "train")
     streams = {}
     for task in TASKS:
-        cuts = [(d, prompt_cut(d)) for d in docs if d["task"] == task]
-        plain = [d["text"] for d, cut in cuts if cut is None]  # one batched call for these
-        ids = tok(plain, add_special_tokens=True)["input_ids"] if plain else []
-        ids += [doc_ids(tok, d, cut) for d, cut in cuts if cut is not None]
+        ids = docs_ids(tok, [d for d in docs if d["task"] == task])
         flat = [t for seq in ids for t in (*seq, tok.eos_token_id)]
         streams[task] = torch.tensor(flat, dtype=torch.int32)
     torch.save(streams, cache)
@@ -249,7 +267,7 @@ def train(data_dir: str | Path, out_dir: str | Path, spec: TrainSpec,
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(spec.threads)
     tok = AutoTokenizer.from_pretrained(str(data_dir / "tokenizer"))
-    streams = token_streams(data_dir, tok, data_dir / "train_tokens.pt")
+    streams = token_streams(data_dir, tok, data_dir / STREAMS_CACHE)
     model = build_model(spec, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
     bb = backbone(model)
     exit_layers = list(range(1, spec.layers))
