@@ -13,6 +13,7 @@ from offramp.api.grpc_service import GrpcError, serve_standalone, status_of
 from offramp.api.proto import offramp_pb2 as pb
 from offramp.api.proto import offramp_pb2_grpc as pb_grpc
 from offramp.errors import BadRequest, DeadlineExceeded, Overloaded, StageUnavailable
+from otlp_receiver import otlp_receiver  # noqa: F401  (fixture)
 
 KEY = "grpc-test-key"
 AUTH = (("authorization", f"Bearer {KEY}"),)
@@ -299,3 +300,63 @@ def test_logprobs_and_logit_adjustments_over_grpc(stub, model):
     with pytest.raises(grpc.RpcError) as e:
         stub.Generate(greedy(prompt_token_ids=prompt, prompt="", logprobs=21), metadata=AUTH, timeout=30)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "logprobs" in e.value.details()
+
+
+def test_http_and_grpc_build_the_same_request(model, otlp_receiver, monkeypatch):
+    """One builder (Frontend.generation) behind both front ends: the same greedy request over
+    HTTP and over gRPC (unary and streamed) gives the same tokens and a request span with the
+    same request attributes, child of the caller's traceparent, ended with its response
+    attributes; only ``offramp.rpc`` tells them apart."""
+    import httpx
+
+    from offramp.api.app import create_app
+    from offramp.observability import tracing
+    from test_api_helpers import LiveServer
+
+    for name in ("OTEL_SDK_DISABLED", "OTEL_TRACES_EXPORTER", "OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", otlp_receiver.endpoint)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+    tracing.shutdown_tracing()
+    assert tracing.setup_tracing(force=True)
+    backend, tok, staged = model
+    fe = Frontend(backend=backend, tokenizer=tok,
+                  settings=ApiSettings(model_name="tiny", max_context=staged.max_seq, api_key=KEY))
+    srv = Server(fe)
+    channel = grpc.insecure_channel(f"127.0.0.1:{srv.port}")
+    traces = {how: f"{i + 1:032x}" for i, how in enumerate(("http", "unary", "stream"))}
+
+    def meta(how: str) -> tuple:
+        return (*AUTH, ("traceparent", f"00-{traces[how]}-00f067aa0ba902b7-01"))
+
+    try:
+        with LiveServer(create_app(fe)) as web:
+            body = {"model": "tiny", "prompt": "hello world", "max_tokens": 12, "temperature": 0.0,
+                    "offramp": {"exit": "off"}}
+            r = httpx.post(web.url + "/v1/completions", json=body, headers=dict(meta("http")), timeout=30)
+            assert r.status_code == 200, r.text
+        stub = pb_grpc.OfframpStub(channel)
+        unary = stub.Generate(greedy(), metadata=meta("unary"), timeout=30)
+        streamed = [t for m in stub.GenerateStream(greedy(), metadata=meta("stream"), timeout=30) for t in m.token_ids]
+        assert r.json()["choices"][0]["offramp"]["token_ids"] == list(unary.token_ids) == streamed
+        assert tracing.force_flush()
+        otlp_receiver.wait_for(lambda s: all(otlp_receiver.trace(t) for t in traces.values()))
+        spans = {how: [s for s in otlp_receiver.trace(t) if s.name.startswith("text_completion")]
+                 for how, t in traces.items()}
+        assert all(len(v) == 1 for v in spans.values()), spans
+        attrs = {how: v[0].attributes for how, v in spans.items()}
+        assert all(v[0].parent_span_id == "00f067aa0ba902b7" for v in spans.values())
+        request_keys = {k for k in attrs["http"] if k.startswith(("gen_ai.request.", "offramp.")) and
+                        k not in ("offramp.stages_skipped",)}
+        assert {"gen_ai.request.max_tokens", "gen_ai.request.temperature", "offramp.exit"} <= request_keys
+        for how in ("unary", "stream"):
+            assert attrs[how].pop("offramp.rpc") == "grpc"
+            assert {k: attrs[how].get(k) for k in request_keys} == {k: attrs["http"][k] for k in request_keys}
+        for how, a in attrs.items():  # each span ended with its response
+            assert a["gen_ai.usage.output_tokens"] == len(unary.token_ids), how
+            assert a["gen_ai.response.finish_reasons"] == [unary.finish_reason], how
+            assert a["offramp.stages_skipped"] == 0, how
+    finally:
+        channel.close()
+        srv.close()
+        tracing.shutdown_tracing()

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import codecs
-import contextlib
 import json
 import logging
 import re
@@ -53,14 +52,11 @@ from offramp.api.errors import ApiError
 from offramp.api.frontend import Frontend
 from offramp.api.generation import ChoiceDelta, Generation
 from offramp.api.logprobs import LogprobFormatter
-from offramp.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields, check_limits
+from offramp.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from offramp.api.text import encode_chat, encode_prompt
 from offramp.errors import OfframpError
-from offramp.observability import tracing
 
 log = logging.getLogger("offramp.api")
-
-COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
 class ClientGone(Exception):
@@ -393,41 +389,10 @@ def create_app(frontend: Frontend) -> FastAPI:
 
     def start_generation(req: SamplingFields, prompt_ids: list[int], extra_stops: list[str], request_id: str,
                          request: Request) -> Generation:
-        max_tokens = check_limits(
-            req, len(prompt_ids), max_context=settings.max_context, max_tokens_cap=settings.max_tokens_cap,
-            max_n=settings.max_n, max_stop=settings.max_stop, max_stop_chars=settings.max_stop_chars,
-            default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS if isinstance(req, CompletionRequest) else None,
-        )
-        sampling = req.sampling(max_tokens, len(tokenizer), tuple(frontend.stop_token_ids()))
-        # One trace per request: this span continues the caller's traceparent; stage spans
-        # become its children through the carrier handed to the backend.
-        spans = contextlib.ExitStack()
-        span = spans.enter_context(tracing.request_span(
-            "text_completion" if isinstance(req, CompletionRequest) else "chat", trace_context(request),
-            {"gen_ai.request.model": settings.model_name, "gen_ai.request.max_tokens": max_tokens,
-             "gen_ai.request.temperature": req.temperature, "gen_ai.request.top_p": req.top_p,
-             "offramp.exit": str(req.offramp.exit), "offramp.max_draft": req.offramp.max_draft,
-             "offramp.task": req.offramp.task}))
-        gen = Generation(
-            frontend.backend, tokenizer, request_id=request_id, prompt_ids=prompt_ids,
-            n=req.choices_generated,
-            sampling=sampling, stops=req.stop_list + extra_stops, exit_mode=req.offramp.exit,
-            max_draft=req.offramp.max_draft, task=req.offramp.task, timeout_s=settings.request_timeout_s,
-            trace_context=tracing.inject(span, trace_context(request)) if span.is_recording() else trace_context(request),
-        )
-        gen.span, gen.span_stack = span, spans
-        return gen
-
-    def end_span(gen: Generation, error: BaseException | None = None) -> None:
-        if error is None:
-            stages = [s for c in gen.choices for s in c.exit_stages]
-            tracing.set_response(gen.span, response_id=gen.request_id, input_tokens=gen.prompt_tokens,
-                                 output_tokens=gen.completion_tokens,
-                                 finish_reasons=[c.finish_reason for c in gen.choices if c.finish_reason] or None,
-                                 stages_skipped=gen.stages_skipped(stages))
-            gen.span_stack.close()
-        else:
-            gen.span_stack.__exit__(type(error), error, error.__traceback__)
+        return frontend.generation(
+            req, prompt_ids, request_id=request_id, carrier=trace_context(request), max_n=settings.max_n,
+            operation="text_completion" if isinstance(req, CompletionRequest) else "chat",
+            extra_stops=tuple(extra_stops))
 
     def chunk_usage(gen: Generation, req: SamplingFields) -> dict[str, Any]:
         """A chunk's ``usage``: so far (``continuous_usage_stats``), null (``include_usage``:
@@ -447,17 +412,17 @@ def create_app(frontend: Frontend) -> FastAPI:
                     return await gen.collect()
                 results = await run_unless_disconnected(request, work())
             except BaseException as e:
-                end_span(gen, e)
+                gen.end_span(e)
                 raise
             finally:
                 await gen.aclose()
-            end_span(gen)
+            gen.end_span()
             return JSONResponse(final(results))
         try:
             await run_unless_disconnected(request, gen.start())  # admission errors -> HTTP status
         except BaseException as e:
             await gen.aclose()
-            end_span(gen, e)
+            gen.end_span(e)
             raise
 
         async def events() -> AsyncIterator[bytes]:
@@ -476,12 +441,11 @@ def create_app(frontend: Frontend) -> FastAPI:
             except Exception as e:  # mid-stream: one error event, then [DONE]
                 err = api_errors.from_offramp(e) if isinstance(e, OfframpError) else api_errors.internal(e)
                 log.warning("request %s failed mid-stream: %s", gen.request_id, err.message)
-                end_span(gen, e)
-                gen.span_stack = contextlib.ExitStack()  # ended
+                gen.end_span(e)
                 yield sse(err.body())
             finally:
                 await gen.aclose()
-                end_span(gen)
+                gen.end_span()
             yield DONE
 
         return SSEResponse(events(), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

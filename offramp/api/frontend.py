@@ -1,13 +1,22 @@
-"""What the HTTP app needs, bundled: the backend, the tokenizer and the API settings."""
+"""What the HTTP and gRPC front ends need, bundled: the backend, the tokenizer and the
+API settings, and the one place a validated request becomes a :class:`Generation`
+(:meth:`Frontend.generation`), so both front ends check the same limits, sample the same
+way and open the same request span."""
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
+from offramp.api.generation import Generation
+from offramp.api.schemas import CompletionRequest, SamplingFields, check_limits
+from offramp.observability import tracing
 from offramp.protocol import Backend
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions (and gRPC's Generate)
 
 
 class ApiSettings(BaseModel):
@@ -68,6 +77,41 @@ class Frontend:
             **overrides,
         )
         return cls(backend=backend, tokenizer=tokenizer, settings=settings)
+
+    def generation(self, req: SamplingFields, prompt_ids: list[int], *, request_id: str, operation: str,
+                   carrier: Mapping[str, str] | None, max_n: int, extra_stops: tuple[str, ...] = (),
+                   timeout_s: float | None = None, attrs: Mapping[str, Any] | None = None) -> Generation:
+        """An unstarted :class:`Generation` for a parsed request, built the same way for
+        HTTP and gRPC: the limits checked (:func:`check_limits`; ``max_n`` is the front
+        end's cap on choices), the sampling parameters made, and the request span opened as
+        a child of the caller's ``carrier`` (``traceparent``) with the GenAI request
+        attributes plus ``attrs``; the backend gets the span's carrier, so stage spans
+        become its children. The span ends with :meth:`Generation.end_span`.
+        ``timeout_s``: the deadline if shorter than the server's request timeout (gRPC's
+        client deadline)."""
+        s = self.settings
+        max_tokens = check_limits(
+            req, len(prompt_ids), max_context=s.max_context, max_tokens_cap=s.max_tokens_cap, max_n=max_n,
+            max_stop=s.max_stop, max_stop_chars=s.max_stop_chars,
+            default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS if isinstance(req, CompletionRequest) else None)
+        sampling = req.sampling(max_tokens, len(self.tokenizer), self.stop_token_ids())
+        timeout = s.request_timeout_s if timeout_s is None else max(0.001, min(timeout_s, s.request_timeout_s))
+        spans = contextlib.ExitStack()
+        span = spans.enter_context(tracing.request_span(operation, carrier, {
+            "gen_ai.request.model": s.model_name, "gen_ai.request.max_tokens": max_tokens,
+            "gen_ai.request.temperature": req.temperature, "gen_ai.request.top_p": req.top_p,
+            "gen_ai.request.seed": req.seed, "offramp.exit": str(req.offramp.exit),
+            "offramp.max_draft": req.offramp.max_draft, "offramp.task": req.offramp.task, **(attrs or {})}))
+        try:
+            return Generation(
+                self.backend, self.tokenizer, request_id=request_id, prompt_ids=prompt_ids,
+                n=req.choices_generated, sampling=sampling, stops=req.stop_list + list(extra_stops),
+                exit_mode=req.offramp.exit, max_draft=req.offramp.max_draft, task=req.offramp.task,
+                timeout_s=timeout, span=(span, spans),
+                trace_context=tracing.inject(span, dict(carrier or {})) if span.is_recording() else carrier)
+        except BaseException as e:
+            spans.__exit__(type(e), e, e.__traceback__)
+            raise
 
     def stop_token_ids(self) -> tuple[int, ...]:
         if self.settings.stop_token_ids is not None:

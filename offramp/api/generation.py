@@ -8,12 +8,14 @@ backend request and frees its KV.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from offramp.api.text import IncrementalDetokenizer, StopMatcher
 from offramp.errors import DeadlineExceeded
+from offramp.observability import tracing
 from offramp.protocol import DraftCounts, ExitMode, GenerationRequest, SamplingParams, TokenEvent, TokenLogprob
 
 
@@ -151,8 +153,11 @@ class Generation:
 
     def __init__(self, backend: Any, tokenizer: Any, *, request_id: str, prompt_ids: list[int], n: int,
                  sampling: SamplingParams, stops: list[str], exit_mode: ExitMode, task: str | None,
-                 timeout_s: float, trace_context: dict[str, str] | None = None, max_draft: int | None = None):
+                 timeout_s: float, trace_context: dict[str, str] | None = None, max_draft: int | None = None,
+                 span: tuple[Any, contextlib.ExitStack] | None = None):
         self.request_id = request_id
+        # The request span and the stack that ends it (Frontend.generation); None: no span.
+        self.span, self._span_stack = span if span is not None else (None, None)
         self.exit_mode = exit_mode
         self.prompt_ids = prompt_ids
         self.logprobs = sampling.logprobs is not None  # asked: every token's logprobs are reported
@@ -256,6 +261,22 @@ class Generation:
         if not total.rounds and self.exit_mode != "speculative":
             return None
         return total.report(sum(len(c.exit_stages) for c in choices))
+
+    def end_span(self, error: BaseException | None = None) -> None:
+        """End the request span, once (later calls do nothing): the response attributes on
+        success, the error (``error.type``) otherwise."""
+        stack, self._span_stack = self._span_stack, None
+        if stack is None:
+            return
+        if error is not None:
+            stack.__exit__(type(error), error, error.__traceback__)
+            return
+        stages = [s for c in self.choices for s in c.exit_stages]
+        tracing.set_response(self.span, response_id=self.request_id, input_tokens=self.prompt_tokens,
+                             output_tokens=self.completion_tokens,
+                             finish_reasons=[c.finish_reason for c in self.choices if c.finish_reason] or None,
+                             stages_skipped=self.stages_skipped(stages))
+        stack.close()
 
     def usage(self) -> dict[str, int]:
         p, c = self.prompt_tokens, self.completion_tokens

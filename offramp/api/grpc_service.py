@@ -27,7 +27,6 @@ anything else -> INTERNAL with a generic message (details in the server log).
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from typing import Any, AsyncIterator
 
@@ -36,14 +35,12 @@ import grpc
 from offramp.api.auth import key_matches, presented_key
 from offramp.api.errors import INTERNAL_MESSAGE
 from offramp.api.frontend import Frontend
+from offramp.api.generation import Generation
 from offramp.api.proto import offramp_pb2 as pb
 from offramp.api.proto import offramp_pb2_grpc as pb_grpc
 from offramp.errors import OfframpError
-from offramp.observability import tracing
 
 log = logging.getLogger("offramp.api.grpc")
-
-DEFAULT_MAX_TOKENS = 16  # as /v1/completions
 
 
 class GrpcError(Exception):
@@ -119,24 +116,23 @@ class GrpcIngressMixin:
     async def Generate(self, request: pb.GenerateRequest, grpc_context: Any = None) -> pb.GenerateResponse:
         try:
             self._authorize(grpc_context)
-            gen, rid, carrier, span_cm = self._start(request, grpc_context)
+            gen = self._start(request, grpc_context)
         except Exception as e:
             raise _fail(grpc_context, e) from None
         try:
-            with span_cm as span:
-                gen.trace_carrier = tracing.inject(span, carrier)  # stage spans become its children
-                try:
-                    await gen.start()
-                    (result,) = await gen.collect()
-                finally:
-                    await gen.aclose()
-                usage = self._usage(gen, result)
-                tracing.set_response(span, response_id=rid, input_tokens=usage.prompt_tokens,
-                                     output_tokens=usage.completion_tokens, finish_reasons=[result.finish_reason],
-                                     stages_skipped=usage.stages_skipped)
-        except Exception as e:
-            raise _fail(grpc_context, e) from None
-        return pb.GenerateResponse(id=rid, model=self.frontend.settings.model_name, text=result.text,
+            try:
+                await gen.start()
+                (result,) = await gen.collect()
+            finally:
+                await gen.aclose()
+            usage = self._usage(gen, result)
+        except BaseException as e:
+            gen.end_span(e)
+            if isinstance(e, Exception):
+                raise _fail(grpc_context, e) from None
+            raise
+        gen.end_span()
+        return pb.GenerateResponse(id=gen.request_id, model=self.frontend.settings.model_name, text=result.text,
                                    token_ids=result.token_ids, exit_stages=result.exit_stages,
                                    finish_reason=result.finish_reason or "stop", usage=usage,
                                    num_stages=gen.num_stages,
@@ -146,32 +142,30 @@ class GrpcIngressMixin:
                              grpc_context: Any = None) -> AsyncIterator[pb.GenerateStreamResponse]:
         try:
             self._authorize(grpc_context)
-            gen, rid, carrier, span_cm = self._start(request, grpc_context)
+            gen = self._start(request, grpc_context)
         except Exception as e:
             raise _fail(grpc_context, e) from None
         try:
-            with span_cm as span:
-                gen.trace_carrier = tracing.inject(span, carrier)
-                try:
-                    await gen.start()
-                    choice = gen.choices[0]
-                    sent = 0
-                    async for d in gen.deltas():
-                        ids = choice.token_ids[sent:sent + len(d.exit_stages)]
-                        sent += len(ids)
-                        msg = pb.GenerateStreamResponse(id=rid, text=d.text, token_ids=ids,
-                                                        exit_stages=d.exit_stages, logprobs=_logprobs(d.logprobs))
-                        if d.finish_reason:
-                            msg.finish_reason = d.finish_reason
-                            msg.usage.CopyFrom(self._usage(gen, choice))
-                            tracing.set_response(span, response_id=rid, input_tokens=gen.prompt_tokens,
-                                                 output_tokens=gen.completion_tokens,
-                                                 finish_reasons=[d.finish_reason])
-                        yield msg
-                finally:
-                    await gen.aclose()
-        except Exception as e:
-            raise _fail(grpc_context, e) from None
+            await gen.start()
+            choice = gen.choices[0]
+            sent = 0
+            async for d in gen.deltas():
+                ids = choice.token_ids[sent:sent + len(d.exit_stages)]
+                sent += len(ids)
+                msg = pb.GenerateStreamResponse(id=gen.request_id, text=d.text, token_ids=ids,
+                                                exit_stages=d.exit_stages, logprobs=_logprobs(d.logprobs))
+                if d.finish_reason:
+                    msg.finish_reason = d.finish_reason
+                    msg.usage.CopyFrom(self._usage(gen, choice))
+                yield msg
+        except BaseException as e:  # a client's cancel too: the span records it
+            gen.end_span(e)
+            if isinstance(e, Exception):
+                raise _fail(grpc_context, e) from None
+            raise
+        finally:
+            await gen.aclose()
+            gen.end_span()  # no-op after an error
 
     # -- pieces ----------------------------------------------------------------------------
     def _authorize(self, grpc_context: Any) -> None:
@@ -185,41 +179,24 @@ class GrpcIngressMixin:
                             "Missing API key: send metadata 'authorization: Bearer <key>'" if presented is None
                             else "Incorrect API key provided")
 
-    def _start(self, request: pb.GenerateRequest, grpc_context: Any):
-        """Validate exactly as POST /v1/completions does; return an unstarted Generation."""
+    def _start(self, request: pb.GenerateRequest, grpc_context: Any) -> Generation:
+        """Validate exactly as POST /v1/completions does (the proto as its body, the same
+        parser, the front ends' one :meth:`Frontend.generation`); an unstarted Generation
+        whose deadline is also the client's."""
         from offramp.api.app import parse
-        from offramp.api.generation import Generation
-        from offramp.api.schemas import CompletionRequest, check_limits
+        from offramp.api.schemas import CompletionRequest
         from offramp.api.text import encode_prompt
 
-        fe, settings = self.frontend, self.frontend.settings
-        body = _completion_body(request, settings.model_name)
-        req: CompletionRequest = parse(CompletionRequest, body, settings.model_name)
+        fe = self.frontend
+        req: CompletionRequest = parse(CompletionRequest, _completion_body(request, fe.settings.model_name),
+                                       fe.settings.model_name)
         prompt_ids = encode_prompt(fe.tokenizer, req.prompt_input())
-        max_tokens = check_limits(req, len(prompt_ids), max_context=settings.max_context,
-                                  max_tokens_cap=settings.max_tokens_cap, max_n=1, max_stop=settings.max_stop,
-                                  max_stop_chars=settings.max_stop_chars, default_max_tokens=DEFAULT_MAX_TOKENS)
-        sampling = req.sampling(max_tokens, len(fe.tokenizer), tuple(fe.stop_token_ids()))
-        timeout = settings.request_timeout_s
         remaining = getattr(grpc_context, "time_remaining", None)
-        if callable(remaining):
-            left = remaining()
-            if left is not None:
-                timeout = max(0.001, min(timeout, left))
         md = dict(_metadata(grpc_context))
-        carrier = {k: md[k] for k in ("traceparent", "tracestate") if k in md} or None
-        rid = f"cmpl-{uuid.uuid4().hex}"
-        span_cm = tracing.request_span("text_completion", carrier, {
-            "gen_ai.request.model": settings.model_name, "gen_ai.request.max_tokens": max_tokens,
-            "gen_ai.request.temperature": req.temperature, "gen_ai.request.top_p": req.top_p,
-            "gen_ai.request.seed": req.seed, "offramp.rpc": "grpc",
-            "offramp.exit_mode": str(req.offramp.exit), "offramp.max_draft": req.offramp.max_draft,
-            "offramp.task": req.offramp.task})
-        gen = _LazyGeneration(lambda trace_context: Generation(
-            fe.backend, fe.tokenizer, request_id=rid, prompt_ids=prompt_ids, n=1, sampling=sampling,
-            stops=req.stop_list, exit_mode=req.offramp.exit, max_draft=req.offramp.max_draft, task=req.offramp.task,
-            timeout_s=timeout, trace_context=trace_context), len(prompt_ids), int(getattr(fe.backend, "num_stages", 1)))
-        return gen, rid, carrier, span_cm
+        return fe.generation(req, prompt_ids, request_id=f"cmpl-{uuid.uuid4().hex}", operation="text_completion",
+                             carrier={k: md[k] for k in ("traceparent", "tracestate") if k in md} or None,
+                             max_n=1, timeout_s=remaining() if callable(remaining) else None,
+                             attrs={"offramp.rpc": "grpc"})
 
     def _usage(self, gen: Any, choice: Any) -> pb.Usage:
         """Usage of the one choice (a ChoiceResult or the running choice)."""
@@ -231,32 +208,6 @@ class GrpcIngressMixin:
             usage.speculative.CopyFrom(pb.SpeculativeStats(drafted=spec["drafted"], accepted=spec["accepted"],
                                                            verify_rounds=spec["verify_rounds"]))
         return usage
-
-
-class _LazyGeneration:
-    """A Generation built on :meth:`start`, once the request span's carrier is known
-    (building it starts the backend iterator, which reads ``trace_context``)."""
-
-    def __init__(self, build, prompt_tokens: int, num_stages: int):
-        self._build = build
-        self._gen = None
-        self.trace_carrier: dict[str, str] | None = None
-        self.prompt_tokens = prompt_tokens
-        self.num_stages = num_stages
-
-    async def start(self) -> None:
-        self._gen = self._build(self.trace_carrier or None)
-        self.num_stages = self._gen.num_stages
-        await self._gen.start()
-
-    def __getattr__(self, name: str) -> Any:  # choices, deltas, collect, stages_skipped, ...
-        if self._gen is None:
-            raise AttributeError(name)
-        return getattr(self._gen, name)
-
-    async def aclose(self) -> None:
-        if self._gen is not None:
-            await self._gen.aclose()
 
 
 _EXIT_MODES = {pb.EXIT_MODE_OFF: "off", pb.EXIT_MODE_CALIBRATED: "calibrated",
