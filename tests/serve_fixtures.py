@@ -259,9 +259,9 @@ def haproxy_binds() -> set[str]:
     return set().union(*haproxy_processes().values())
 
 
-def registry_endpoints() -> list[dict[str, Any]]:
+def registry_endpoints() -> list:
     """Live stage endpoints as the ingress sees them (the app's registry actor), with each
-    replica's last heartbeat stats (``rows`` served, ...)."""
+    replica's last heartbeat stats (``StageRecord``s: ``e.stats.rows`` served, ...)."""
     import ray
 
     reg = ray.get_actor(f"registry-{APP}", namespace="offramp")

@@ -4,9 +4,11 @@ from __future__ import annotations
 import copy
 import json
 import math
+from dataclasses import replace
 
 import pytest
 
+from offramp.cluster.records import StageRecord, StageStats
 from offramp.deployments.config import ServeApp
 from offramp.placement.controller import (
     AppFacts, ControllerConfig, Observation, PlacementController, SignalCollector, StageLoad, workload_from,
@@ -42,6 +44,11 @@ def app_config(replicas=(1, 1, 1, 1), pools=("gpu", "gpu", "cpu", "cpu")):
 def _layers(app_config: dict, ranges) -> list[tuple[int, int]]:
     """Layers per stage as deployed (split moves' overrides over the app's split)."""
     return [st.layers for st in ServeApp(app_config, ranges).stages()]
+
+
+def ep(stage: int, replica: str, stats: dict) -> StageRecord:
+    """A registry entry as the controller reads it (stats as a heartbeat sends them)."""
+    return StageRecord(stage, replica, stats=StageStats.from_dict(stats))
 
 class FakeOps:
     """Serve applies a config after ``start_s`` of fake time; a replica registers at once and
@@ -102,8 +109,7 @@ class FakeOps:
         return out
 
     def registry_endpoints(self, app):
-        return [{"stage": int(name[5:]), "replica": r["id"], "stats": dict(r["stats"])}
-                for name in self._replicas for r in self._ready(name)]
+        return [ep(int(name[5:]), r["id"], r["stats"]) for name in self._replicas for r in self._ready(name)]
 
     def ingress_stats(self, app):
         return {"stage_calls": list(self.calls), "tpot_ms_p99": 20.0}
@@ -181,9 +187,9 @@ def replicas(ops):
 # -- signals -> workload ------------------------------------------------------------------
 def test_signals_rates_and_reach_from_exits():
     col = SignalCollector(RANGES)
-    eps = lambda busy: [{"stage": k, "replica": f"r{k}", "stats": {"batches": 10 * b, "rows": 40 * b,
+    eps = lambda busy: [ep(k, f"r{k}", {"batches": 10 * b, "rows": 40 * b,
                                                                     "busy_s": b, "queue": k, "kv_occupancy": 0.2,
-                                                                    "sequences": 3}}
+                                                                    "sequences": 3})
                         for k, b in enumerate(busy)]
     assert col.sample(0.0, eps([0, 0, 0, 0]), {"stage_calls": [0, 0, 0, 0]}) is None
     obs = col.sample(10.0, eps([5, 4, 2, 1]), {"stage_calls": [1000, 500, 250, 250], "tpot_ms_p99": 12.0})
@@ -203,7 +209,7 @@ def test_speculative_traffic_counts_drafting_passes_and_deep_visits():
     visit): stage 0's arrival is its passes, the deep stages' their visits, so their reach
     is deep visits per stage-0 pass."""
     col = SignalCollector(RANGES)
-    eps = [{"stage": k, "replica": f"r{k}", "stats": {}} for k in range(4)]
+    eps = [ep(k, f"r{k}", {}) for k in range(4)]
     col.sample(0.0, eps, {"stage_calls": [0] * 4, "stage_passes": [0] * 4})
     obs = col.sample(10.0, eps, {"stage_calls": [250] * 4, "stage_passes": [1000, 250, 250, 250]})
     assert [s.arrival_per_s for s in obs.stages] == [100, 25, 25, 25]
@@ -214,10 +220,10 @@ def test_signals_split_prefill_and_decode_and_carry_gauges():
     col = SignalCollector(RANGES)
 
     def eps(t):  # per 10 s: 8 decode batches of 0.05 s, 2 prefill batches of 0.3 s over 40 positions
-        return [{"stage": k, "replica": f"r{k}", "stats": {
+        return [ep(k, f"r{k}", {
             "batches": 10 * t, "rows": 16 * t, "busy_s": 1.0 * t, "decode_batches": 8 * t, "decode_s": 0.4 * t,
             "prefill_batches": 2 * t, "prefill_s": 0.6 * t, "prefill_positions": 40 * t,
-            "max_wait_s": 0.25, "memory_headroom_bytes": 2 ** 30}} for k in range(4)]
+            "max_wait_s": 0.25, "memory_headroom_bytes": 2 ** 30}) for k in range(4)]
 
     col.sample(0.0, eps(0), {"stage_calls": [0] * 4, "hop_s_sum": [0.0] * 4, "hop_n": [0] * 4})
     obs = col.sample(10.0, eps(1), {"stage_calls": [100] * 4, "hop_s_sum": [0.1, 0.2, 0.0, 0.4],
@@ -232,7 +238,7 @@ def test_signals_split_prefill_and_decode_and_carry_gauges():
 
 def test_signals_fall_back_to_stage_rows_when_ingress_counters_reset():
     col = SignalCollector(RANGES)
-    eps = lambda rows: [{"stage": k, "replica": f"r{k}", "stats": {"batches": rows, "rows": rows, "busy_s": 0.0}}
+    eps = lambda rows: [ep(k, f"r{k}", {"batches": rows, "rows": rows, "busy_s": 0.0})
                         for k in range(4)]
     col.sample(0.0, eps(0), {"stage_calls": [900, 900, 900, 900]})
     obs = col.sample(2.0, eps(40), {"stage_calls": [10, 10, 10, 10]})  # another ingress replica answered
@@ -241,9 +247,9 @@ def test_signals_fall_back_to_stage_rows_when_ingress_counters_reset():
 
 def test_new_replica_has_no_rate_yet():
     col = SignalCollector(RANGES[:1])
-    col.sample(0.0, [{"stage": 0, "replica": "a", "stats": {"busy_s": 0.0, "batches": 0, "rows": 0}}], None)
-    obs = col.sample(1.0, [{"stage": 0, "replica": "a", "stats": {"busy_s": 0.9, "batches": 9, "rows": 9}},
-                           {"stage": 0, "replica": "b", "stats": {"busy_s": 5.0, "batches": 9, "rows": 9}}], None)
+    col.sample(0.0, [ep(0, "a", {"busy_s": 0.0, "batches": 0, "rows": 0})], None)
+    obs = col.sample(1.0, [ep(0, "a", {"busy_s": 0.9, "batches": 9, "rows": 9}),
+                           ep(0, "b", {"busy_s": 5.0, "batches": 9, "rows": 9})], None)
     assert obs.stages[0].busy == {"a": pytest.approx(0.9), "b": 0.0} and obs.stages[0].replicas == 2
 
 
@@ -622,18 +628,18 @@ def test_controller_crash_mid_tick_keeps_decision_and_cooldown():
 
 
 def test_registry_combines_every_ingress_replica(monkeypatch):
-    from offramp.cluster import rayops
+    from offramp.cluster import registry
 
     clock = [1000.0]
-    monkeypatch.setattr(rayops.time, "time", lambda: clock[0])
-    reg = rayops.RegistryCore()
+    monkeypatch.setattr(registry.time, "time", lambda: clock[0])
+    reg = registry.RegistryCore()
     assert reg.ingress_totals() is None
     reg.ingress_heartbeat("a", {"stage_calls": [10, 6, 2], "tokens": 8, "tpot_ms_p99": 40.0, "ttft_ms_p99": None})
     reg.ingress_heartbeat("b", {"stage_calls": [5, 5, 5], "tokens": 3, "tpot_ms_p99": 90.0, "ttft_ms_p99": 120.0})
     tot = reg.ingress_totals()
     assert tot["stage_calls"] == [15, 11, 7] and tot["tokens"] == 11 and tot["replicas"] == 2
     assert tot["tpot_ms_p99"] == 90.0 and tot["ttft_ms_p99"] == 120.0  # the worst replica's
-    clock[0] += rayops.STALE_S + 1  # "b" stops beating, "a" goes on
+    clock[0] += registry.STALE_S + 1  # "b" stops beating, "a" goes on
     reg.ingress_heartbeat("a", {"stage_calls": [12, 7, 2], "tokens": 9, "tpot_ms_p99": 41.0})
     assert reg.ingress_totals()["stage_calls"] == [12, 7, 2]
     reg.deregister("a")
@@ -714,9 +720,9 @@ def test_pool_speed_is_fitted_from_startup_profiles():
     def with_profiles(app):
         out = []
         for e in real(app):
-            pool = "cpu" if e["stage"] >= 2 else "gpu"
+            pool = "cpu" if e.stage >= 2 else "gpu"
             prof = [sample(b, n) for b in (1, 4, 16, 64, 256) for n in (1, 2)] if pool == "cpu" else []
-            out.append({**e, "pool": pool, "dtype": "fp32", "profile": prof})
+            out.append(replace(e, pool=pool, dtype="fp32", profile=tuple(prof)))
         return out
 
     ops.registry_endpoints = with_profiles
@@ -744,9 +750,9 @@ def test_speculative_signals_give_positions_per_row_tokens_per_pass_and_request_
     col = SignalCollector(RANGES)
 
     def eps(scale):
-        return [{"stage": k, "replica": f"r{k}", "stats": {
+        return [ep(k, f"r{k}", {
             "batches": 100 * scale, "rows": (1000 if k == 0 else 250) * scale,
-            "positions": (1000 if k == 0 else 1250) * scale, "busy_s": scale}} for k in range(4)]
+            "positions": (1000 if k == 0 else 1250) * scale, "busy_s": scale}) for k in range(4)]
 
     ing = lambda s: {"stage_calls": [250 * s] * 4, "stage_passes": [1000 * s, 250 * s, 250 * s, 250 * s],
                      "tokens_emitted": 600 * s, "request_tpot_ms_p99": 30.0, "request_tpot_ms_mean": 20.0}

@@ -128,7 +128,7 @@ def test_controller_scales_saturated_stage_and_survives_a_crash(serve_cluster):
         st = _until(lambda: (s := rayops.call(actor, "status", 50)) and
                     [p["replicas"] for p in s["placement"]] == [1, 2, 2, 1] and s, 90, "stage 2 at 2 replicas")
         wait_running(90, want={"Stage0": 1, "Stage1": 2, "Stage2": 2, "Stage3": 1})
-        regs = _until(lambda: (r := registry_endpoints()) and [sum(e["stage"] == k for e in r) for k in range(4)]
+        regs = _until(lambda: (r := registry_endpoints()) and [sum(e.stage == k for e in r) for k in range(4)]
                       == [1, 2, 2, 1] and r, 30, "the registry to list the new replicas")
         assert len(regs) == 6
         assert st["moves_made"] == 2 and sum(d["outcome"] == "apply" for d in st["decisions"]) == 2
@@ -186,7 +186,7 @@ def test_pool_and_precision_moves_under_load(serve_cluster):
     from offramp.placement.policy import Move
 
     ranges = [(0, 1), (1, 2), (2, 3), (3, 4)]
-    others = {e["replica"] for e in registry_endpoints() if e["stage"] != 3}
+    others = {e.replica for e in registry_endpoints() if e.stage != 3}
     load = Load(serve_cluster)
     try:
         load.start()
@@ -195,7 +195,7 @@ def test_pool_and_precision_moves_under_load(serve_cluster):
                       replicas_to=1, reason="test: pool move under load")
         res = Mover(APP, RayOps(), ranges, deadline_s=120).apply(to_gpu)
         assert res.outcome == "applied" and len(res.steps) == (1 if serve_surges() else 3), res
-        regs = _until(lambda: (r := [e for e in registry_endpoints() if e["stage"] == 3]) and len(r) == 1 and r,
+        regs = _until(lambda: (r := [e for e in registry_endpoints() if e.stage == 3]) and len(r) == 1 and r,
                       30, "one Stage3 replica registered")
         assert regs[0]["pool"] == "gpu" and regs[0]["dtype"] == "fp32", regs
         n_ok, mism = load.ok, len(load.mismatch)
@@ -208,13 +208,13 @@ def test_pool_and_precision_moves_under_load(serve_cluster):
         res = Mover(APP, RayOps(), ranges, deadline_s=120).apply(to_bf16)
         assert [s["setting"] for s in res.steps] == (["precision"] if serve_surges() else
                                                   ["num_replicas", "precision", "num_replicas"]), res.steps
-        regs = _until(lambda: (r := [e for e in registry_endpoints() if e["stage"] == 3]) and len(r) == 1
+        regs = _until(lambda: (r := [e for e in registry_endpoints() if e.stage == 3]) and len(r) == 1
                       and r[0]["dtype"] == "bf16" and r, 30, "the bf16 replica registered")
         assert regs[0]["pool"] == "gpu"
         time.sleep(2)
         assert load.ok > n_ok  # traffic kept flowing after the moves
         # stages 0-2 were never restarted: the same replicas serve them
-        assert {e["replica"] for e in registry_endpoints() if e["stage"] != 3} == others
+        assert {e.replica for e in registry_endpoints() if e.stage != 3} == others
     finally:
         load.finish()
     assert load.failed == [], load.failed[:5]
@@ -244,14 +244,14 @@ def test_split_moves_live_under_load(serve_cluster):
         d.update(num_replicas=1, ray_actor_options={"num_cpus": 0.5, "resources": {f"pool_{pool}": 1}})
 
     def layers():
-        return sorted((e["stage"], tuple(e["layers"])) for e in registry_endpoints() if e["stage"] < 2)
+        return sorted((e.stage, e.layers) for e in registry_endpoints() if e.stage < 2)
 
     apply_config(cfg, wait_s=None)
     try:
         wait_running(180, want={"Stage0": 1, "Stage1": 1})
         _until(lambda: layers() == [(0, (0, 2)), (1, (2, 4))], 60, "the 2-stage app registered", info=layers)
         # every replica warmed up and profiled its layers before registering (the cost model's seed)
-        assert all({p["batch"] for p in e["profile"]} >= {1, 16} for e in registry_endpoints()), registry_endpoints()
+        assert all({p["batch"] for p in e.profile} >= {1, 16} for e in registry_endpoints()), registry_endpoints()
         args_before = rayops.deployed_app_config(APP)["args"]
         load = Load(serve_cluster, max_s=400)
         least_running = {"Stage0": 1, "Stage1": 1}  # make before break: a stage is never without a replica

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from offramp import errors
+from offramp.cluster.records import StageRecord
 from offramp.deployments import channel as ch
 from offramp.deployments import pipeline as pl
 from offramp.deployments.channel import StageClient, StageServer
@@ -359,8 +360,7 @@ def test_client_errors_name_no_internal_address():
 def test_router_keeps_routing_through_a_registry_restart_and_a_hung_lookup(monkeypatch):
     monkeypatch.setattr(pl, "RESTART_GRACE_S", 0.5)
     monkeypatch.setattr(pl, "LOOKUP_TIMEOUT_S", 0.2)
-    a = {"stage": 0, "replica": "a", "host": "h", "port": 1, "layers": [0, 2]}
-    b = {"stage": 1, "replica": "b", "host": "h", "port": 2, "layers": [2, 4]}
+    a, b = StageRecord(0, "a", "h", 1, (0, 2)), StageRecord(1, "b", "h", 2, (2, 4))
     answers = [{"epoch": "e1", "endpoints": [a, b]}, {"epoch": "e2", "endpoints": []},
                {"epoch": "e2", "endpoints": [b]}, "hang", {"epoch": "e2", "endpoints": [b]}]
 
@@ -391,12 +391,16 @@ def test_router_keeps_routing_through_a_registry_restart_and_a_hung_lookup(monke
 
 
 def test_registry_exposes_an_epoch_per_start():
-    from offramp.cluster.rayops import RegistryCore
+    from offramp.cluster.registry import RegistryCore
 
     r1, r2 = RegistryCore(), RegistryCore()
-    r1.register({"replica": "x", "stage": 0, "layers": [0, 2], "host": "h", "port": 1})
+    r1.register(StageRecord(0, "x", "h", 1, (0, 2)))
     got = r1.routing()
-    assert [e["replica"] for e in got["endpoints"]] == ["x"]
+    assert [e.replica for e in got["endpoints"]] == ["x"]
+    assert r1.heartbeat("x", {"rows": 7, "sequences": 2, "busy_s": 0.5})  # parsed once, typed
+    (e,) = r1.endpoints()
+    assert (e.stats.rows, e.stats.sequences, e.stats.busy_s) == (7, 2, 0.5)
+    assert not r2.heartbeat("x", {"rows": 1})  # unknown there: the replica registers again
     assert got["epoch"] != r2.routing()["epoch"]
 
 
@@ -466,8 +470,7 @@ def test_local_config_keeps_every_offramp_listener_on_loopback():
 def test_readiness_names_the_layer_no_live_replica_holds():
     """``GET /health`` answers 503 until live replicas cover a whole walk: while a stage
     starts (loads, compiles), is replaced, or is banned after failing."""
-    e = lambda stage, replica, a, b: {"stage": stage, "replica": replica, "host": "h", "port": 1,  # noqa: E731
-                                      "layers": [a, b]}
+    e = lambda stage, replica, a, b: StageRecord(stage, replica, "h", 1, (a, b))  # noqa: E731
     views = [{"epoch": "e", "endpoints": [e(0, "a", 0, 2)]},
              {"epoch": "e", "endpoints": [e(0, "a", 0, 2), e(1, "b", 2, 4)]}]
 

@@ -322,7 +322,7 @@ def test_client_disconnect_mid_stream_frees_stage_kv(serve_cluster):
     deadline = time.monotonic() + 15
     while True:
         time.sleep(1.0)
-        held = {e["replica"]: e.get("stats", {}).get("sequences") for e in registry_endpoints()}
+        held = {e.replica: e.stats.sequences for e in registry_endpoints()}
         if held and all(v == 0 for v in held.values()):
             break
         assert time.monotonic() < deadline, f"KV still held after the client left: {held}"
@@ -551,7 +551,7 @@ def test_scale_one_stage_by_reapplying_config(serve_cluster, staged):
     assert [offramp_of(r.choices[0])["token_ids"] for r in asyncio.run(run())] == refs
     deadline = time.monotonic() + 15
     while True:
-        rows = {e["replica"]: e.get("stats", {}).get("rows", 0) for e in registry_endpoints() if e["stage"] == 1}
+        rows = {e.replica: e.stats.rows for e in registry_endpoints() if e.stage == 1}
         if len(rows) == 2 and all(rows.values()):
             break
         assert time.monotonic() < deadline, f"Stage1 replicas' served rows (from heartbeats): {rows}"
@@ -591,7 +591,7 @@ def test_request_after_killing_one_of_two_replicas_succeeds(serve_cluster, stage
         time.sleep(3)  # a heartbeat: the registry lists the new replica
     client = serve_cluster.openai(timeout=60)
     ref = reference(staged, PROMPTS[1], 8, ExitPolicy("off")).generated
-    stage1 = sorted(e["replica"] for e in registry_endpoints() if e["stage"] == 1)
+    stage1 = sorted(e.replica for e in registry_endpoints() if e.stage == 1)
     assert len(stage1) == 2
     victim = actor_of_replica("Stage1", stage1[0])  # ties in load go to the smaller replica id
     ray.kill(ray.get_actor(victim.name, namespace="serve"), no_restart=True)
@@ -703,7 +703,7 @@ def test_no_stage_holds_kv_once_idle_after_the_faults(serve_cluster):
     an idle app holds no KV anywhere: the leases (5 s here) reclaim what no release freed."""
     deadline = time.monotonic() + 40
     while True:
-        held = {e["replica"]: e.get("stats", {}).get("sequences") for e in registry_endpoints()}
+        held = {e.replica: e.stats.sequences for e in registry_endpoints()}
         if held and all(v == 0 for v in held.values()):
             return
         assert time.monotonic() < deadline, f"KV still held when idle: {held}"

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from offramp import errors
+from offramp.cluster.records import StageRecord
 from offramp.deployments.channel import StageServer
 from offramp.deployments.config import parse_layers, stage_range
 from offramp.deployments.pipeline import PipelineBackend, Router
@@ -110,12 +111,11 @@ class _Replicas:
     def add(self, name: str, index: int, rng: tuple[int, int], num_stages: int = 2) -> StageServer:
         srv = StageServer(_worker(self.model_dir, rng, index, num_stages), "tok", batch_wait_timeout_s=0.0)
         self.servers[name] = srv
-        self.entries.append({"stage": index, "replica": name, "host": "127.0.0.1", "port": srv.port,
-                             "layers": list(rng)})
+        self.entries.append(StageRecord(index, name, "127.0.0.1", srv.port, tuple(rng)))
         return srv
 
     def remove(self, name: str) -> None:
-        self.entries = [e for e in self.entries if e["replica"] != name]
+        self.entries = [e for e in self.entries if e.replica != name]
         self.servers.pop(name).close()
 
     async def lookup(self):
@@ -201,7 +201,7 @@ def test_split_move_keeps_every_sequence_and_its_tokens(tiny_model_dir, old, new
             assert results[:3] == reference
             assert late_entry == reference[1]
             assert mid_entries and set(mid_entries) == {abs(new - old)}
-            assert sorted(e["layers"] for e in reps.entries) == [[0, new], [new, L]]
+            assert sorted(e.layers for e in reps.entries) == [(0, new), (new, L)]
             # after the move every sequence runs the plain new split
             assert await _collect(backend, _request(2, n)) == reference[2]
             for srv in reps.servers.values():
@@ -214,9 +214,8 @@ def test_split_move_keeps_every_sequence_and_its_tokens(tiny_model_dir, old, new
 
 def test_router_prefers_a_replica_starting_at_the_layer(tiny_model_dir):
     async def lookup():
-        return {"epoch": "e", "endpoints": [{"stage": 0, "replica": "a", "host": "h", "port": 1, "layers": [0, 3]},
-                                            {"stage": 1, "replica": "b", "host": "h", "port": 2, "layers": [2, 4]},
-                                            {"stage": 1, "replica": "c", "host": "h", "port": 3, "layers": [3, 4]}]}
+        return {"epoch": "e", "endpoints": [StageRecord(0, "a", "h", 1, (0, 3)), StageRecord(1, "b", "h", 2, (2, 4)),
+                                            StageRecord(1, "c", "h", 3, (3, 4))]}
 
     r = Router(2, "tok", lookup, num_layers=4)
     asyncio.run(r.refresh())

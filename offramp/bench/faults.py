@@ -25,11 +25,9 @@ started after it that came back right), and the KV slots held after idle.
 from __future__ import annotations
 
 import json
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from offramp.bench.common import APP, json_stdout, local_serve_config
 from offramp.deployments.config import INGRESS_NAME, stage_name
@@ -210,8 +208,7 @@ def _kill(fault: str, cluster) -> str:
 def _held_slots() -> dict[str, int]:
     from offramp.cluster import rayops
 
-    return {f"stage{e['stage']}:{e['replica'][-6:]}": int((e.get("stats") or {}).get("sequences", -1))
-            for e in rayops.registry_endpoints(APP)}
+    return {f"stage{e.stage}:{e.replica[-6:]}": e.stats.sequences for e in rayops.registry_endpoints(APP)}
 
 
 def _window(outcomes: list[Outcome], t0: float, t1: float) -> dict:

@@ -1,8 +1,10 @@
 """Every ``ray.*`` call Offramp makes at run time goes through this module, so the rest of
-the code (and its unit tests) never needs a cluster.
+the code (and its unit tests) never needs a cluster (``tests/test_architecture.py`` lists
+the few exceptions, each with its reason).
 
-The registry is a small detached actor per Serve application: stage replicas publish
-their data-channel endpoint there and heartbeat; ingress replicas read it to route.
+The registry (:class:`~offramp.cluster.registry.RegistryCore`, pure) runs here as a small
+detached, restarting actor per Serve application (:func:`registry`); :class:`Heartbeat`
+beats to it from each replica.
 
 The application's channel token lives in Ray's internal KV (kept by the GCS), minted once
 by whichever replica asks first (:func:`channel_token`): it survives a restart of the
@@ -15,83 +17,15 @@ import copy
 import logging
 import secrets
 import threading
-import time
 from typing import Any
 
 import ray
 
+from offramp.cluster.records import StageRecord
+from offramp.cluster.registry import HEARTBEAT_S, RegistryCore
+
 NAMESPACE = "offramp"
-HEARTBEAT_S = 2.0
 log = logging.getLogger("offramp")
-STALE_S = 8.0
-
-
-class RegistryCore:
-    """Who serves which stage, and each replica's latest stats; one detached actor per app
-    (:data:`Registry`). Plain class so it can be tested without Ray."""
-
-    def __init__(self):
-        # A new epoch per (re)start: an ingress that sees it change keeps its previous
-        # endpoints routable while the replicas register again.
-        self._epoch = secrets.token_hex(8)
-        self._entries: dict[str, dict] = {}
-        self._ingress: dict[str, dict] = {}  # ingress replica -> {"stats", "seen"}
-
-    def register(self, entry: dict) -> None:
-        self._entries[entry["replica"]] = {**entry, "seen": time.time()}
-
-    def heartbeat(self, replica: str, stats: dict | None = None) -> bool:
-        e = self._entries.get(replica)
-        if e is None:
-            return False  # registry restarted: the replica registers again
-        e["seen"] = time.time()
-        if stats:
-            e["stats"] = stats
-        return True
-
-    def deregister(self, replica: str) -> None:
-        self._entries.pop(replica, None)
-        self._ingress.pop(replica, None)
-
-    def ingress_heartbeat(self, replica: str, stats: dict) -> None:
-        """An ingress replica's counters (cumulative ``stage_calls``) and recent TPOT."""
-        self._ingress[replica] = {"stats": stats, "seen": time.time()}
-
-    def ingress_totals(self) -> dict | None:
-        """Every live ingress replica's stats combined: ``stage_calls`` (``stage_passes``
-        when every replica reports it) and ``tokens`` summed, latency percentiles the worst
-        replica's (a conservative p99), ``replicas``."""
-        now = time.time()
-        for k in [k for k, e in self._ingress.items() if now - e["seen"] > STALE_S * 4]:
-            del self._ingress[k]
-        live = [e["stats"] for e in self._ingress.values() if now - e["seen"] <= STALE_S]
-        if not live:
-            return None
-        n = max(len(s.get("stage_calls", ())) for s in live)
-        out = {"num_stages": n, "tokens": sum(s.get("tokens", 0) for s in live), "replicas": len(live),
-               "replays": sum(s.get("replays", 0) for s in live)}
-        if all("tokens_emitted" in s for s in live):
-            out["tokens_emitted"] = sum(s["tokens_emitted"] for s in live)
-        summed = ["stage_calls", "hop_s_sum", "hop_n"]  # cumulative per-stage counters
-        if all(len(s.get("stage_passes", ())) == n for s in live):  # not with a replica that lacks them
-            summed.append("stage_passes")
-        for key in summed:
-            out[key] = [sum(s[key][k] for s in live if len(s.get(key, ())) == n) for k in range(n)]
-        for key in ("ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50", "tpot_ms_p99", "request_tpot_ms_mean",
-                    "request_tpot_ms_p99"):
-            vals = [s[key] for s in live if s.get(key) is not None]
-            out[key] = max(vals) if vals else None
-        return out
-
-    def endpoints(self) -> list[dict]:
-        now = time.time()
-        for k in [k for k, e in self._entries.items() if now - e["seen"] > STALE_S * 4]:
-            del self._entries[k]
-        return [e for e in self._entries.values() if now - e["seen"] <= STALE_S]
-
-    def routing(self) -> dict:
-        """What an ingress routes on: ``{"epoch", "endpoints"}`` (see :meth:`endpoints`)."""
-        return {"epoch": self._epoch, "endpoints": self.endpoints()}
 
 
 Registry = ray.remote(num_cpus=0, max_restarts=-1)(RegistryCore)
@@ -306,7 +240,7 @@ def registry_ingress(app_name: str, timeout: float = 10.0) -> dict | None:
     return ray.get(reg.ingress_totals.remote(), timeout=timeout)
 
 
-def registry_endpoints(app_name: str, timeout: float = 10.0) -> list[dict]:
+def registry_endpoints(app_name: str, timeout: float = 10.0) -> list[StageRecord]:
     """Live stage endpoints of the app's registry (with each replica's last heartbeat stats)."""
     try:
         reg = ray.get_actor(f"registry-{app_name}", namespace=NAMESPACE)

@@ -1,15 +1,19 @@
-"""Typed records of what crosses the control plane as plain dicts (Ray actor calls,
-registry entries), so readers use attributes instead of re-parsing keys.
+"""Typed records of what crosses the control plane (Ray actor calls, registry entries), so
+readers use attributes instead of re-parsing keys.
 
-:class:`StageStats` is what a stage replica's heartbeat publishes (``StageDeployment
-.beat_stats``): cumulative counters since the replica started, and gauges. A reader takes
-:meth:`StageStats.from_dict`; a key the replica did not send (an older replica, one that
-has not stepped yet) reads as its default.
+* :class:`StageStats` is what a stage replica's heartbeat publishes (``StageDeployment
+  .beat_stats``): cumulative counters since the replica started, and gauges. The registry
+  parses it once (:meth:`StageStats.from_dict`); a key the replica did not send (an older
+  replica, one that has not stepped yet) reads as its default.
+* :class:`StageRecord` is a stage replica's registry entry: where its channel listens,
+  which layers it holds, its pool, device, precision and start-up profile, and its last
+  heartbeat (``seen``, ``stats``). The ingress routes on it, the placement controller
+  reads load and profiles from it.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 _FLOATS = {"busy_s", "decode_s", "prefill_s", "kv_occupancy", "wait_s", "max_wait_s", "memory_headroom_bytes"}
 
@@ -44,3 +48,18 @@ class StageStats:
             if v is not None:
                 kw[f.name] = float(v) if f.name in _FLOATS else int(v)
         return cls(**kw)
+
+
+@dataclass
+class StageRecord:
+    stage: int
+    replica: str  # Serve's replica id
+    host: str = ""  # the stage channel's listener
+    port: int = 0
+    layers: tuple[int, int] | None = None  # [start, end) it holds; None: not said
+    pool: str = "any"  # the pool_<name> resource it was placed with
+    device: str = "cpu"
+    dtype: str = "fp32"  # precision of its layers
+    profile: tuple[dict, ...] = ()  # start-up step times (placement.cost_model.ProfileSample fields)
+    seen: float = 0.0  # registry clock of its last register / heartbeat
+    stats: StageStats = field(default_factory=StageStats)  # its last heartbeat

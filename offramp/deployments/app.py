@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import time
+from dataclasses import asdict
 
 from ray import serve
 from ray.serve import Application
@@ -21,6 +22,7 @@ from ray.serve import Application
 from offramp.api.grpc_service import GrpcIngressMixin
 from offramp.cluster import rayops
 from offramp.cluster.local import HAPROXY_ENV
+from offramp.cluster.records import StageRecord
 from offramp.deployments.config import (INGRESS_NAME, STAGE_DTYPE_ENV, STAGE_LAYERS_ENV, AppArgs, StageArgs,
                                        model_facts, placement_controller, stage_name, stage_range, stage_threads)
 
@@ -90,8 +92,9 @@ class StageDeployment:
                                   labels={"pool": pool, "replica": self.replica, "precision": sa.dtype},
                                   emulate=emulate, lease_s=args.kv_lease_s,
                                   ssl_context=args.channel_tls.server_context() if args.channel_tls else None)
-        self.entry = {"stage": index, "replica": self.replica, "host": self.server.host, "port": self.server.port,
-                      "layers": list(layers), "pool": pool, "device": device, "dtype": sa.dtype, "profile": profile}
+        self.entry = StageRecord(stage=index, replica=self.replica, host=self.server.host, port=self.server.port,
+                                 layers=(int(layers[0]), int(layers[1])), pool=pool, device=device, dtype=sa.dtype,
+                                 profile=tuple(profile))
         self.steps = {"batches": 0, "rows": 0, "positions": 0, "busy_s": 0.0,
                       "decode_batches": 0, "decode_s": 0.0,  # batches of one position per row
                       "prefill_batches": 0, "prefill_s": 0.0, "prefill_positions": 0}  # the others
@@ -128,10 +131,10 @@ class StageDeployment:
     def beat_stats(self) -> dict:
         """What a heartbeat publishes: :meth:`stats` plus the longest queue wait since the last beat."""
         return {**self.stats(), "max_wait_s": self.server.take_max_wait(),
-                "memory_headroom_bytes": _memory_headroom(self.entry["device"])}
+                "memory_headroom_bytes": _memory_headroom(self.entry.device)}
 
     def info(self) -> dict:
-        return {**self.entry, **self.stats()}
+        return {**asdict(self.entry), "layers": list(self.entry.layers), **self.stats()}
 
     def check_health(self) -> None:
         """Serve replaces the replica when this raises: its channel thread, loop or batcher

@@ -94,7 +94,7 @@ class Router:
     The registry is read off the per-token path: :meth:`start` runs a background refresh
     every :data:`REFRESH_S`, each lookup bounded by :data:`LOOKUP_TIMEOUT_S`; a failed
     lookup keeps the last view. ``lookup`` returns ``{"epoch": ..., "endpoints": [...]}``
-    (:meth:`~offramp.cluster.rayops.RegistryCore.routing`): when the epoch changes (the
+    (:meth:`~offramp.cluster.registry.RegistryCore.routing`): when the epoch changes (the
     registry actor restarted and replicas are registering again) endpoints missing from
     the new list stay routable for :data:`RESTART_GRACE_S`, so a registry restart fails
     no request."""
@@ -145,10 +145,9 @@ class Router:
             return
         epoch, entries = got["epoch"], got["endpoints"]
         fresh = []
-        for e in entries:
-            if 0 <= e["stage"] < self.num_stages and len(e.get("layers") or ()) == 2:
-                a, b = (int(x) for x in e["layers"])
-                fresh.append(Endpoint(e["stage"], e["replica"], e["host"], e["port"], a, b))
+        for e in entries:  # StageRecords
+            if 0 <= e.stage < self.num_stages and e.layers is not None:
+                fresh.append(Endpoint(e.stage, e.replica, e.host, e.port, *e.layers))
         now = time.monotonic()
         if self._epoch is not None and epoch != self._epoch:
             log.warning("the registry restarted; keeping the previous endpoints for %.0f s while replicas "

@@ -38,11 +38,10 @@ import math
 import threading
 from collections import deque
 from dataclasses import asdict, dataclass, field
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from offramp.cluster.records import StageStats
+from offramp.cluster.records import StageRecord, StageStats
 from offramp.deployments.config import AppArgs, model_facts
 from offramp.placement.cost_model import (
     DEFAULT_COST_PER_HOUR, CostModel, ModelShape, PlacementError, PoolFit, PoolSpec, ProfileSample, fit_profile,
@@ -202,9 +201,9 @@ class SignalCollector:
         self._prev: tuple[float, dict[str, tuple[int, StageStats]], tuple[str, list[int]] | None, tuple | None] | None = None
         self._prev_emitted: int | None = None  # the ingress's tokens_emitted at the last sample
 
-    def sample(self, now: float, endpoints: list[dict], ingress: dict | None) -> Observation | None:
+    def sample(self, now: float, endpoints: list[StageRecord], ingress: dict | None) -> Observation | None:
         """None on the first sample (rates need two)."""
-        stats = {e["replica"]: (int(e["stage"]), StageStats.from_dict(e.get("stats"))) for e in endpoints}
+        stats = {e.replica: (e.stage, e.stats) for e in endpoints}
         key = "stage_passes" if ingress and "stage_passes" in ingress else "stage_calls"
         calls = list(ingress[key]) if ingress and key in ingress else None
         hops = (list(ingress["hop_s_sum"]), list(ingress["hop_n"])) if ingress and "hop_n" in ingress else None
@@ -409,14 +408,14 @@ class PlacementController:
                                     **base))
         return [self._fitted(p) for p in out] if self.cfg.profile_pools else out
 
-    def _keep_profiles(self, endpoints: list[dict]) -> None:
+    def _keep_profiles(self, endpoints: list[StageRecord]) -> None:
         for e in endpoints:
-            if e.get("profile") and e["replica"] not in self.profiles:
+            if e.profile and e.replica not in self.profiles:
                 try:
-                    samples = [ProfileSample.model_validate(p) for p in e["profile"]]
+                    samples = [ProfileSample.model_validate(p) for p in e.profile]
                 except ValueError:
                     continue  # a replica of another version: not worth a failed tick
-                self.profiles[e["replica"]] = (e.get("pool", "any"), e.get("dtype", "fp32"), samples)
+                self.profiles[e.replica] = (e.pool, e.dtype, samples)
                 while len(self.profiles) > 64:
                     self.profiles.pop(next(iter(self.profiles)))
 
