@@ -554,3 +554,48 @@ def test_speculative_counters_in_the_offramp_block(engine_server):
     for key in ("drafted", "accepted", "verify_rounds"):
         assert total[key] == sum(p[key] for p in per)
     assert total["deep_visits_per_token"] == round(total["verify_rounds"] / 24, 4)
+
+
+def test_handlers_run_on_their_own(server):
+    """The handlers are methods of OpenAIRoutes: callable with a bare Starlette Request, no
+    app, no server, no middleware; and a client that goes away mid-request cancels it."""
+    import asyncio
+    import json
+
+    from starlette.requests import Request
+
+    from offramp.api.app import OpenAIRoutes
+    from offramp.api.errors import ApiError
+
+    _, backend, tok = server
+    routes = OpenAIRoutes(Frontend(backend=backend, tokenizer=tok, settings=ApiSettings(
+        model_name=MODEL, max_context=CONTEXT, max_tokens_cap=40, request_timeout_s=10.0)))
+
+    def request(body: dict, then: str = "wait") -> Request:
+        sent = []
+
+        async def receive():
+            if not sent:
+                sent.append(1)
+                return {"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}
+            if then == "leave":
+                return {"type": "http.disconnect"}
+            await asyncio.Event().wait()  # the client stays
+
+        return Request({"type": "http", "method": "POST", "path": "/v1/completions", "query_string": b"",
+                        "headers": [(b"content-type", b"application/json")]}, receive)
+
+    assert asyncio.run(routes.list_models())["data"][0]["id"] == MODEL
+    with pytest.raises(ApiError) as e:
+        asyncio.run(routes.get_model("not-" + MODEL))
+    assert e.value.status == 404
+    body = {"model": MODEL, "prompt": "the quick", "max_tokens": 3, "temperature": 0}
+    r = asyncio.run(routes.completions_route(request(body)))
+    got = json.loads(r.body)
+    assert r.status_code == 200 and got["usage"]["completion_tokens"] == 3, got
+    assert got["choices"][0]["text"] == tok.decode(tok.encode(TEXT, add_special_tokens=False)[:3])
+    bad = asyncio.run(routes.completions_route(request({**body, "max_tokens": 0})))
+    assert bad.status_code == 400 and json.loads(bad.body)["error"]["param"] == "max_tokens"
+    backend.delay_s = 0.5  # slow enough for the client to leave first
+    gone = asyncio.run(routes.completions_route(request(body, then="leave")))
+    assert gone.status_code == 499

@@ -345,55 +345,74 @@ def chunk_offramp(gen: Generation, d: ChoiceDelta) -> dict[str, Any]:
 # --------------------------------------------------------------------------- app
 
 
-def create_app(frontend: Frontend) -> FastAPI:
-    """The HTTP app for one served model. ``frontend`` holds backend, tokenizer and settings;
-    nothing is read from the environment here (see :meth:`Frontend.from_app_args`)."""
-    settings = frontend.settings
-    tokenizer = frontend.tokenizer
-    app = FastAPI(title="Offramp", docs_url=None, redoc_url=None, openapi_url=None)
-    api_errors.install_handlers(app)
-    key = settings.api_key.get_secret_value() if settings.api_key else None
-    app.add_middleware(ApiKeyMiddleware, api_key=key)
-    created = int(time.time())
+class OpenAIRoutes:
+    """The HTTP handlers over one :class:`Frontend`, each a method: a handler can be called
+    on its own with a Starlette ``Request`` (tests do), and :func:`create_app` only mounts
+    them. Nothing is read from the environment here (see :meth:`Frontend.from_app_args`)."""
 
-    def model_card() -> dict[str, Any]:
-        return {"id": settings.model_name, "object": "model", "created": created, "owned_by": "offramp",
-                "max_model_len": settings.max_context,
-                "offramp": {"num_stages": int(getattr(frontend.backend, "num_stages", 1))}}
+    def __init__(self, frontend: Frontend):
+        self.frontend = frontend
+        self.settings = frontend.settings
+        self.tokenizer = frontend.tokenizer
+        self.created = int(time.time())
 
-    @app.get("/healthz")
-    @app.get("/-/healthz")
-    async def healthz() -> dict[str, str]:
+    def model_card(self) -> dict[str, Any]:
+        s = self.settings
+        return {"id": s.model_name, "object": "model", "created": self.created, "owned_by": "offramp",
+                "max_model_len": s.max_context,
+                "offramp": {"num_stages": int(getattr(self.frontend.backend, "num_stages", 1))}}
+
+    # -- open routes -----------------------------------------------------------------
+    async def healthz(self) -> dict[str, str]:
         """Liveness of this ingress replica (Serve's and HAProxy's checks)."""
         return {"status": "ok"}
 
-    @app.get("/health")  # vLLM's route; load generators (guidellm) wait on it
-    async def health():
+    async def health(self):
         """Readiness: 200 once every stage has a live replica, else 503 with what is missing
         (e.g. while the stages compile on a first start)."""
-        problem = await frontend.backend.readiness()
+        problem = await self.frontend.backend.readiness()
         if problem is not None:
             return JSONResponse({"status": "starting", "detail": problem}, status_code=503,
                                 headers={"Retry-After": "5"})
         return {"status": "ok"}
 
-    @app.get("/v1/models")
-    async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_card()]}
+    async def list_models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [self.model_card()]}
 
-    @app.get("/v1/models/{model:path}")
-    async def get_model(model: str) -> dict[str, Any]:
-        if model != settings.model_name:
-            raise api_errors.model_not_found(model, settings.model_name)
-        return model_card()
+    async def get_model(self, model: str) -> dict[str, Any]:
+        if model != self.settings.model_name:
+            raise api_errors.model_not_found(model, self.settings.model_name)
+        return self.model_card()
 
-    def start_generation(req: SamplingFields, prompt_ids: list[int], extra_stops: list[str], request_id: str,
+    # -- the generation endpoints ------------------------------------------------------
+    async def completions_route(self, request: Request):
+        return await self.guarded(self.completions, request)
+
+    async def chat_completions_route(self, request: Request):
+        return await self.guarded(self.chat_completions, request)
+
+    async def guarded(self, handler: Callable, request: Request):
+        """``handler(request)`` with every error as its OpenAI error response."""
+        try:
+            return await handler(request)
+        except ApiError as e:
+            return e.response()
+        except OfframpError as e:
+            return api_errors.from_offramp(e).response()
+        except ClientGone:
+            log.info("client disconnected; request cancelled")
+            return JSONResponse({"error": None}, status_code=499)
+        except Exception as e:
+            return api_errors.internal(e).response()
+
+    def start_generation(self, req: SamplingFields, prompt_ids: list[int], extra_stops: list[str], request_id: str,
                          request: Request) -> Generation:
-        return frontend.generation(
-            req, prompt_ids, request_id=request_id, carrier=trace_context(request), max_n=settings.max_n,
+        return self.frontend.generation(
+            req, prompt_ids, request_id=request_id, carrier=trace_context(request), max_n=self.settings.max_n,
             operation="text_completion" if isinstance(req, CompletionRequest) else "chat",
             extra_stops=tuple(extra_stops))
 
+    @staticmethod
     def chunk_usage(gen: Generation, req: SamplingFields) -> dict[str, Any]:
         """A chunk's ``usage``: so far (``continuous_usage_stats``), null (``include_usage``:
         the totals come in the last chunk) or absent."""
@@ -401,7 +420,7 @@ def create_app(frontend: Frontend) -> FastAPI:
             return {"usage": gen.usage()}
         return {"usage": None} if req.include_usage else {}
 
-    async def respond(request: Request, gen: Generation, req: SamplingFields,
+    async def respond(self, request: Request, gen: Generation, req: SamplingFields,
                       chunk: Callable[[ChoiceDelta], dict[str, Any]], first_chunks: list[dict[str, Any]],
                       final: Callable[[list], dict[str, Any]], envelope: Callable[[], dict[str, Any]]):
         """Shared tail of both endpoints: JSON body or SSE stream."""
@@ -450,27 +469,13 @@ def create_app(frontend: Frontend) -> FastAPI:
 
         return SSEResponse(events(), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def guarded(handler: Callable, request: Request):
-        try:
-            return await handler(request)
-        except ApiError as e:
-            return e.response()
-        except OfframpError as e:
-            return api_errors.from_offramp(e).response()
-        except ClientGone:
-            log.info("client disconnected; request cancelled")
-            return JSONResponse({"error": None}, status_code=499)
-        except Exception as e:
-            return api_errors.internal(e).response()
-
-    # -- /v1/completions -----------------------------------------------------------
-
-    async def completions(request: Request):
+    async def completions(self, request: Request):
+        settings, tokenizer = self.settings, self.tokenizer
         req: CompletionRequest = parse(CompletionRequest, await read_json_body(request, settings.max_body_bytes),
                                        settings.model_name)
         prompt_ids = encode_prompt(tokenizer, req.prompt_input())
         rid = f"cmpl-{uuid.uuid4().hex}"
-        gen = start_generation(req, prompt_ids, [], rid, request)
+        gen = self.start_generation(req, prompt_ids, [], rid, request)
         now = int(time.time())
         fmt = LogprobFormatter(tokenizer) if req.logprobs is not None else None
         prompt = req.prompt_input()
@@ -496,7 +501,7 @@ def create_app(frontend: Frontend) -> FastAPI:
                 lp, offsets[d.index] = fmt.completion(items, offsets[d.index])
             choice = {"index": d.index, "text": text, "logprobs": lp, "finish_reason": d.finish_reason,
                       "offramp": chunk_offramp(gen, d)}
-            return {**envelope(), "choices": [choice], **chunk_usage(gen, req)}
+            return {**envelope(), "choices": [choice], **self.chunk_usage(gen, req)}
 
         def mean_logprob(r) -> float:
             lps = [lp.logprob for lp in r.logprobs if lp is not None]
@@ -521,17 +526,16 @@ def create_app(frontend: Frontend) -> FastAPI:
             return {**envelope(), "choices": choices, "usage": gen.usage(),
                     "offramp": {"num_stages": gen.num_stages, **offramp_block(gen, all_stages, results)}}
 
-        return await respond(request, gen, req, chunk, [], final, envelope)
+        return await self.respond(request, gen, req, chunk, [], final, envelope)
 
-    # -- /v1/chat/completions ------------------------------------------------------
-
-    async def chat_completions(request: Request):
+    async def chat_completions(self, request: Request):
+        settings, tokenizer = self.settings, self.tokenizer
         req: ChatCompletionRequest = parse(
             ChatCompletionRequest, await read_json_body(request, settings.max_body_bytes), settings.model_name)
         prompt_ids, implicit_stops = encode_chat(
             tokenizer, [("system" if m.role == "developer" else m.role, m.text()) for m in req.messages])
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        gen = start_generation(req, prompt_ids, implicit_stops, rid, request)
+        gen = self.start_generation(req, prompt_ids, implicit_stops, rid, request)
         now = int(time.time())
         fmt = LogprobFormatter(tokenizer) if req.logprobs else None
 
@@ -541,13 +545,13 @@ def create_app(frontend: Frontend) -> FastAPI:
 
         first_chunks = [{**envelope(), "choices": [
             {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-            for i in range(req.n)], **chunk_usage(gen, req)}]
+            for i in range(req.n)], **self.chunk_usage(gen, req)}]
 
         def chunk(d: ChoiceDelta) -> dict[str, Any]:
             delta = {"content": d.text} if d.text else {}
             choice = {"index": d.index, "delta": delta, "logprobs": fmt.chat(d.logprobs) if fmt else None,
                       "finish_reason": d.finish_reason, "offramp": chunk_offramp(gen, d)}
-            return {**envelope(), "choices": [choice], **chunk_usage(gen, req)}
+            return {**envelope(), "choices": [choice], **self.chunk_usage(gen, req)}
 
         def final(results: list) -> dict[str, Any]:
             choices = [{"index": r.index, "message": {"role": "assistant", "content": r.text},
@@ -559,14 +563,22 @@ def create_app(frontend: Frontend) -> FastAPI:
             return {**envelope(), "object": "chat.completion", "choices": choices, "usage": gen.usage(),
                     "offramp": {"num_stages": gen.num_stages, **offramp_block(gen, all_stages, results)}}
 
-        return await respond(request, gen, req, chunk, first_chunks, final, envelope)
+        return await self.respond(request, gen, req, chunk, first_chunks, final, envelope)
 
-    @app.post("/v1/completions")
-    async def completions_route(request: Request):
-        return await guarded(completions, request)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions_route(request: Request):
-        return await guarded(chat_completions, request)
-
+def create_app(frontend: Frontend) -> FastAPI:
+    """The HTTP app for one served model: :class:`OpenAIRoutes` mounted, the API key
+    checked (:class:`ApiKeyMiddleware`), errors as OpenAI error objects."""
+    routes = OpenAIRoutes(frontend)
+    app = FastAPI(title="Offramp", docs_url=None, redoc_url=None, openapi_url=None)
+    api_errors.install_handlers(app)
+    key = frontend.settings.api_key.get_secret_value() if frontend.settings.api_key else None
+    app.add_middleware(ApiKeyMiddleware, api_key=key)
+    app.get("/healthz")(routes.healthz)
+    app.get("/-/healthz")(routes.healthz)
+    app.get("/health")(routes.health)  # vLLM's route; load generators (guidellm) wait on it
+    app.get("/v1/models")(routes.list_models)
+    app.get("/v1/models/{model:path}")(routes.get_model)
+    app.post("/v1/completions")(routes.completions_route)
+    app.post("/v1/chat/completions")(routes.chat_completions_route)
     return app
