@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 
-from offramp.cluster.records import StageRecord, StageStats
+from offramp.cluster.records import IngressTotals, StageRecord, StageStats
 from offramp.deployments.config import ServeApp
 from offramp.placement.controller import (
     AppFacts, ControllerConfig, Observation, PlacementController, SignalCollector, StageLoad, workload_from,
@@ -44,6 +44,9 @@ def app_config(replicas=(1, 1, 1, 1), pools=("gpu", "gpu", "cpu", "cpu")):
 def _layers(app_config: dict, ranges) -> list[tuple[int, int]]:
     """Layers per stage as deployed (split moves' overrides over the app's split)."""
     return [st.layers for st in ServeApp(app_config, ranges).stages()]
+
+
+it = IngressTotals.from_dict  # an ingress's stats as the controller reads them
 
 
 def ep(stage: int, replica: str, stats: dict) -> StageRecord:
@@ -112,7 +115,7 @@ class FakeOps:
         return [ep(int(name[5:]), r["id"], r["stats"]) for name in self._replicas for r in self._ready(name)]
 
     def ingress_stats(self, app):
-        return {"stage_calls": list(self.calls), "tpot_ms_p99": 20.0}
+        return IngressTotals(stage_calls=list(self.calls), tpot_ms_p99=20.0)
 
     def pool_capacity(self):
         return {"gpu": 8, "cpu": 8}
@@ -191,8 +194,8 @@ def test_signals_rates_and_reach_from_exits():
                                                                     "busy_s": b, "queue": k, "kv_occupancy": 0.2,
                                                                     "sequences": 3})
                         for k, b in enumerate(busy)]
-    assert col.sample(0.0, eps([0, 0, 0, 0]), {"stage_calls": [0, 0, 0, 0]}) is None
-    obs = col.sample(10.0, eps([5, 4, 2, 1]), {"stage_calls": [1000, 500, 250, 250], "tpot_ms_p99": 12.0})
+    assert col.sample(0.0, eps([0, 0, 0, 0]), it({"stage_calls": [0, 0, 0, 0]})) is None
+    obs = col.sample(10.0, eps([5, 4, 2, 1]), it({"stage_calls": [1000, 500, 250, 250], "tpot_ms_p99": 12.0}))
     assert obs.source == "ingress" and obs.window_s == 10.0
     assert [s.arrival_per_s for s in obs.stages] == [100, 50, 25, 25]
     assert [s.busy["r%d" % k] for k, s in enumerate(obs.stages)] == [0.5, 0.4, 0.2, 0.1]
@@ -210,8 +213,8 @@ def test_speculative_traffic_counts_drafting_passes_and_deep_visits():
     is deep visits per stage-0 pass."""
     col = SignalCollector(RANGES)
     eps = [ep(k, f"r{k}", {}) for k in range(4)]
-    col.sample(0.0, eps, {"stage_calls": [0] * 4, "stage_passes": [0] * 4})
-    obs = col.sample(10.0, eps, {"stage_calls": [250] * 4, "stage_passes": [1000, 250, 250, 250]})
+    col.sample(0.0, eps, it({"stage_calls": [0] * 4, "stage_passes": [0] * 4}))
+    obs = col.sample(10.0, eps, it({"stage_calls": [250] * 4, "stage_passes": [1000, 250, 250, 250]}))
     assert [s.arrival_per_s for s in obs.stages] == [100, 25, 25, 25]
     assert workload_from(obs, FACTS, 512).reach == pytest.approx([1.0, 0.25, 0.25, 0.25])
 
@@ -225,9 +228,9 @@ def test_signals_split_prefill_and_decode_and_carry_gauges():
             "prefill_batches": 2 * t, "prefill_s": 0.6 * t, "prefill_positions": 40 * t,
             "max_wait_s": 0.25, "memory_headroom_bytes": 2 ** 30}) for k in range(4)]
 
-    col.sample(0.0, eps(0), {"stage_calls": [0] * 4, "hop_s_sum": [0.0] * 4, "hop_n": [0] * 4})
-    obs = col.sample(10.0, eps(1), {"stage_calls": [100] * 4, "hop_s_sum": [0.1, 0.2, 0.0, 0.4],
-                                    "hop_n": [100, 100, 0, 100]})
+    col.sample(0.0, eps(0), it({"stage_calls": [0] * 4, "hop_s_sum": [0.0] * 4, "hop_n": [0] * 4}))
+    obs = col.sample(10.0, eps(1), it({"stage_calls": [100] * 4, "hop_s_sum": [0.1, 0.2, 0.0, 0.4],
+                                    "hop_n": [100, 100, 0, 100]}))
     assert [obs.signals[r][0].hop_s for r in (RANGES[0], RANGES[1], RANGES[3])] == pytest.approx([0.001, 0.002, 0.004])
     assert math.isnan(obs.signals[RANGES[2]][0].hop_s)  # no calls into stage 2 this window
     (sig,) = obs.signals[RANGES[0]]
@@ -240,8 +243,8 @@ def test_signals_fall_back_to_stage_rows_when_ingress_counters_reset():
     col = SignalCollector(RANGES)
     eps = lambda rows: [ep(k, f"r{k}", {"batches": rows, "rows": rows, "busy_s": 0.0})
                         for k in range(4)]
-    col.sample(0.0, eps(0), {"stage_calls": [900, 900, 900, 900]})
-    obs = col.sample(2.0, eps(40), {"stage_calls": [10, 10, 10, 10]})  # another ingress replica answered
+    col.sample(0.0, eps(0), it({"stage_calls": [900, 900, 900, 900]}))
+    obs = col.sample(2.0, eps(40), it({"stage_calls": [10, 10, 10, 10]}))  # another ingress replica answered
     assert obs.source == "stages" and [s.arrival_per_s for s in obs.stages] == [20] * 4
 
 
@@ -637,19 +640,19 @@ def test_registry_combines_every_ingress_replica(monkeypatch):
     reg.ingress_heartbeat("a", {"stage_calls": [10, 6, 2], "tokens": 8, "tpot_ms_p99": 40.0, "ttft_ms_p99": None})
     reg.ingress_heartbeat("b", {"stage_calls": [5, 5, 5], "tokens": 3, "tpot_ms_p99": 90.0, "ttft_ms_p99": 120.0})
     tot = reg.ingress_totals()
-    assert tot["stage_calls"] == [15, 11, 7] and tot["tokens"] == 11 and tot["replicas"] == 2
-    assert tot["tpot_ms_p99"] == 90.0 and tot["ttft_ms_p99"] == 120.0  # the worst replica's
+    assert tot.stage_calls == [15, 11, 7] and tot.tokens == 11 and tot.replicas == 2
+    assert tot.tpot_ms_p99 == 90.0 and tot.ttft_ms_p99 == 120.0  # the worst replica's
     clock[0] += registry.STALE_S + 1  # "b" stops beating, "a" goes on
     reg.ingress_heartbeat("a", {"stage_calls": [12, 7, 2], "tokens": 9, "tpot_ms_p99": 41.0})
-    assert reg.ingress_totals()["stage_calls"] == [12, 7, 2]
+    assert reg.ingress_totals().stage_calls == [12, 7, 2]
     reg.deregister("a")
     assert reg.ingress_totals() is None
     # speculative load: passes (stage 0's drafting passes) are summed when every replica has them
     reg.ingress_heartbeat("a", {"stage_calls": [4, 4], "stage_passes": [10, 4], "tokens": 9})
     reg.ingress_heartbeat("b", {"stage_calls": [2, 2], "stage_passes": [5, 2], "tokens": 4})
-    assert reg.ingress_totals()["stage_passes"] == [15, 6]
+    assert reg.ingress_totals().stage_passes == [15, 6]
     reg.ingress_heartbeat("c", {"stage_calls": [1, 1], "tokens": 1})  # an older ingress: no passes
-    assert "stage_passes" not in reg.ingress_totals() and reg.ingress_totals()["stage_calls"] == [7, 7]
+    assert reg.ingress_totals().stage_passes is None and reg.ingress_totals().stage_calls == [7, 7]
 
 
 def test_precision_move_is_make_before_break_and_touches_one_deployment(surge):
@@ -754,8 +757,8 @@ def test_speculative_signals_give_positions_per_row_tokens_per_pass_and_request_
             "batches": 100 * scale, "rows": (1000 if k == 0 else 250) * scale,
             "positions": (1000 if k == 0 else 1250) * scale, "busy_s": scale}) for k in range(4)]
 
-    ing = lambda s: {"stage_calls": [250 * s] * 4, "stage_passes": [1000 * s, 250 * s, 250 * s, 250 * s],
-                     "tokens_emitted": 600 * s, "request_tpot_ms_p99": 30.0, "request_tpot_ms_mean": 20.0}
+    ing = lambda s: it({"stage_calls": [250 * s] * 4, "stage_passes": [1000 * s, 250 * s, 250 * s, 250 * s],
+                        "tokens_emitted": 600 * s, "request_tpot_ms_p99": 30.0, "request_tpot_ms_mean": 20.0})
     col.sample(0.0, eps(0), ing(0))
     obs = col.sample(10.0, eps(1), ing(1))
     assert [s.positions_per_row for s in obs.stages] == [1.0, 5.0, 5.0, 5.0]
@@ -791,7 +794,7 @@ class SlowOnCpuOps(FakeOps):
 
     def ingress_stats(self, app):
         cpu = ServeApp(self.config).stage(0).pool == "cpu"
-        return {"stage_calls": list(self.calls), "request_tpot_ms_p99": 200.0 if cpu else 20.0}
+        return IngressTotals(stage_calls=list(self.calls), request_tpot_ms_p99=200.0 if cpu else 20.0)
 
 
 @pytest.mark.parametrize("remember_s", [1800.0, 0.0], ids=["remembers", "forgets"])

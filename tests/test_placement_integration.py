@@ -275,7 +275,7 @@ def test_split_moves_live_under_load(serve_cluster):
             load.start()
             watcher.start()
             time.sleep(3)  # an ingress heartbeat with the load's counters
-            replays0 = rayops.registry_ingress(APP)["replays"]
+            replays0 = rayops.registry_ingress(APP).replays
             time.sleep(2)
             for split, want in (([1], [(0, (0, 1)), (1, (1, 4))]), ([3], [(0, (0, 3)), (1, (3, 4))])):
                 n_ok = load.ok
@@ -292,7 +292,7 @@ def test_split_moves_live_under_load(serve_cluster):
             assert rayops.deployed_app_config(APP)["args"] == args_before
             time.sleep(3)
             # sequences in flight finished on their old replicas while those drained: none replayed
-            assert rayops.registry_ingress(APP)["replays"] == replays0
+            assert rayops.registry_ingress(APP).replays == replays0
             assert least_running == {"Stage0": 1, "Stage1": 1} and samples[0] > 50, (least_running, samples)
         finally:
             watching.set()

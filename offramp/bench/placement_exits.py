@@ -45,6 +45,7 @@ import time
 from pathlib import Path
 
 from offramp.bench.common import APP, json_stdout, local_serve_config, percentile
+from offramp.cluster.records import IngressTotals
 
 CONTENDERS = ("exit_aware", "exit_unaware", "static_fast")
 
@@ -200,17 +201,17 @@ def _contender(name: str, args, model_dir: Path, emulate: dict, pools: list, pro
             actor = rayops.start_detached(ControllerActor, controller_name(APP), cfg.model_dump(mode="json"))
             rayops.call(actor, "status", 1, timeout=120)
         t0 = time.monotonic()
-        ing0 = rayops.registry_ingress(APP) or {}
+        ing0 = rayops.registry_ingress(APP) or IngressTotals()
         while time.monotonic() - t0 < args.run_s:
             cur = stage_placement(rayops.deployed_app_config(APP) or {}, ranges)
-            ing = rayops.registry_ingress(APP) or {}
+            ing = rayops.registry_ingress(APP) or IngressTotals()
             timeline.append({"t": time.monotonic() - t0, "cost": _placement_cost(cur, by_name),
                              "stages": [(d.pool, d.replicas) for d in cur],
-                             "passes": ing.get("stage_passes"), "emitted": ing.get("tokens_emitted"),
-                             "server_p99": ing.get("request_tpot_ms_p99")})
+                             "passes": ing.stage_passes, "emitted": ing.tokens_emitted,
+                             "server_p99": ing.request_tpot_ms_p99})
             time.sleep(2.0)
         t1 = time.monotonic()
-        ing1 = rayops.registry_ingress(APP) or {}
+        ing1 = rayops.registry_ingress(APP) or IngressTotals()
         if actor is not None:
             st = rayops.call(actor, "status", 200)
     finally:
@@ -232,8 +233,7 @@ def _contender(name: str, args, model_dir: Path, emulate: dict, pools: list, pro
     tp_steady = [tp for t, tp, e in reqs if e is None and tp is not None and t >= settled]
     mean_cost = time_weighted([(p["t"], p["cost"]) for p in timeline])
     seen_settled = [v for t, v in _controller_p99(timeline) if t >= settled]
-    deep = _deep_per_token(ing0.get("stage_passes"), ing0.get("tokens_emitted"),
-                           ing1.get("stage_passes"), ing1.get("tokens_emitted"))
+    deep = _deep_per_token(ing0.stage_passes, ing0.tokens_emitted, ing1.stage_passes, ing1.tokens_emitted)
     return {
         "cost_per_hour_mean": round(mean_cost, 3), "cost_per_hour_end": timeline[-1]["cost"] if timeline else None,
         "placement_end": [f"{p} x{r}" for p, r in timeline[-1]["stages"]] if timeline else None,

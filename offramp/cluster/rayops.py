@@ -21,7 +21,7 @@ from typing import Any
 
 import ray
 
-from offramp.cluster.records import StageRecord
+from offramp.cluster.records import IngressTotals, StageRecord
 from offramp.cluster.registry import HEARTBEAT_S, RegistryCore
 
 NAMESPACE = "offramp"
@@ -231,7 +231,7 @@ def http_root(app_name: str) -> str | None:
     return f"http://{host}:{http['port']}{app['route_prefix'].rstrip('/')}"
 
 
-def registry_ingress(app_name: str, timeout: float = 10.0) -> dict | None:
+def registry_ingress(app_name: str, timeout: float = 10.0) -> IngressTotals | None:
     """Combined stats of every live ingress replica of the app (None: none reported)."""
     try:
         reg = ray.get_actor(f"registry-{app_name}", namespace=NAMESPACE)

@@ -12,7 +12,7 @@ import secrets
 import time
 from dataclasses import replace
 
-from offramp.cluster.records import StageRecord, StageStats
+from offramp.cluster.records import IngressTotals, StageRecord, StageStats
 
 HEARTBEAT_S = 2.0  # how often replicas beat
 STALE_S = 8.0  # a replica not heard from for this long is not routed to
@@ -50,31 +50,12 @@ class RegistryCore:
         """An ingress replica's counters (cumulative ``stage_calls``) and recent TPOT."""
         self._ingress[replica] = {"stats": stats, "seen": time.time()}
 
-    def ingress_totals(self) -> dict | None:
-        """Every live ingress replica's stats combined: ``stage_calls`` (``stage_passes``
-        when every replica reports it) and ``tokens`` summed, latency percentiles the worst
-        replica's (a conservative p99), ``replicas``."""
+    def ingress_totals(self) -> IngressTotals | None:
+        """Every live ingress replica's stats combined (:meth:`IngressTotals.combine`)."""
         now = time.time()
         for k in [k for k, e in self._ingress.items() if now - e["seen"] > STALE_S * 4]:
             del self._ingress[k]
-        live = [e["stats"] for e in self._ingress.values() if now - e["seen"] <= STALE_S]
-        if not live:
-            return None
-        n = max(len(s.get("stage_calls", ())) for s in live)
-        out = {"num_stages": n, "tokens": sum(s.get("tokens", 0) for s in live), "replicas": len(live),
-               "replays": sum(s.get("replays", 0) for s in live)}
-        if all("tokens_emitted" in s for s in live):
-            out["tokens_emitted"] = sum(s["tokens_emitted"] for s in live)
-        summed = ["stage_calls", "hop_s_sum", "hop_n"]  # cumulative per-stage counters
-        if all(len(s.get("stage_passes", ())) == n for s in live):  # not with a replica that lacks them
-            summed.append("stage_passes")
-        for key in summed:
-            out[key] = [sum(s[key][k] for s in live if len(s.get(key, ())) == n) for k in range(n)]
-        for key in ("ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50", "tpot_ms_p99", "request_tpot_ms_mean",
-                    "request_tpot_ms_p99"):
-            vals = [s[key] for s in live if s.get(key) is not None]
-            out[key] = max(vals) if vals else None
-        return out
+        return IngressTotals.combine([e["stats"] for e in self._ingress.values() if now - e["seen"] <= STALE_S])
 
     def endpoints(self) -> list[StageRecord]:
         """Stage replicas heard from within :data:`STALE_S` (older ones are dropped)."""

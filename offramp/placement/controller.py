@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from offramp.cluster.records import StageRecord, StageStats
+from offramp.cluster.records import IngressTotals, StageRecord, StageStats
 from offramp.deployments.config import AppArgs, model_facts
 from offramp.placement.cost_model import (
     DEFAULT_COST_PER_HOUR, CostModel, ModelShape, PlacementError, PoolFit, PoolSpec, ProfileSample, fit_profile,
@@ -201,14 +201,15 @@ class SignalCollector:
         self._prev: tuple[float, dict[str, tuple[int, StageStats]], tuple[str, list[int]] | None, tuple | None] | None = None
         self._prev_emitted: int | None = None  # the ingress's tokens_emitted at the last sample
 
-    def sample(self, now: float, endpoints: list[StageRecord], ingress: dict | None) -> Observation | None:
+    def sample(self, now: float, endpoints: list[StageRecord], ingress: IngressTotals | None) -> Observation | None:
         """None on the first sample (rates need two)."""
         stats = {e.replica: (e.stage, e.stats) for e in endpoints}
-        key = "stage_passes" if ingress and "stage_passes" in ingress else "stage_calls"
-        calls = list(ingress[key]) if ingress and key in ingress else None
-        hops = (list(ingress["hop_s_sum"]), list(ingress["hop_n"])) if ingress and "hop_n" in ingress else None
+        passes = ingress is not None and ingress.stage_passes is not None
+        key = "stage_passes" if passes else "stage_calls"
+        calls = (list(ingress.stage_passes if passes else ingress.stage_calls) or None) if ingress else None
+        hops = (list(ingress.hop_s_sum), list(ingress.hop_n)) if ingress and ingress.hop_n is not None else None
         prev, self._prev = self._prev, (now, stats, None if calls is None else (key, calls), hops)
-        emitted = ingress.get("tokens_emitted") if ingress and key == "stage_passes" else None
+        emitted = ingress.tokens_emitted if passes else None
         prev_emitted, self._prev_emitted = self._prev_emitted, emitted
         if prev is None or now <= prev[0]:
             return None
@@ -261,13 +262,13 @@ class SignalCollector:
                 oldest_wait_s=_num(stats[rep][1].max_wait_s), kv_occupancy=stats[rep][1].kv_occupancy,
                 memory_headroom_bytes=_num(stats[rep][1].memory_headroom_bytes), hop_s=hop, steps=batches)
                 for rep, b in busy.items()]
-        ing = ingress or {}
+        ing = ingress or IngressTotals()
         tpp = None  # tokens per stage-0 pass over the interval
         if use_ingress and emitted is not None and prev_emitted is not None and emitted >= prev_emitted:
             passes0 = calls[0] - c0[0]
             tpp = (emitted - prev_emitted) / passes0 if passes0 > 0 else None
-        return Observation(now, dt, stages, "ingress" if use_ingress else "stages", ing.get("tpot_ms_p99"),
-                           ing.get("request_tpot_ms_p99"), ing.get("request_tpot_ms_mean"), tpp, signals)
+        return Observation(now, dt, stages, "ingress" if use_ingress else "stages", ing.tpot_ms_p99,
+                           ing.request_tpot_ms_p99, ing.request_tpot_ms_mean, tpp, signals)
 
 
 def _num(v) -> float:

@@ -60,7 +60,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Protocol
 
-from offramp.cluster.records import StageRecord
+from offramp.cluster.records import IngressTotals, StageRecord
 from offramp.deployments.config import PRECISIONS, ServeApp, Setting, StageEntry, stage_name
 from offramp.errors import OfframpError
 from offramp.placement.planner import StagePlacement
@@ -88,7 +88,7 @@ class Ops(Protocol):
     def deploy_app_config(self, app: str, config: dict) -> None: ...
     def deployment_states(self, app: str) -> dict[str, dict]: ...
     def registry_endpoints(self, app: str) -> list[StageRecord]: ...
-    def ingress_stats(self, app: str) -> dict | None: ...
+    def ingress_stats(self, app: str) -> IngressTotals | None: ...
     def pool_capacity(self) -> dict[str, int]: ...
     def kv_get(self, key: str) -> bytes | None: ...
     def kv_put(self, key: str, value: bytes) -> None: ...
@@ -133,7 +133,7 @@ class RayOps:
             return None
         try:
             r = httpx.get(f"{root}/v1/offramp/stats", timeout=5)
-            return r.json() if r.status_code == 200 else None
+            return IngressTotals.from_dict(r.json()) if r.status_code == 200 else None
         except httpx.HTTPError:
             return None
 
