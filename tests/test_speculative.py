@@ -349,6 +349,31 @@ def test_served_speculative_rows_stop_drafting_above_draft_max_active(checkpoint
         assert (stats["speculative"]["drafted"] > 0) == drafts, limit
 
 
+def test_served_rows_run_full_depth_above_gate_max_active(checkpoint):
+    """Past gate_max_active active requests a calibrated/threshold row runs full depth (no
+    gate, no exit: the exits-off tokens, every one from the last stage); at or below it the
+    gates run (a threshold of 0 exits every token at the first gate)."""
+    import asyncio
+
+    whole = StagedModel(checkpoint, num_stages=1)
+    ref = [whole.generate([p], GREEDY, ExitPolicy("off"))[0].generated for p in PROMPTS]
+
+    async def scenario(limit):
+        reps, backend = _served(checkpoint, 2)
+        backend.gate_max_active = limit
+        try:
+            return await asyncio.gather(*(_events(backend, _spec_req(i, p, n=20, exit_mode=0.0))
+                                          for i, p in enumerate(PROMPTS)))
+        finally:
+            reps.close()
+
+    full = asyncio.run(scenario(len(PROMPTS) - 1))
+    assert [[e.token_id for e in evs] for evs in full] == ref
+    assert {e.exit_stage for evs in full for e in evs} == {1}
+    gated = asyncio.run(scenario(len(PROMPTS)))
+    assert {e.exit_stage for evs in gated for e in evs} == {0}
+
+
 @pytest.mark.gpu
 def test_forced_drafts_on_cuda_equal_exits_off(checkpoint):
     """Drafting and verification with every stage on a GPU keep the output token for token

@@ -225,6 +225,7 @@ class OfframpIngress(GrpcIngressMixin):
             max_active=args.max_active_requests, model_name=args.model_name, audit_rate=args.exit.audit_rate,
             lease_s=args.kv_lease_s, micro_batches=args.micro_batches,
             max_draft=args.exit.max_draft, draft_max_active=args.exit.draft_max_active,
+            gate_max_active=args.exit.gate_max_active,
             tuner=AgreementTuner(target=exits.calibration.target if exits and exits.calibration else 0.98,
                                  enabled=args.exit.online_tuning))
         self.frontend = Frontend.from_app_args(args, self.backend, load_tokenizer(model_dir),

@@ -195,6 +195,12 @@ class ExitArgs(BaseModel):
         "drafted token: it pays when a deep visit costs more than its compute (one stream, a slow deep pool) and "
         "costs throughput when the stages are compute-bound (docs/benchmarks.md, speculative exits). null: always "
         "draft.")
+    gate_max_active: int | None = Field(
+        None, ge=0, description="Calibrated and threshold exits are tried only while this ingress replica runs "
+        "at most this many requests; above it every row runs full depth (as with exits off, so no gate or exit-head "
+        "work and no backfill chunks). Exits are a latency tool: they save a hop per exited token, which pays at "
+        "low load and costs throughput when the stages are compute-bound (docs/benchmarks.md, 'Exits follow "
+        "load'). null: always try the gates.")
     audit_rate: float = Field(
         0.25, ge=0, le=1, description="Fraction of greedy steps reaching the last stage that also check the "
         "exited tokens they backfill against full depth (one LM-head call on those rows; exact backfill only).")

@@ -249,7 +249,8 @@ class PipelineBackend:
                  request_timeout_s: float = 60.0, max_replays: int = 4, default_exit: str = "calibrated",
                  default_threshold: float | None = None, max_active: int = 256, model_name: str = "offramp",
                  audit_rate: float = 0.0, tuner: AgreementTuner | None = None, lease_s: float = DEFAULT_KV_LEASE_S,
-                 micro_batches: int = 2, max_draft: int = DEFAULT_MAX_DRAFT, draft_max_active: int | None = None):
+                 micro_batches: int = 2, max_draft: int = DEFAULT_MAX_DRAFT, draft_max_active: int | None = None,
+                 gate_max_active: int | None = None):
         self.num_stages, self.router = num_stages, router
         self.eos_token_ids, self.max_seq, self.vocab_size = eos_token_ids, max_seq, vocab_size
         self.kv_fill, self.call_timeout, self.request_timeout = kv_fill, call_timeout_s, request_timeout_s
@@ -257,6 +258,7 @@ class PipelineBackend:
         self.default_exit, self.default_threshold = default_exit, default_threshold
         self.max_draft = max_draft  # speculative requests that do not say
         self.draft_max_active = draft_max_active  # above this many active requests, speculative rows do not draft
+        self.gate_max_active = gate_max_active  # above this many, calibrated/threshold rows run full depth
         self.speculative = DraftCounts()  # this ingress's verify rounds
         self._ids = itertools.count()
         self.calls = [0] * num_stages  # stage visits on this ingress (exit skipping is visible here)
@@ -455,6 +457,7 @@ class PipelineBackend:
         await self.router.ready()
         todo: list[tuple[_Seq, StepRow, int]] = []
         drafting = self.draft_max_active is None or self.active <= self.draft_max_active
+        gating = self.gate_max_active is None or self.active <= self.gate_max_active
         for seq in seqs:
             req = seq.request
             budget = draft_budget(seq.policy, req.sampling, seq.generated, len(seq.tokens), self.max_seq)
@@ -480,7 +483,7 @@ class PipelineBackend:
                     self._retry(seq, e)
                     continue
                 row.layer = None if layer == ep.start else layer
-                row.policy = self._gate_policy(seq.policy, ep.end)
+                row.policy = self._gate_policy(seq.policy, ep.end, gating)
                 row.verify = ep.stage == last and self._audit(seq, row)
                 groups.setdefault(ep, []).append((seq, row, layer))
             todo = []
@@ -634,8 +637,11 @@ class PipelineBackend:
             self.router.load[ep] = self.router.load.get(ep, 0) + 1
         return ep
 
-    def _gate_policy(self, policy: ExitPolicy, layer: int) -> ExitPolicy:
-        """The request's policy with the online offset of the gate after ``layer``."""
+    def _gate_policy(self, policy: ExitPolicy, layer: int, gating: bool = True) -> ExitPolicy:
+        """The request's policy with the online offset of the gate after ``layer``; full
+        depth (exits off for this step) when the load rule (``gate_max_active``) says no."""
+        if not gating and policy.mode in ("calibrated", "threshold"):
+            return dataclasses.replace(policy, mode="off", threshold=None, offset=0.0)
         if policy.mode != "calibrated":
             return policy
         off = self.tuner.offset(layer, policy.task)

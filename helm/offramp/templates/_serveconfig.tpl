@@ -94,6 +94,7 @@ applications:
         kv_fill: {{ $v.exit.kvFill }}
         max_draft: {{ $v.exit.maxDraft | default 6 | int }}
         draft_max_active: {{ toJson $v.exit.draftMaxActive }}
+        gate_max_active: {{ toJson $v.exit.gateMaxActive }}
       max_context: {{ toJson $v.model.maxContext }}
       max_tokens_cap: {{ $v.model.maxTokensCap }}
       api_key_env: {{ toJson $v.apiKey.envName }}
