@@ -35,6 +35,7 @@ each with its target.
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
@@ -89,6 +90,18 @@ Repeats are interleaved (repeat -> concurrency -> contender); p50/p99 over all r
 median tokens/s over repeats. Ratios are printed with their targets."""
 
 
+_APP_DEFAULT = object()  # --gate-max-active not given: the app's own default
+
+
+def _count_or_none(v: str) -> int | None:
+    """``--gate-max-active``: a count >= 0, or 'none'."""
+    if v.lower() == "none":
+        return None
+    if not v.isdigit():
+        raise argparse.ArgumentTypeError(f"{v!r}: give a count of requests (0, 1, 4, ...) or 'none'")
+    return int(v)
+
+
 def register(bsub) -> None:
     s = bsub.add_parser("serve", help="served pipeline vs in-process, batched transformers, plain Serve",
                         description=HELP, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
@@ -119,6 +132,9 @@ def register(bsub) -> None:
                         "before its first wave. transformers and plain Serve stay eager: torch.compile of "
                         "transformers' forward under generate's dynamic KV cache measured slower here (batch 1: "
                         "13.7 vs 6.3 ms per token, recompiling as the cache grows)")
+    s.add_argument("--gate-max-active", metavar="N|none", type=_count_or_none, default=_APP_DEFAULT,
+                   help="the served apps' exit.gate_max_active (calibrated exits are tried while at most N requests "
+                        "are active; 'none': always); default: the app's default")
     s.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     s.set_defaults(func=run_serve)
 
@@ -520,7 +536,7 @@ def _run_serve(args, emit) -> int:
     from offramp.cluster import rayops
     from offramp.cluster.local import free_port, pool_cluster
     from offramp.deployments.app import OfframpIngress, StageDeployment, build_app
-    from offramp.deployments.config import AppArgs, StageArgs
+    from offramp.deployments.config import AppArgs, ExitArgs, StageArgs
     from offramp.ops.engine import StagedModel, resolve_model_dir
     from offramp.training.data import DataSpec, build_corpus
 
@@ -562,14 +578,16 @@ def _run_serve(args, emit) -> int:
         boot.enter_context(pool_cluster(gpu_nodes=0, cpu_nodes=1, cpus_per_node=8, head_cpus=2))
         rayops.start_serve(port)
 
+        exit_args = ExitArgs() if args.gate_max_active is _APP_DEFAULT else ExitArgs(gate_max_active=args.gate_max_active)
+
         def offramp_args(stages: int, slow_deep: tuple[float, float] | None = None, compiled: bool = False) -> AppArgs:
             sa = StageArgs(max_batch_size=max(16, C), max_sequences=max(64, C), compile=compiled)
             if slow_deep is None:
                 return AppArgs(model=str(model_dir), num_stages=stages, model_name=model_name, api_key_env="",
-                               stages=[sa] * stages)
+                               stages=[sa] * stages, exit=exit_args)
             deep = sa.model_copy(update={"pool": "cpu"})
             return AppArgs(model=str(model_dir), num_stages=stages, model_name=model_name, api_key_env="",
-                           stages=[sa.model_copy(update={"pool": "gpu"})] + [deep] * (stages - 1),
+                           stages=[sa.model_copy(update={"pool": "gpu"})] + [deep] * (stages - 1), exit=exit_args,
                            emulate_pools={"cpu": {"step_s": slow_deep[0] / 1000, "per_token_s": slow_deep[1] / 1000}})
 
         rayops.run_app(build_app(offramp_args(args.stages, slow_deep)), "offramp", "/")
