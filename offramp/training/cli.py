@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from offramp.errors import ConfigError
@@ -124,20 +125,35 @@ def cmd_eval(args) -> int:
 
     model_dir = _model_dir(args.model)
     data_dir = _data_dir(args.data)
-    res = evaluate(model_dir, data_dir, max_tokens=args.max_tokens,
-                   threads=args.threads, tasks=_tasks(args.tasks))
-    if args.task_accuracy:
+    server = None
+    if args.url:
+        import httpx
+
+        from offramp.training.tasks import Served
+
+        try:
+            server = Served(args.url, os.environ.get(args.api_key_env) if args.api_key_env else None,
+                            concurrency=args.concurrency)
+        except (httpx.HTTPError, KeyError, IndexError, ValueError) as e:
+            raise ConfigError(f"--url {args.url}: no Offramp server answered GET /v1/models ({e}); start one "
+                              "(`serve run configs/local.yaml`) or fix the address / --api-key-env") from None
+    # teacher-forced agreement and perplexity run in this process; with --url only the
+    # generated task metrics are the server's
+    res = {} if server else evaluate(model_dir, data_dir, max_tokens=args.max_tokens,
+                                     threads=args.threads, tasks=_tasks(args.tasks))
+    if args.task_accuracy or server:
         from offramp.training.tasks import format_report, task_accuracy
 
         res["task_accuracy"] = task_accuracy(
             model_dir, data_dir, modes=_tasks(args.modes), num_stages=args.stages,
             math_per_level=args.samples, code_items_n=args.samples // 2, prose_n=args.samples // 5,
-            threads=args.threads, progress=not args.json)
+            threads=args.threads, progress=not args.json, server=server)
     if args.json:
         print(json.dumps(res, indent=2))
     else:
-        print(format_table(res))
-        if args.task_accuracy:
+        if not server:
+            print(format_table(res))
+        if args.task_accuracy or server:
             print(format_report(res["task_accuracy"]))
     return 0
 
@@ -262,4 +278,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="math problems per level (code: half as many functions, prose: a fifth)")
     p.add_argument("--stages", type=int, default=2,
                    help="pipeline stages, split as served (2: the default config's split)")
+    p.add_argument("--url", help="generate the task metrics through a running Offramp server instead "
+                   "(e.g. http://127.0.0.1:8000, as `serve run configs/local.yaml` serves it): its split, its "
+                   "exit settings, its speculative acceptance; --model must be the served model (its tokenizer)")
+    p.add_argument("--api-key-env", default="OFFRAMP_API_KEY",
+                   help="environment variable holding the server's API key, if it needs one")
+    p.add_argument("--concurrency", type=int, default=1,
+                   help="--url: requests in flight at once (1: a default server drafts, which it does only "
+                   "while one request is active)")
     p.set_defaults(func=cmd_eval)

@@ -158,21 +158,89 @@ def math_answer(text: str) -> str:
     return text.split("\n")[0].split("=")[-1].strip()
 
 
+class InProcess:
+    """Task generations by the staged engine in this process, split as served."""
+
+    def __init__(self, model_dir: Path, num_stages: int, batch: int):
+        from offramp.ops.engine import StagedModel
+
+        self.eng = StagedModel(model_dir, num_stages=num_stages)
+        self.batch = batch
+        self.stages = [list(r) for r in self.eng.ranges]
+        self.where = f"in process, {num_stages} stages"
+
+    def chunks(self, prompts: list[list[int]]):
+        for i in range(0, len(prompts), self.batch):
+            yield prompts[i:i + self.batch]
+
+    def run(self, prompts: list[list[int]], max_tokens: int, mode: str, task: str, tok) -> list[tuple]:
+        from offramp.ops.sampling import SamplingParams
+        from offramp.ops.worker import ExitPolicy
+
+        policy = ExitPolicy.from_request(mode, task)  # calibrated: the task's thresholds
+        out = []
+        for s in self.eng.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0), policy):
+            out.append((tok.decode(s.generated, skip_special_tokens=True), s.finish_reason == "stop",
+                        list(s.generated), s.draft_counts))
+        return out
+
+
+class Served:
+    """Task generations from a running Offramp server (``POST /v1/completions``, greedy,
+    token-id prompts, the exit mode and task hint in the ``offramp`` block), ``concurrency``
+    requests at a time: what the served config does with the embedded model, e.g. its
+    speculative acceptance (a default server drafts only while one request is active)."""
+
+    def __init__(self, url: str, api_key: str | None, concurrency: int = 1):
+        import httpx
+
+        self.url, self.concurrency = url.rstrip("/"), concurrency
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        card = httpx.get(f"{self.url}/v1/models", headers=self.headers, timeout=30).raise_for_status().json()["data"][0]
+        self.model = card["id"]
+        self.stages = card.get("offramp", {}).get("num_stages")
+        self.where = f"served at {self.url} ({self.stages} stages)"
+
+    def chunks(self, prompts: list[list[int]]):
+        for i in range(0, len(prompts), self.concurrency):
+            yield prompts[i:i + self.concurrency]
+
+    def _one(self, prompt: list[int], max_tokens: int, mode: str, task: str) -> tuple:
+        import httpx
+
+        from offramp.protocol import DraftCounts
+
+        body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+                "offramp": {"exit": mode, "task": task}}
+        r = httpx.post(f"{self.url}/v1/completions", json=body, headers=self.headers, timeout=300)
+        if r.status_code != 200:
+            raise RuntimeError(f"the server answered {r.status_code}: {r.text[:300]}")
+        c = r.json()["choices"][0]
+        spec = c["offramp"].get("speculative") or {}
+        return (c["text"], c["finish_reason"] == "stop", list(c["offramp"]["token_ids"]),
+                DraftCounts(spec.get("drafted", 0), spec.get("accepted", 0), spec.get("verify_rounds", 0)))
+
+    def run(self, prompts: list[list[int]], max_tokens: int, mode: str, task: str, tok) -> list[tuple]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max(1, len(prompts))) as pool:
+            return list(pool.map(lambda p: self._one(p, max_tokens, mode, task), prompts))
+
+
 def task_accuracy(model_dir: Path, data_dir: Path, modes: list[str] | None = None,
                   num_stages: int = 2, math_per_level: int = 200, code_items_n: int = 100,
                   prose_n: int = 40, code_tokens: int = 128, prose_tokens: int = 64,
-                  batch: int = 32, threads: int = 1, progress: bool = True) -> dict:
-    """Task metrics per exit mode (see the module docstring)."""
+                  batch: int = 32, threads: int = 1, progress: bool = True, server: Served | None = None) -> dict:
+    """Task metrics per exit mode (see the module docstring); generated in this process,
+    or by ``server`` (its tokenizer must be ``model_dir``'s)."""
     import torch
     from tqdm import tqdm
 
-    from offramp.ops.engine import StagedModel
-    from offramp.ops.sampling import SamplingParams
     from offramp.protocol import DraftCounts
 
     torch.set_num_threads(threads)
     modes = modes or ["off", "calibrated", "speculative"]
-    eng = StagedModel(model_dir, num_stages=num_stages)
+    gen = server or InProcess(model_dir, num_stages, batch)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
@@ -185,26 +253,19 @@ def task_accuracy(model_dir: Path, data_dir: Path, modes: list[str] | None = Non
     counts: dict[str, dict[str, DraftCounts]] = {m: {} for m in modes}
     total = sum(len(v) for v in items.values()) * len(modes)
     bar = tqdm(total=total, disable=not progress, desc="task accuracy", dynamic_ncols=True)
-    from offramp.ops.worker import ExitPolicy
-
     for mode in modes:
         for task, its in items.items():
-            policy = ExitPolicy.from_request(mode, task)  # calibrated: the task's thresholds
-            sp = SamplingParams(max_tokens=max_new[task], temperature=0.0)
             res, dc = [], DraftCounts()
-            for i in range(0, len(its), batch):
-                chunk = its[i:i + batch]
-                prompts = [tok(it.prompt)["input_ids"] for it in chunk]
-                for s in eng.generate(prompts, sp, policy):
-                    res.append((tok.decode(s.generated, skip_special_tokens=True),
-                                s.finish_reason == "stop", list(s.generated)))
-                    dc += s.draft_counts
+            for chunk in gen.chunks([tok(it.prompt)["input_ids"] for it in its]):
+                for text, finished, ids, drafts in gen.run(chunk, max_new[task], mode, task, tok):
+                    res.append((text, finished, ids))
+                    dc += drafts
                 bar.update(len(chunk))
             outputs[mode][task] = res
             counts[mode][task] = dc
     bar.close()
-    report: dict = {"model": str(model_dir), "split": "heldout/test", "num_stages": num_stages,
-                    "stages": [list(r) for r in eng.ranges], "modes": {}}
+    report: dict = {"model": str(model_dir), "split": "heldout/test", "generated": gen.where,
+                    "stages": gen.stages, "modes": {}}
     for mode in modes:
         r: dict = {}
         m_out = outputs[mode]["math"]
@@ -235,7 +296,7 @@ def task_accuracy(model_dir: Path, data_dir: Path, modes: list[str] | None = Non
 
 
 def format_report(rep: dict) -> str:
-    lines = [f"task accuracy on {rep['split']}, stages {rep['stages']}"]
+    lines = [f"task accuracy on {rep['split']}, {rep.get('generated', '')}, stages {rep['stages']}"]
     for mode, r in rep["modes"].items():
         ms = ", ".join(f"{lv} {v:.3f} (n={r['math_n'][lv]})" for lv, v in r["math_exact"].items())
         lines.append(f"[{mode}] math exact: {ms}")
