@@ -326,25 +326,35 @@ def test_served_speculative_bad_requests(checkpoint):
     assert any(e.verified for e in evs) and all(e.verified[0] <= 2 for e in evs if e.verified)
 
 
-def test_served_speculative_rows_stop_drafting_above_draft_max_active(checkpoint):
-    """Past draft_max_active active requests a speculative row decodes one token per step
-    (no drafting pass, still the full model's tokens); at or below it, it drafts."""
+def _unsplit_greedy(model_dir) -> list[list[int]]:
+    whole = StagedModel(model_dir, num_stages=1)
+    return [whole.generate([p], GREEDY, ExitPolicy("off"))[0].generated for p in PROMPTS]
+
+
+def _served_under(model_dir, limit: str, value: int, exit_mode="speculative"):
+    """PROMPTS served at once by two stages with the ingress's load rule ``limit``
+    (draft_max_active / gate_max_active) at ``value``: each request's events, the stats."""
     import asyncio
 
-    whole = StagedModel(checkpoint, num_stages=1)
-    ref = [whole.generate([p], GREEDY, ExitPolicy("off"))[0].generated for p in PROMPTS]
-
-    async def scenario(limit):
-        reps, backend = _served(checkpoint, 2)
-        backend.draft_max_active = limit
+    async def scenario():
+        reps, backend = _served(model_dir, 2)
+        setattr(backend, limit, value)
         try:
-            outs = await asyncio.gather(*(_events(backend, _spec_req(i, p, n=20)) for i, p in enumerate(PROMPTS)))
+            outs = await asyncio.gather(*(_events(backend, _spec_req(i, p, n=20, exit_mode=exit_mode))
+                                          for i, p in enumerate(PROMPTS)))
             return outs, backend.stats()
         finally:
             reps.close()
 
+    return asyncio.run(scenario())
+
+
+def test_served_speculative_rows_stop_drafting_above_draft_max_active(checkpoint):
+    """Past draft_max_active active requests a speculative row decodes one token per step
+    (no drafting pass, still the full model's tokens); at or below it, it drafts."""
+    ref = _unsplit_greedy(checkpoint)
     for limit, drafts in ((0, False), (3, True)):
-        outs, stats = asyncio.run(scenario(limit))
+        outs, stats = _served_under(checkpoint, "draft_max_active", limit)
         assert [[e.token_id for e in evs] for evs in outs] == ref
         assert (stats["speculative"]["drafted"] > 0) == drafts, limit
 
@@ -353,24 +363,10 @@ def test_served_rows_run_full_depth_above_gate_max_active(checkpoint):
     """Past gate_max_active active requests a calibrated/threshold row runs full depth (no
     gate, no exit: the exits-off tokens, every one from the last stage); at or below it the
     gates run (a threshold of 0 exits every token at the first gate)."""
-    import asyncio
-
-    whole = StagedModel(checkpoint, num_stages=1)
-    ref = [whole.generate([p], GREEDY, ExitPolicy("off"))[0].generated for p in PROMPTS]
-
-    async def scenario(limit):
-        reps, backend = _served(checkpoint, 2)
-        backend.gate_max_active = limit
-        try:
-            return await asyncio.gather(*(_events(backend, _spec_req(i, p, n=20, exit_mode=0.0))
-                                          for i, p in enumerate(PROMPTS)))
-        finally:
-            reps.close()
-
-    full = asyncio.run(scenario(len(PROMPTS) - 1))
-    assert [[e.token_id for e in evs] for evs in full] == ref
+    full, _ = _served_under(checkpoint, "gate_max_active", len(PROMPTS) - 1, exit_mode=0.0)
+    assert [[e.token_id for e in evs] for evs in full] == _unsplit_greedy(checkpoint)
     assert {e.exit_stage for evs in full for e in evs} == {1}
-    gated = asyncio.run(scenario(len(PROMPTS)))
+    gated, _ = _served_under(checkpoint, "gate_max_active", len(PROMPTS), exit_mode=0.0)
     assert {e.exit_stage for evs in gated for e in evs} == {0}
 
 
