@@ -17,7 +17,7 @@ from offramp.ops import exits as ex
 from offramp.ops.engine import StagedModel
 from offramp.ops.presets import make_checkpoint
 from offramp.ops.sampling import processed_probs, verify_drafts
-from offramp.ops.worker import ExitPolicy
+from offramp.ops.worker import ExitPolicy, StepRow
 from offramp.protocol import SamplingParams
 from test_core import assert_kv_equals_full_prefill
 
@@ -49,6 +49,27 @@ def test_forced_drafts_equal_exits_off(checkpoint, stages, max_draft):
     assert sum(s.drafted for s in spec) > 0
     assert all(s.rounds + s.accepted == len(s.generated) for s in spec), "a round commits its accepted drafts + 1"
     assert_kv_equals_full_prefill(model, checkpoint, spec, stages)
+
+
+def test_a_draft_ends_at_a_token_that_ends_the_sequence(checkpoint):
+    """A drafted stop token (eos, or one of stop_token_ids) is the draft's last: nothing is
+    drafted past it (the ingress would drop it); the output is still exits off's."""
+    model = StagedModel(checkpoint, num_stages=2)
+    policy = ExitPolicy("speculative", 0.0, max_draft=6)  # threshold 0: every proposal is drafted
+
+    def drafts(sampling, seq_id):
+        row = StepRow(seq_id, torch.tensor(PROMPTS[0]), len(PROMPTS[0]) - 1, sampling, policy, draft=6)
+        (res,) = model.workers[0].step([row])
+        model.workers[0].release(seq_id)
+        return res.drafts
+
+    free = drafts(GREEDY, "free")
+    assert len(free) == 6
+    stops = SamplingParams(max_tokens=20, ignore_eos=True, stop_token_ids=(free[2],))
+    assert drafts(stops, "cut") == free[:free.index(free[2]) + 1]
+    (off,) = model.generate([PROMPTS[0]], stops, ExitPolicy("off"))
+    (spec,) = model.generate([PROMPTS[0]], stops, policy)
+    assert spec.generated == off.generated and spec.finish_reason == off.finish_reason
 
 
 @pytest.mark.parametrize("stages", [2, 4])

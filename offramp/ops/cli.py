@@ -95,7 +95,7 @@ def run_generate(args) -> int:
         policy = ExitPolicy("calibrated", None, args.task)
     sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     (seq,) = model.generate([prompt], sampling, policy)
-    text = tokenizer.decode(seq.generated, skip_special_tokens=False) if tokenizer is not None else None
+    text = tokenizer.decode(seq.generated, skip_special_tokens=True) if tokenizer is not None else None
     spec = seq.draft_counts.report(len(seq.generated)) if policy.speculative else None
     if args.json:
         out = {"token_ids": seq.generated, "text": text, "exit_stages": seq.exit_stages,
