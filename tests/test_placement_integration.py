@@ -197,7 +197,7 @@ def test_pool_and_precision_moves_under_load(serve_cluster):
         assert res.outcome == "applied" and len(res.steps) == (1 if serve_surges() else 3), res
         regs = _until(lambda: (r := [e for e in registry_endpoints() if e.stage == 3]) and len(r) == 1 and r,
                       30, "one Stage3 replica registered")
-        assert regs[0]["pool"] == "gpu" and regs[0]["dtype"] == "fp32", regs
+        assert regs[0].pool == "gpu" and regs[0].dtype == "fp32", regs
         n_ok, mism = load.ok, len(load.mismatch)
         assert mism == 0, load.mismatch[:3]
 
@@ -209,8 +209,8 @@ def test_pool_and_precision_moves_under_load(serve_cluster):
         assert [s["setting"] for s in res.steps] == (["precision"] if serve_surges() else
                                                   ["num_replicas", "precision", "num_replicas"]), res.steps
         regs = _until(lambda: (r := [e for e in registry_endpoints() if e.stage == 3]) and len(r) == 1
-                      and r[0]["dtype"] == "bf16" and r, 30, "the bf16 replica registered")
-        assert regs[0]["pool"] == "gpu"
+                      and r[0].dtype == "bf16" and r, 30, "the bf16 replica registered")
+        assert regs[0].pool == "gpu"
         time.sleep(2)
         assert load.ok > n_ok  # traffic kept flowing after the moves
         # stages 0-2 were never restarted: the same replicas serve them

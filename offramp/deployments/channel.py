@@ -518,12 +518,8 @@ class StageServer:
                 await self._one_by_one(good)
                 return
             drafted = [len(res.drafts or ()) for res in results]  # drafting rows ran one pass per draft
-            if self.emulate is not None:  # a modelled slower device: hold the replica, not a core
-                modelled = self.emulate.seconds(sum(lengths)) + sum(
-                    self.emulate.seconds(sum(d >= j for d in drafted)) for j in range(1, max(drafted, default=0) + 1))
-                left = modelled - (time.perf_counter() - t0)
-                if left > 0:
-                    await asyncio.sleep(left)
+            if self.emulate is not None:  # benches: a modelled slower device (EmulatedDevice.hold)
+                await self.emulate.hold(lengths, drafted, t0)
             for span, row, res in zip(spans, flat, results):
                 if res.exited and res.error is None:
                     tracing.exit_event(span, w.index, res.confidence, w.threshold(row.policy), row.policy.task)

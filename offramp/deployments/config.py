@@ -7,10 +7,11 @@ stay in the YAML's ``deployments:`` list under the names ``OfframpIngress`` and
 """
 from __future__ import annotations
 
+import asyncio
 import copy
 import importlib
 import ipaddress
-
+import time
 from typing import Any, Literal, NamedTuple, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -149,6 +150,17 @@ class EmulatedDevice(BaseModel):
 
     def seconds(self, positions: int) -> float:
         return self.step_s + max(self.mem_s, self.per_token_s * positions)
+
+    async def hold(self, lengths: list[int], drafted: list[int], started: float) -> None:
+        """Wait out what this device would still take for a stage step that began at
+        ``started`` (``time.perf_counter``): one pass over ``lengths`` positions, then one
+        pass per drafting round over the rows still drafting (``drafted``: drafts per row).
+        An ``asyncio`` sleep: it holds the replica (the stage server awaits it) and no core."""
+        modelled = self.seconds(sum(lengths)) + sum(
+            self.seconds(sum(d >= j for d in drafted)) for j in range(1, max(drafted, default=0) + 1))
+        left = modelled - (time.perf_counter() - started)
+        if left > 0:
+            await asyncio.sleep(left)
 
     def for_layers(self, layers: int) -> "EmulatedDevice":
         """This device's times for a stage of ``layers`` layers."""
