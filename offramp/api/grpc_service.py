@@ -114,11 +114,7 @@ class GrpcIngressMixin:
                                  max_context=s.max_context)
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context: Any = None) -> pb.GenerateResponse:
-        try:
-            self._authorize(grpc_context)
-            gen = self._start(request, grpc_context)
-        except Exception as e:
-            raise _fail(grpc_context, e) from None
+        gen = self._begin(request, grpc_context)
         try:
             try:
                 await gen.start()
@@ -127,10 +123,7 @@ class GrpcIngressMixin:
                 await gen.aclose()
             usage = self._usage(gen, result)
         except BaseException as e:
-            gen.end_span(e)
-            if isinstance(e, Exception):
-                raise _fail(grpc_context, e) from None
-            raise
+            raise self._failed(gen, grpc_context, e) from None
         gen.end_span()
         return pb.GenerateResponse(id=gen.request_id, model=self.frontend.settings.model_name, text=result.text,
                                    token_ids=result.token_ids, exit_stages=result.exit_stages,
@@ -140,11 +133,7 @@ class GrpcIngressMixin:
 
     async def GenerateStream(self, request: pb.GenerateRequest,
                              grpc_context: Any = None) -> AsyncIterator[pb.GenerateStreamResponse]:
-        try:
-            self._authorize(grpc_context)
-            gen = self._start(request, grpc_context)
-        except Exception as e:
-            raise _fail(grpc_context, e) from None
+        gen = self._begin(request, grpc_context)
         try:
             await gen.start()
             choice = gen.choices[0]
@@ -159,15 +148,27 @@ class GrpcIngressMixin:
                     msg.usage.CopyFrom(self._usage(gen, choice))
                 yield msg
         except BaseException as e:  # a client's cancel too: the span records it
-            gen.end_span(e)
-            if isinstance(e, Exception):
-                raise _fail(grpc_context, e) from None
-            raise
+            raise self._failed(gen, grpc_context, e) from None
         finally:
             await gen.aclose()
             gen.end_span()  # no-op after an error
 
     # -- pieces ----------------------------------------------------------------------------
+    def _begin(self, request: pb.GenerateRequest, grpc_context: Any) -> Generation:
+        """The RPC's key checked and its request validated (errors as its status)."""
+        try:
+            self._authorize(grpc_context)
+            return self._start(request, grpc_context)
+        except Exception as e:
+            raise _fail(grpc_context, e) from None
+
+    @staticmethod
+    def _failed(gen: Generation, grpc_context: Any, e: BaseException) -> BaseException:
+        """``gen``'s span ended with ``e``; what to raise: an error as the RPC's status, a
+        cancellation as itself."""
+        gen.end_span(e)
+        return _fail(grpc_context, e) if isinstance(e, Exception) else e
+
     def _authorize(self, grpc_context: Any) -> None:
         key = self.frontend.settings.api_key
         if key is None:

@@ -202,13 +202,8 @@ def request_span(name: str, carrier: Mapping[str, str] | None = None,
     model = attributes.get("gen_ai.request.model")
     span = _tracer.start_span(f"{name} {model}" if model else name, context=extract(carrier),
                               kind=SpanKind.SERVER, attributes=attributes)
-    try:
+    with _ended(span):
         yield span
-    except BaseException as e:
-        _record_error(span, e)
-        raise
-    finally:
-        span.end()
 
 
 def set_response(span: Span, *, response_id: str | None = None, input_tokens: int | None = None,
@@ -265,10 +260,9 @@ def stage_span(carrier: Mapping[str, str] | None, stage: int, layers: Sequence[i
 
 
 @contextlib.contextmanager
-def _stage_cm(carrier, stage, layers, pool, replica, batch_size, tokens, precision) -> Iterator[Span]:
-    span = _tracer.start_span(f"offramp.stage {stage}", context=extract(carrier), kind=SpanKind.INTERNAL,
-                              attributes=_stage_attributes(stage, layers, pool, replica, batch_size, tokens,
-                                                           precision))
+def _ended(span: Span) -> Iterator[Span]:
+    """Ends ``span`` on leaving; an exception marks it as an error (``error.type``) and
+    propagates."""
     try:
         yield span
     except BaseException as e:
@@ -276,6 +270,15 @@ def _stage_cm(carrier, stage, layers, pool, replica, batch_size, tokens, precisi
         raise
     finally:
         span.end()
+
+
+@contextlib.contextmanager
+def _stage_cm(carrier, stage, layers, pool, replica, batch_size, tokens, precision) -> Iterator[Span]:
+    span = _tracer.start_span(f"offramp.stage {stage}", context=extract(carrier), kind=SpanKind.INTERNAL,
+                              attributes=_stage_attributes(stage, layers, pool, replica, batch_size, tokens,
+                                                           precision))
+    with _ended(span):
+        yield span
 
 
 @contextlib.contextmanager
