@@ -348,7 +348,7 @@ def test_http_and_grpc_build_the_same_request(model, otlp_receiver, monkeypatch)
         assert all(v[0].parent_span_id == "00f067aa0ba902b7" for v in spans.values())
         request_keys = {k for k in attrs["http"] if k.startswith(("gen_ai.request.", "offramp.")) and
                         k not in ("offramp.stages_skipped",)}
-        assert {"gen_ai.request.max_tokens", "gen_ai.request.temperature", "offramp.exit"} <= request_keys
+        assert {"gen_ai.request.max_tokens", "gen_ai.request.temperature", "offramp.exit_mode"} <= request_keys
         for how in ("unary", "stream"):
             assert attrs[how].pop("offramp.rpc") == "grpc"
             assert {k: attrs[how].get(k) for k in request_keys} == {k: attrs["http"][k] for k in request_keys}

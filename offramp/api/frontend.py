@@ -100,7 +100,7 @@ class Frontend:
         span = spans.enter_context(tracing.request_span(operation, carrier, {
             "gen_ai.request.model": s.model_name, "gen_ai.request.max_tokens": max_tokens,
             "gen_ai.request.temperature": req.temperature, "gen_ai.request.top_p": req.top_p,
-            "gen_ai.request.seed": req.seed, "offramp.exit": str(req.offramp.exit),
+            "gen_ai.request.seed": req.seed, "offramp.exit_mode": str(req.offramp.exit),
             "offramp.max_draft": req.offramp.max_draft, "offramp.task": req.offramp.task, **(attrs or {})}))
         try:
             return Generation(
