@@ -143,10 +143,15 @@ class Backend(Protocol):
         ...
 
 
+def stops(sampling: SamplingParams, token: int, eos_token_ids: tuple[int, ...]) -> bool:
+    """Whether ``token`` ends the sequence as a stop (a stop token id, or eos unless ignored)."""
+    return token in sampling.stop_token_ids or (not sampling.ignore_eos and token in eos_token_ids)
+
+
 def finish_reason(sampling: SamplingParams, token: int, generated: int, total: int,
                   eos_token_ids: tuple[int, ...], max_seq: int) -> FinishReason | None:
     """Why a sequence stops after emitting ``token`` (its ``generated``-th), or None."""
-    if token in sampling.stop_token_ids or (not sampling.ignore_eos and token in eos_token_ids):
+    if stops(sampling, token, eos_token_ids):
         return "stop"
     if generated >= sampling.max_tokens or total >= max_seq:
         return "length"

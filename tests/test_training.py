@@ -272,7 +272,10 @@ def test_functions_and_problems_are_tokenized_as_prompt_and_continuation(data_di
     model has seen what follows the prompt's last token."""
     from transformers import AutoTokenizer
 
-    from offramp.training.pretrain import doc_ids, token_streams
+    from offramp.training.pretrain import docs_ids, token_streams
+
+    def doc_ids(tok, doc):
+        return docs_ids(tok, [doc])[0]
 
     tok = AutoTokenizer.from_pretrained(str(data_dir / "tokenizer"))
     doc = {"task": "coding", "unit": "function", "text": "def area(width, height):\n    return width * height\n"}

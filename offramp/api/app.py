@@ -409,8 +409,7 @@ class OpenAIRoutes:
                          request: Request) -> Generation:
         return self.frontend.generation(
             req, prompt_ids, request_id=request_id, carrier=trace_context(request), max_n=self.settings.max_n,
-            operation="text_completion" if isinstance(req, CompletionRequest) else "chat",
-            extra_stops=tuple(extra_stops))
+            operation="text_completion" if isinstance(req, CompletionRequest) else "chat", extra_stops=extra_stops)
 
     @staticmethod
     def chunk_usage(gen: Generation, req: SamplingFields) -> dict[str, Any]:

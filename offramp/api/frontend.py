@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
@@ -79,7 +79,7 @@ class Frontend:
         return cls(backend=backend, tokenizer=tokenizer, settings=settings)
 
     def generation(self, req: SamplingFields, prompt_ids: list[int], *, request_id: str, operation: str,
-                   carrier: Mapping[str, str] | None, max_n: int, extra_stops: tuple[str, ...] = (),
+                   carrier: Mapping[str, str] | None, max_n: int, extra_stops: Sequence[str] = (),
                    timeout_s: float | None = None, attrs: Mapping[str, Any] | None = None) -> Generation:
         """An unstarted :class:`Generation` for a parsed request, built the same way for
         HTTP and gRPC: the limits checked (:func:`check_limits`; ``max_n`` is the front
@@ -105,10 +105,10 @@ class Frontend:
         try:
             return Generation(
                 self.backend, self.tokenizer, request_id=request_id, prompt_ids=prompt_ids,
-                n=req.choices_generated, sampling=sampling, stops=req.stop_list + list(extra_stops),
+                n=req.choices_generated, sampling=sampling, stops=[*req.stop_list, *extra_stops],
                 exit_mode=req.offramp.exit, max_draft=req.offramp.max_draft, task=req.offramp.task,
                 timeout_s=timeout, span=(span, spans),
-                trace_context=tracing.inject(span, dict(carrier or {})) if span.is_recording() else carrier)
+                trace_context=tracing.inject(span, carrier) if span.is_recording() else carrier)
         except BaseException as e:
             spans.__exit__(type(e), e, e.__traceback__)
             raise

@@ -14,7 +14,6 @@ import asyncio
 import logging
 import os
 import time
-from dataclasses import asdict
 
 from ray import serve
 from ray.serve import Application
@@ -132,9 +131,6 @@ class StageDeployment:
         """What a heartbeat publishes: :meth:`stats` plus the longest queue wait since the last beat."""
         return {**self.stats(), "max_wait_s": self.server.take_max_wait(),
                 "memory_headroom_bytes": _memory_headroom(self.entry.device)}
-
-    def info(self) -> dict:
-        return {**asdict(self.entry), "layers": list(self.entry.layers), **self.stats()}
 
     def check_health(self) -> None:
         """Serve replaces the replica when this raises: its channel thread, loop or batcher

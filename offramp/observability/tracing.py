@@ -165,7 +165,7 @@ def extract(carrier: Mapping[str, str] | None) -> Context:
     return _PROPAGATOR.extract(carrier) if carrier else Context()
 
 
-def inject(context: Context | Span | None = None, carrier: dict[str, str] | None = None) -> dict[str, str]:
+def inject(context: Context | Span | None = None, carrier: Mapping[str, str] | None = None) -> dict[str, str]:
     """A W3C carrier for ``context`` (a Context or a Span): ``{"traceparent": ...}``.
 
     An invalid span (tracing off) gives ``carrier`` back unchanged, so an incoming

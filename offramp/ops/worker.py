@@ -30,7 +30,7 @@ from offramp.ops.layers import StepMeta
 from offramp.ops.sampling import (DRAFT, adjust_logits, choose_tokens, draw, processed_probs, token_logprobs,
                                   verify_batch)
 from offramp.ops.stage import Stage
-from offramp.protocol import DEFAULT_MAX_DRAFT, MAX_DRAFT_LIMIT, MIN_TEMPERATURE, SamplingParams, TokenLogprob
+from offramp.protocol import DEFAULT_MAX_DRAFT, MAX_DRAFT_LIMIT, MIN_TEMPERATURE, SamplingParams, TokenLogprob, stops
 
 
 log = logging.getLogger(__name__)
@@ -305,7 +305,8 @@ class StageWorker:
             # it still goes in as the next position (the chunk always ends with the last
             # draft's input), but nothing is drafted past it, which the ingress would drop.
             nxt = [StepRow(row.seq_id, torch.tensor([res.token]), row.position + 1, row.sampling, row.policy,
-                           row.step + 1, draft=0 if self._ends(row, res.token) else row.draft - 1,
+                           row.step + 1,
+                           draft=0 if stops(row.sampling, res.token, self.stage.spec.eos_token_ids) else row.draft - 1,
                            history=row.history + (res.token,) if row.sampling.adjusts_logits else ())
                    for row, res in drafting.values()]
             again = self._step_entries(nxt)
@@ -324,12 +325,6 @@ class StageWorker:
                 res.token, res.exited, res.confidence = None, False, None
                 res.drafts, res.draft_probs = toks, (torch.stack(probs) if probs else None)
         return results
-
-    def _ends(self, row: StepRow, token: int) -> bool:
-        """Whether ``token`` ends ``row``'s sequence (as :func:`offramp.protocol.finish_reason`
-        judges a stop)."""
-        s = row.sampling
-        return token in s.stop_token_ids or (not s.ignore_eos and token in self.stage.spec.eos_token_ids)
 
     def _step_entries(self, rows: list[StepRow]) -> list[StepResult]:
         skips = [self._skip(r) for r in rows]

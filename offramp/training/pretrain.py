@@ -99,7 +99,7 @@ def load_init(model, heads: ExitHeads, init_dir: str, tok) -> None:
 def prompt_cut(doc: dict) -> int | None:
     """Where a prompt for this document ends, if it has one: after a function's signature
     line (``def area(width, height):\n``), after an arithmetic problem's first ``=``
-    (``6-13=``). See :func:`doc_ids`."""
+    (``6-13=``). See :func:`docs_ids`."""
     if doc.get("task") == "math":
         eq = doc["text"].find("=")
         return eq + 1 if eq >= 0 else None
@@ -128,11 +128,6 @@ def docs_ids(tok, docs: list[dict]) -> list[list[int]]:
         for i, tail in zip(split, tails["input_ids"]):
             ids[i] = ids[i] + tail
     return ids
-
-
-def doc_ids(tok, doc: dict) -> list[int]:
-    """:func:`docs_ids` of one document."""
-    return docs_ids(tok, [doc])[0]
 
 
 # The tokenized training streams, cached beside the data; the name changes whenever
@@ -260,8 +255,6 @@ def train(data_dir: str | Path, out_dir: str | Path, spec: TrainSpec,
           progress: bool = True) -> dict:
     from tqdm import tqdm
     from transformers import AutoTokenizer
-
-    from offramp.ops.exits import ExitsConfig, save_exits
 
     data_dir, out = Path(data_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

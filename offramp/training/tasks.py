@@ -161,26 +161,22 @@ def math_answer(text: str) -> str:
 class InProcess:
     """Task generations by the staged engine in this process, split as served."""
 
-    def __init__(self, model_dir: Path, num_stages: int, batch: int):
+    def __init__(self, model_dir: Path, num_stages: int, batch: int, tok):
         from offramp.ops.engine import StagedModel
 
         self.eng = StagedModel(model_dir, num_stages=num_stages)
-        self.batch = batch
+        self.batch, self.tok = batch, tok  # prompts generated together
         self.stages = [list(r) for r in self.eng.ranges]
         self.where = f"in process, {num_stages} stages"
 
-    def chunks(self, prompts: list[list[int]]):
-        for i in range(0, len(prompts), self.batch):
-            yield prompts[i:i + self.batch]
-
-    def run(self, prompts: list[list[int]], max_tokens: int, mode: str, task: str, tok) -> list[tuple]:
+    def run(self, prompts: list[list[int]], max_tokens: int, mode: str, task: str) -> list[tuple]:
         from offramp.ops.sampling import SamplingParams
         from offramp.ops.worker import ExitPolicy
 
         policy = ExitPolicy.from_request(mode, task)  # calibrated: the task's thresholds
         out = []
         for s in self.eng.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0), policy):
-            out.append((tok.decode(s.generated, skip_special_tokens=True), s.finish_reason == "stop",
+            out.append((self.tok.decode(s.generated, skip_special_tokens=True), s.finish_reason == "stop",
                         list(s.generated), s.draft_counts))
         return out
 
@@ -194,16 +190,12 @@ class Served:
     def __init__(self, url: str, api_key: str | None, concurrency: int = 1):
         import httpx
 
-        self.url, self.concurrency = url.rstrip("/"), concurrency
+        self.url, self.batch = url.rstrip("/"), concurrency  # requests in flight together
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         card = httpx.get(f"{self.url}/v1/models", headers=self.headers, timeout=30).raise_for_status().json()["data"][0]
         self.model = card["id"]
         self.stages = card.get("offramp", {}).get("num_stages")
         self.where = f"served at {self.url} ({self.stages} stages)"
-
-    def chunks(self, prompts: list[list[int]]):
-        for i in range(0, len(prompts), self.concurrency):
-            yield prompts[i:i + self.concurrency]
 
     def _one(self, prompt: list[int], max_tokens: int, mode: str, task: str) -> tuple:
         import httpx
@@ -220,7 +212,7 @@ class Served:
         return (c["text"], c["finish_reason"] == "stop", list(c["offramp"]["token_ids"]),
                 DraftCounts(spec.get("drafted", 0), spec.get("accepted", 0), spec.get("verify_rounds", 0)))
 
-    def run(self, prompts: list[list[int]], max_tokens: int, mode: str, task: str, tok) -> list[tuple]:
+    def run(self, prompts: list[list[int]], max_tokens: int, mode: str, task: str) -> list[tuple]:
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(max(1, len(prompts))) as pool:
@@ -240,11 +232,11 @@ def task_accuracy(model_dir: Path, data_dir: Path, modes: list[str] | None = Non
 
     torch.set_num_threads(threads)
     modes = modes or ["off", "calibrated", "speculative"]
-    gen = server or InProcess(model_dir, num_stages, batch)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     tok.model_max_length = 10**9  # whole chapters are tokenized, then cut
+    gen = server or InProcess(model_dir, num_stages, batch, tok)
     docs = heldout_docs(data_dir, "test")
     items = {"math": math_items(docs, math_per_level), "coding": code_items(docs, code_items_n),
              "qa": prose_items(docs, tok, prose_n)}
@@ -256,8 +248,9 @@ def task_accuracy(model_dir: Path, data_dir: Path, modes: list[str] | None = Non
     for mode in modes:
         for task, its in items.items():
             res, dc = [], DraftCounts()
-            for chunk in gen.chunks([tok(it.prompt)["input_ids"] for it in its]):
-                for text, finished, ids, drafts in gen.run(chunk, max_new[task], mode, task, tok):
+            prompts = [tok(it.prompt)["input_ids"] for it in its]
+            for chunk in (prompts[i:i + gen.batch] for i in range(0, len(prompts), gen.batch)):
+                for text, finished, ids, drafts in gen.run(chunk, max_new[task], mode, task):
                     res.append((text, finished, ids))
                     dc += drafts
                 bar.update(len(chunk))
