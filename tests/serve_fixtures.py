@@ -261,11 +261,22 @@ def haproxy_binds() -> set[str]:
 
 def registry_endpoints() -> list:
     """Live stage endpoints as the ingress sees them (the app's registry actor), with each
-    replica's last heartbeat stats (``StageRecord``s: ``e.stats.rows`` served, ...)."""
-    import ray
+    replica's last heartbeat stats (``StageRecord``s: ``e.stats.rows`` served, ...).
 
-    reg = ray.get_actor(f"registry-{APP}", namespace="offramp")
-    return ray.get(reg.endpoints.remote(), timeout=10)
+    A registry actor that Ray is restarting (a test killed it) answers ``ActorUnavailableError``
+    for a moment: asked again until it is back (30 s), as the ingress does."""
+    import ray
+    from ray.exceptions import ActorUnavailableError
+
+    deadline = time.monotonic() + 30
+    while True:
+        reg = ray.get_actor(f"registry-{APP}", namespace="offramp")
+        try:
+            return ray.get(reg.endpoints.remote(), timeout=10)
+        except ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def actor_of_replica(deployment: str, replica_id: str):
