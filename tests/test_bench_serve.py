@@ -129,6 +129,14 @@ def test_ratios_of_compiled_contenders():
     assert not any("compiled" in k for k in bs.ratios(_summary(), 16))  # without --compile: no such ratio
 
 
+def test_ratios_of_chain_forwarding():
+    s = _summary(served_unchained={"c1": {"tpot_ms_p50": 15.0}, "c16": {"tokens_per_s": 240.0}})
+    r = bs.ratios(s, 16)
+    assert r["chained_vs_unchained_tpot_c1"] == {"value": 1.25, "target": ">= 1", "met": True}  # 15 / 12
+    assert r["chained_vs_unchained_tokens_per_s_c16"] == {"value": 1.25, "target": ">= 1", "met": True}  # 300 / 240
+    assert not any("chained" in k for k in bs.ratios(_summary(), 16))  # without --unchained: no such ratio
+
+
 def test_ratios_leave_out_skipped_contenders_and_fail_missing_values():
     s = _summary()
     del s["plain_serve"], s["transformers"]
@@ -211,7 +219,7 @@ def test_bench_serve_smoke_json():
     """The real command at a tiny size: every contender answers, nothing fails, ratios are finite."""
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     cmd = [sys.executable, "-m", "offramp.cli", "bench", "serve", "--json", "--repeats", "1", "--concurrency", "2",
-           "--requests", "2", "--max-tokens", "4", "--prompt-tokens", "8", "--stages", "2"]
+           "--requests", "2", "--max-tokens", "4", "--prompt-tokens", "8", "--stages", "2", "--unchained"]
     t0 = time.monotonic()
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -222,13 +230,15 @@ def test_bench_serve_smoke_json():
         for c in ("c1", "c2"):
             assert d[c]["failed"] == 0, (name, c, d[c]["errors"])
             assert d[c]["requests"] == 2 and d[c]["tokens_per_s"] > 0, (name, c)
-    assert report["contenders"]["served"]["c1"]["stage_calls_per_token"] == pytest.approx(2.0)
+    for name in ("served", "served_unchained"):  # chained or not, every token visits both stages
+        assert report["contenders"][name]["c1"]["stage_calls_per_token"] == pytest.approx(2.0), name
     for c in ("c1", "c2"):  # every plain Serve request ran in a batch the replica reported
         assert [sum(w) for w in report["contenders"]["plain_serve"][c]["batch_sizes_per_wave"]] == [2]
     assert set(report["ratios"]) >= {"served_tpot_c1_vs_in_process", "served_tokens_per_s_c2_vs_in_process",
                                      "served_1stage_c2_vs_plain_serve", "served_c2_vs_transformers_batched",
                                      "overhead_per_stage_call_ms", "calibrated_vs_off_tokens_per_s_c2",
-                                     "calibrated_vs_off_tpot_c1"}
+                                     "calibrated_vs_off_tpot_c1", "chained_vs_unchained_tpot_c1",
+                                     "chained_vs_unchained_tokens_per_s_c2"}
     for k, v in report["ratios"].items():
         assert v["value"] is not None and math.isfinite(v["value"]), k
     print(f"bench serve smoke: {time.monotonic() - t0:.0f} s")

@@ -51,7 +51,8 @@ from offramp.bench.common import json_stdout, percentile
 from offramp.protocol import DraftCounts
 from offramp.training.data import TASKS  # the held-out tasks prompts come from
 
-STREAMED = ("served", "served_calibrated", "served_speculative", "served_1stage", "served_compiled")
+STREAMED = ("served", "served_calibrated", "served_speculative", "served_1stage", "served_compiled",
+            "served_unchained")
 CONTENDERS = {
     "served": "Offramp served, N stages, exits off, HTTP streaming through Serve's proxy (--proxy)",
     "served_calibrated": "the same app, calibrated exits (task hint sent)",
@@ -62,6 +63,7 @@ CONTENDERS = {
     "plain_serve": "one Serve deployment of the whole HF model, @serve.batch, HTTP, not streamed",
     "served_compiled": "--compile: a third Offramp app, N stages, exits off, StageArgs.compile (torch.compile)",
     "in_process_compiled": "--compile: StagedModel(compile=True) in the driver, N stages, batched",
+    "served_unchained": "--unchained: a fourth Offramp app, N stages, exits off, chain_forwarding false",
 }
 COMPILED = ("served_compiled", "in_process_compiled")
 PLAIN_BATCH_WAIT_S = 0.005
@@ -85,6 +87,9 @@ Contenders, each warm (one discarded warm-up wave first), same prompts, same max
   served_compiled    --compile: the served app again with torch.compile'd decoder
   in_process_compiled  blocks (StageArgs.compile), and the in-process engine likewise;
                      the others stay eager, so one run measures what compiling buys
+  served_unchained   --unchained: the served app again with chain_forwarding false
+                     (every stage answers the ingress, which sends rows on): what
+                     chain forwarding buys, side by side
 Prompts: held-out text (offramp prepare-data's split), every task, --prompt-tokens long.
 Repeats are interleaved (repeat -> concurrency -> contender); p50/p99 over all requests,
 median tokens/s over repeats. Ratios are printed with their targets."""
@@ -132,6 +137,9 @@ def register(bsub) -> None:
                         "before its first wave. transformers and plain Serve stay eager: torch.compile of "
                         "transformers' forward under generate's dynamic KV cache measured slower here (batch 1: "
                         "13.7 vs 6.3 ms per token, recompiling as the cache grows)")
+    s.add_argument("--unchained", action="store_true",
+                   help="also measure the served app without chain forwarding (served_unchained: every stage "
+                        "answers the ingress, which sends the rows on), side by side with the default")
     s.add_argument("--gate-max-active", metavar="N|none", type=_count_or_none, default=_APP_DEFAULT,
                    help="the served apps' exit.gate_max_active (calibrated exits are tried while at most N requests "
                         "are active; 'none': always); default: the app's default")
@@ -268,6 +276,12 @@ def ratios(summary: dict, c: int) -> dict:
     put(f"served_compiled_tokens_per_s_c{c}_vs_in_process_compiled",
         _div(get("served_compiled", c, "tokens_per_s"), get("in_process_compiled", c, "tokens_per_s")), ">= 0.6",
         ("served_compiled", "in_process_compiled"))
+    # --unchained: what chain forwarding buys (unchained over chained TPOT, chained over unchained tokens/s)
+    put("chained_vs_unchained_tpot_c1", _div(get("served_unchained", 1, "tpot_ms_p50"), s_tpot1), ">= 1",
+        ("served", "served_unchained"))
+    put(f"chained_vs_unchained_tokens_per_s_c{c}",
+        _div(get("served", c, "tokens_per_s"), get("served_unchained", c, "tokens_per_s")), ">= 1",
+        ("served", "served_unchained"))
     put(f"speculative_vs_off_tokens_per_s_c{c}",
         _div(get("served_speculative", c, "tokens_per_s"), get("served", c, "tokens_per_s")), ">= 1.2",
         ("served", "served_speculative"))
@@ -557,7 +571,8 @@ def _run_serve(args, emit) -> int:
         if args.stages < 2:
             raise ValueError("--slow-deep-stages needs --stages 2 or more (stage 0 stays fast)")
     names = [n for n in CONTENDERS if not (n == "plain_serve" and args.no_plain)
-             and not (n == "transformers" and args.no_transformers) and not (n in COMPILED and not args.compile)]
+             and not (n == "transformers" and args.no_transformers) and not (n in COMPILED and not args.compile)
+             and not (n == "served_unchained" and not args.unchained)]
     model_dir = resolve_model_dir(args.model)
     tok = load_tokenizer(model_dir)
     heldout = build_corpus(DataSpec(), None)[1]
@@ -580,15 +595,17 @@ def _run_serve(args, emit) -> int:
 
         exit_args = ExitArgs() if args.gate_max_active is _APP_DEFAULT else ExitArgs(gate_max_active=args.gate_max_active)
 
-        def offramp_args(stages: int, slow_deep: tuple[float, float] | None = None, compiled: bool = False) -> AppArgs:
+        def offramp_args(stages: int, slow_deep: tuple[float, float] | None = None, compiled: bool = False,
+                         chain: bool = True) -> AppArgs:
             sa = StageArgs(max_batch_size=max(16, C), max_sequences=max(64, C), compile=compiled)
             if slow_deep is None:
                 return AppArgs(model=str(model_dir), num_stages=stages, model_name=model_name, api_key_env="",
-                               stages=[sa] * stages, exit=exit_args)
+                               stages=[sa] * stages, exit=exit_args, chain_forwarding=chain)
             deep = sa.model_copy(update={"pool": "cpu"})
             return AppArgs(model=str(model_dir), num_stages=stages, model_name=model_name, api_key_env="",
                            stages=[sa.model_copy(update={"pool": "gpu"})] + [deep] * (stages - 1), exit=exit_args,
-                           emulate_pools={"cpu": {"step_s": slow_deep[0] / 1000, "per_token_s": slow_deep[1] / 1000}})
+                           emulate_pools={"cpu": {"step_s": slow_deep[0] / 1000, "per_token_s": slow_deep[1] / 1000}},
+                           chain_forwarding=chain)
 
         rayops.run_app(build_app(offramp_args(args.stages, slow_deep)), "offramp", "/")
         bar.update()
@@ -596,6 +613,9 @@ def _run_serve(args, emit) -> int:
         if "served_compiled" in names:
             rayops.run_app(build_app(offramp_args(args.stages, slow_deep, compiled=True)), "offramp-compiled",
                            "/compiled")
+        if "served_unchained" in names:
+            rayops.run_app(build_app(offramp_args(args.stages, slow_deep, chain=False)), "offramp-unchained",
+                           "/unchained")
         bar.update()
         if "plain_serve" in names:
             rayops.run_app(plain_serve_deployment(C, plain_cpus).bind(str(model_dir)), "plain", "/plain")
@@ -626,6 +646,8 @@ def _run_serve(args, emit) -> int:
                 return asyncio.run(_served_wave(base + "/compiled", ps, "off", c, args.max_tokens, model_name))
             if name == "in_process_compiled":
                 return _in_process_wave(staged_compiled, ps, c, args.max_tokens)
+            if name == "served_unchained":
+                return asyncio.run(_served_wave(base + "/unchained", ps, "off", c, args.max_tokens, model_name))
             if name == "transformers":
                 return _transformers_wave(hf, ps, c, args.max_tokens)
             if name == "plain_serve":

@@ -90,7 +90,8 @@ class StageDeployment:
                                   batch_wait_timeout_s=sa.batch_wait_timeout_s, stats=self._record,
                                   labels={"pool": pool, "replica": self.replica, "precision": sa.dtype},
                                   emulate=emulate, lease_s=args.kv_lease_s,
-                                  ssl_context=args.channel_tls.server_context() if args.channel_tls else None)
+                                  ssl_context=args.channel_tls.server_context() if args.channel_tls else None,
+                                  client_ssl_context=args.channel_tls.client_context() if args.channel_tls else None)
         self.entry = StageRecord(stage=index, replica=self.replica, host=self.server.host, port=self.server.port,
                                  layers=(int(layers[0]), int(layers[1])), pool=pool, device=device, dtype=sa.dtype,
                                  profile=tuple(profile))
@@ -219,7 +220,7 @@ class OfframpIngress(GrpcIngressMixin):
             vocab_size=spec.vocab_size, kv_fill=args.exit.kv_fill, request_timeout_s=args.request_timeout_s,
             default_exit=args.exit.mode, default_threshold=args.exit.threshold,
             max_active=args.max_active_requests, model_name=args.model_name, audit_rate=args.exit.audit_rate,
-            lease_s=args.kv_lease_s, micro_batches=args.micro_batches,
+            lease_s=args.kv_lease_s, micro_batches=args.micro_batches, chain=args.chain_forwarding,
             max_draft=args.exit.max_draft, draft_max_active=args.exit.draft_max_active,
             gate_max_active=args.exit.gate_max_active,
             tuner=AgreementTuner(target=exits.calibration.target if exits and exits.calibration else 0.98,

@@ -19,6 +19,18 @@ scheduler sends every row it has for this replica in one) ends the batch wait at
 Client side (:class:`StageClient`): one multiplexed connection per stage replica, a
 timeout on every call.
 
+**Chain forwarding.** A step row may carry its ``chain``: the stages after this one on
+its route, each with the frame id the ingress expects that stage's answer under. A stage
+answers its caller as always, but sends every continuing row straight on to the next
+stage of its chain (one ``full`` frame per next replica, ``reply`` naming the ingress's
+connection key), and answers that row with a ``fwd`` marker instead of its hidden
+states. The next stage answers the ingress directly, on the connection the ingress keyed
+in its hello. A deep token then costs ``stages + 1`` messages on its critical path instead
+of ``2 × stages`` (ingress → stage 0 → stage 1 → ingress). Forwarding never waits: a
+next stage not connected yet (the connection is opened in the background), or one whose
+connection fails, gets nothing, and the row is answered in full, so the ingress sends it
+on itself. Only peers holding the cluster token can ask a stage to forward.
+
 Faults stay where they belong:
 
 * **One row's error is that row's** (sampling math, non-finite logits): it comes back
@@ -71,6 +83,7 @@ WRITE_BUFFER_CAP = 64 * 2**20  # replies a peer may leave unread before it is cu
 # (docs/benchmarks.md). Longer passes (prefills) still go to a worker thread, so the loop
 # keeps answering frames and health checks while they run.
 INLINE_MAX_POSITIONS = 64
+HOP_RETRY_S = 5.0  # a stage whose connection to a next stage failed tries it again after this long
 WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64}
 ERRORS = {c.__name__: c for c in (errors.BadRequest, errors.Overloaded, errors.StageUnavailable,
                                     errors.DeadlineExceeded, errors.RowFailed, KVMissing)}
@@ -157,6 +170,8 @@ def result_header(res: StepResult, packer: _Packer) -> dict:
     """One row's :class:`StepResult` as it travels back (:func:`result_from_header` reads it)."""
     if res.error is not None:
         return {"seq": res.seq_id, "error": error_body(res.error)}
+    if res.forwarded:  # the chunk went on to the next stage; only what the ingress counts
+        return {"seq": res.seq_id, "fwd": True, **({"drafts": res.drafts} if res.drafts else {})}
     h: dict[str, Any] = {"seq": res.seq_id, "token": res.token, "exited": res.exited, "conf": res.confidence}
     if res.hidden is not None:
         h["h"] = packer.tensor(res.hidden)
@@ -188,6 +203,8 @@ def result_from_header(h: dict, payload: memoryview) -> StepResult:
     def tensor(key):
         return None if h.get(key) is None else unpack_tensor(payload, h[key])
 
+    if h.get("fwd"):
+        return StepResult(str(h["seq"]), forwarded=True, drafts=ints("drafts"))
     return StepResult(str(h["seq"]), token=None if h.get("token") is None else int(h["token"]),
                       hidden=tensor("h"), exited=bool(h.get("exited")), confidence=h.get("conf"),
                       backfill=ints("bf"), drafts=ints("drafts"), draft_probs=tensor("dq"), tokens=ints("tokens"),
@@ -219,6 +236,7 @@ class _Conn:
     def __init__(self, writer: asyncio.StreamWriter, loop: asyncio.AbstractEventLoop, on_cut=None):
         self.writer, self.loop, self.on_cut = writer, loop, on_cut
         self._drainer: asyncio.Task | None = None
+        self.key: str | None = None  # the peer's connection key (hello ``key``): chained answers find it by this
 
     def send(self, header: dict, packer: _Packer | None = None) -> None:
         if self.writer.is_closing():
@@ -271,9 +289,13 @@ class StageServer:
     def __init__(self, worker: StageWorker, token: str, host: str = "127.0.0.1", port: int = 0,
                  max_batch_size: int = 16, batch_wait_timeout_s: float = 0.002, stats=None,
                  labels: dict | None = None, emulate=None, lease_s: float = DEFAULT_KV_LEASE_S,
-                 ssl_context=None):
+                 ssl_context=None, client_ssl_context=None):
         self.worker, self.token = worker, token
         self.ssl_context = ssl_context  # server-side TLS (ChannelTLS.server_context()); None = plain TCP
+        self.client_ssl_context = client_ssl_context  # TLS of the connections this stage forwards on
+        self.peers: dict[str, _Conn] = {}  # connection key -> the keyed peer's connection (chained answers)
+        self._hops: dict[tuple[str, int], tuple] = {}  # next stages this one forwards to: (StageClient, opened at)
+        self.forwarded = 0  # rows sent straight on to the next stage of their chain
         self.emulate = emulate  # optional EmulatedDevice: modelled minimum step time
         # Queue wait of step rows (enqueued -> their forward pass starts): the saturation
         # signal that busy fraction is not (one closed-loop stream keeps a dominant stage
@@ -339,6 +361,10 @@ class StageServer:
                 conn.send({"id": hello.get("id"), "ok": False,
                            "error": {"type": "StageUnavailable", "message": "bad cluster token"}})
                 return
+            key = hello.get("key")
+            if isinstance(key, str) and 0 < len(key) <= 64:
+                conn.key = key
+                self.peers[key] = conn
             conn.send({"id": hello.get("id"), "ok": True, "stage": self.worker.index})
             while True:
                 header, payload = await read_frame(reader)
@@ -361,6 +387,8 @@ class StageServer:
                 UnicodeDecodeError, AttributeError, TypeError):
             pass
         finally:
+            if conn.key is not None and self.peers.get(conn.key) is conn:
+                del self.peers[conn.key]
             writer.close()
 
     async def _batcher(self) -> None:
@@ -429,7 +457,7 @@ class StageServer:
         return sum(len(h.get("rows", ())) for h, *_ in items)
 
     async def _serve_batch(self, items) -> None:
-        steps: list[tuple] = []  # (item, rows, carriers)
+        steps: list[tuple] = []  # (item, rows, carriers, chains)
         releases: list[tuple] = []  # run after the steps queued before them
         try:
             for item in items:
@@ -438,7 +466,8 @@ class StageServer:
                 try:
                     if op == "step":
                         steps.append((item, [row_from_header(r, payload) for r in header["rows"]],
-                                      [r.get("trace") for r in header["rows"]]))
+                                      [r.get("trace") for r in header["rows"]],
+                                      [r.get("chain") for r in header["rows"]]))
                     elif op == "release":
                         releases.append(item)
                     elif op == "propagate":
@@ -452,7 +481,9 @@ class StageServer:
                     else:
                         raise errors.BadRequest(f"unknown channel op {op!r}")
                 except Exception as e:  # noqa: BLE001 - answer the caller, keep serving others
-                    conn.send(_error_header(header.get("id"), e))
+                    to = self._reply_conn(header, conn)
+                    if to is not None:
+                        to.send(_error_header(header.get("id"), e))
             if steps:
                 await self._run_steps(steps)
         finally:
@@ -470,10 +501,10 @@ class StageServer:
         answer; the frame's other rows run (a new sequence finding no slot fails alone, not
         the established sequences it shares a frame with)."""
         good, seen, new = [], set(), set()
-        for item, rows, carriers in steps:
+        for item, rows, carriers, chains in steps:
             order: list[int | StepResult] = []  # per row of the frame: index into the kept rows, or its error
-            kept, kept_carriers = [], []
-            for r, c in zip(rows, carriers):
+            kept, kept_carriers, kept_chains = [], [], []
+            for r, c, chain in zip(rows, carriers, chains):
                 err = self._check_row(r, seen, new)
                 if err is not None:
                     order.append(StepResult(r.seq_id, error=err))
@@ -481,17 +512,18 @@ class StageServer:
                     order.append(len(kept))
                     kept.append(r)
                     kept_carriers.append(c)
+                    kept_chains.append(chain)
             if not kept:
                 self._answer(item[0], item[2], order)
                 continue
-            good.append((item, kept, kept_carriers, order))
+            good.append((item, kept, kept_carriers, kept_chains, order))
         if not good:
             return
-        flat = [r for _, rows, _, _ in good for r in rows]
-        carriers = [c for _, _, cs, _ in good for c in cs]
+        flat = [r for _, rows, *_ in good for r in rows]
+        carriers = [c for _, _, cs, *_ in good for c in cs]
         lengths = [r.inputs.shape[0] for r in flat]  # positions per row
         now = time.monotonic()
-        for (header, *_), rows, _, _ in good:
+        for (header, *_), rows, *_ in good:
             wait = max(0.0, now - header.get("_queued_at", now))
             self.wait_s += wait * len(rows)
             self.waited_rows += len(rows)
@@ -508,7 +540,7 @@ class StageServer:
             except Exception as e:  # noqa: BLE001
                 if len(flat) == 1:
                     log.exception("stage %d forward failed", w.index)
-                    (header, _, conn), _, _, order = good[0]
+                    (header, _, conn), *_, order = good[0]
                     self._answer(header, conn, _in_order(order, [StepResult(flat[0].seq_id, error=e)]))
                     return
                 # The batch as a whole failed: one sequence at a time, so only the row that
@@ -533,14 +565,15 @@ class StageServer:
             live = [(row, res) for row, res in zip(flat, results) if not row.flush]
             metrics.record_gate(w.index, evaluated=len(live), exited=sum(res.exited for _, res in live))
         i = 0
-        for (header, _, conn), rows, _, order in good:
-            self._answer(header, conn, _in_order(order, results[i: i + len(rows)]))
+        for (header, _, conn), rows, carriers, chains, order in good:
+            part = self._forward(header, conn, rows, results[i: i + len(rows)], carriers, chains)
+            self._answer(header, conn, _in_order(order, part))
             i += len(rows)
 
     async def _one_by_one(self, good: list[tuple]) -> None:
         """After a whole-batch failure: every row (one sequence) alone, so only the rows
         that break the pass fail; each frame is answered with its rows' results."""
-        for (header, _, conn), rows, _, order in good:
+        for (header, _, conn), rows, carriers, chains, order in good:
             results = []
             for row in rows:
                 try:
@@ -549,9 +582,84 @@ class StageServer:
                     log.exception("stage %d forward failed for sequence %s", self.worker.index, row.seq_id)
                     res = StepResult(row.seq_id, error=e)
                 results.append(res)
-            self._answer(header, conn, _in_order(order, results))
+            self._answer(header, conn, _in_order(order, self._forward(header, conn, rows, results, carriers, chains)))
+
+    def _reply_conn(self, header: dict, conn: _Conn) -> _Conn | None:
+        """Where a frame's answer goes: the keyed peer a forwarded frame names (the ingress
+        that expects it), else the connection it came on."""
+        key = header.get("reply")
+        return conn if key is None else self.peers.get(str(key))
+
+    def _forward(self, header: dict, conn: _Conn, rows: list[StepRow], results: list[StepResult],
+                 carriers: list, chains: list) -> list[StepResult]:
+        """Send the continuing rows that carry a ``chain`` straight on to its next stage (one
+        frame per next replica); their results become ``forwarded`` markers. Never waits: a
+        next stage without a live connection, or a malformed chain, leaves the row's result
+        whole (the ingress sends it on itself)."""
+        if not any(chains):
+            return results
+        key = header.get("reply") or conn.key
+        if key is None:
+            return results
+        groups: dict[int, tuple[dict, list[int]]] = {}
+        for i, (res, chain) in enumerate(zip(results, chains)):
+            if (chain and isinstance(chain, list) and isinstance(chain[0], dict) and res.error is None
+                    and res.token is None and res.tokens is None and res.hidden is not None):
+                hop = chain[0]
+                groups.setdefault(repr((hop.get("host"), hop.get("port"), hop.get("fid"))), (hop, []))[1].append(i)
+        out = list(results)
+        for hop, idx in groups.values():
+            try:
+                client = self._hop_client(str(hop["host"]), int(hop["port"]))
+                if client is None:
+                    continue
+                packer = _Packer()
+                frame_rows = []
+                for i in idx:
+                    res = results[i]
+                    nxt = rows[i].onward(res.hidden, res.drafts, res.draft_probs)
+                    nxt.layer = None if hop.get("layer") is None else int(hop["layer"])
+                    nxt.policy = ExitPolicy(**hop["policy"])
+                    nxt.verify = bool(hop.get("verify", False))
+                    h = row_header(nxt, packer, carriers[i])
+                    if len(chains[i]) > 1:
+                        h["chain"] = chains[i][1:]
+                    frame_rows.append(h)
+                frame = {"op": "step", "id": int(hop["fid"]), "reply": key, "rows": frame_rows, "full": True}
+                if not client.send_nowait(encode(frame, packer)):
+                    continue
+            except Exception as e:  # noqa: BLE001 - a malformed chain: answer the rows whole
+                log.debug("stage %d: not forwarding %d rows: %r", self.worker.index, len(idx), e)
+                continue
+            self.forwarded += len(idx)
+            for i in idx:
+                out[i] = StepResult(results[i].seq_id, forwarded=True, drafts=results[i].drafts)
+        return out
+
+    def _hop_client(self, host: str, port: int) -> "StageClient | None":
+        """This stage's connection to a next stage, if it is open; else None, and it is
+        opened in the background (the first rows for a new next stage go back to the ingress)."""
+        now = time.monotonic()
+        c, since = self._hops.get((host, port), (None, 0.0))
+        if c is not None and not c.broken:
+            return c if c.connected else None
+        if c is not None and now - since < HOP_RETRY_S:  # failed lately (gone, or TLS/token mismatch): not yet
+            return None
+        if len(self._hops) >= 64:  # replicas come and go: drop the dead ones first
+            self._hops = {k: v for k, v in self._hops.items() if not v[0].broken}
+            if len(self._hops) >= 64:
+                return None
+        c = StageClient(host, port, self.token, label=f"stage after {self.worker.index}",
+                        ssl_context=self.client_ssl_context)
+        self._hops[(host, port)] = (c, now)
+        self.loop.create_task(c.open())
+        return None
 
     def _answer(self, header: dict, conn: _Conn, results) -> None:
+        conn = self._reply_conn(header, conn)
+        if conn is None:  # the ingress that expects it has no connection here any more: it retries on its own
+            log.debug("stage %d: no connection for the answer to frame %s", self.worker.index, header.get("id"))
+            return
         packer = _Packer()
         for res in results:
             if res.error is not None and type(res.error).__name__ not in ERRORS:
@@ -585,7 +693,7 @@ class StageServer:
         return {"stage": w.index, "layers": list(w.stage.layer_range), "sequences": len(w.cache.slot_of),
                 "kv_occupancy": w.cache.occupancy(), "queue": self.queue.qsize(),
                 "wait_s": self.wait_s, "waited_rows": self.waited_rows, "reclaimed": self.reclaimed,
-                "batch_errors": self.batch_errors, "peers_cut": self.peers_cut}
+                "batch_errors": self.batch_errors, "peers_cut": self.peers_cut, "forwarded": self.forwarded}
 
     def take_max_wait(self) -> float:
         """Longest queue wait of a step since the last call (the heartbeat's period)."""
@@ -600,9 +708,11 @@ class StageClient:
     ``label`` names the replica in errors the client may see ("stage 1"); the address
     only goes to the log."""
 
-    def __init__(self, host: str, port: int, token: str, label: str = "a stage replica", ssl_context=None):
+    def __init__(self, host: str, port: int, token: str, label: str = "a stage replica", ssl_context=None,
+                 key: str | None = None):
         self.host, self.port, self.token, self.label = host, port, token, label
         self.ssl_context = ssl_context  # client-side TLS (ChannelTLS.client_context()); None = plain TCP
+        self.key = key  # this connection's key in the hello: stages answer chained frames to it
         self._writer: asyncio.StreamWriter | None = None
         self._pending: dict[int, asyncio.Future] = {}
         self._next = 0
@@ -623,7 +733,10 @@ class StageClient:
             except ssl.SSLError as e:  # a peer outside the channel CA, or one side without TLS
                 log.error("TLS with the stage at %s:%d failed: %s", self.host, self.port, e)
                 raise errors.StageUnavailable(f"{self.label} failed the channel's TLS handshake") from e
-            writer.write(encode({"op": "hello", "id": 0, "token": self.token}))
+            hello = {"op": "hello", "id": 0, "token": self.token}
+            if self.key:
+                hello["key"] = self.key
+            writer.write(encode(hello))
             await asyncio.wait_for(writer.drain(), 5)
             hello, _ = await asyncio.wait_for(read_frame(reader), 5)
             if not hello.get("ok"):
@@ -666,19 +779,45 @@ class StageClient:
             self.close()
             raise errors.StageUnavailable(f"{self.label} stopped reading its connection") from None
 
-    async def call(self, header: dict, packer: _Packer | None = None, timeout: float = 30.0):
+    @property
+    def connected(self) -> bool:
+        return self._writer is not None and not self.broken
+
+    async def open(self) -> bool:
+        """Connect now (a stage's connection to the next stage of a chain); False if it failed."""
+        try:
+            await self._connect()
+            return True
+        except errors.StageUnavailable:
+            return False
+
+    async def _connect(self) -> None:
         try:
             await self._ensure()
         except (OSError, asyncio.TimeoutError) as e:
             self.broken = True
             log.warning("cannot reach stage at %s:%d: %s", self.host, self.port, e)
             raise errors.StageUnavailable(f"cannot reach {self.label}") from None
+
+    async def expect(self) -> tuple[int, asyncio.Future]:
+        """Connect, and reserve a frame id whose answer will come on this connection
+        although this client sends no frame under it (chain forwarding: an earlier stage
+        sends the frame, this stage answers here). :meth:`wait` awaits it, :meth:`forget`
+        gives it up."""
+        await self._connect()
         self._next += 1
-        header = {**header, "id": self._next}
         fut = asyncio.get_running_loop().create_future()
         self._pending[self._next] = fut
+        return self._next, fut
+
+    def forget(self, msg_id: int) -> None:
+        fut = self._pending.pop(msg_id, None)
+        if fut is not None and not fut.done():
+            fut.cancel()
+
+    async def wait(self, msg_id: int, fut: asyncio.Future, timeout: float):
+        """The answer to frame ``msg_id``: (header, payload); the call's errors as :meth:`call`."""
         try:
-            await self._write(encode(header, packer), min(timeout, WRITE_TIMEOUT_S))
             reply, payload = await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
             raise errors.DeadlineExceeded(f"{self.label} did not answer within {timeout:.1f}s") from None
@@ -687,12 +826,47 @@ class StageClient:
             log.warning("stage at %s:%d went away: %s", self.host, self.port, e)
             raise errors.StageUnavailable(f"{self.label} went away") from None
         finally:
-            self._pending.pop(header["id"], None)
+            self._pending.pop(msg_id, None)
             if fut.done() and not fut.cancelled():
                 fut.exception()  # failed while we were still writing: retrieved, not logged as lost
         if not reply.get("ok"):
             raise error_from_body(reply.get("error", {}))
         return reply, payload
+
+    async def call(self, header: dict, packer: _Packer | None = None, timeout: float = 30.0):
+        msg_id, fut = await self.expect()
+        try:
+            await self._write(encode({**header, "id": msg_id}, packer), min(timeout, WRITE_TIMEOUT_S))
+        except (ConnectionError, AttributeError, OSError) as e:
+            self.broken = True
+            self.forget(msg_id)
+            log.warning("stage at %s:%d went away: %s", self.host, self.port, e)
+            raise errors.StageUnavailable(f"{self.label} went away") from None
+        except BaseException:
+            self.forget(msg_id)
+            raise
+        return await self.wait(msg_id, fut, timeout)
+
+    def send_nowait(self, data: bytes) -> bool:
+        """Write a frame without waiting for the peer (a stage forwarding rows: its batcher
+        never blocks on the next stage); False when the connection is not open or the peer
+        left ``WRITE_BUFFER_CAP`` unread (the connection is then dropped)."""
+        writer = self._writer
+        if writer is None or self.broken or writer.is_closing():
+            return False
+        try:
+            writer.write(data)
+        except Exception as e:  # noqa: BLE001 - a dead transport
+            log.debug("write to stage at %s:%d failed: %s", self.host, self.port, e)
+            self.broken = True
+            return False
+        if writer.transport.get_write_buffer_size() > WRITE_BUFFER_CAP:
+            log.warning("stage at %s:%d left %d bytes unread; dropping the connection", self.host, self.port,
+                        writer.transport.get_write_buffer_size())
+            self.broken = True
+            writer.transport.abort()
+            return False
+        return True
 
     async def notify(self, header: dict, timeout: float = 5.0) -> bool:
         """Send a frame that gets no reply (lease renewals); False if it could not be sent."""
@@ -705,18 +879,23 @@ class StageClient:
             return False
 
     async def step(self, rows: list[StepRow], timeout: float, traces: list[dict[str, str] | None] | None = None,
-                   full: bool = False) -> list[StepResult]:
+                   full: bool = False, chains: list[list[dict] | None] | None = None) -> list[StepResult]:
         """Results per row; each carries ``hop_s``: this call's round trip minus the server's
         own time (queue + forward pass), i.e. what the hop itself cost. A row that failed on
         its own carries ``error`` (the exception to raise for that request).
 
         ``traces``: each row's W3C carrier (its request's span), or none. ``full``: this
         frame holds every row the caller has for this replica now (a step scheduler's
-        frame), so the replica's batcher does not wait for more from it."""
+        frame), so the replica's batcher does not wait for more from it. ``chains``: per row,
+        the stages after this one that the row's continuing chunk goes to straight from
+        this stage (chain forwarding, module docstring), or None."""
         packer = _Packer()
         t0 = time.perf_counter()
         traces = traces if traces is not None else [None] * len(rows)
         header = {"op": "step", "rows": [row_header(r, packer, t) for r, t in zip(rows, traces)]}
+        for h, chain in zip(header["rows"], chains or ()):
+            if chain:
+                h["chain"] = chain
         if full:
             header["full"] = True
         reply, payload = await self.call(header, packer, timeout)
@@ -725,6 +904,12 @@ class StageClient:
         for r in out:
             r.hop_s = hop
         return out
+
+    async def chained(self, msg_id: int, fut: asyncio.Future, timeout: float) -> list[StepResult]:
+        """The results of a step frame an earlier stage forwarded here under ``msg_id``
+        (reserved with :meth:`expect`), answered on this connection."""
+        reply, payload = await self.wait(msg_id, fut, timeout)
+        return [result_from_header(h, payload) for h in reply["results"]]
 
     async def propagate(self, seq: str, hidden: torch.Tensor, position: int, timeout: float,
                         layer: int | None = None) -> None:

@@ -292,6 +292,10 @@ class AppArgs(BaseModel):
         "spread over this many lanes that step concurrently, so different stages compute different lanes at once "
         "(pipeline parallelism). 1 = one batch walks the stages in turn; about the number of stages that compute "
         "in parallel pays most.")
+    chain_forwarding: bool = Field(
+        True, description="Stages send a token's continuing rows straight on to the next stage, which answers the "
+        "ingress (ingress -> stage 0 -> ... -> last -> ingress: stages + 1 messages per deep token instead of "
+        "2 x stages). false = every stage answers the ingress, which sends the rows on.")
     kv_lease_s: float = Field(
         DEFAULT_KV_LEASE_S, ge=2, le=3600, description="A stage replica reclaims a sequence's KV when nothing for it (a step, or "
         "the ingress's renewal of live sequences) arrived for this long: faults, lost releases and dead ingress "

@@ -14,6 +14,13 @@ a replica disappears or answers "KV missing" (a scale-down, a crash, a re-route)
 sequence is replayed under a new session id - one prefill over its tokens so far - on
 live replicas; no computation ever runs on missing KV. Tokens already streamed stay
 valid (greedy and seeded sampling are reproducible).
+
+Chain forwarding (``chain=True``, the default): the frame to a stage also names, per row,
+the rest of the row's route with a frame id reserved on this ingress's connection to each
+of those stages (:meth:`StageClient.expect`); each stage sends its continuing rows straight
+on to the next one, which answers here. A deep token's critical path is then ingress →
+stage 0 → ... → last stage → ingress. What a stage does not forward (its next stage not
+connected yet) comes back whole and goes on from here as without chaining.
 """
 from __future__ import annotations
 
@@ -103,6 +110,7 @@ class Router:
                  num_layers: int | None = None, ssl_context=None):
         self.num_stages, self.token, self.lookup = num_stages, token, lookup
         self.ssl_context = ssl_context  # channel TLS, client side (None = plain TCP)
+        self.key = uuid.uuid4().hex  # names this ingress's connections: stages answer chained frames on them
         self.num_layers = num_layers
         self.endpoints: list[Endpoint] = []
         self.clients: dict[Endpoint, StageClient] = {}
@@ -199,7 +207,7 @@ class Router:
         c = self.clients.get(ep)
         if c is None or c.broken:
             c = self.clients[ep] = StageClient(ep.host, ep.port, self.token, label=f"stage {ep.stage}",
-                                               ssl_context=self.ssl_context)
+                                               ssl_context=self.ssl_context, key=self.key)
         return c
 
     def known(self, ep: Endpoint) -> bool:
@@ -211,6 +219,27 @@ class Router:
         c = self.clients.pop(ep, None)
         if c is not None:
             c.close()
+
+
+@dataclass(eq=False)
+class _Hop:
+    """One frame of a chained step: the rows this ingress sends to (``fid`` None) or expects
+    from (``fid``: the frame id reserved on its connection) replica ``ep``, and the frames
+    its forwarded rows go on to."""
+    ep: Endpoint
+    items: list = field(default_factory=list)  # (seq, row, entry layer)
+    fid: int | None = None
+    fut: asyncio.Future | None = None
+    children: dict = field(default_factory=dict)  # Endpoint -> _Hop
+    next_of: dict = field(default_factory=dict)  # session -> the child _Hop its row goes on to
+
+    def descendants(self):
+        for child in self.children.values():
+            yield child
+            yield from child.descendants()
+
+
+_NO_HIDDEN = torch.empty(0)  # a forwarded row's chunk is at the stages, not here
 
 
 class _Lane:
@@ -250,7 +279,7 @@ class PipelineBackend:
                  default_threshold: float | None = None, max_active: int = 256, model_name: str = "offramp",
                  audit_rate: float = 0.0, tuner: AgreementTuner | None = None, lease_s: float = DEFAULT_KV_LEASE_S,
                  micro_batches: int = 2, max_draft: int = DEFAULT_MAX_DRAFT, draft_max_active: int | None = None,
-                 gate_max_active: int | None = None):
+                 gate_max_active: int | None = None, chain: bool = True):
         self.num_stages, self.router = num_stages, router
         self.eos_token_ids, self.max_seq, self.vocab_size = eos_token_ids, max_seq, vocab_size
         self.kv_fill, self.call_timeout, self.request_timeout = kv_fill, call_timeout_s, request_timeout_s
@@ -259,6 +288,7 @@ class PipelineBackend:
         self.max_draft = max_draft  # speculative requests that do not say
         self.draft_max_active = draft_max_active  # above this many active requests, speculative rows do not draft
         self.gate_max_active = gate_max_active  # above this many, calibrated/threshold rows run full depth
+        self.chain = chain  # stages forward continuing rows to the next stage themselves (module docstring)
         self.speculative = DraftCounts()  # this ingress's verify rounds
         self._ids = itertools.count()
         self.calls = [0] * num_stages  # stage visits on this ingress (exit skipping is visible here)
@@ -484,9 +514,14 @@ class PipelineBackend:
                     continue
                 row.layer = None if layer == ep.start else layer
                 row.policy = self._gate_policy(seq.policy, ep.end, gating)
-                row.verify = ep.stage == last and self._audit(seq, row)
+                row.verify = ep.stage == last and row.inputs.shape[0] > 1 and self._audit(seq)
                 groups.setdefault(ep, []).append((seq, row, layer))
             todo = []
+            if self.chain:
+                for onward in await asyncio.gather(*(self._run_hop(_Hop(ep, items), gating)
+                                                     for ep, items in groups.items())):
+                    todo += onward
+                continue
             calls = [self._call(ep, items) for ep, items in groups.items()]
             outs = await asyncio.gather(*calls, return_exceptions=True)
             for (ep, items), out in zip(groups.items(), outs):
@@ -500,20 +535,114 @@ class PipelineBackend:
         for seq, _, _ in todo:
             self._fail(seq, errors.StageUnavailable("the last stage returned no token"))
 
-    async def _call(self, ep: Endpoint, items: list[tuple[_Seq, StepRow, int]]) -> list[StepResult]:
+    def _timeout(self, ep: Endpoint, items) -> float:
+        """A frame's time limit (the earliest it may still take: its latest deadline, capped
+        by the call timeout); counts the frame and its rows' visits to ``ep``'s stage."""
         k = ep.stage
         self.calls[k] += len(items)
         self.passes[k] += len(items)
         self.frames[k] += 1
         now = time.monotonic()
-        timeout = min(self.call_timeout, max(seq.deadline - now for seq, _, _ in items))
+        return max(0.001, min(self.call_timeout, max(seq.deadline - now for seq, _, _ in items)))
+
+    async def _call(self, ep: Endpoint, items: list[tuple[_Seq, StepRow, int]],
+                    chains: list | None = None) -> list[StepResult]:
+        timeout = self._timeout(ep, items)
         try:
-            return await self.router.client(ep).step([row for _, row, _ in items], timeout=max(0.001, timeout),
+            return await self.router.client(ep).step([row for _, row, _ in items], timeout=timeout,
                                                      traces=[seq.request.trace_context for seq, _, _ in items],
-                                                     full=True)
+                                                     full=True, chains=chains)
         except RETRYABLE as e:
             e.endpoint = ep
             raise
+
+    async def _plan(self, root: _Hop, gating: bool) -> list[list[dict] | None]:
+        """Each row's chain beyond ``root.ep``: the rest of its route (picked now, kept for
+        the sequence as always), a frame id reserved per next replica, the gate policy and
+        audit flag per hop. A hop no live replica holds, or one this ingress cannot reach,
+        ends the chain there (the row then comes back and goes on from here)."""
+        last, num_layers = self.num_stages - 1, self.router.num_layers
+        chains = []
+        for seq, _, _ in root.items:
+            chain, node, prev = [], root, root.ep
+            layer = prev.end
+            while prev.stage != last and (num_layers is None or layer < num_layers):
+                try:
+                    ep = self._hop(seq, layer)
+                except errors.StageUnavailable:
+                    break
+                if ep.end <= layer:
+                    break
+                child = node.children.get(ep)
+                if child is None:
+                    try:
+                        fid, fut = await self.router.client(ep).expect()
+                    except errors.StageUnavailable:
+                        break
+                    child = node.children[ep] = _Hop(ep, fid=fid, fut=fut)
+                node.next_of[seq.session] = child
+                chain.append({"fid": child.fid, "host": ep.host, "port": ep.port,
+                              "layer": None if layer == ep.start else layer,
+                              "policy": vars(self._gate_policy(seq.policy, ep.end, gating)),
+                              "verify": ep.stage == last and self._audit(seq)})
+                node, prev, layer = child, ep, ep.end
+            chains.append(chain or None)
+        return chains
+
+    def _forget(self, node: _Hop) -> None:
+        """Give up the frames ``node``'s rows would have gone on to (their answers, if any
+        still come, are dropped)."""
+        for d in node.descendants():
+            self.router.client(d.ep).forget(d.fid)
+
+    async def _run_hop(self, node: _Hop, gating: bool) -> list[tuple[_Seq, StepRow, int]]:
+        """One frame of a chained step and, concurrently, the frames its forwarded rows went
+        on to: tokens emitted, errors to their requests; returns the rows that came back
+        unforwarded (the next round's, sent on from here)."""
+        try:
+            if node.fid is None:
+                chains = await self._plan(node, gating)
+                results = await self._call(node.ep, node.items, chains)
+            else:
+                results = await self._chained(node)
+        except asyncio.CancelledError:
+            self._forget(node)
+            raise
+        except Exception as e:  # noqa: BLE001 - the frame failed as a whole: its requests' failure
+            self._forget(node)
+            for seq, _, _ in node.items:
+                (self._retry if isinstance(e, RETRYABLE) else self._fail)(seq, e)
+            return []
+        # Rows forwarded for sequences that ended meanwhile are still awaited: their
+        # release must not overtake the forwarded step on the wire.
+        for (seq, row, _), res in zip(node.items, results):
+            child = node.next_of.get(seq.session)
+            if res.forwarded and res.error is None and child is not None:
+                child.items.append((seq, row.onward(_NO_HIDDEN, res.drafts), node.ep.end))
+        onward = self._take(node.ep, node.items, results)
+        waits = []
+        for child in node.children.values():
+            if child.items:
+                waits.append(self._run_hop(child, gating))
+            else:
+                self.router.client(child.ep).forget(child.fid)
+                self._forget(child)
+        for more in await asyncio.gather(*waits):
+            onward += more
+        return onward
+
+    async def _chained(self, node: _Hop) -> list[StepResult]:
+        """The answer to a frame an earlier stage forwarded to ``node.ep``, in
+        ``node.items``' order (a row it does not answer is that request's retry)."""
+        timeout = self._timeout(node.ep, node.items)
+        try:
+            got = await self.router.client(node.ep).chained(node.fid, node.fut, timeout)
+        except RETRYABLE as e:
+            e.endpoint = node.ep
+            raise
+        by_seq = {r.seq_id: r for r in got}
+        return [by_seq.get(row.seq_id) or StepResult(row.seq_id, error=errors.StageUnavailable(
+            f"stage {node.ep.stage} did not answer for this request")) for _, row, _ in node.items]
 
     def _take(self, ep: Endpoint, items, results: list[StepResult]) -> list[tuple[_Seq, StepRow, int]]:
         """Sort one frame's results: tokens emitted, errors to their requests, continuing
@@ -533,8 +662,9 @@ class PipelineBackend:
                 continue
             if layer == 0:
                 seq.fed = len(seq.tokens)
-            self.hop_s_sum[k] += res.hop_s
-            self.hop_n[k] += 1
+            if res.hop_s > 0:  # a direct call's hop (a chained frame's answer has no round trip to time)
+                self.hop_s_sum[k] += res.hop_s
+                self.hop_n[k] += 1
             position = row.position
             if k == last:
                 self._audited(seq, position, res.backfill)
@@ -553,6 +683,8 @@ class PipelineBackend:
                 continue
             if res.drafts is not None:  # the drafting stage's passes beyond the visit
                 self.passes[k] += len(res.drafts)
+            if res.forwarded:  # gone on to the next stage of its chain (_run_hop awaits it there)
+                continue
             onward.append((seq, row.onward(res.hidden, res.drafts, res.draft_probs), ep.end))
         return onward
 
@@ -647,12 +779,13 @@ class PipelineBackend:
         off = self.tuner.offset(layer, policy.task)
         return policy if off == policy.offset else dataclasses.replace(policy, offset=off)
 
-    def _audit(self, seq: _Seq, row: StepRow) -> bool:
-        """Ask the last stage for the full-depth tokens of this row's backfilled positions?
-        Greedy requests without logit adjustments only: the audit compares raw argmaxes."""
+    def _audit(self, seq: _Seq) -> bool:
+        """Ask the last stage for the full-depth tokens of this sequence's backfilled
+        positions (exited ones, which its next chunk there carries)? Greedy requests without
+        logit adjustments only: the audit compares raw argmaxes."""
         sp = seq.request.sampling
-        return (self.audit_rate > 0 and bool(seq.exited) and row.inputs.shape[0] > 1
-                and sp.temperature == 0 and not sp.adjusts_logits and random.random() < self.audit_rate)
+        return (self.audit_rate > 0 and bool(seq.exited) and sp.temperature == 0 and not sp.adjusts_logits
+                and random.random() < self.audit_rate)
 
     def _audited(self, seq: _Seq, position: int, full: list[int] | None) -> None:
         """A row reached the last stage: every exited position before it is now backfilled

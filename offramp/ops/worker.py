@@ -143,6 +143,9 @@ class StepResult:
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob] | None = None
     hop_s: float = 0.0  # over a stage channel: the round trip minus the server's own time
+    # Chain forwarding: the stage sent this row's continuing chunk straight on to the next
+    # stage of its chain (whose answer goes to the ingress); ``drafts`` still says what it drafted.
+    forwarded: bool = False
 
 
 class StageWorker:
