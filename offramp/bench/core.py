@@ -47,12 +47,21 @@ def _median_rows(times: dict[tuple[str, int], list[float]], new_tokens: int,
     return rows
 
 
-def _print_results(rows: list[dict], ratios: dict, width: int) -> None:
+def _report(args, emit, report: dict, headline: str, width: int, notes: list[str] = ()) -> int:
+    """The run's report: JSON with ``--json``, else the headline, a table of
+    ``report["results"]`` (contender, batch, tokens/s, ms/token), the ratios and ``notes``."""
+    if args.json:
+        emit(report)
+        return 0
+    print(headline)
     print(f"{'contender':<{width}}{'batch':>6}{'tok/s':>10}{'ms/token':>10}")
-    for r in sorted(rows, key=lambda r: (r["batch"], r["contender"])):
+    for r in sorted(report["results"], key=lambda r: (r["batch"], r["contender"])):
         print(f"{r['contender']:<{width}}{r['batch']:>6}{r['tokens_per_s']:>10}{r['ms_per_token']:>10}")
-    for k, v in ratios.items():
+    for k, v in report["ratios"].items():
         print(f"{k}: {v}x")
+    for line in notes:
+        print(line)
+    return 0
 
 
 def _run_core(args, emit) -> int:
@@ -123,14 +132,8 @@ def _run_core(args, emit) -> int:
         "targets": {"offramp_1stage_vs_transformers_b1": ">= 1.2", "offramp_1stage_vs_transformers_b16": ">= 1.5",
                     "offramp_4stage_vs_1stage": ">= 0.9"},
     }
-    if args.json:
-        emit(report)
-        return 0
-    print(f"model: {report['model']}, {report['params_m']}M params, prompt {plen}, {n_new} new tokens, "
-          f"{report['threads']} threads")
-    _print_results(rows, ratios, 18)
-    print(f"memory (MB): {report['memory_mb']}")
-    return 0
+    return _report(args, emit, report, f"model: {report['model']}, {report['params_m']}M params, prompt {plen}, "
+                   f"{n_new} new tokens, {report['threads']} threads", 18, [f"memory (MB): {report['memory_mb']}"])
 
 
 def _run_exits(args, emit) -> int:
@@ -218,12 +221,6 @@ def _run_exits(args, emit) -> int:
               "new_tokens": n_new, "prompts": len(prompts), "threads": torch.get_num_threads(),
               "results": rows, "ratios": ratios, "speculative_acceptance_b1": acceptance,
               "targets": {"speculative_vs_transformers_early_exit_b1": "> 1"}}
-    if args.json:
-        emit(report)
-        return 0
-    print(f"model: {model_dir}, {args.stages} stages (drafts after layer {draft_layer}), {len(prompts)} held-out "
-          f"prompts of {plen} tokens, {n_new} new tokens, {report['threads']} threads")
-    _print_results(rows, ratios, 26)
-    for t, a in acceptance.items():
-        print(f"speculative acceptance ({t}): {a}")
-    return 0
+    return _report(args, emit, report, f"model: {model_dir}, {args.stages} stages (drafts after layer {draft_layer}), "
+                   f"{len(prompts)} held-out prompts of {plen} tokens, {n_new} new tokens, {report['threads']} threads",
+                   26, [f"speculative acceptance ({t}): {a}" for t, a in acceptance.items()])

@@ -60,15 +60,16 @@ def add_arguments(p) -> None:
     g.add_argument("--stages", type=int, default=2,
                    help="pipeline stages, all starting on the fast pool; Stage0 drafts (speculative) or exits first "
                         "(calibrated), the others are the deep stages exits thin")
-    g.add_argument("--run-s", type=float, default=120.0, help="measured seconds per contender")
-    g.add_argument("--warm-s", type=float, default=15.0, help="seconds of load before the measured window")
-    g.add_argument("--rate", type=float, default=1.5, help="requests per second (Poisson arrivals, open loop)")
-    g.add_argument("--fast-factor", type=float, default=2.0,
-                   help="fast (GPU) pool = this machine's fitted speed slowed by this factor")
-    g.add_argument("--slow-factor", type=float, default=12.0,
-                   help="slow (CPU) pool = this machine's fitted speed slowed by this factor")
-    g.add_argument("--tpot-slo-ms", type=float, default=35.0, help="p99 TPOT SLO of both controllers (over requests)")
-    g.add_argument("--interval-s", type=float, default=4.0, help="controller interval")
+    # the run's numbers: load, the two emulated pools, both controllers' SLO and interval
+    for flag, default, what in (
+            ("--run-s", 120.0, "measured seconds per contender"),
+            ("--warm-s", 15.0, "seconds of load before the measured window"),
+            ("--rate", 1.5, "requests per second (Poisson arrivals, open loop)"),
+            ("--fast-factor", 2.0, "fast (GPU) pool = this machine's fitted speed slowed by this factor"),
+            ("--slow-factor", 12.0, "slow (CPU) pool = this machine's fitted speed slowed by this factor"),
+            ("--tpot-slo-ms", 35.0, "p99 TPOT SLO of both controllers (over requests)"),
+            ("--interval-s", 4.0, "controller interval")):
+        g.add_argument(flag, type=float, default=default, help=f"{what} (default {default:g})")
     g.add_argument("--prompt-tokens", type=int, default=24, help="prompt length (held-out text, every task)")
     g.add_argument("--contenders", default=",".join(CONTENDERS), help="subset to run, comma-separated")
     g.add_argument("--replot", type=Path, metavar="JSON", default=None,

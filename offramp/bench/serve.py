@@ -227,11 +227,42 @@ def _div(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
+TPOT, TPS = "tpot_ms_p50", "tokens_per_s"
+# The headline ratios: name ("{c}" = the loaded concurrency C), numerator and denominator as
+# (contender, concurrency: 1 or "C", statistic), target (None: informative). TPOT ratios
+# that compare two served variants put the other variant's TPOT on top, so > 1 always
+# means "the first-named is faster".
+RATIOS = (
+    ("served_tpot_c1_vs_in_process", ("served", 1, TPOT), ("in_process", 1, TPOT), "<= 1.5"),
+    ("served_tokens_per_s_c{c}_vs_in_process", ("served", "C", TPS), ("in_process", "C", TPS), ">= 0.6"),
+    ("served_1stage_c{c}_vs_plain_serve", ("served_1stage", "C", TPS), ("plain_serve", "C", TPS), ">= 1"),
+    ("served_c{c}_vs_transformers_batched", ("served", "C", TPS), ("transformers", "C", TPS), None),
+    ("calibrated_vs_off_tokens_per_s_c{c}", ("served_calibrated", "C", TPS), ("served", "C", TPS), ">= 1"),
+    ("calibrated_vs_off_tpot_c1", ("served", 1, TPOT), ("served_calibrated", 1, TPOT), ">= 1"),
+    ("speculative_vs_off_tpot_c1", ("served", 1, TPOT), ("served_speculative", 1, TPOT), ">= 1.5"),
+    ("speculative_vs_off_tokens_per_s_c{c}", ("served_speculative", "C", TPS), ("served", "C", TPS), ">= 1.2"),
+    # --compile: what torch.compile buys, served and in process, and the compiled pair's gap
+    ("served_compiled_vs_eager_tpot_c1", ("served", 1, TPOT), ("served_compiled", 1, TPOT), None),
+    ("served_compiled_vs_eager_tokens_per_s_c{c}", ("served_compiled", "C", TPS), ("served", "C", TPS), None),
+    ("in_process_compiled_vs_eager_tpot_c1", ("in_process", 1, TPOT), ("in_process_compiled", 1, TPOT), None),
+    ("in_process_compiled_vs_eager_tokens_per_s_c{c}", ("in_process_compiled", "C", TPS), ("in_process", "C", TPS),
+     None),
+    ("served_compiled_tpot_c1_vs_in_process_compiled", ("served_compiled", 1, TPOT), ("in_process_compiled", 1, TPOT),
+     "<= 1.5"),
+    ("served_compiled_tokens_per_s_c{c}_vs_in_process_compiled", ("served_compiled", "C", TPS),
+     ("in_process_compiled", "C", TPS), ">= 0.6"),
+    # --unchained: what chain forwarding buys
+    ("chained_vs_unchained_tpot_c1", ("served_unchained", 1, TPOT), ("served", 1, TPOT), ">= 1"),
+    ("chained_vs_unchained_tokens_per_s_c{c}", ("served", "C", TPS), ("served_unchained", "C", TPS), ">= 1"),
+)
+
+
 def ratios(summary: dict, c: int) -> dict:
-    """The headline ratios from ``summary[contender][f"c{k}"]``; a ratio whose contender was
-    skipped is left out. Each: value, target (None: informative), met."""
+    """The headline ratios (:data:`RATIOS`) from ``summary[contender][f"c{k}"]``, plus the
+    served pipeline's overhead per stage call; a ratio whose contender was skipped is left
+    out. Each: value, target (None: informative), met."""
     def get(name, k, key):
-        return summary.get(name, {}).get(f"c{k}", {}).get(key)
+        return summary.get(name, {}).get(f"c{c if k == 'C' else k}", {}).get(key)
 
     out: dict[str, dict] = {}
 
@@ -241,50 +272,13 @@ def ratios(summary: dict, c: int) -> dict:
         out[name] = {"value": round(value, 3) if value is not None else None, "target": target,
                      "met": evaluate(value, target)}
 
-    s_tpot1, i_tpot1 = get("served", 1, "tpot_ms_p50"), get("in_process", 1, "tpot_ms_p50")
-    put("served_tpot_c1_vs_in_process", _div(s_tpot1, i_tpot1), "<= 1.5", ("served", "in_process"))
-    put(f"served_tokens_per_s_c{c}_vs_in_process",
-        _div(get("served", c, "tokens_per_s"), get("in_process", c, "tokens_per_s")), ">= 0.6",
-        ("served", "in_process"))
-    put(f"served_1stage_c{c}_vs_plain_serve",
-        _div(get("served_1stage", c, "tokens_per_s"), get("plain_serve", c, "tokens_per_s")), ">= 1",
-        ("served_1stage", "plain_serve"))
-    put(f"served_c{c}_vs_transformers_batched",
-        _div(get("served", c, "tokens_per_s"), get("transformers", c, "tokens_per_s")), None,
-        ("served", "transformers"))
+    for name, top, bottom, target in RATIOS:
+        put(name.format(c=c), _div(get(*top), get(*bottom)), target, (top[0], bottom[0]))
+    # (served - in-process TPOT at one stream) per stage call of a served token
+    s_tpot1, i_tpot1 = get("served", 1, TPOT), get("in_process", 1, TPOT)
     calls = get("served", 1, "stage_calls_per_token")
     overhead = _div(s_tpot1 - i_tpot1, calls) if s_tpot1 is not None and i_tpot1 is not None else None
     put("overhead_per_stage_call_ms", overhead, "<= 0.5", ("served", "in_process"))
-    put(f"calibrated_vs_off_tokens_per_s_c{c}",
-        _div(get("served_calibrated", c, "tokens_per_s"), get("served", c, "tokens_per_s")), ">= 1",
-        ("served", "served_calibrated"))
-    # TPOT of off over TPOT of calibrated: > 1 means calibrated is faster, like the others.
-    put("calibrated_vs_off_tpot_c1", _div(s_tpot1, get("served_calibrated", 1, "tpot_ms_p50")), ">= 1",
-        ("served", "served_calibrated"))
-    put("speculative_vs_off_tpot_c1", _div(s_tpot1, get("served_speculative", 1, "tpot_ms_p50")), ">= 1.5",
-        ("served", "served_speculative"))
-    # --compile: what torch.compile buys (eager over compiled TPOT, compiled over eager tokens/s: > 1 pays)
-    for who in ("served", "in_process"):
-        comp = f"{who}_compiled"
-        put(f"{comp}_vs_eager_tpot_c1", _div(get(who, 1, "tpot_ms_p50"), get(comp, 1, "tpot_ms_p50")), None,
-            (who, comp))
-        put(f"{comp}_vs_eager_tokens_per_s_c{c}", _div(get(comp, c, "tokens_per_s"), get(who, c, "tokens_per_s")),
-            None, (who, comp))
-    put("served_compiled_tpot_c1_vs_in_process_compiled",
-        _div(get("served_compiled", 1, "tpot_ms_p50"), get("in_process_compiled", 1, "tpot_ms_p50")), "<= 1.5",
-        ("served_compiled", "in_process_compiled"))
-    put(f"served_compiled_tokens_per_s_c{c}_vs_in_process_compiled",
-        _div(get("served_compiled", c, "tokens_per_s"), get("in_process_compiled", c, "tokens_per_s")), ">= 0.6",
-        ("served_compiled", "in_process_compiled"))
-    # --unchained: what chain forwarding buys (unchained over chained TPOT, chained over unchained tokens/s)
-    put("chained_vs_unchained_tpot_c1", _div(get("served_unchained", 1, "tpot_ms_p50"), s_tpot1), ">= 1",
-        ("served", "served_unchained"))
-    put(f"chained_vs_unchained_tokens_per_s_c{c}",
-        _div(get("served", c, "tokens_per_s"), get("served_unchained", c, "tokens_per_s")), ">= 1",
-        ("served", "served_unchained"))
-    put(f"speculative_vs_off_tokens_per_s_c{c}",
-        _div(get("served_speculative", c, "tokens_per_s"), get("served", c, "tokens_per_s")), ">= 1.2",
-        ("served", "served_speculative"))
     return out
 
 

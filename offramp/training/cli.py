@@ -158,10 +158,26 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _command(sub: argparse._SubParsersAction, name: str, func, shared: str, **kw) -> argparse.ArgumentParser:
+    """A subcommand with the options its family shares, named in ``shared`` (any of
+    ``model data seed threads``), declared the same way everywhere."""
+    p = sub.add_parser(name, **kw)
+    if "model" in shared.split():
+        p.add_argument("--model", help="checkpoint directory (default: the embedded model)")
+    if "data" in shared.split():
+        p.add_argument("--data", default="data/offramp", help="`offramp prepare-data` output (default data/offramp)")
+    if "seed" in shared.split():
+        p.add_argument("--seed", type=int, default=0)
+    if "threads" in shared.split():
+        p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.set_defaults(func=func)
+    return p
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("prepare-data", help="build the offline corpus, held-out splits and tokenizer")
+    p = _command(sub, "prepare-data", cmd_prepare, "seed",
+                 help="build the offline corpus, held-out splits and tokenizer")
     p.add_argument("--out", default="data/offramp", help="output directory")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--heldout-frac", type=float, default=0.05)
     p.add_argument("--math-problems", type=int, default=30_000,
@@ -177,10 +193,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="where the Debian bible-kjv(-text) packages are unpacked (apt-get download)")
     p.add_argument("--no-fetch", action="store_true",
                    help="never call apt-get; prose falls back to pydoc topics if the Bible is not installed")
-    p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("train", help="train the small default model from scratch (LayerSkip recipe)")
-    p.add_argument("--data", default="data/offramp")
+    p = _command(sub, "train", cmd_train, "data seed threads",
+                 help="train the small default model from scratch (LayerSkip recipe)")
     p.add_argument("--out", required=True, help="output checkpoint directory (resumes from its ckpt.pt)")
     p.add_argument("--hidden", type=int, default=192)
     p.add_argument("--layers", type=int, default=8)
@@ -190,8 +205,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--lr", type=float, default=2.5e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--time-budget-min", type=float, default=0.0,
                    help="stop (and finish the lr schedule) after this much training wall time")
     from offramp.training.pretrain import TrainSpec
@@ -211,11 +224,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "--tokenizer of it) instead of random weights")
     p.add_argument("--mix", help="task sampling weights, e.g. qa=0.3,math=0.35,coding=0.35 "
                    f"(default {','.join(f'{k}={v}' for k, v in d.mix.items())})")
-    p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("train-gates", help="train exit heads and gates on a frozen backbone")
-    p.add_argument("--model", help="checkpoint directory (default: the embedded model)")
-    p.add_argument("--data", default="data/offramp")
+    p = _command(sub, "train-gates", cmd_train_gates, "model data seed threads",
+                 help="train exit heads and gates on a frozen backbone")
     p.add_argument("--exit-layers", help="comma list, e.g. 2,4,6 (default: every layer 1..n-1)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=8)
@@ -226,13 +237,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--joint", action="store_true", help="stage 2: unfreeze the backbone (early-exit loss)")
     p.add_argument("--joint-steps", type=int, default=200)
     p.add_argument("--joint-out", help="where stage 2 writes the fine-tuned backbone (required with --joint)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
-    p.set_defaults(func=cmd_train_gates)
 
-    p = sub.add_parser("calibrate", help="choose exit thresholds with a Learn-then-Test guarantee")
-    p.add_argument("--model", help="checkpoint directory (default: the embedded model)")
-    p.add_argument("--data", default="data/offramp")
+    p = _command(sub, "calibrate", cmd_calibrate, "model data seed threads",
+                 help="choose exit thresholds with a Learn-then-Test guarantee")
     p.add_argument("--target", type=float, default=0.98, help="agreement of exited tokens with full depth")
     p.add_argument("--delta", type=float, default=0.1, help="allowed failure probability of the guarantee")
     p.add_argument("--metric", default="margin", choices=["max_prob", "margin", "entropy"],
@@ -241,16 +248,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "docs/training.md)")
     p.add_argument("--max-tokens", type=int, default=20_000, help="held-out tokens per task")
     p.add_argument("--plot", default=None, help="PNG path (default: calibration.png in the model dir)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
-    p.set_defaults(func=cmd_calibrate)
 
-    p = sub.add_parser("calibrate-draft", help="choose speculative draft thresholds for expected speed",
-                       description="Replays speculative rounds over held-out text (teacher forcing) per exit "
-                       "layer and task, and keeps the draft threshold with the most tokens per unit of work "
-                       "(docs/speculative.md). Writes draft_thresholds into offramp_exits.json.")
-    p.add_argument("--model", help="checkpoint directory (default: the embedded model)")
-    p.add_argument("--data", default="data/offramp")
+    p = _command(sub, "calibrate-draft", cmd_calibrate_draft, "model data threads",
+                 help="choose speculative draft thresholds for expected speed",
+                 description="Replays speculative rounds over held-out text (teacher forcing) per exit "
+                 "layer and task, and keeps the draft threshold with the most tokens per unit of work "
+                 "(docs/speculative.md). Writes draft_thresholds into offramp_exits.json.")
     p.add_argument("--max-draft", type=int, default=6, help="the max_draft the server runs with (default 6)")
     p.add_argument("--visit-overhead", type=float, default=0.5,
                    help="cost of one pipeline round trip in full-depth tokens: ~0.5 for the 2-stage CPU "
@@ -259,16 +262,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="held-out prompt tokens per task (prompts of --prompt-tokens each)")
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64, help="greedy continuation scored per prompt")
-    p.add_argument("--threads", type=int, default=1)
-    p.set_defaults(func=cmd_calibrate_draft)
 
-    p = sub.add_parser("eval", help="held-out agreement, perplexity and exit histogram per task")
-    p.add_argument("--model", help="checkpoint directory (default: the embedded model)")
-    p.add_argument("--data", default="data/offramp")
+    p = _command(sub, "eval", cmd_eval, "model data threads",
+                 help="held-out agreement, perplexity and exit histogram per task")
     p.add_argument("--max-tokens", type=int, default=20_000, help="held-out tokens per task")
     p.add_argument("--tasks", help="comma list (default: all)")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--task-accuracy", action=argparse.BooleanOptionalAction, default=True,
                    help="also generate on held-out problems, functions and prose: math exact match per "
                    "level, code that parses with a body, speculative acceptance, per exit mode")
@@ -286,4 +285,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--concurrency", type=int, default=1,
                    help="--url: requests in flight at once (1: a default server drafts, which it does only "
                    "while one request is active)")
-    p.set_defaults(func=cmd_eval)
