@@ -148,3 +148,51 @@ def test_a_next_stage_that_dies_mid_chain_costs_a_replay_not_a_request(tiny_mode
     for r, out in zip(reqs, outs):
         assert out == engine.generate([list(r.prompt_ids)], r.sampling)[0].generated
     assert replays >= 1  # the sequences that were on s1a moved
+
+
+def test_a_chain_a_stage_cannot_follow_leaves_the_row_whole(tiny_model_dir):
+    """A malformed chain, or one naming a next stage nobody listens on, never fails the row:
+    the stage answers it whole (hidden states back to the ingress), and it does not try an
+    unreachable next stage again on every step."""
+    import socket
+
+    import torch
+
+    from offramp.deployments import channel as ch
+    from offramp.deployments.channel import ChainHop, StageClient, StageServer
+    from offramp.ops.worker import ExitPolicy, StepRow
+
+    from test_split_moves import _worker
+
+    srv = StageServer(_worker(tiny_model_dir, (0, 2), 0, 2), "tok", batch_wait_timeout_s=0.0)
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]
+
+    async def run():
+        client = StageClient("127.0.0.1", srv.port, "tok", key="ingress-1")
+        try:
+            packer = ch._Packer()
+            bad = ch.row_header(StepRow("a", torch.tensor([5, 9, 17]), 2), packer)
+            bad["chain"] = [{"fid": "x", "host": None}]
+            reply, payload = await client.call({"op": "step", "rows": [bad]}, packer, timeout=10)
+            (res,) = [ch.result_from_header(h, payload) for h in reply["results"]]
+            assert res.error is None and not res.forwarded and res.hidden is not None
+            hop = ChainHop(99, "127.0.0.1", dead_port, None, ExitPolicy("off"))
+            attempts = []
+            for pos in range(3, 6):  # three steps: the first opens (and fails) the connection
+                (res,) = await client.step([StepRow("a", torch.tensor([7]), pos)], timeout=10, chains=[[hop]])
+                assert res.error is None and not res.forwarded and res.hidden is not None
+                await asyncio.sleep(0.2)
+                (opened, _), = srv._hops.values()
+                attempts.append(opened)
+            assert attempts[0].broken and all(a is attempts[0] for a in attempts)  # not tried again at once
+            await client.release(["a"])
+        finally:
+            client.close()
+
+    try:
+        asyncio.run(run())
+    finally:
+        srv.close()
+    assert srv.forwarded == 0

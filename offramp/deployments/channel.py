@@ -60,6 +60,7 @@ import ssl
 import struct
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -130,6 +131,44 @@ async def read_frame(reader: asyncio.StreamReader, limit: int = MAX_FRAME) -> tu
         raise ConnectionError(f"frame of {total} bytes refused (limit {limit})")
     body = memoryview(await reader.readexactly(total))
     return json.loads(bytes(body[:hlen])), body[hlen:]
+
+
+@dataclass(frozen=True)
+class ChainHop:
+    """One later stage of a row's chain (chain forwarding): where its continuing chunk
+    goes, the frame id the ingress expects that stage's answer under, and how the row
+    enters there (entry layer when not the replica's first, the gate policy, the audit)."""
+    fid: int
+    host: str
+    port: int
+    layer: int | None
+    policy: ExitPolicy
+    verify: bool = False
+
+    def wire(self) -> dict:
+        return {"fid": self.fid, "host": self.host, "port": self.port, "layer": self.layer,
+                "policy": vars(self.policy), "verify": self.verify}
+
+    @classmethod
+    def from_wire(cls, h: dict) -> "ChainHop":
+        return cls(int(h["fid"]), str(h["host"]), int(h["port"]), None if h.get("layer") is None else int(h["layer"]),
+                   ExitPolicy(**h["policy"]), bool(h.get("verify", False)))
+
+    def enter(self, row: StepRow) -> StepRow:
+        """``row`` (a continuing chunk made by :meth:`StepRow.onward`) set to enter this hop."""
+        row.layer, row.policy, row.verify = self.layer, self.policy, self.verify
+        return row
+
+
+def chain_from_wire(raw) -> list[ChainHop] | None:
+    """A row's ``chain`` as sent; None when absent or malformed (the row is then answered
+    whole, never failed, for it)."""
+    if not raw:
+        return None
+    try:
+        return [ChainHop.from_wire(h) for h in raw]
+    except (TypeError, ValueError, KeyError, AttributeError):
+        return None
 
 
 def row_header(row: StepRow, packer: _Packer, trace: dict[str, str] | None = None) -> dict:
@@ -467,7 +506,7 @@ class StageServer:
                     if op == "step":
                         steps.append((item, [row_from_header(r, payload) for r in header["rows"]],
                                       [r.get("trace") for r in header["rows"]],
-                                      [r.get("chain") for r in header["rows"]]))
+                                      [chain_from_wire(r.get("chain")) for r in header["rows"]]))
                     elif op == "release":
                         releases.append(item)
                     elif op == "propagate":
@@ -601,31 +640,26 @@ class StageServer:
         key = header.get("reply") or conn.key
         if key is None:
             return results
-        groups: dict[int, tuple[dict, list[int]]] = {}
+        groups: dict[tuple, list[int]] = {}  # (next replica, frame id) -> rows
         for i, (res, chain) in enumerate(zip(results, chains)):
-            if (chain and isinstance(chain, list) and isinstance(chain[0], dict) and res.error is None
-                    and res.token is None and res.tokens is None and res.hidden is not None):
-                hop = chain[0]
-                groups.setdefault(repr((hop.get("host"), hop.get("port"), hop.get("fid"))), (hop, []))[1].append(i)
+            if chain and res.error is None and res.token is None and res.tokens is None and res.hidden is not None:
+                groups.setdefault((chain[0].host, chain[0].port, chain[0].fid), []).append(i)
         out = list(results)
-        for hop, idx in groups.values():
+        for (host, port, fid), idx in groups.items():
             try:
-                client = self._hop_client(str(hop["host"]), int(hop["port"]))
+                client = self._hop_client(host, port)
                 if client is None:
                     continue
                 packer = _Packer()
                 frame_rows = []
                 for i in idx:
-                    res = results[i]
-                    nxt = rows[i].onward(res.hidden, res.drafts, res.draft_probs)
-                    nxt.layer = None if hop.get("layer") is None else int(hop["layer"])
-                    nxt.policy = ExitPolicy(**hop["policy"])
-                    nxt.verify = bool(hop.get("verify", False))
-                    h = row_header(nxt, packer, carriers[i])
-                    if len(chains[i]) > 1:
-                        h["chain"] = chains[i][1:]
+                    res, (hop, *rest) = results[i], chains[i]
+                    h = row_header(hop.enter(rows[i].onward(res.hidden, res.drafts, res.draft_probs)), packer,
+                                   carriers[i])
+                    if rest:
+                        h["chain"] = [c.wire() for c in rest]
                     frame_rows.append(h)
-                frame = {"op": "step", "id": int(hop["fid"]), "reply": key, "rows": frame_rows, "full": True}
+                frame = {"op": "step", "id": fid, "reply": key, "rows": frame_rows, "full": True}
                 if not client.send_nowait(encode(frame, packer)):
                     continue
             except Exception as e:  # noqa: BLE001 - a malformed chain: answer the rows whole
@@ -879,7 +913,7 @@ class StageClient:
             return False
 
     async def step(self, rows: list[StepRow], timeout: float, traces: list[dict[str, str] | None] | None = None,
-                   full: bool = False, chains: list[list[dict] | None] | None = None) -> list[StepResult]:
+                   full: bool = False, chains: list[list[ChainHop] | None] | None = None) -> list[StepResult]:
         """Results per row; each carries ``hop_s``: this call's round trip minus the server's
         own time (queue + forward pass), i.e. what the hop itself cost. A row that failed on
         its own carries ``error`` (the exception to raise for that request).
@@ -895,7 +929,7 @@ class StageClient:
         header = {"op": "step", "rows": [row_header(r, packer, t) for r, t in zip(rows, traces)]}
         for h, chain in zip(header["rows"], chains or ()):
             if chain:
-                h["chain"] = chain
+                h["chain"] = [c.wire() for c in chain]
         if full:
             header["full"] = True
         reply, payload = await self.call(header, packer, timeout)

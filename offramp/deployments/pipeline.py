@@ -39,7 +39,7 @@ from typing import Awaitable, Callable
 import torch
 
 from offramp import errors
-from offramp.deployments.channel import StageClient
+from offramp.deployments.channel import ChainHop, StageClient
 from offramp.deployments.config import DEFAULT_KV_LEASE_S
 from offramp.observability import metrics
 from offramp.ops.online_tuning import AgreementTuner
@@ -556,7 +556,7 @@ class PipelineBackend:
             e.endpoint = ep
             raise
 
-    async def _plan(self, root: _Hop, gating: bool) -> list[list[dict] | None]:
+    async def _plan(self, root: _Hop, gating: bool) -> list[list[ChainHop] | None]:
         """Each row's chain beyond ``root.ep``: the rest of its route (picked now, kept for
         the sequence as always), a frame id reserved per next replica, the gate policy and
         audit flag per hop. A hop no live replica holds, or one this ingress cannot reach,
@@ -581,10 +581,9 @@ class PipelineBackend:
                         break
                     child = node.children[ep] = _Hop(ep, fid=fid, fut=fut)
                 node.next_of[seq.session] = child
-                chain.append({"fid": child.fid, "host": ep.host, "port": ep.port,
-                              "layer": None if layer == ep.start else layer,
-                              "policy": vars(self._gate_policy(seq.policy, ep.end, gating)),
-                              "verify": ep.stage == last and self._audit(seq)})
+                chain.append(ChainHop(child.fid, ep.host, ep.port, None if layer == ep.start else layer,
+                                      self._gate_policy(seq.policy, ep.end, gating),
+                                      ep.stage == last and self._audit(seq)))
                 node, prev, layer = child, ep, ep.end
             chains.append(chain or None)
         return chains
