@@ -618,7 +618,7 @@ class PipelineBackend:
             child = node.next_of.get(seq.session)
             if res.forwarded and res.error is None and child is not None:
                 child.items.append((seq, row.onward(_NO_HIDDEN, res.drafts), node.ep.end))
-        onward = self._take(node.ep, node.items, results)
+        onward = self._take(node.ep, node.items, results, timed=node.fid is None)
         waits = []
         for child in node.children.values():
             if child.items:
@@ -643,9 +643,11 @@ class PipelineBackend:
         return [by_seq.get(row.seq_id) or StepResult(row.seq_id, error=errors.StageUnavailable(
             f"stage {node.ep.stage} did not answer for this request")) for _, row, _ in node.items]
 
-    def _take(self, ep: Endpoint, items, results: list[StepResult]) -> list[tuple[_Seq, StepRow, int]]:
+    def _take(self, ep: Endpoint, items, results: list[StepResult],
+              timed: bool = True) -> list[tuple[_Seq, StepRow, int]]:
         """Sort one frame's results: tokens emitted, errors to their requests, continuing
-        rows (the next round's) returned."""
+        rows (the next round's) returned. ``timed``: a frame this ingress sent itself, whose
+        round trip its hop timer counts (a chained frame's answer has none)."""
         k, last = ep.stage, self.num_stages - 1
         onward = []
         for (seq, row, layer), res in zip(items, results):
@@ -661,7 +663,7 @@ class PipelineBackend:
                 continue
             if layer == 0:
                 seq.fed = len(seq.tokens)
-            if res.hop_s > 0:  # a direct call's hop (a chained frame's answer has no round trip to time)
+            if timed:
                 self.hop_s_sum[k] += res.hop_s
                 self.hop_n[k] += 1
             position = row.position
