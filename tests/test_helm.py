@@ -219,6 +219,16 @@ def test_speculative_exit_renders():
     assert (args.exit.mode, args.exit.max_draft, args.exit.kv_fill) == ("speculative", 6, "exact")
 
 
+def test_chain_forwarding_renders():
+    from offramp.deployments.config import AppArgs
+
+    def chain(*sets):
+        return AppArgs.model_validate(sc.serve_config(render(sets=sets))["applications"][0]["args"]).chain_forwarding
+
+    assert chain() is True
+    assert chain("channel.chainForwarding=false") is False
+
+
 def test_placement_controller_renders_into_app_args(tmp_path):
     """placement.enabled: the ingress gets ControllerConfig settings (AppArgs.placement)."""
     from offramp.deployments.config import AppArgs
@@ -529,6 +539,7 @@ BAD_VALUES = {
     "no_stages": ("stages: []\n", "stages"),
     "sampling_above_one": ("otel:\n  samplingRatio: 1.5\n", "otel/samplingRatio"),
     "bad_port": ("serve:\n  httpPort: 70000\n", "serve/httpPort"),
+    "chain_forwarding_not_a_bool": ("channel:\n  chainForwarding: sometimes\n", "channel/chainForwarding"),
     # Cross-field checks done by the templates (fail with a message naming both values).
     "split_mismatch": ("split: [2, 4]\n", "split has 2 entries but stages has 2"),
     "gpu_stage_without_gpu_workers": ("gpuWorkers:\n  enabled: false\n", "stages[0].pool is \"gpu\" but gpuWorkers.enabled is false"),

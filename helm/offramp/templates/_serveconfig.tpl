@@ -100,6 +100,7 @@ applications:
       api_key_env: {{ toJson $v.apiKey.envName }}
       request_timeout_s: {{ $v.model.requestTimeoutS }}
       kv_lease_s: {{ $v.model.kvLeaseS | default 30 }}
+      chain_forwarding: {{ ne $v.channel.chainForwarding false }}
       {{- if $v.channel.tls.secretName }}
       {{- $dir := include "offramp.channelTlsDir" . }}
       channel_tls:
