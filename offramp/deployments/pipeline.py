@@ -614,10 +614,15 @@ class PipelineBackend:
             return []
         # Rows forwarded for sequences that ended meanwhile are still awaited: their
         # release must not overtake the forwarded step on the wire.
-        for (seq, row, _), res in zip(node.items, results):
+        for i, ((seq, row, _), res) in enumerate(zip(node.items, results)):
+            if not res.forwarded or res.error is not None:
+                continue
             child = node.next_of.get(seq.session)
-            if res.forwarded and res.error is None and child is not None:
-                child.items.append((seq, row.onward(_NO_HIDDEN, res.drafts), node.ep.end))
+            if child is None:  # forwarded where this ingress expects no answer: that request's retry
+                results[i] = StepResult(res.seq_id, error=errors.StageUnavailable(
+                    f"stage {node.ep.stage} forwarded a row off its chain"))
+                continue
+            child.items.append((seq, row.onward(_NO_HIDDEN, res.drafts), node.ep.end))
         onward = self._take(node.ep, node.items, results, timed=node.fid is None)
         waits = []
         for child in node.children.values():
