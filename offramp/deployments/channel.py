@@ -60,7 +60,7 @@ import ssl
 import struct
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -316,10 +316,22 @@ class _Conn:
 
 
 # -- server -------------------------------------------------------------------------------
-def _in_order(order: list, results: list) -> list:
-    """A frame's answer in its rows' order: the pass's results for the admitted rows
-    (``order`` holds their index) and the refused rows' own errors."""
-    return [results[o] if isinstance(o, int) else o for o in order]
+@dataclass
+class _StepFrame:
+    """A step frame in a batch: per row, the row, its trace carrier and its chain. Once
+    admitted (:meth:`StageServer._run_steps`) these hold the admitted rows only, and
+    ``order`` says, per row sent, its index among them or its own error."""
+    header: dict
+    conn: "_Conn"
+    rows: list[StepRow]
+    traces: list
+    chains: list
+    order: list = field(default_factory=list)
+
+    def in_order(self, results: list[StepResult]) -> list[StepResult]:
+        """The frame's answer in its rows' order: ``results`` (of the admitted rows) and
+        the refused rows' own errors."""
+        return [results[o] if isinstance(o, int) else o for o in self.order]
 
 
 class StageServer:
@@ -496,7 +508,7 @@ class StageServer:
         return sum(len(h.get("rows", ())) for h, *_ in items)
 
     async def _serve_batch(self, items) -> None:
-        steps: list[tuple] = []  # (item, rows, carriers, chains)
+        steps: list[_StepFrame] = []
         releases: list[tuple] = []  # run after the steps queued before them
         try:
             for item in items:
@@ -504,9 +516,10 @@ class StageServer:
                 op = header.get("op")
                 try:
                     if op == "step":
-                        steps.append((item, [row_from_header(r, payload) for r in header["rows"]],
-                                      [r.get("trace") for r in header["rows"]],
-                                      [chain_from_wire(r.get("chain")) for r in header["rows"]]))
+                        rows = header["rows"]
+                        steps.append(_StepFrame(header, conn, [row_from_header(r, payload) for r in rows],
+                                                [r.get("trace") for r in rows],
+                                                [chain_from_wire(r.get("chain")) for r in rows]))
                     elif op == "release":
                         releases.append(item)
                     elif op == "propagate":
@@ -534,38 +547,35 @@ class StageServer:
                 except Exception as e:  # noqa: BLE001
                     conn.send(_error_header(header.get("id"), e))
 
-    async def _run_steps(self, steps: list[tuple]) -> None:
+    async def _run_steps(self, steps: list[_StepFrame]) -> None:
         """One forward pass over the admitted rows of every frame. A row that cannot be
         admitted (KV it lacks, no free slot, sent twice) gets its own error in its frame's
         answer; the frame's other rows run (a new sequence finding no slot fails alone, not
         the established sequences it shares a frame with)."""
         good, seen, new = [], set(), set()
-        for item, rows, carriers, chains in steps:
-            order: list[int | StepResult] = []  # per row of the frame: index into the kept rows, or its error
-            kept, kept_carriers, kept_chains = [], [], []
-            for r, c, chain in zip(rows, carriers, chains):
+        for f in steps:
+            kept = []
+            for i, r in enumerate(f.rows):
                 err = self._check_row(r, seen, new)
-                if err is not None:
-                    order.append(StepResult(r.seq_id, error=err))
-                else:
-                    order.append(len(kept))
-                    kept.append(r)
-                    kept_carriers.append(c)
-                    kept_chains.append(chain)
+                f.order.append(StepResult(r.seq_id, error=err) if err is not None else len(kept))
+                if err is None:
+                    kept.append(i)
+            f.rows, f.traces, f.chains = [f.rows[i] for i in kept], [f.traces[i] for i in kept], \
+                [f.chains[i] for i in kept]
             if not kept:
-                self._answer(item[0], item[2], order)
+                self._answer(f.header, f.conn, f.in_order([]))
                 continue
-            good.append((item, kept, kept_carriers, kept_chains, order))
+            good.append(f)
         if not good:
             return
-        flat = [r for _, rows, *_ in good for r in rows]
-        carriers = [c for _, _, cs, *_ in good for c in cs]
+        flat = [r for f in good for r in f.rows]
+        carriers = [c for f in good for c in f.traces]
         lengths = [r.inputs.shape[0] for r in flat]  # positions per row
         now = time.monotonic()
-        for (header, *_), rows, *_ in good:
-            wait = max(0.0, now - header.get("_queued_at", now))
-            self.wait_s += wait * len(rows)
-            self.waited_rows += len(rows)
+        for f in good:
+            wait = max(0.0, now - f.header.get("_queued_at", now))
+            self.wait_s += wait * len(f.rows)
+            self.waited_rows += len(f.rows)
             self._max_wait = max(self._max_wait, wait)
         t0 = time.perf_counter()
         w, lb = self.worker, self.labels
@@ -579,8 +589,8 @@ class StageServer:
             except Exception as e:  # noqa: BLE001
                 if len(flat) == 1:
                     log.exception("stage %d forward failed", w.index)
-                    (header, _, conn), *_, order = good[0]
-                    self._answer(header, conn, _in_order(order, [StepResult(flat[0].seq_id, error=e)]))
+                    f = good[0]
+                    self._answer(f.header, f.conn, f.in_order([StepResult(flat[0].seq_id, error=e)]))
                     return
                 # The batch as a whole failed: one sequence at a time, so only the row that
                 # breaks it fails (the others' KV is untouched by a failed pass).
@@ -604,24 +614,28 @@ class StageServer:
             live = [(row, res) for row, res in zip(flat, results) if not row.flush]
             metrics.record_gate(w.index, evaluated=len(live), exited=sum(res.exited for _, res in live))
         i = 0
-        for (header, _, conn), rows, carriers, chains, order in good:
-            part = self._forward(header, conn, rows, results[i: i + len(rows)], carriers, chains)
-            self._answer(header, conn, _in_order(order, part))
-            i += len(rows)
+        for f in good:
+            self._reply(f, results[i: i + len(f.rows)])
+            i += len(f.rows)
 
-    async def _one_by_one(self, good: list[tuple]) -> None:
+    async def _one_by_one(self, good: list[_StepFrame]) -> None:
         """After a whole-batch failure: every row (one sequence) alone, so only the rows
         that break the pass fail; each frame is answered with its rows' results."""
-        for (header, _, conn), rows, carriers, chains, order in good:
+        for f in good:
             results = []
-            for row in rows:
+            for row in f.rows:
                 try:
                     (res,) = await self.loop.run_in_executor(None, self.worker.step, [row])
                 except Exception as e:  # noqa: BLE001
                     log.exception("stage %d forward failed for sequence %s", self.worker.index, row.seq_id)
                     res = StepResult(row.seq_id, error=e)
                 results.append(res)
-            self._answer(header, conn, _in_order(order, self._forward(header, conn, rows, results, carriers, chains)))
+            self._reply(f, results)
+
+    def _reply(self, f: _StepFrame, results: list[StepResult]) -> None:
+        """Answer a step frame with its admitted rows' ``results``, after forwarding the
+        continuing rows that carry a chain."""
+        self._answer(f.header, f.conn, f.in_order(self._forward(f, results)))
 
     def _reply_conn(self, header: dict, conn: _Conn) -> _Conn | None:
         """Where a frame's answer goes: the keyed peer a forwarded frame names (the ingress
@@ -629,15 +643,15 @@ class StageServer:
         key = header.get("reply")
         return conn if key is None else self.peers.get(str(key))
 
-    def _forward(self, header: dict, conn: _Conn, rows: list[StepRow], results: list[StepResult],
-                 carriers: list, chains: list) -> list[StepResult]:
+    def _forward(self, f: _StepFrame, results: list[StepResult]) -> list[StepResult]:
         """Send the continuing rows that carry a ``chain`` straight on to its next stage (one
         frame per next replica); their results become ``forwarded`` markers. Never waits: a
         next stage without a live connection, or a malformed chain, leaves the row's result
         whole (the ingress sends it on itself)."""
+        chains = f.chains
         if not any(chains):
             return results
-        key = header.get("reply") or conn.key
+        key = f.header.get("reply") or f.conn.key
         if key is None:
             return results
         groups: dict[tuple, list[int]] = {}  # (next replica, frame id) -> rows
@@ -654,13 +668,13 @@ class StageServer:
                 frame_rows = []
                 for i in idx:
                     res, (hop, *rest) = results[i], chains[i]
-                    h = row_header(hop.enter(rows[i].onward(res.hidden, res.drafts, res.draft_probs)), packer,
-                                   carriers[i])
+                    h = row_header(hop.enter(f.rows[i].onward(res.hidden, res.drafts, res.draft_probs)), packer,
+                                   f.traces[i])
                     if rest:
                         h["chain"] = [c.wire() for c in rest]
                     frame_rows.append(h)
                 frame = {"op": "step", "id": fid, "reply": key, "rows": frame_rows, "full": True}
-                if not client.send_nowait(encode(frame, packer)):
+                if not client.send_nowait(frame, packer):
                     continue
             except Exception as e:  # noqa: BLE001 - a malformed chain: answer the rows whole
                 log.debug("stage %d: not forwarding %d rows: %r", self.worker.index, len(idx), e)
@@ -751,6 +765,7 @@ class StageClient:
         self._pending: dict[int, asyncio.Future] = {}
         self._next = 0
         self._connecting: asyncio.Lock | None = None
+        self._nowait: _Conn | None = None  # send_nowait's view of the connection
         self.broken = False
 
     async def _ensure(self) -> None:
@@ -849,6 +864,13 @@ class StageClient:
         if fut is not None and not fut.done():
             fut.cancel()
 
+    def _gone(self, e: Exception) -> errors.StageUnavailable:
+        """The connection failed under a call: marked broken, logged with the address, and
+        the error the caller raises (which names no address)."""
+        self.broken = True
+        log.warning("stage at %s:%d went away: %s", self.host, self.port, e)
+        return errors.StageUnavailable(f"{self.label} went away")
+
     async def wait(self, msg_id: int, fut: asyncio.Future, timeout: float):
         """The answer to frame ``msg_id``: (header, payload); the call's errors as :meth:`call`."""
         try:
@@ -856,9 +878,7 @@ class StageClient:
         except asyncio.TimeoutError:
             raise errors.DeadlineExceeded(f"{self.label} did not answer within {timeout:.1f}s") from None
         except (ConnectionError, AttributeError, OSError) as e:
-            self.broken = True
-            log.warning("stage at %s:%d went away: %s", self.host, self.port, e)
-            raise errors.StageUnavailable(f"{self.label} went away") from None
+            raise self._gone(e) from None
         finally:
             self._pending.pop(msg_id, None)
             if fut.done() and not fut.cancelled():
@@ -871,36 +891,28 @@ class StageClient:
         msg_id, fut = await self.expect()
         try:
             await self._write(encode({**header, "id": msg_id}, packer), min(timeout, WRITE_TIMEOUT_S))
-        except (ConnectionError, AttributeError, OSError) as e:
-            self.broken = True
+        except BaseException as e:
             self.forget(msg_id)
-            log.warning("stage at %s:%d went away: %s", self.host, self.port, e)
-            raise errors.StageUnavailable(f"{self.label} went away") from None
-        except BaseException:
-            self.forget(msg_id)
+            if isinstance(e, (ConnectionError, AttributeError, OSError)):
+                raise self._gone(e) from None
             raise
         return await self.wait(msg_id, fut, timeout)
 
-    def send_nowait(self, data: bytes) -> bool:
-        """Write a frame without waiting for the peer (a stage forwarding rows: its batcher
-        never blocks on the next stage); False when the connection is not open or the peer
-        left ``WRITE_BUFFER_CAP`` unread (the connection is then dropped)."""
+    def send_nowait(self, header: dict, packer: _Packer | None = None) -> bool:
+        """Send a frame without waiting for the peer (a stage forwarding rows: its batcher
+        never blocks on the next stage), as a stage answers its own peers (:class:`_Conn`:
+        a peer that reads nothing for ``WRITE_TIMEOUT_S`` or leaves ``WRITE_BUFFER_CAP``
+        unread loses the connection); False when the connection is not open or was cut."""
         writer = self._writer
-        if writer is None or self.broken or writer.is_closing():
+        if writer is None or self.broken:
             return False
-        try:
-            writer.write(data)
-        except Exception as e:  # noqa: BLE001 - a dead transport
-            log.debug("write to stage at %s:%d failed: %s", self.host, self.port, e)
-            self.broken = True
-            return False
-        if writer.transport.get_write_buffer_size() > WRITE_BUFFER_CAP:
-            log.warning("stage at %s:%d left %d bytes unread; dropping the connection", self.host, self.port,
-                        writer.transport.get_write_buffer_size())
-            self.broken = True
-            writer.transport.abort()
-            return False
-        return True
+        if self._nowait is None or self._nowait.writer is not writer:
+            self._nowait = _Conn(writer, asyncio.get_running_loop(), on_cut=self._cut)
+        self._nowait.send(header, packer)
+        return not (self.broken or writer.is_closing())
+
+    def _cut(self) -> None:
+        self.broken = True
 
     async def notify(self, header: dict, timeout: float = 5.0) -> bool:
         """Send a frame that gets no reply (lease renewals); False if it could not be sent."""

@@ -514,30 +514,18 @@ class PipelineBackend:
                     continue
                 row.layer = None if layer == ep.start else layer
                 row.policy = self._gate_policy(seq.policy, ep.end, gating)
-                row.verify = ep.stage == last and row.inputs.shape[0] > 1 and self._audit(seq)
+                row.verify = ep.stage == last and self._audit(seq)
                 groups.setdefault(ep, []).append((seq, row, layer))
             todo = []
-            if self.chain:
-                for onward in await asyncio.gather(*(self._run_hop(_Hop(ep, items), gating)
-                                                     for ep, items in groups.items())):
-                    todo += onward
-                continue
-            calls = [self._call(ep, items) for ep, items in groups.items()]
-            outs = await asyncio.gather(*calls, return_exceptions=True)
-            for (ep, items), out in zip(groups.items(), outs):
-                if isinstance(out, BaseException):
-                    if isinstance(out, asyncio.CancelledError):
-                        raise out
-                    for seq, _, _ in items:
-                        (self._retry if isinstance(out, RETRYABLE) else self._fail)(seq, out)
-                    continue
-                todo += self._take(ep, items, out)
+            for onward in await asyncio.gather(*(self._run_hop(_Hop(ep, items), gating)
+                                                 for ep, items in groups.items())):
+                todo += onward
         for seq, _, _ in todo:
             self._fail(seq, errors.StageUnavailable("the last stage returned no token"))
 
-    def _timeout(self, ep: Endpoint, items) -> float:
-        """A frame's time limit (the earliest it may still take: its latest deadline, capped
-        by the call timeout); counts the frame and its rows' visits to ``ep``'s stage."""
+    def _visit(self, ep: Endpoint, items) -> float:
+        """Counts a frame and its rows' visits to ``ep``'s stage; returns the frame's time
+        limit (its latest deadline, capped by the call timeout)."""
         k = ep.stage
         self.calls[k] += len(items)
         self.passes[k] += len(items)
@@ -547,7 +535,7 @@ class PipelineBackend:
 
     async def _call(self, ep: Endpoint, items: list[tuple[_Seq, StepRow, int]],
                     chains: list | None = None) -> list[StepResult]:
-        timeout = self._timeout(ep, items)
+        timeout = self._visit(ep, items)
         try:
             return await self.router.client(ep).step([row for _, row, _ in items], timeout=timeout,
                                                      traces=[seq.request.trace_context for seq, _, _ in items],
@@ -595,12 +583,12 @@ class PipelineBackend:
             self.router.client(d.ep).forget(d.fid)
 
     async def _run_hop(self, node: _Hop, gating: bool) -> list[tuple[_Seq, StepRow, int]]:
-        """One frame of a chained step and, concurrently, the frames its forwarded rows went
-        on to: tokens emitted, errors to their requests; returns the rows that came back
-        unforwarded (the next round's, sent on from here)."""
+        """One frame of a step (its rows' chains planned when chain forwarding is on) and,
+        concurrently, the frames its forwarded rows went on to: tokens emitted, errors to
+        their requests; returns the rows that came back to go on (the next round's)."""
         try:
             if node.fid is None:
-                chains = await self._plan(node, gating)
+                chains = await self._plan(node, gating) if self.chain else None
                 results = await self._call(node.ep, node.items, chains)
             else:
                 results = await self._chained(node)
@@ -638,7 +626,7 @@ class PipelineBackend:
     async def _chained(self, node: _Hop) -> list[StepResult]:
         """The answer to a frame an earlier stage forwarded to ``node.ep``, in
         ``node.items``' order (a row it does not answer is that request's retry)."""
-        timeout = self._timeout(node.ep, node.items)
+        timeout = self._visit(node.ep, node.items)
         try:
             got = await self.router.client(node.ep).chained(node.fid, node.fut, timeout)
         except RETRYABLE as e:
@@ -787,8 +775,9 @@ class PipelineBackend:
 
     def _audit(self, seq: _Seq) -> bool:
         """Ask the last stage for the full-depth tokens of this sequence's backfilled
-        positions (exited ones, which its next chunk there carries)? Greedy requests without
-        logit adjustments only: the audit compares raw argmaxes."""
+        positions (exited ones, which its next chunk there carries; a chunk of one position
+        has none to check and the stage answers none)? Greedy requests without logit
+        adjustments only: the audit compares raw argmaxes."""
         sp = seq.request.sampling
         return (self.audit_rate > 0 and bool(seq.exited) and sp.temperature == 0 and not sp.adjusts_logits
                 and random.random() < self.audit_rate)

@@ -191,20 +191,19 @@ class Served:
         import httpx
 
         self.url, self.batch = url.rstrip("/"), concurrency  # requests in flight together
-        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        card = httpx.get(f"{self.url}/v1/models", headers=self.headers, timeout=30).raise_for_status().json()["data"][0]
+        # one connection pool for every request (httpx.Client is thread-safe)
+        self.http = httpx.Client(headers={"Authorization": f"Bearer {api_key}"} if api_key else {}, timeout=300)
+        card = self.http.get(f"{self.url}/v1/models", timeout=30).raise_for_status().json()["data"][0]
         self.model = card["id"]
         self.stages = card.get("offramp", {}).get("num_stages")
         self.where = f"served at {self.url} ({self.stages} stages)"
 
     def _one(self, prompt: list[int], max_tokens: int, mode: str, task: str) -> tuple:
-        import httpx
-
         from offramp.protocol import DraftCounts
 
         body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
                 "offramp": {"exit": mode, "task": task}}
-        r = httpx.post(f"{self.url}/v1/completions", json=body, headers=self.headers, timeout=300)
+        r = self.http.post(f"{self.url}/v1/completions", json=body)
         if r.status_code != 200:
             raise RuntimeError(f"the server answered {r.status_code}: {r.text[:300]}")
         c = r.json()["choices"][0]
