@@ -43,8 +43,10 @@ from offramp.deployments.channel import ChainHop, StageClient
 from offramp.deployments.config import DEFAULT_KV_LEASE_S
 from offramp.observability import metrics
 from offramp.ops.online_tuning import AgreementTuner
-from offramp.ops.worker import ExitPolicy, KVMissing, StepResult, StepRow, check_speculative, draft_budget
-from offramp.protocol import DEFAULT_MAX_DRAFT, DraftCounts, GenerationRequest, TokenEvent, TokenLogprob, finish_reason
+from offramp.ops import walk
+from offramp.ops.walk import Walk, check_prompt
+from offramp.ops.worker import ExitPolicy, KVMissing, StepResult, StepRow, check_speculative
+from offramp.protocol import DEFAULT_MAX_DRAFT, DraftCounts, GenerationRequest, TokenEvent, TokenLogprob
 
 log = logging.getLogger(__name__)
 RETRYABLE = (errors.StageUnavailable, errors.DeadlineExceeded, KVMissing)
@@ -63,14 +65,13 @@ class Endpoint:
     end: int = 0
 
 
-@dataclass
-class _Seq:
+@dataclass(kw_only=True)
+class _Seq(Walk):
+    """A request the ingress walks (:class:`~offramp.ops.walk.Walk`: its tokens, what stage
+    0 has been fed, its speculative rounds), with its route, deadline and event queue."""
+
     request: GenerationRequest
-    policy: ExitPolicy
-    tokens: list[int]
-    prompt_len: int
     session: str = ""
-    fed: int = 0
     route: dict[int, Endpoint] = field(default_factory=dict)  # entry layer -> replica holding the KV
     exited: dict[int, tuple[int, int]] = field(default_factory=dict)  # position -> (stage, layer) it exited at
     deadline: float = float("inf")  # monotonic
@@ -82,11 +83,6 @@ class _Seq:
     failures: int = 0  # replica failures while producing the current token
     waits: int = 0  # backoff exponent of the current token's retries
     retry_at: float = 0.0  # not stepped before this (monotonic): a replay's backoff
-    prompt_logprobs: tuple | None = None  # sampling.prompt_logprobs: from the first step's last stage
-
-    @property
-    def generated(self) -> int:
-        return len(self.tokens) - self.prompt_len
 
 
 class Router:
@@ -334,13 +330,7 @@ class PipelineBackend:
 
     async def generate(self, request: GenerationRequest):
         prompt = list(request.prompt_ids)
-        if not prompt:
-            raise errors.BadRequest("the prompt is empty", param="prompt")
-        if any(not 0 <= t < self.vocab_size for t in prompt):
-            raise errors.BadRequest(f"prompt token ids must be in [0, {self.vocab_size})", param="prompt")
-        if len(prompt) + request.sampling.max_tokens > self.max_seq:
-            raise errors.BadRequest(f"prompt ({len(prompt)} tokens) + max_tokens ({request.sampling.max_tokens}) "
-                                    f"exceeds the context of {self.max_seq}", param="max_tokens")
+        check_prompt(prompt, request.sampling.max_tokens, self.vocab_size, self.max_seq)
         if self.active >= self.max_active:
             raise errors.Overloaded(f"this ingress replica already runs {self.max_active} requests; retry shortly "
                                     "or add OfframpIngress replicas")
@@ -350,7 +340,7 @@ class PipelineBackend:
         self.active += 1
         self._start_renewer()
         now = time.monotonic()
-        seq = _Seq(request, policy, prompt, len(prompt),
+        seq = _Seq(request=request, tokens=prompt, prompt_len=len(prompt), sampling=request.sampling, policy=policy,
                    deadline=now + (request.deadline_s or self.request_timeout), last=now)
         self._new_session(seq)
         self._join(seq)
@@ -489,14 +479,7 @@ class PipelineBackend:
         drafting = self.draft_max_active is None or self.active <= self.draft_max_active
         gating = self.gate_max_active is None or self.active <= self.gate_max_active
         for seq in seqs:
-            req = seq.request
-            budget = draft_budget(seq.policy, req.sampling, seq.generated, len(seq.tokens), self.max_seq)
-            score = (tuple(seq.tokens[1: seq.prompt_len])
-                     if seq.generated == 0 and req.sampling.prompt_logprobs is not None else ())
-            row = StepRow(seq.session, torch.tensor(seq.tokens[seq.fed:], dtype=torch.long), len(seq.tokens) - 1,
-                          req.sampling, seq.policy, step=seq.generated, draft=budget if drafting else 0, score=score,
-                          history=tuple(seq.tokens) if req.sampling.adjusts_logits else ())
-            todo.append((seq, row, 0))
+            todo.append((seq, seq.row(seq.session, self.max_seq, drafting), 0))
         last = self.num_stages - 1
         for _ in range(self.router.num_layers or 1_000_000):
             if not todo:
@@ -646,8 +629,9 @@ class PipelineBackend:
         for (seq, row, layer), res in zip(items, results):
             if seq.done:
                 continue
-            err = res.error
-            if err is not None:  # this request's own failure: no ban, no replay
+            kind, nxt = walk.sort(seq, row, res)
+            if kind is walk.Kind.FAILED:  # this request's own failure: no ban, no replay
+                err = res.error
                 if isinstance(err, RETRYABLE):
                     err.endpoint = ep
                     self._retry(seq, err)
@@ -659,27 +643,22 @@ class PipelineBackend:
             if timed:
                 self.hop_s_sum[k] += res.hop_s
                 self.hop_n[k] += 1
-            position = row.position
             if k == last:
-                self._audited(seq, position, res.backfill)
-            if res.prompt_logprobs is not None:
-                seq.prompt_logprobs = (None, *res.prompt_logprobs)
+                self._audited(seq, row.position, res.backfill)
             lps = res.logprobs or ()
-            if res.tokens is not None:  # a speculative row verified: accepted drafts + one
+            if kind is walk.Kind.VERIFIED:  # accepted drafts + one
                 self._verified(seq, row, res.tokens, k, lps)
-                continue
-            if res.token is not None:
+            elif kind is walk.Kind.TOKEN:
                 if res.exited and self.kv_fill == "propagate":
-                    self._propagate(seq, ep.end, res.hidden, position)
+                    self._propagate(seq, ep.end, res.hidden, row.position)
                 if res.exited:
-                    seq.exited[position] = (k, ep.end)
+                    seq.exited[row.position] = (k, ep.end)
                 self._emit(seq, res.token, k, logprob=lps[0] if lps else None)
-                continue
-            if res.drafts is not None:  # the drafting stage's passes beyond the visit
-                self.passes[k] += len(res.drafts)
-            if res.forwarded:  # gone on to the next stage of its chain (_run_hop awaits it there)
-                continue
-            onward.append((seq, row.onward(res.hidden, res.drafts, res.draft_probs), ep.end))
+            else:
+                if res.drafts is not None:  # the drafting stage's passes beyond the visit
+                    self.passes[k] += len(res.drafts)
+                if kind is walk.Kind.ONWARD:  # FORWARDED: gone on along its chain (_run_hop awaits it there)
+                    onward.append((seq, nxt, ep.end))
         return onward
 
     def _verified(self, seq: _Seq, row: StepRow, tokens: list[int], stage: int, logprobs=()) -> None:
@@ -688,7 +667,7 @@ class PipelineBackend:
         only the last token."""
         drafted, accepted = len(row.drafts), len(tokens) - 1
         self.speculative.add(drafted, accepted)
-        seq.fed = len(seq.tokens) + accepted
+        seq.verified(drafted, accepted)
         for i, tok in enumerate(tokens):
             if seq.done:
                 break
@@ -698,27 +677,26 @@ class PipelineBackend:
     def _emit(self, seq: _Seq, token: int, stage: int, verified: tuple[int, int] | None = None,
               logprob: TokenLogprob | None = None) -> None:
         now = time.monotonic()
+        first = seq.n_generated == 0
         with self._lat_lock:
-            (self.tpot_s if seq.generated else self.ttft_s).append((now, now - seq.last))
-        if not seq.generated:
+            (self.ttft_s if first else self.tpot_s).append((now, now - seq.last))
+        if first:
             seq.first_at = now
-        (metrics.record_tpot if seq.generated else metrics.record_ttft)(self.model_name, now - seq.last)
+        (metrics.record_ttft if first else metrics.record_tpot)(self.model_name, now - seq.last)
         metrics.record_tokens(self.model_name, [stage], self.num_stages)
         if verified is not None:
             metrics.record_verify(self.model_name, seq.policy.task, *verified)
         seq.last = now
         self.emitted += 1
         seq.failures = seq.waits = 0
-        seq.tokens.append(token)
-        reason = finish_reason(seq.request.sampling, token, seq.generated, len(seq.tokens), self.eos_token_ids,
-                               self.max_seq)
-        prompt_lp = seq.prompt_logprobs if seq.generated == 1 else None
+        reason = seq.append(token, self.eos_token_ids, self.max_seq)
+        prompt_lp = seq.prompt_logprobs if first else None
         seq.events.put_nowait(TokenEvent(token, stage, reason, verified, logprob, prompt_lp))
         if reason:
             seq.done = True
-            if seq.generated > 1:
+            if seq.n_generated > 1:
                 with self._lat_lock:
-                    self.req_tpot_s.append((now, (now - seq.first_at) / (seq.generated - 1)))
+                    self.req_tpot_s.append((now, (now - seq.first_at) / (seq.n_generated - 1)))
 
     def _fail(self, seq: _Seq, e: Exception) -> None:
         if not seq.done:

@@ -17,13 +17,15 @@ from typing import Callable
 
 import torch
 
-from offramp.errors import BadRequest, ConfigError
+from offramp.errors import ConfigError
 from offramp.ops import exits as ex
 from offramp.ops.checkpoint import ModelSpec, WeightReader, load_spec
 from offramp.ops.partition import partition_layers
 from offramp.ops.stage import load_stage
-from offramp.ops.worker import ExitPolicy, StageWorker, StepRow, check_speculative, draft_budget
-from offramp.protocol import DraftCounts, GenerationRequest, SamplingParams, TokenEvent, TokenLogprob, finish_reason
+from offramp.ops import walk
+from offramp.ops.walk import Walk, check_prompt
+from offramp.ops.worker import ExitPolicy, StageWorker, StepRow, check_speculative
+from offramp.protocol import GenerationRequest, SamplingParams, TokenEvent, TokenLogprob
 
 
 def resolve_model_dir(model: str | Path | None) -> Path:
@@ -43,26 +45,15 @@ def resolve_model_dir(model: str | Path | None) -> Path:
     return found
 
 
-@dataclass
-class Sequence:
+@dataclass(kw_only=True)
+class Sequence(Walk):
+    """A sequence the in-process engine walks (:class:`~offramp.ops.walk.Walk`), with the
+    exit stage of each generated token and its logprobs."""
+
     seq_id: str
-    tokens: list[int]  # prompt + generated
-    prompt_len: int
-    sampling: SamplingParams
-    policy: ExitPolicy
-    fed: int = 0  # tokens already fed into stage 0
     exit_stages: list[int] = field(default_factory=list)
     finish_reason: str | None = None
-    drafted: int = 0  # speculative: tokens drafted, accepted, and deep visits (verify rounds)
-    accepted: int = 0
-    rounds: int = 0
-    last_round: tuple[int, int] | None = None  # (drafted, accepted) of the step just taken
     logprobs: list[TokenLogprob] = field(default_factory=list)  # per generated token (sampling.logprobs)
-    prompt_logprobs: list[TokenLogprob | None] | None = None  # sampling.prompt_logprobs: after the first step
-
-    @property
-    def draft_counts(self) -> DraftCounts:
-        return DraftCounts(self.drafted, self.accepted, self.rounds)
 
     @property
     def generated(self) -> list[int]:
@@ -101,14 +92,7 @@ class StagedModel:
 
     # -- validation --------------------------------------------------------------------
     def check_prompt(self, prompt_ids: list[int], max_tokens: int) -> None:
-        if not prompt_ids:
-            raise BadRequest("the prompt is empty; send at least one token", param="prompt")
-        bad = [t for t in prompt_ids if not 0 <= t < self.spec.vocab_size]
-        if bad:
-            raise BadRequest(f"token ids {bad[:5]} are outside the vocabulary [0, {self.spec.vocab_size})", param="prompt")
-        if len(prompt_ids) + max_tokens > self.max_seq:
-            raise BadRequest(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the context of "
-                             f"{self.max_seq}; shorten the prompt or lower max_tokens", param="max_tokens")
+        check_prompt(prompt_ids, max_tokens, self.spec.vocab_size, self.max_seq)
 
     # -- one decode step for a batch ---------------------------------------------------
     def step(self, seqs: list[Sequence]) -> list[list[tuple[int, int, TokenLogprob | None]] | Exception]:
@@ -119,12 +103,7 @@ class StagedModel:
         ``Sequence.prompt_logprobs``."""
         rows = []
         for s in seqs:
-            new = s.tokens[s.fed:]
-            score = tuple(s.tokens[1: s.prompt_len]) if s.fed == 0 and s.sampling.prompt_logprobs is not None else ()
-            rows.append(StepRow(s.seq_id, torch.tensor(new, dtype=torch.long), len(s.tokens) - 1,
-                                s.sampling, s.policy, step=len(s.generated),
-                                draft=draft_budget(s.policy, s.sampling, len(s.generated), len(s.tokens), self.max_seq),
-                                score=score, history=tuple(s.tokens) if s.sampling.adjusts_logits else ()))
+            rows.append(s.row(s.seq_id, self.max_seq))
             s.fed = len(s.tokens)
         by_id = {s.seq_id: s for s in seqs}
         out: dict[str, list[tuple[int, int, TokenLogprob | None]] | Exception] = {}
@@ -134,36 +113,25 @@ class StagedModel:
                 break
             nxt = []
             for row, res in zip(rows, worker.step(rows)):
-                if res.error is not None:
-                    out[row.seq_id] = res.error
-                    continue
-                if res.prompt_logprobs is not None:
-                    by_id[row.seq_id].prompt_logprobs = [None, *res.prompt_logprobs]
-                if res.tokens is not None:
-                    out[row.seq_id] = list(zip(res.tokens, [last] * len(res.tokens), res.logprobs or [None] * len(res.tokens)))
-                    self._end_round(by_id[row.seq_id], len(row.drafts), len(res.tokens) - 1)
-                    continue
-                if res.token is not None:
-                    out[row.seq_id] = [(res.token, k, res.logprobs[0] if res.logprobs else None)]
+                s = by_id[row.seq_id]
+                kind, onward = walk.sort(s, row, res)
+                if kind is walk.Kind.FAILED:
+                    out[s.seq_id] = res.error
+                elif kind is walk.Kind.VERIFIED:
+                    out[s.seq_id] = list(zip(res.tokens, [last] * len(res.tokens),
+                                             res.logprobs or [None] * len(res.tokens)))
+                    s.verified(len(row.drafts), len(res.tokens) - 1)
+                    for w in self.workers:  # in one process there may be no next row to roll back on
+                        w.truncate(s.seq_id, s.fed)
+                elif kind is walk.Kind.TOKEN:
+                    out[s.seq_id] = [(res.token, k, res.logprobs[0] if res.logprobs else None)]
                     if res.exited and self.kv_fill == "propagate":
                         for later in self.workers[k + 1:]:
                             later.propagate(row.seq_id, res.hidden, row.position)
-                    continue
-                nxt.append(row.onward(res.hidden, res.drafts, res.draft_probs))
+                else:  # ONWARD (nothing is forwarded in one process)
+                    nxt.append(onward)
             rows = nxt
         return [out[s.seq_id] for s in seqs]
-
-    def _end_round(self, s: Sequence, drafted: int, accepted: int) -> None:
-        """A speculative round verified: only the positions whose inputs were committed
-        stay in any stage's KV (the served stages drop the rest when the next row comes; in
-        one process there may be no next row), and the next step feeds the last token."""
-        s.fed = len(s.tokens) + accepted
-        for w in self.workers:
-            w.truncate(s.seq_id, s.fed)
-        s.last_round = (drafted, accepted)
-        s.drafted += drafted
-        s.accepted += accepted
-        s.rounds += 1
 
     def flush(self, seq: Sequence) -> None:
         """Push every deferred chunk through to the last stage (complete, exact KV).
@@ -190,22 +158,19 @@ class StagedModel:
             err = self.workers[0].draft_error()
             if err is not None:
                 raise err
-        return Sequence(seq_id or f"seq-{next(self._ids)}", list(prompt_ids), len(prompt_ids), sampling, policy)
-
-    def finished(self, s: Sequence, token: int) -> str | None:
-        return finish_reason(s.sampling, token, len(s.generated), len(s.tokens), self.spec.eos_token_ids, self.max_seq)
+        return Sequence(seq_id=seq_id or f"seq-{next(self._ids)}", tokens=list(prompt_ids), prompt_len=len(prompt_ids),
+                        sampling=sampling, policy=policy)
 
     def commit(self, s: Sequence, new: list[tuple[int, int, TokenLogprob | None]]) -> list[tuple[int, int, TokenLogprob | None]]:
         """Append a step's tokens to ``s`` up to the first that finishes it (drafts accepted
         past a stop token are dropped); returns the ones appended."""
         taken = []
         for tok, stage, lp in new:
-            s.tokens.append(tok)
+            s.finish_reason = s.append(tok, self.spec.eos_token_ids, self.max_seq)
             s.exit_stages.append(stage)
             if lp is not None:
                 s.logprobs.append(lp)
             taken.append((tok, stage, lp))
-            s.finish_reason = self.finished(s, tok)
             if s.finish_reason:
                 break
         return taken
@@ -310,7 +275,7 @@ class InProcessBackend:
                     for i, (tok, stage, lp) in enumerate(taken):
                         done = seq.finish_reason if i == len(taken) - 1 else None
                         verified = seq.last_round if i == 0 and seq.policy.speculative else None
-                        prompt_lp = tuple(seq.prompt_logprobs) if first and i == 0 and seq.prompt_logprobs else None
+                        prompt_lp = seq.prompt_logprobs if first and i == 0 else None
                         loop.call_soon_threadsafe(q.put_nowait, TokenEvent(tok, stage, done, verified, lp, prompt_lp))
                 if isinstance(res, Exception) or seq.finish_reason:
                     self.model.release(seq)
