@@ -14,19 +14,19 @@ from test_reliability import _backend, _held, _req, _tokens, _until
 from test_split_moves import _Replicas
 
 
-def _stages(model_dir, n: int) -> _Replicas:
+def _stages(model_dir, n: int, link_delay_s: float = 0.0) -> _Replicas:
     reps = _Replicas(model_dir)
     L = reps.spec.num_layers
     bounds = [L * i // n for i in range(n + 1)]
     for i in range(n):
-        reps.add(f"s{i}", i, (bounds[i], bounds[i + 1]), num_stages=n)
+        reps.add(f"s{i}", i, (bounds[i], bounds[i + 1]), num_stages=n, link_delay_s=link_delay_s)
     return reps
 
 
-def _backend_n(reps: _Replicas, n: int, **kw):
+def _backend_n(reps: _Replicas, n: int, link_delay_s: float = 0.0, **kw):
     from offramp.deployments import pipeline as pl
 
-    router = pl.Router(n, "tok", reps.lookup, num_layers=reps.spec.num_layers)
+    router = pl.Router(n, "tok", reps.lookup, num_layers=reps.spec.num_layers, link_delay_s=link_delay_s)
     return pl.PipelineBackend(n, router, eos_token_ids=(), max_seq=128, vocab_size=reps.spec.vocab_size,
                               request_timeout_s=30, **kw)
 
@@ -193,3 +193,33 @@ def test_a_chain_a_stage_cannot_follow_leaves_the_row_whole(tiny_model_dir):
     finally:
         srv.close()
     assert srv.forwarded == 0
+
+
+def test_an_emulated_link_delays_every_message_and_chains_cross_fewer(tiny_model_dir):
+    """``AppArgs.emulate_link_ms``: every message on a stage channel (ingress to stage,
+    stage to stage, stage to ingress) arrives that much late; tokens are unchanged. A token
+    crosses 2N links unchained and N + 1 chained, so each run takes at least that many
+    delays per token (lower bounds only: the delays add to compute, never replace it)."""
+    import time
+
+    delay, n, new = 0.03, 2, 5
+    reps = _stages(tiny_model_dir, n, link_delay_s=delay)
+    req = _req(1, new)
+
+    async def run(chain: bool):
+        backend = _backend_n(reps, n, link_delay_s=delay, chain=chain)
+        await _tokens(backend, _req(2, 2))  # chained: the stages' connections to their next open here
+        before, t0 = list(backend.hop_n), time.perf_counter()
+        out = await _tokens(backend, req)
+        return out, time.perf_counter() - t0, [a - b for a, b in zip(backend.hop_n, before)]
+
+    try:
+        plain, plain_s, plain_hops = asyncio.run(run(False))
+        chained, chained_s, hops = asyncio.run(run(True))
+    finally:
+        reps.close()
+    engine = StagedModel(tiny_model_dir, num_stages=1)
+    assert plain == chained == engine.generate([list(req.prompt_ids)], req.sampling)[0].generated
+    assert plain_hops == [new] * n and plain_s >= new * 2 * n * delay, (plain_hops, plain_s)
+    assert hops == [new] + [0] * (n - 1), hops  # every row went stage to stage: the s0 -> s1 link is crossed
+    assert chained_s >= new * (n + 1) * delay, chained_s

@@ -108,8 +108,10 @@ class _Replicas:
         self.servers: dict[str, StageServer] = {}
         self.entries: list[dict] = []
 
-    def add(self, name: str, index: int, rng: tuple[int, int], num_stages: int = 2) -> StageServer:
-        srv = StageServer(_worker(self.model_dir, rng, index, num_stages), "tok", batch_wait_timeout_s=0.0)
+    def add(self, name: str, index: int, rng: tuple[int, int], num_stages: int = 2,
+            link_delay_s: float = 0.0) -> StageServer:
+        srv = StageServer(_worker(self.model_dir, rng, index, num_stages), "tok", batch_wait_timeout_s=0.0,
+                          link_delay_s=link_delay_s)
         self.servers[name] = srv
         self.entries.append(StageRecord(index, name, "127.0.0.1", srv.port, tuple(rng)))
         return srv

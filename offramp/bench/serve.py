@@ -140,6 +140,12 @@ def register(bsub) -> None:
     s.add_argument("--unchained", action="store_true",
                    help="also measure the served app without chain forwarding (served_unchained: every stage "
                         "answers the ingress, which sends the rows on), side by side with the default")
+    s.add_argument("--link-ms", type=float, default=0.0, metavar="MS",
+                   help="emulated distance between the served apps' replicas (AppArgs.emulate_link_ms): every "
+                        "stage-channel message arrives MS milliseconds late, as between machines (e.g. 0.5 in one "
+                        "rack, 1-2 across zones); with --unchained it measures what chain forwarding saves there. "
+                        "Only the served apps' stage hops: in-process, transformers and plain Serve stay local, "
+                        "and HTTP stays on loopback (default 0: this machine's loopback)")
     s.add_argument("--gate-max-active", metavar="N|none", type=_count_or_none, default=_APP_DEFAULT,
                    help="the served apps' exit.gate_max_active (calibrated exits are tried while at most N requests "
                         "are active; 'none': always); default: the app's default")
@@ -554,6 +560,8 @@ def _run_serve(args, emit) -> int:
         raise ValueError("--concurrency, --stages, --repeats, --prompt-tokens and --requests must be >= 1, "
                          "--max-tokens >= 2 (TPOT needs two tokens)")
     levels = [1] if C == 1 else [1, C]
+    if not 0 <= args.link_ms <= 1000:
+        raise ValueError(f"--link-ms {args.link_ms:g}: give a one-way delay in milliseconds, 0 to 1000")
     slow_deep = None
     if args.slow_deep_stages:
         try:
@@ -592,14 +600,14 @@ def _run_serve(args, emit) -> int:
         def offramp_args(stages: int, slow_deep: tuple[float, float] | None = None, compiled: bool = False,
                          chain: bool = True) -> AppArgs:
             sa = StageArgs(max_batch_size=max(16, C), max_sequences=max(64, C), compile=compiled)
+            common = dict(model=str(model_dir), num_stages=stages, model_name=model_name, api_key_env="",
+                          exit=exit_args, chain_forwarding=chain, emulate_link_ms=args.link_ms)
             if slow_deep is None:
-                return AppArgs(model=str(model_dir), num_stages=stages, model_name=model_name, api_key_env="",
-                               stages=[sa] * stages, exit=exit_args, chain_forwarding=chain)
+                return AppArgs(stages=[sa] * stages, **common)
             deep = sa.model_copy(update={"pool": "cpu"})
-            return AppArgs(model=str(model_dir), num_stages=stages, model_name=model_name, api_key_env="",
-                           stages=[sa.model_copy(update={"pool": "gpu"})] + [deep] * (stages - 1), exit=exit_args,
+            return AppArgs(stages=[sa.model_copy(update={"pool": "gpu"})] + [deep] * (stages - 1),
                            emulate_pools={"cpu": {"step_s": slow_deep[0] / 1000, "per_token_s": slow_deep[1] / 1000}},
-                           chain_forwarding=chain)
+                           **common)
 
         rayops.run_app(build_app(offramp_args(args.stages, slow_deep)), "offramp", "/")
         bar.update()
@@ -688,7 +696,7 @@ def _run_serve(args, emit) -> int:
 
         report: dict[str, Any] = {
             "model": str(model_dir), "stages": args.stages, "concurrency": levels, "proxy": args.proxy,
-            "slow_deep_stages_ms": slow_deep,
+            "slow_deep_stages_ms": slow_deep, "link_ms": args.link_ms,
             "requests_per_wave": {f"c{c}": _requests_at(args, c) for c in levels},
             "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "repeats": args.repeats,
             "prompt_tasks": {t: sum(1 for pt, _ in prompts if pt == t) for t in TASKS},

@@ -91,7 +91,8 @@ class StageDeployment:
                                   labels={"pool": pool, "replica": self.replica, "precision": sa.dtype},
                                   emulate=emulate, lease_s=args.kv_lease_s,
                                   ssl_context=args.channel_tls.server_context() if args.channel_tls else None,
-                                  client_ssl_context=args.channel_tls.client_context() if args.channel_tls else None)
+                                  client_ssl_context=args.channel_tls.client_context() if args.channel_tls else None,
+                                  link_delay_s=args.emulate_link_ms / 1000)
         self.entry = StageRecord(stage=index, replica=self.replica, host=self.server.host, port=self.server.port,
                                  layers=(int(layers[0]), int(layers[1])), pool=pool, device=device, dtype=sa.dtype,
                                  profile=tuple(profile))
@@ -214,7 +215,8 @@ class OfframpIngress(GrpcIngressMixin):
 
         max_seq = min(args.max_context or spec.max_position, spec.max_position)
         router = Router(len(ranges), token, lookup, num_layers=spec.num_layers,
-                        ssl_context=args.channel_tls.client_context() if args.channel_tls else None)
+                        ssl_context=args.channel_tls.client_context() if args.channel_tls else None,
+                        link_delay_s=args.emulate_link_ms / 1000)
         self.backend = PipelineBackend(
             len(ranges), router, eos_token_ids=spec.eos_token_ids, max_seq=max_seq,
             vocab_size=spec.vocab_size, kv_fill=args.exit.kv_fill, request_timeout_s=args.request_timeout_s,

@@ -340,8 +340,11 @@ class StageServer:
     def __init__(self, worker: StageWorker, token: str, host: str = "127.0.0.1", port: int = 0,
                  max_batch_size: int = 16, batch_wait_timeout_s: float = 0.002, stats=None,
                  labels: dict | None = None, emulate=None, lease_s: float = DEFAULT_KV_LEASE_S,
-                 ssl_context=None, client_ssl_context=None):
+                 ssl_context=None, client_ssl_context=None, link_delay_s: float = 0.0):
         self.worker, self.token = worker, token
+        # Emulated distance (AppArgs.emulate_link_ms): each frame that arrives here is taken
+        # in this much later, and so is each answer on the connections this stage opens.
+        self.link_delay_s = link_delay_s
         self.ssl_context = ssl_context  # server-side TLS (ChannelTLS.server_context()); None = plain TCP
         self.client_ssl_context = client_ssl_context  # TLS of the connections this stage forwards on
         self.peers: dict[str, _Conn] = {}  # connection key -> the keyed peer's connection (chained answers)
@@ -419,21 +422,10 @@ class StageServer:
             conn.send({"id": hello.get("id"), "ok": True, "stage": self.worker.index})
             while True:
                 header, payload = await read_frame(reader)
-                now = time.monotonic()
-                op = header.get("op")
-                if op == "renew":  # lease renewal of live sequences: no reply, no queue
-                    for seq in header.get("seqs", ()):
-                        seq = str(seq)  # held, or known (its first step may still be queued or running)
-                        if self.worker.holds(seq) or seq in self.worker.touched:
-                            self.worker.touch(seq, now)
-                    continue
-                if op == "step":
-                    for r in header.get("rows", ()):
-                        self.worker.touch(str(r.get("seq")), now)
-                elif op == "propagate":
-                    self.worker.touch(str(header.get("seq")), now)
-                header["_queued_at"] = now  # local only: queue-wait signal
-                self.queue.put_nowait((header, payload, conn))
+                if self.link_delay_s:
+                    self.loop.call_later(self.link_delay_s, self._arrive, header, payload, conn)
+                else:
+                    self._arrive(header, payload, conn)
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError, json.JSONDecodeError,
                 UnicodeDecodeError, AttributeError, TypeError):
             pass
@@ -441,6 +433,25 @@ class StageServer:
             if conn.key is not None and self.peers.get(conn.key) is conn:
                 del self.peers[conn.key]
             writer.close()
+
+    def _arrive(self, header: dict, payload: memoryview, conn: _Conn) -> None:
+        """Take in one frame read from ``conn``: a lease renewal at once, anything else
+        (its rows' leases touched) onto the batcher's queue."""
+        now = time.monotonic()
+        op = header.get("op")
+        if op == "renew":  # lease renewal of live sequences: no reply, no queue
+            for seq in header.get("seqs", ()):
+                seq = str(seq)  # held, or known (its first step may still be queued or running)
+                if self.worker.holds(seq) or seq in self.worker.touched:
+                    self.worker.touch(seq, now)
+            return
+        if op == "step":
+            for r in header.get("rows", ()):
+                self.worker.touch(str(r.get("seq")), now)
+        elif op == "propagate":
+            self.worker.touch(str(header.get("seq")), now)
+        header["_queued_at"] = now  # local only: queue-wait signal
+        self.queue.put_nowait((header, payload, conn))
 
     async def _batcher(self) -> None:
         while True:
@@ -698,7 +709,7 @@ class StageServer:
             if len(self._hops) >= 64:
                 return None
         c = StageClient(host, port, self.token, label=f"stage after {self.worker.index}",
-                        ssl_context=self.client_ssl_context)
+                        ssl_context=self.client_ssl_context, link_delay_s=self.link_delay_s)
         self._hops[(host, port)] = (c, now)
         self.loop.create_task(c.open())
         return None
@@ -757,8 +768,9 @@ class StageClient:
     only goes to the log."""
 
     def __init__(self, host: str, port: int, token: str, label: str = "a stage replica", ssl_context=None,
-                 key: str | None = None):
+                 key: str | None = None, link_delay_s: float = 0.0):
         self.host, self.port, self.token, self.label = host, port, token, label
+        self.link_delay_s = link_delay_s  # emulated distance: answers are taken in this much later
         self.ssl_context = ssl_context  # client-side TLS (ChannelTLS.client_context()); None = plain TCP
         self.key = key  # this connection's key in the hello: stages answer chained frames to it
         self._writer: asyncio.StreamWriter | None = None
@@ -799,11 +811,13 @@ class StageClient:
 
     async def _read_loop(self, reader) -> None:
         try:
+            loop = asyncio.get_running_loop()
             while True:
                 header, payload = await read_frame(reader)
-                fut = self._pending.pop(header.get("id"), None)
-                if fut is not None and not fut.done():
-                    fut.set_result((header, payload))
+                if self.link_delay_s:
+                    loop.call_later(self.link_delay_s, self._deliver, header, payload)
+                else:
+                    self._deliver(header, payload)
         except (asyncio.IncompleteReadError, ConnectionError, OSError, ValueError):
             pass
         finally:
@@ -813,6 +827,11 @@ class StageClient:
                 if not fut.done():
                     fut.set_exception(errors.StageUnavailable(f"{self.label} went away"))
             self._pending.clear()
+
+    def _deliver(self, header: dict, payload: memoryview) -> None:
+        fut = self._pending.pop(header.get("id"), None)
+        if fut is not None and not fut.done():
+            fut.set_result((header, payload))
 
     async def _write(self, data: bytes, timeout: float) -> None:
         writer = self._writer

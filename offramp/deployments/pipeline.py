@@ -103,9 +103,10 @@ class Router:
     no request."""
 
     def __init__(self, num_stages: int, token: str, lookup: Callable[[], Awaitable[dict]],
-                 num_layers: int | None = None, ssl_context=None):
+                 num_layers: int | None = None, ssl_context=None, link_delay_s: float = 0.0):
         self.num_stages, self.token, self.lookup = num_stages, token, lookup
         self.ssl_context = ssl_context  # channel TLS, client side (None = plain TCP)
+        self.link_delay_s = link_delay_s  # emulated distance to the stages (AppArgs.emulate_link_ms)
         self.key = uuid.uuid4().hex  # names this ingress's connections: stages answer chained frames on them
         self.num_layers = num_layers
         self.endpoints: list[Endpoint] = []
@@ -203,7 +204,8 @@ class Router:
         c = self.clients.get(ep)
         if c is None or c.broken:
             c = self.clients[ep] = StageClient(ep.host, ep.port, self.token, label=f"stage {ep.stage}",
-                                               ssl_context=self.ssl_context, key=self.key)
+                                               ssl_context=self.ssl_context, key=self.key,
+                                               link_delay_s=self.link_delay_s)
         return c
 
     def known(self, ep: Endpoint) -> bool:
