@@ -77,7 +77,7 @@ def test_emulate_pools_config_is_validated():
         AppArgs.model_validate({"emulate_pools": {"tpu": {"step_s": 0.01}}})
     with pytest.raises(ValueError, match="per_token_s"):
         AppArgs.model_validate({"emulate_pools": {"cpu": {"per_token_s": -1}}})
-    assert AppArgs.model_validate({"emulate_link_ms": 1.5}).emulate_link_ms == 1.5
+    assert AppArgs.model_validate({"emulate_link_ms": 2}).emulate_link_ms == 2
     with pytest.raises(ValueError, match="emulate_link_ms"):
         AppArgs.model_validate({"emulate_link_ms": -1})
 

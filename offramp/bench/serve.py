@@ -140,10 +140,10 @@ def register(bsub) -> None:
     s.add_argument("--unchained", action="store_true",
                    help="also measure the served app without chain forwarding (served_unchained: every stage "
                         "answers the ingress, which sends the rows on), side by side with the default")
-    s.add_argument("--link-ms", type=float, default=0.0, metavar="MS",
+    s.add_argument("--link-ms", type=int, default=0, metavar="MS",
                    help="emulated distance between the served apps' replicas (AppArgs.emulate_link_ms): every "
-                        "stage-channel message arrives MS milliseconds late, as between machines (e.g. 0.5 in one "
-                        "rack, 1-2 across zones); with --unchained it measures what chain forwarding saves there. "
+                        "stage-channel message arrives MS whole milliseconds late, as between machines (1-2 across "
+                        "zones); with --unchained it measures what chain forwarding saves there. "
                         "Only the served apps' stage hops: in-process, transformers and plain Serve stay local, "
                         "and HTTP stays on loopback (default 0: this machine's loopback)")
     s.add_argument("--gate-max-active", metavar="N|none", type=_count_or_none, default=_APP_DEFAULT,
@@ -561,7 +561,7 @@ def _run_serve(args, emit) -> int:
                          "--max-tokens >= 2 (TPOT needs two tokens)")
     levels = [1] if C == 1 else [1, C]
     if not 0 <= args.link_ms <= 1000:
-        raise ValueError(f"--link-ms {args.link_ms:g}: give a one-way delay in milliseconds, 0 to 1000")
+        raise ValueError(f"--link-ms {args.link_ms}: give a one-way delay in whole milliseconds, 0 to 1000")
     slow_deep = None
     if args.slow_deep_stages:
         try:

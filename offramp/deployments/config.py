@@ -312,11 +312,11 @@ class AppArgs(BaseModel):
         description="Testing/benchmarks only: pool name -> modelled step time that replicas in that pool "
         "take at least (see EmulatedDevice). Empty in production.",
     )
-    emulate_link_ms: float = Field(
-        0.0, ge=0, le=1000, description="Testing/benchmarks only: every stage-channel message (ingress to stage, "
+    emulate_link_ms: int = Field(
+        0, ge=0, le=1000, description="Testing/benchmarks only: every stage-channel message (ingress to stage, "
         "stage to stage, stage to ingress) is delivered this many milliseconds after it arrives, as if each "
-        "replica ran on its own machine that far away (one-way latency; loopback has ~0.03 ms). 0 in "
-        "production.")
+        "replica ran on its own machine that far away (one-way latency; loopback has ~0.03 ms). Whole "
+        "milliseconds: Serve's replicas run uvloop, whose timers tick in milliseconds. 0 in production.")
     placement: dict[str, Any] | None = Field(
         None, description="Run the placement controller for this app: ControllerConfig settings "
         "(offramp.placement.controller, docs/placement.md) without `app`, which is this app's name. The ingress "
