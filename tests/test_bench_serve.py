@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -242,3 +243,46 @@ def test_bench_serve_smoke_json():
     for k, v in report["ratios"].items():
         assert v["value"] is not None and math.isfinite(v["value"]), k
     print(f"bench serve smoke: {time.monotonic() - t0:.0f} s")
+
+
+def test_config_args_are_the_offramp_apps_of_a_serve_config(tmp_path):
+    from offramp.deployments.config import AppArgs
+
+    path = tmp_path / "serve.yaml"
+    path.write_text("applications:\n- name: other\n  import_path: x.y:z\n- name: offramp\n"
+                    "  import_path: offramp.deployments.app:build_app\n"
+                    "  args: {num_stages: 3, chain_forwarding: false, stages: [{compile: true}]}\n")
+    got = bs._config_app_args(str(path), None, AppArgs)
+    assert got.num_stages == 3 and not got.chain_forwarding and got.stages[0].compile and got.model is None
+    assert bs._config_app_args(str(path), "/m", AppArgs).model == "/m"  # --model replaces the file's
+    local = bs._config_app_args(str(Path(__file__).parent.parent / "configs" / "local.yaml"), None, AppArgs)
+    assert local.num_stages == 2 and local.exit.gate_max_active == 4
+    path.write_text("applications:\n- name: other\n  import_path: x.y:z\n")
+    with pytest.raises(ValueError, match="no application with import_path offramp.deployments.app:build_app"):
+        bs._config_app_args(str(path), None, AppArgs)
+    path.write_text("applications:\n- import_path: offramp.deployments.app:build_app\n  args: {num_stages: 0}\n")
+    with pytest.raises(ValueError, match="(?s)its Offramp args are invalid.*num_stages"):
+        bs._config_app_args(str(path), None, AppArgs)
+    with pytest.raises(ValueError, match="cannot read it as YAML"):
+        bs._config_app_args(str(tmp_path / "missing.yaml"), None, AppArgs)
+
+
+def test_bench_serve_runs_the_app_a_serve_config_describes(tmp_path):
+    """--config: the served apps are the file's (here three stages, not --stages' default
+    two), and the report says which file and whether the in-process peer compiled."""
+    path = tmp_path / "serve.yaml"
+    path.write_text("applications:\n- name: offramp\n  import_path: offramp.deployments.app:build_app\n"
+                    "  args: {num_stages: 3, chain_forwarding: false}\n")
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    cmd = [sys.executable, "-m", "offramp.cli", "bench", "serve", "--json", "--repeats", "1", "--concurrency", "2",
+           "--requests", "2", "--max-tokens", "4", "--prompt-tokens", "8", "--no-plain", "--no-transformers",
+           "--config", str(path)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    report = json.loads(p.stdout)
+    assert report["config"] == str(path) and report["stages"] == 3 and report["in_process_compiled"] is False
+    for name in ("served", "served_calibrated", "served_1stage"):
+        for c in ("c1", "c2"):
+            assert report["contenders"][name][c]["failed"] == 0, (name, c)
+    assert report["contenders"]["served"]["c1"]["stage_calls_per_token"] == pytest.approx(3.0)
+    assert report["contenders"]["served_1stage"]["c1"]["stage_calls_per_token"] == pytest.approx(1.0)

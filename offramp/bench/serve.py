@@ -140,6 +140,13 @@ def register(bsub) -> None:
     s.add_argument("--unchained", action="store_true",
                    help="also measure the served app without chain forwarding (served_unchained: every stage "
                         "answers the ingress, which sends the rows on), side by side with the default")
+    s.add_argument("--config", metavar="SERVE_YAML",
+                   help="take the served apps' settings from this Serve config's Offramp application (its args: "
+                        "stages, split, per-stage compile/threads/batching, exit, chain_forwarding, micro_batches), "
+                        "e.g. configs/local.yaml, so the served figures are those of `serve run SERVE_YAML`; the "
+                        "model, model name and API key stay the bench's, and --stages comes from the file. When its "
+                        "stages compile, the in-process contender compiles too (the strongest peer); the one-stage "
+                        "app takes its first stage's settings")
     s.add_argument("--link-ms", type=int, default=0, metavar="MS",
                    help="emulated distance between the served apps' replicas (AppArgs.emulate_link_ms): every "
                         "stage-channel message arrives MS whole milliseconds late, as between machines (1-2 across "
@@ -523,6 +530,30 @@ def plain_serve_deployment(max_batch_size: int, num_cpus: float, threads: int = 
 # ----------------------------------------------------------------------------- the run
 
 
+def _config_app_args(path: str, model: str | None, app_args_type):
+    """The Offramp application's ``args`` of the Serve config at ``path``, typed (the
+    ``--model`` flag, when given, replaces its model)."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            config = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"--config {path}: cannot read it as YAML ({e})") from None
+    apps = [a for a in (config.get("applications") or []) if isinstance(a, dict)
+            and str(a.get("import_path", "")).endswith("offramp.deployments.app:build_app")]
+    if not apps:
+        raise ValueError(f"--config {path}: no application with import_path offramp.deployments.app:build_app; "
+                         "give a Serve config that runs Offramp, e.g. configs/local.yaml")
+    raw = dict(apps[0].get("args") or {})
+    if model is not None:
+        raw["model"] = model
+    try:
+        return app_args_type.model_validate(raw)
+    except ValueError as e:
+        raise ValueError(f"--config {path}: its Offramp args are invalid: {e}") from None
+
+
 def run_serve(args) -> int:
     with json_stdout(args.json) as emit:
         return _run_serve(args, emit)
@@ -550,11 +581,17 @@ def _run_serve(args, emit) -> int:
     from offramp.cluster import rayops
     from offramp.cluster.local import free_port, pool_cluster
     from offramp.deployments.app import OfframpIngress, StageDeployment, build_app
-    from offramp.deployments.config import AppArgs, ExitArgs, StageArgs
+    from offramp.deployments.config import AppArgs, StageArgs
     from offramp.ops.engine import StagedModel, resolve_model_dir
     from offramp.training.data import DataSpec, build_corpus
 
     C = args.concurrency
+    app_base = _config_app_args(args.config, args.model, AppArgs) if args.config else None
+    if app_base is not None:
+        from offramp.deployments.config import model_facts
+
+        args.stages = len(model_facts(app_base).ranges)
+        args.model = app_base.model  # the file's model (or --model, which replaced it)
     if min(C, args.stages, args.repeats, args.prompt_tokens) < 1 or args.max_tokens < 2 or \
             (args.requests is not None and args.requests < 1):
         raise ValueError("--concurrency, --stages, --repeats, --prompt-tokens and --requests must be >= 1, "
@@ -595,19 +632,33 @@ def _run_serve(args, emit) -> int:
         boot.enter_context(pool_cluster(gpu_nodes=0, cpu_nodes=1, cpus_per_node=8, head_cpus=2))
         rayops.start_serve(port)
 
-        exit_args = ExitArgs() if args.gate_max_active is _APP_DEFAULT else ExitArgs(gate_max_active=args.gate_max_active)
+        base_app = app_base or AppArgs(
+            num_stages=args.stages, stages=[StageArgs(max_batch_size=max(16, C), max_sequences=max(64, C))] * args.stages)
 
         def offramp_args(stages: int, slow_deep: tuple[float, float] | None = None, compiled: bool = False,
-                         chain: bool = True) -> AppArgs:
-            sa = StageArgs(max_batch_size=max(16, C), max_sequences=max(64, C), compile=compiled)
-            common = dict(model=str(model_dir), num_stages=stages, model_name=model_name, api_key_env="",
-                          exit=exit_args, chain_forwarding=chain, emulate_link_ms=args.link_ms)
-            if slow_deep is None:
-                return AppArgs(stages=[sa] * stages, **common)
-            deep = sa.model_copy(update={"pool": "cpu"})
-            return AppArgs(stages=[sa.model_copy(update={"pool": "gpu"})] + [deep] * (stages - 1),
-                           emulate_pools={"cpu": {"step_s": slow_deep[0] / 1000, "per_token_s": slow_deep[1] / 1000}},
-                           **common)
+                         chain: bool | None = None) -> AppArgs:
+            """The served app: ``base_app`` (the bench's defaults, or --config's) with ``stages``
+            stages (another count than its own: an even split, its first stage's settings),
+            and what the contender and the flags change."""
+            per = [base_app.stages[k] if k < len(base_app.stages) else StageArgs() for k in range(stages)]
+            if stages != args.stages:
+                per = [per[0]] * stages
+            if compiled:
+                per = [sa.model_copy(update={"compile": True}) for sa in per]
+            update: dict = {"model": str(model_dir), "model_name": model_name, "api_key_env": "", "stages": per}
+            if stages != args.stages:
+                update.update(num_stages=stages, split=None)
+            if chain is not None:
+                update["chain_forwarding"] = chain
+            if args.link_ms:
+                update["emulate_link_ms"] = args.link_ms
+            if args.gate_max_active is not _APP_DEFAULT:
+                update["exit"] = base_app.exit.model_copy(update={"gate_max_active": args.gate_max_active})
+            if slow_deep is not None:
+                update["stages"] = [per[0].model_copy(update={"pool": "gpu"})] + \
+                    [sa.model_copy(update={"pool": "cpu"}) for sa in per[1:]]
+                update["emulate_pools"] = {"cpu": {"step_s": slow_deep[0] / 1000, "per_token_s": slow_deep[1] / 1000}}
+            return AppArgs.model_validate({**base_app.model_dump(), **update})
 
         rayops.run_app(build_app(offramp_args(args.stages, slow_deep)), "offramp", "/")
         bar.update()
@@ -622,8 +673,11 @@ def _run_serve(args, emit) -> int:
         if "plain_serve" in names:
             rayops.run_app(plain_serve_deployment(C, plain_cpus).bind(str(model_dir)), "plain", "/plain")
         bar.update()
-        staged = StagedModel(model_dir, num_stages=args.stages, max_slots=C)
-        staged_compiled = StagedModel(model_dir, num_stages=args.stages, max_slots=C, compile=True) \
+        # The in-process peer runs the served app's split, compiled when its stages are.
+        split = base_app.split if app_base is not None else None
+        in_process_compiled = app_base is not None and any(sa.compile for sa in base_app.stages)
+        staged = StagedModel(model_dir, num_stages=args.stages, split=split, max_slots=C, compile=in_process_compiled)
+        staged_compiled = StagedModel(model_dir, num_stages=args.stages, split=split, max_slots=C, compile=True) \
             if "in_process_compiled" in names else None
         hf = None
         if "transformers" in names:
@@ -696,7 +750,8 @@ def _run_serve(args, emit) -> int:
 
         report: dict[str, Any] = {
             "model": str(model_dir), "stages": args.stages, "concurrency": levels, "proxy": args.proxy,
-            "slow_deep_stages_ms": slow_deep, "link_ms": args.link_ms,
+            "slow_deep_stages_ms": slow_deep, "link_ms": args.link_ms, "config": args.config,
+            "in_process_compiled": in_process_compiled,
             "requests_per_wave": {f"c{c}": _requests_at(args, c) for c in levels},
             "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "repeats": args.repeats,
             "prompt_tasks": {t: sum(1 for pt, _ in prompts if pt == t) for t in TASKS},
