@@ -267,6 +267,13 @@ def test_config_args_are_the_offramp_apps_of_a_serve_config(tmp_path):
         bs._config_app_args(str(tmp_path / "missing.yaml"), None, AppArgs)
 
 
+def test_stages_that_disagree_with_the_config_are_refused_before_anything_starts():
+    local = str(Path(__file__).parent.parent / "configs" / "local.yaml")
+    p = subprocess.run([sys.executable, "-m", "offramp.cli", "bench", "serve", "--config", local, "--stages", "4",
+                        "--json"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "--stages 4 and --config" in p.stderr and "drop --stages" in p.stderr, p.stderr
+
+
 def test_bench_serve_runs_the_app_a_serve_config_describes(tmp_path):
     """--config: the served apps are the file's (here three stages, not --stages' default
     two), and the report says which file and whether the in-process peer compiled."""

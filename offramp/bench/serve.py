@@ -95,6 +95,15 @@ Repeats are interleaved (repeat -> concurrency -> contender); p50/p99 over all r
 median tokens/s over repeats. Ratios are printed with their targets."""
 
 
+class _Given(argparse.Action):
+    """Stores the value and records that the flag was given (``<dest>_given``), so a flag
+    another source also sets (``--stages`` vs ``--config``) can be checked against it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"{self.dest}_given", True)
+
+
 _APP_DEFAULT = object()  # --gate-max-active not given: the app's own default
 
 
@@ -111,8 +120,8 @@ def register(bsub) -> None:
     s = bsub.add_parser("serve", help="served pipeline vs in-process, batched transformers, plain Serve",
                         description=HELP, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
     s.add_argument("--model", help="checkpoint dir (default: the embedded model)")
-    s.add_argument("--stages", type=int, default=2, help="pipeline stages of the served app (default 2, "
-                   "like configs/local.yaml)")
+    s.add_argument("--stages", type=int, default=2, action=_Given, help="pipeline stages of the served app "
+                   "(default 2, like configs/local.yaml; with --config, the file's)")
     s.add_argument("--concurrency", type=int, default=16, help="the loaded concurrency C (default 16); "
                    "concurrency 1 is always measured too")
     s.add_argument("--requests", type=int, help="requests per wave at each concurrency (default: C at C, 4 at 1)")
@@ -590,7 +599,11 @@ def _run_serve(args, emit) -> int:
     if app_base is not None:
         from offramp.deployments.config import model_facts
 
-        args.stages = len(model_facts(app_base).ranges)
+        n = len(model_facts(app_base).ranges)
+        if getattr(args, "stages_given", False) and args.stages != n:
+            raise ValueError(f"--stages {args.stages} and --config {args.config} ({n} stages) disagree; drop "
+                             "--stages (the file's split is what `serve run` runs) or edit the file")
+        args.stages = n
         args.model = app_base.model  # the file's model (or --model, which replaced it)
     if min(C, args.stages, args.repeats, args.prompt_tokens) < 1 or args.max_tokens < 2 or \
             (args.requests is not None and args.requests < 1):
@@ -674,10 +687,11 @@ def _run_serve(args, emit) -> int:
             rayops.run_app(plain_serve_deployment(C, plain_cpus).bind(str(model_dir)), "plain", "/plain")
         bar.update()
         # The in-process peer runs the served app's split, compiled when its stages are.
-        split = base_app.split if app_base is not None else None
-        in_process_compiled = app_base is not None and any(sa.compile for sa in base_app.stages)
-        staged = StagedModel(model_dir, num_stages=args.stages, split=split, max_slots=C, compile=in_process_compiled)
-        staged_compiled = StagedModel(model_dir, num_stages=args.stages, split=split, max_slots=C, compile=True) \
+        in_process_compiled = any(sa.compile for sa in base_app.stages)
+        staged = StagedModel(model_dir, num_stages=args.stages, split=base_app.split, max_slots=C,
+                             compile=in_process_compiled)
+        staged_compiled = StagedModel(model_dir, num_stages=args.stages, split=base_app.split, max_slots=C,
+                                      compile=True) \
             if "in_process_compiled" in names else None
         hf = None
         if "transformers" in names:

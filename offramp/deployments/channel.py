@@ -343,7 +343,7 @@ class StageServer:
                  ssl_context=None, client_ssl_context=None, link_delay_s: float = 0.0):
         self.worker, self.token = worker, token
         # Emulated distance (AppArgs.emulate_link_ms): each frame that arrives here is taken
-        # in this much later, and so is each answer on the connections this stage opens.
+        # in this much later (the stage it forwards to delays what it receives itself).
         self.link_delay_s = link_delay_s
         self.ssl_context = ssl_context  # server-side TLS (ChannelTLS.server_context()); None = plain TCP
         self.client_ssl_context = client_ssl_context  # TLS of the connections this stage forwards on
@@ -709,7 +709,7 @@ class StageServer:
             if len(self._hops) >= 64:
                 return None
         c = StageClient(host, port, self.token, label=f"stage after {self.worker.index}",
-                        ssl_context=self.client_ssl_context, link_delay_s=self.link_delay_s)
+                        ssl_context=self.client_ssl_context)
         self._hops[(host, port)] = (c, now)
         self.loop.create_task(c.open())
         return None

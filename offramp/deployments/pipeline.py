@@ -758,7 +758,7 @@ class PipelineBackend:
         positions (exited ones, which its next chunk there carries; a chunk of one position
         has none to check and the stage answers none)? Greedy requests without logit
         adjustments only: the audit compares raw argmaxes."""
-        sp = seq.request.sampling
+        sp = seq.sampling
         return (self.audit_rate > 0 and bool(seq.exited) and sp.temperature == 0 and not sp.adjusts_logits
                 and random.random() < self.audit_rate)
 

@@ -19,10 +19,10 @@ import torch
 
 from offramp.errors import ConfigError
 from offramp.ops import exits as ex
+from offramp.ops import walk
 from offramp.ops.checkpoint import ModelSpec, WeightReader, load_spec
 from offramp.ops.partition import partition_layers
 from offramp.ops.stage import load_stage
-from offramp.ops import walk
 from offramp.ops.walk import Walk, check_prompt
 from offramp.ops.worker import ExitPolicy, StageWorker, StepRow, check_speculative
 from offramp.protocol import GenerationRequest, SamplingParams, TokenEvent, TokenLogprob
