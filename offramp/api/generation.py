@@ -76,10 +76,11 @@ class _Choice:
         try:
             if remaining <= 0:
                 raise TimeoutError
-            return await asyncio.wait_for(self.it.__anext__(), remaining)
+            async with asyncio.timeout(remaining):  # not wait_for: no task per token
+                return await self.it.__anext__()
         except StopAsyncIteration:
             return None
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             raise DeadlineExceeded(
                 f"request ran past its deadline of {self.timeout_s:g} s; retry, or lower max_tokens"
             ) from None

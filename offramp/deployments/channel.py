@@ -470,8 +470,9 @@ class StageServer:
         """The next batch: the first item (waiting at most a lease-reaping period), then
         whatever arrives within the batch wait while other live sequences could still send."""
         try:
-            items = [await asyncio.wait_for(self.queue.get(), self._reap_period())]
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(self._reap_period()):  # not wait_for: no task per batch
+                items = [await self.queue.get()]
+        except TimeoutError:
             return []
         rows = self._count_rows(items)
         deadline = time.monotonic() + self.batch_wait
@@ -487,9 +488,10 @@ class StageServer:
             if rows >= live or left <= 0 or all(h.get("full") for h, *_ in items):
                 break
             try:
-                items.append(await asyncio.wait_for(self.queue.get(), left))
+                async with asyncio.timeout(left):
+                    items.append(await self.queue.get())
                 rows = self._count_rows(items)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 break
         return items
 
@@ -838,9 +840,12 @@ class StageClient:
         if writer is None:
             raise ConnectionError("not connected")
         writer.write(data)
+        if not writer.transport.get_write_buffer_size():
+            return  # all of it went to the socket: nothing to drain
         try:
-            await asyncio.wait_for(writer.drain(), timeout)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(timeout):
+                await writer.drain()
+        except TimeoutError:
             log.warning("stage at %s:%d did not read for %.1f s; dropping the connection", self.host, self.port,
                         timeout)
             self.broken = True
@@ -893,8 +898,9 @@ class StageClient:
     async def wait(self, msg_id: int, fut: asyncio.Future, timeout: float):
         """The answer to frame ``msg_id``: (header, payload); the call's errors as :meth:`call`."""
         try:
-            reply, payload = await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(timeout):  # not wait_for: no extra callback hop per answer
+                reply, payload = await fut
+        except TimeoutError:
             raise errors.DeadlineExceeded(f"{self.label} did not answer within {timeout:.1f}s") from None
         except (ConnectionError, AttributeError, OSError) as e:
             raise self._gone(e) from None

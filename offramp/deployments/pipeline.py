@@ -252,6 +252,17 @@ class _Lane:
         self.rows = 0  # sequences stepped, summed over steps
 
 
+
+async def _concurrently(coros: list) -> list:
+    """Await ``coros`` together, in order. A lone one runs inline in the caller's task, so
+    the frame it writes leaves before whatever the loop has queued meanwhile (the SSE work
+    of the tokens a step just emitted): ``gather`` would start it as a new task behind that
+    work, on the critical path of every step."""
+    if len(coros) == 1:
+        return [await coros[0]]
+    return await asyncio.gather(*coros)
+
+
 class PipelineBackend:
     """:class:`~offramp.protocol.Backend` over stage replicas reached through the channel.
 
@@ -502,8 +513,8 @@ class PipelineBackend:
                 row.verify = ep.stage == last and self._audit(seq)
                 groups.setdefault(ep, []).append((seq, row, layer))
             todo = []
-            for onward in await asyncio.gather(*(self._run_hop(_Hop(ep, items), gating)
-                                                 for ep, items in groups.items())):
+            for onward in await _concurrently([self._run_hop(_Hop(ep, items), gating)
+                                               for ep, items in groups.items()]):
                 todo += onward
         for seq, _, _ in todo:
             self._fail(seq, errors.StageUnavailable("the last stage returned no token"))
@@ -604,7 +615,7 @@ class PipelineBackend:
             else:
                 self.router.client(child.ep).forget(child.fid)
                 self._forget(child)
-        for more in await asyncio.gather(*waits):
+        for more in await _concurrently(waits):
             onward += more
         return onward
 
