@@ -253,3 +253,14 @@ def test_stage_threads_order_of_precedence():
     assert stage_threads(None, "x", None) is None  # nothing known: torch's default
     with pytest.raises(ValueError):
         StageArgs(threads=0)
+
+
+def test_micro_batches_default_follows_the_stage_count():
+    from offramp.deployments.config import AppArgs, default_micro_batches
+
+    assert AppArgs().micro_batches is None
+    assert default_micro_batches(None, 1) == 1  # one stage: nothing to overlap, one pass of every sequence
+    assert default_micro_batches(None, 2) == 2 and default_micro_batches(None, 4) == 2
+    assert default_micro_batches(3, 1) == 3  # an explicit setting wins
+    with pytest.raises(ValueError):
+        AppArgs(micro_batches=0)

@@ -681,8 +681,8 @@ def _run_serve(args, emit) -> int:
             if compiled:
                 per = [sa.model_copy(update={"compile": True}) for sa in per]
             update: dict = {"model": str(model_dir), "model_name": model_name, "api_key_env": "", "stages": per}
-            if stages != args.stages:
-                update.update(num_stages=stages, split=None)
+            if stages != args.stages:  # its own best lanes too (one stage: one lane)
+                update.update(num_stages=stages, split=None, micro_batches=None)
             if chain is not None:
                 update["chain_forwarding"] = chain
             if args.link_ms:

@@ -23,7 +23,8 @@ from offramp.cluster import rayops
 from offramp.cluster.local import HAPROXY_ENV
 from offramp.cluster.records import StageRecord
 from offramp.deployments.config import (INGRESS_NAME, STAGE_DTYPE_ENV, STAGE_LAYERS_ENV, AppArgs, StageArgs,
-                                       model_facts, placement_controller, stage_name, stage_range, stage_threads)
+                                       default_micro_batches, model_facts, placement_controller, stage_name, stage_range,
+                                       stage_threads)
 
 log = logging.getLogger("offramp")
 INGRESS_TPOT_WINDOW_S = 30.0  # the TPOT percentiles an ingress replica reports to the registry cover this
@@ -222,7 +223,7 @@ class OfframpIngress(GrpcIngressMixin):
             vocab_size=spec.vocab_size, kv_fill=args.exit.kv_fill, request_timeout_s=args.request_timeout_s,
             default_exit=args.exit.mode, default_threshold=args.exit.threshold,
             max_active=args.max_active_requests, model_name=args.model_name, audit_rate=args.exit.audit_rate,
-            lease_s=args.kv_lease_s, micro_batches=args.micro_batches, chain=args.chain_forwarding,
+            lease_s=args.kv_lease_s, micro_batches=default_micro_batches(args.micro_batches, len(ranges)), chain=args.chain_forwarding,
             max_draft=args.exit.max_draft, draft_max_active=args.exit.draft_max_active,
             gate_max_active=args.exit.gate_max_active,
             tuner=AgreementTuner(target=exits.calibration.target if exits and exits.calibration else 0.98,

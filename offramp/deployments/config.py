@@ -77,6 +77,16 @@ def stage_range(default: tuple[int, int], index: int, num_stages: int, num_layer
     return a, b
 
 
+def default_micro_batches(given: int | None, num_stages: int) -> int:
+    """The ingress's lanes: ``given``, else 1 for one stage (nothing to overlap but the
+    ingress's own turn, and one pass of every active sequence beats two half passes:
+    +26% tokens/s at 16 streams measured) and 2 for a pipeline (two lanes keep two stages
+    busy; three measured worse on 2 cores, docs/benchmarks.md)."""
+    if given is not None:
+        return given
+    return 1 if num_stages == 1 else 2
+
+
 def stage_threads(configured: int | None, env: str | None, num_cpus: float | None) -> int | None:
     """Intra-op threads of a stage's forward pass: the configured count, else
     ``OMP_NUM_THREADS``, else the replica's CPU reservation rounded down (at least 1).
@@ -287,11 +297,11 @@ class AppArgs(BaseModel):
     api_key_env: str = Field("OFFRAMP_API_KEY", description="Environment variable holding the API key (empty = no key).")
     request_timeout_s: float = Field(60.0, gt=0, description="Deadline for one request end to end.")
     max_active_requests: int = Field(256, ge=1, description="Requests one ingress replica runs at once; more get 429.")
-    micro_batches: int = Field(
-        2, ge=1, le=64, description="Micro-batches the ingress's step scheduler keeps in flight: active sequences are "
-        "spread over this many lanes that step concurrently, so different stages compute different lanes at once "
-        "(pipeline parallelism). 1 = one batch walks the stages in turn; about the number of stages that compute "
-        "in parallel pays most.")
+    micro_batches: int | None = Field(
+        None, ge=1, le=64, description="Micro-batches the ingress's step scheduler keeps in flight: active sequences "
+        "are spread over this many lanes that step concurrently, so different stages compute different lanes at once "
+        "(pipeline parallelism). 1 = one batch walks the stages in turn. Default: 1 with one stage (no pipeline to "
+        "fill: every active sequence in each pass), 2 with more (docs/benchmarks.md).")
     chain_forwarding: bool = Field(
         True, description="Stages send a token's continuing rows straight on to the next stage, which answers the "
         "ingress (ingress -> stage 0 -> ... -> last -> ingress: stages + 1 messages per deep token instead of "
