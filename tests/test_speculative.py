@@ -383,8 +383,10 @@ def test_served_speculative_rows_stop_drafting_above_draft_max_active(checkpoint
 def test_served_rows_run_full_depth_above_gate_max_active(checkpoint):
     """Past gate_max_active active requests a calibrated/threshold row runs full depth (no
     gate, no exit: the exits-off tokens, every one from the last stage); at or below it the
-    gates run (a threshold of 0 exits every token at the first gate)."""
-    full, _ = _served_under(checkpoint, "gate_max_active", len(PROMPTS) - 1, exit_mode=0.0)
+    gates run (a threshold of 0 exits every token at the first gate). The limit below is 0,
+    not len(PROMPTS) - 1: the rule reads the active count at each step, and the two lanes
+    may finish a step apart, which would let the last lane's final steps gate."""
+    full, _ = _served_under(checkpoint, "gate_max_active", 0, exit_mode=0.0)
     assert [[e.token_id for e in evs] for evs in full] == _unsplit_greedy(checkpoint)
     assert {e.exit_stage for evs in full for e in evs} == {1}
     gated, _ = _served_under(checkpoint, "gate_max_active", len(PROMPTS), exit_mode=0.0)
