@@ -492,3 +492,64 @@ def test_readiness_names_the_layer_no_live_replica_holds():
     assert starting.startswith("no live replica holds layer 2") and "starting" in starting
     assert ready is None
     assert banned == "no live replica holds layer 2"
+
+
+class _FakeTransport:
+    """Just what _FrameReader touches (unit test: no socket)."""
+
+    def __init__(self):
+        self.aborted = False
+        self.proto = _FakeStreamProtocol()
+
+    def get_protocol(self):
+        return self.proto
+
+    def abort(self):
+        self.aborted = True
+
+
+class _FakeStreamProtocol:
+    def __init__(self):
+        self.calls = []
+
+    def pause_writing(self):
+        self.calls.append("pause")
+
+    def resume_writing(self):
+        self.calls.append("resume")
+
+    def connection_lost(self, exc):
+        self.calls.append("lost")
+
+
+def test_frame_reader_parses_split_and_joined_frames_and_drops_bad_ones():
+    """The ingress's answer reader: frames split at any byte or several in one read come
+    out whole and in order, bytes buffered before it took over come first; an oversized
+    length prefix or a header that is not JSON aborts the connection (no partial frame is
+    delivered); flow control and loss reach the stream protocol and the client."""
+    from offramp.deployments.channel import _FrameReader, _Packer, encode
+
+    frames = []
+    lost = []
+    p = _Packer()
+    t_ref = p.tensor(torch.arange(6, dtype=torch.float32))
+    wire = encode({"id": 1, "x": t_ref}, p) + encode({"id": 2, "ok": True}) + encode({"id": 3})
+    tr = _FakeTransport()
+    r = _FrameReader(tr, lambda h, pl: frames.append((h, bytes(pl))), lambda: lost.append(1), pending=wire[:5])
+    for i in range(5, len(wire), 7):  # 7-byte reads, across frame borders
+        r.data_received(wire[i:i + 7])
+    assert [h["id"] for h, _ in frames] == [1, 2, 3]
+    from offramp.deployments.channel import unpack_tensor
+    assert torch.equal(unpack_tensor(memoryview(frames[0][1]), frames[0][0]["x"]), torch.arange(6, dtype=torch.float32))
+    r.pause_writing()
+    r.resume_writing()
+    r.connection_lost(None)
+    assert tr.proto.calls == ["pause", "resume", "lost"] and lost == [1]
+
+    for bad in (struct.pack("!II", 1 << 31, 4) + b"{}{}",  # longer than any frame may be
+                struct.pack("!II", 3, 3) + b"{x}"):  # not JSON
+        frames.clear()
+        tr = _FakeTransport()
+        r = _FrameReader(tr, lambda h, pl: frames.append(h), lambda: None)
+        r.data_received(bad + encode({"id": 9}))
+        assert tr.aborted and frames == []

@@ -61,7 +61,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -763,6 +763,65 @@ class StageServer:
 
 
 # -- client -------------------------------------------------------------------------------
+class _FrameReader(asyncio.Protocol):
+    """A client connection's reading side once its hello is done: frames are parsed in
+    ``data_received`` and handed to ``on_frame`` there, so an answer's waiter is resolved
+    in the callback that read its bytes. A ``StreamReader`` read loop takes one more
+    event-loop turn per answer (the loop task wakes, then the waiter), and under load
+    each turn queues behind whatever else the ingress's loop holds (its SSE work).
+    Flow control and connection loss still go to the stream protocol the connection was
+    opened with, so the ``StreamWriter``'s ``drain`` keeps working."""
+
+    def __init__(self, transport: asyncio.Transport, on_frame: Callable[[dict, memoryview], None],
+                 on_lost: Callable[[], None], pending: bytes = b"", limit: int = MAX_FRAME):
+        self._transport, self._stream = transport, transport.get_protocol()
+        self._on_frame, self._on_lost, self._limit = on_frame, on_lost, limit
+        self._buf = bytearray()
+        self._dead = False
+        if pending:  # bytes the stream reader had buffered past the hello
+            self.data_received(pending)
+
+    def data_received(self, data: bytes) -> None:
+        if self._dead:
+            return
+        buf = self._buf
+        buf += data
+        while len(buf) >= _HDR.size:
+            total, hlen = _HDR.unpack_from(buf)
+            if total > self._limit or hlen > total:
+                log.warning("stage channel: frame of %d bytes refused (limit %d); dropping the connection",
+                            total, self._limit)
+                return self._fail()
+            end = _HDR.size + total
+            if len(buf) < end:
+                return
+            body = memoryview(bytes(buf[_HDR.size:end]))
+            del buf[:end]
+            try:
+                header = json.loads(bytes(body[:hlen]))
+            except ValueError:
+                return self._fail()
+            self._on_frame(header, body[hlen:])
+
+    def _fail(self) -> None:
+        self._dead = True
+        self._transport.abort()  # connection_lost follows
+
+    def eof_received(self) -> bool:
+        return False  # close our side too; connection_lost follows
+
+    def pause_writing(self) -> None:
+        self._stream.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._stream.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._dead = True
+        self._stream.connection_lost(exc)  # wakes a drain waiting on this connection
+        self._on_lost()
+
+
 class StageClient:
     """One multiplexed connection to a stage replica; every call and write has a timeout.
 
@@ -809,26 +868,25 @@ class StageClient:
                 raise errors.StageUnavailable(f"{self.label} refused the connection "
                                               f"({hello.get('error', {}).get('message')})")
             self._writer = writer
-            asyncio.get_running_loop().create_task(self._read_loop(reader))
+            # From here on answers are parsed where their bytes arrive (no read-loop task).
+            # (The stream reader's own buffer, private but stable across Pythons, may
+            # already hold bytes past the hello.)
+            writer.transport.set_protocol(_FrameReader(writer.transport, self._on_frame, self._on_lost,
+                                                       bytes(reader._buffer)))
 
-    async def _read_loop(self, reader) -> None:
-        try:
-            loop = asyncio.get_running_loop()
-            while True:
-                header, payload = await read_frame(reader)
-                if self.link_delay_s:
-                    loop.call_later(self.link_delay_s, self._deliver, header, payload)
-                else:
-                    self._deliver(header, payload)
-        except (asyncio.IncompleteReadError, ConnectionError, OSError, ValueError):
-            pass
-        finally:
-            self.broken = True
-            self._writer = None
-            for fut in self._pending.values():
-                if not fut.done():
-                    fut.set_exception(errors.StageUnavailable(f"{self.label} went away"))
-            self._pending.clear()
+    def _on_frame(self, header: dict, payload: memoryview) -> None:
+        if self.link_delay_s:
+            asyncio.get_running_loop().call_later(self.link_delay_s, self._deliver, header, payload)
+        else:
+            self._deliver(header, payload)
+
+    def _on_lost(self) -> None:
+        self.broken = True
+        self._writer = None
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(errors.StageUnavailable(f"{self.label} went away"))
+        self._pending.clear()
 
     def _deliver(self, header: dict, payload: memoryview) -> None:
         fut = self._pending.pop(header.get("id"), None)
