@@ -51,8 +51,11 @@ from offramp.bench.common import json_stdout, percentile
 from offramp.protocol import DraftCounts
 from offramp.training.data import TASKS  # the held-out tasks prompts come from
 
-STREAMED = ("served", "served_calibrated", "served_speculative", "served_1stage", "served_compiled",
-            "served_unchained")
+# The streamed contenders: the route of their app under the bench's Serve front, and the
+# exit mode their requests ask for.
+STREAMED = {"served": ("", "off"), "served_calibrated": ("", "calibrated"), "served_speculative": ("", "speculative"),
+            "served_1stage": ("/one", "off"), "served_compiled": ("/compiled", "off"),
+            "served_unchained": ("/unchained", "off")}
 CONTENDERS = {
     "served": "Offramp served, N stages, exits off, HTTP streaming through Serve's proxy (--proxy)",
     "served_calibrated": "the same app, calibrated exits (task hint sent)",
@@ -354,11 +357,9 @@ def _session(concurrency: int):
 
 
 def run_client(coro):
-    """Run one wave's client coroutine on uvloop (Serve's own loop) where it is installed."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
+    """Run one wave's client coroutine on uvloop (the loop Serve runs its replicas on)."""
+    import uvloop
+
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(coro)
 
@@ -697,13 +698,13 @@ def _run_serve(args, emit) -> int:
 
         rayops.run_app(build_app(offramp_args(args.stages, slow_deep)), "offramp", "/")
         bar.update()
-        rayops.run_app(build_app(offramp_args(1)), "offramp-1stage", "/one")
+        rayops.run_app(build_app(offramp_args(1)), "offramp-1stage", STREAMED["served_1stage"][0])
         if "served_compiled" in names:
             rayops.run_app(build_app(offramp_args(args.stages, slow_deep, compiled=True)), "offramp-compiled",
-                           "/compiled")
+                           STREAMED["served_compiled"][0])
         if "served_unchained" in names:
             rayops.run_app(build_app(offramp_args(args.stages, slow_deep, chain=False)), "offramp-unchained",
-                           "/unchained")
+                           STREAMED["served_unchained"][0])
         bar.update()
         if "plain_serve" in names:
             rayops.run_app(plain_serve_deployment(C, plain_cpus).bind(str(model_dir)), "plain", "/plain")
@@ -724,22 +725,13 @@ def _run_serve(args, emit) -> int:
 
         def wave(name: str, c: int) -> Wave:
             ps = prompts[:_requests_at(args, c)]
-            if name == "served":
-                return run_client(_served_wave(base, ps, "off", c, args.max_tokens, model_name))
-            if name == "served_calibrated":
-                return run_client(_served_wave(base, ps, "calibrated", c, args.max_tokens, model_name))
-            if name == "served_speculative":
-                return run_client(_served_wave(base, ps, "speculative", c, args.max_tokens, model_name))
-            if name == "served_1stage":
-                return run_client(_served_wave(base + "/one", ps, "off", c, args.max_tokens, model_name))
+            if name in STREAMED:
+                route, mode = STREAMED[name]
+                return run_client(_served_wave(base + route, ps, mode, c, args.max_tokens, model_name))
             if name == "in_process":
                 return _in_process_wave(staged, ps, c, args.max_tokens)
-            if name == "served_compiled":
-                return run_client(_served_wave(base + "/compiled", ps, "off", c, args.max_tokens, model_name))
             if name == "in_process_compiled":
                 return _in_process_wave(staged_compiled, ps, c, args.max_tokens)
-            if name == "served_unchained":
-                return run_client(_served_wave(base + "/unchained", ps, "off", c, args.max_tokens, model_name))
             if name == "transformers":
                 return _transformers_wave(hf, ps, c, args.max_tokens)
             if name == "plain_serve":

@@ -125,12 +125,23 @@ def unpack_tensor(payload: memoryview, ref: dict) -> torch.Tensor:
                             dtype=dtype).reshape(shape)
 
 
-async def read_frame(reader: asyncio.StreamReader, limit: int = MAX_FRAME) -> tuple[dict, memoryview]:
-    total, hlen = _HDR.unpack(await reader.readexactly(_HDR.size))
+def _frame_size(prefix, limit: int) -> tuple[int, int]:
+    """(body bytes, header bytes) from a frame's length prefix; ConnectionError if the
+    frame is larger than ``limit`` or its header longer than its body."""
+    total, hlen = _HDR.unpack_from(prefix)
     if total > limit or hlen > total:
         raise ConnectionError(f"frame of {total} bytes refused (limit {limit})")
-    body = memoryview(await reader.readexactly(total))
+    return total, hlen
+
+
+def _split_frame(body: memoryview, hlen: int) -> tuple[dict, memoryview]:
+    """A frame's body as (JSON header, payload); ValueError if the header is not JSON."""
     return json.loads(bytes(body[:hlen])), body[hlen:]
+
+
+async def read_frame(reader: asyncio.StreamReader, limit: int = MAX_FRAME) -> tuple[dict, memoryview]:
+    total, hlen = _frame_size(await reader.readexactly(_HDR.size), limit)
+    return _split_frame(memoryview(await reader.readexactly(total)), hlen)
 
 
 @dataclass(frozen=True)
@@ -787,21 +798,18 @@ class _FrameReader(asyncio.Protocol):
         buf = self._buf
         buf += data
         while len(buf) >= _HDR.size:
-            total, hlen = _HDR.unpack_from(buf)
-            if total > self._limit or hlen > total:
-                log.warning("stage channel: frame of %d bytes refused (limit %d); dropping the connection",
-                            total, self._limit)
-                return self._fail()
-            end = _HDR.size + total
-            if len(buf) < end:
-                return
-            body = memoryview(bytes(buf[_HDR.size:end]))
-            del buf[:end]
             try:
-                header = json.loads(bytes(body[:hlen]))
-            except ValueError:
+                total, hlen = _frame_size(buf, self._limit)
+                end = _HDR.size + total
+                if len(buf) < end:
+                    return
+                body = memoryview(buf[_HDR.size:end])  # the frame's one copy out of the buffer
+                del buf[:end]
+                header, payload = _split_frame(body, hlen)
+            except (ConnectionError, ValueError) as e:
+                log.warning("stage channel: %s; dropping the connection", e)
                 return self._fail()
-            self._on_frame(header, body[hlen:])
+            self._on_frame(header, payload)
 
     def _fail(self) -> None:
         self._dead = True

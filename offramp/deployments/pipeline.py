@@ -252,7 +252,6 @@ class _Lane:
         self.rows = 0  # sequences stepped, summed over steps
 
 
-
 async def _concurrently(coros: list) -> list:
     """Await ``coros`` together, in order. A lone one runs inline in the caller's task, so
     the frame it writes leaves before whatever the loop has queued meanwhile (the SSE work
