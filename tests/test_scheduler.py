@@ -136,3 +136,97 @@ def test_a_frame_the_ingress_marks_full_does_not_wait_out_the_batch_window(tiny_
     finally:
         reps.close()
     assert times[True] < 0.25 <= times[False], times
+
+
+# -- waiting for a KV slot --------------------------------------------------------------------
+def _kv_slots(srv, slots: int) -> None:
+    """Give a stage replica (before any traffic) only ``slots`` KV slots."""
+    w = srv.worker
+    w.cache = type(w.cache)(len(w.stage.layers), slots, w.max_seq, w.stage.spec.num_kv_heads, w.stage.spec.head_dim,
+                            w.stage.lm_dtype)
+
+
+def _held(reps) -> int:
+    return sum(len(s.worker.cache.slot_of) + len(s.worker.pending) for s in reps.servers.values())
+
+
+def test_a_burst_beyond_the_stages_kv_waits_its_turn_and_matches_the_unsplit_model(tiny_model_dir):
+    """Seven requests at once against a last stage with 2 KV slots: none gets 429; the five
+    that find no slot wait and start in arrival order (one lane: first tokens in that
+    order), every output equals the unsplit model's, and nothing stays held or queued."""
+    whole = StagedModel(tiny_model_dir, num_stages=1)
+    ref = [whole.generate([list(_prompt(i))], SamplingParams(max_tokens=10, ignore_eos=True),
+                          ExitPolicy("off"))[0].generated for i in range(7)]
+
+    async def scenario():
+        reps = _two_stages(tiny_model_dir)
+        _kv_slots(reps.servers["s1"], 2)
+        try:
+            backend = _backend(reps, micro_batches=1)
+            firsts: list[int] = []
+
+            async def run(i):
+                await asyncio.sleep(0.002 * i)  # arrival order 0..6
+                out = []
+                async for ev in backend.generate(_req(i)):
+                    if not out:
+                        firsts.append(i)
+                    out.append(ev.token_id)
+                return out
+
+            outs = await asyncio.gather(*(run(i) for i in range(7)))
+            await _until(lambda: _held(reps) == 0, timeout=10)
+            return outs, firsts, backend.stats()
+        finally:
+            reps.close()
+
+    outs, firsts, stats = asyncio.run(scenario())
+    assert outs == ref
+    assert firsts[2:] == sorted(firsts[2:]), firsts  # the waiting ones in arrival order
+    assert stats["kv_waits"] >= 5 and stats["waiting_for_kv"] == 0, stats
+    assert stats["replays"] == 0, stats
+
+
+def test_a_request_waiting_for_kv_past_its_deadline_gets_overloaded_and_a_leaver_leaves_the_queue(tiny_model_dir):
+    """Slots held by two slow streams (5 ms links): a waiting request whose deadline passes
+    fails with Overloaded naming the fix; one whose client leaves while it waits leaves
+    the queue; a patient one gets its slot when a stream ends; nothing stays held."""
+    from test_split_moves import _Replicas
+
+    async def scenario():
+        reps = _Replicas(tiny_model_dir)
+        L = reps.spec.num_layers
+        reps.add("s0", 0, (0, L // 2), link_delay_s=0.005)
+        _kv_slots(reps.add("s1", 1, (L // 2, L), link_delay_s=0.005), 2)
+        try:
+            backend = _backend(reps)
+            holders = [asyncio.ensure_future(_tokens(backend, _req(i, n=40))) for i in range(2)]
+            await _until(lambda: backend.emitted >= 2)
+            short = GenerationRequest("short", _prompt(5), SamplingParams(max_tokens=4, ignore_eos=True),
+                                      exit_mode="off", deadline_s=0.3)
+            short_err = None
+            try:
+                await _tokens(backend, short)
+            except Exception as e:  # noqa: BLE001 - the assertion is about it
+                short_err = e
+
+            leaver = backend.generate(_req(6, n=4))
+            leaving = asyncio.ensure_future(leaver.__anext__())
+            await _until(lambda: backend.stats()["waiting_for_kv"] == 1)
+            leaving.cancel()
+            await asyncio.gather(leaving, return_exceptions=True)
+            await leaver.aclose()
+            waiting_after_leave = backend.stats()["waiting_for_kv"]
+
+            patient = await _tokens(backend, _req(7, n=4))
+            held = await asyncio.gather(*holders)
+            await _until(lambda: _held(reps) == 0, timeout=10)
+            return short_err, waiting_after_leave, patient, held
+        finally:
+            reps.close()
+
+    short_err, waiting_after_leave, patient, held = asyncio.run(scenario())
+    from offramp import errors
+    assert isinstance(short_err, errors.Overloaded) and "KV slot" in str(short_err), short_err
+    assert waiting_after_leave == 0
+    assert len(patient) == 4 and all(len(h) == 40 for h in held)

@@ -191,7 +191,9 @@ def start_placement(app_name: str, placement: dict) -> None:
                     "one runs (`offramp placement start --app %s`)", app_name, type(e).__name__, e, app_name)
 
 
-@serve.deployment(name=INGRESS_NAME, max_ongoing_requests=256, max_queued_requests=512,
+# max_ongoing_requests above AppArgs.max_active_requests (1024): past that the ingress answers
+# an OpenAI 429 itself; Serve's own overflow (past max_queued_requests) is a plain-text 503.
+@serve.deployment(name=INGRESS_NAME, max_ongoing_requests=1280, max_queued_requests=512,
                   ray_actor_options={"num_cpus": 0.25})
 @serve.ingress()
 class OfframpIngress(GrpcIngressMixin):

@@ -296,7 +296,8 @@ class AppArgs(BaseModel):
     max_tokens_cap: int = Field(1024, ge=1, description="Largest `max_tokens` a request may ask for.")
     api_key_env: str = Field("OFFRAMP_API_KEY", description="Environment variable holding the API key (empty = no key).")
     request_timeout_s: float = Field(60.0, gt=0, description="Deadline for one request end to end.")
-    max_active_requests: int = Field(256, ge=1, description="Requests one ingress replica runs at once; more get 429.")
+    max_active_requests: int = Field(1024, ge=1, description="Requests one ingress replica admits at once, running "
+                                     "or waiting for a stage KV slot; more get 429.")
     micro_batches: int | None = Field(
         None, ge=1, le=64, description="Micro-batches the ingress's step scheduler keeps in flight: active sequences "
         "are spread over this many lanes that step concurrently, so different stages compute different lanes at once "

@@ -25,6 +25,7 @@ connected yet) comes back whole and goes on from here as without chaining.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import dataclasses
 import itertools
 import logging
@@ -53,6 +54,7 @@ RETRYABLE = (errors.StageUnavailable, errors.DeadlineExceeded, KVMissing)
 REFRESH_S = 1.0  # how stale the ingress's view of the registry may be (a leaving replica waits this out)
 LOOKUP_TIMEOUT_S = 5.0  # one registry lookup; past it the last view stays
 RESTART_GRACE_S = 10.0  # after a registry restart, endpoints not re-registered yet stay routable this long
+SLOT_PROBE_S = 0.25  # the first sequence waiting for a KV slot asks again this often (slots other ingresses free)
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,9 @@ class _Seq(Walk):
     done: bool = False  # finished, failed or cancelled: its lane releases it after the current step
     failures: int = 0  # replica failures while producing the current token
     waits: int = 0  # backoff exponent of the current token's retries
-    retry_at: float = 0.0  # not stepped before this (monotonic): a replay's backoff
+    retry_at: float = 0.0  # not stepped before this (monotonic): a replay's backoff or a wait for a KV slot
+    slot_wait: bool = False  # waiting for a KV slot (:meth:`PipelineBackend._park`)
+    arrival: int = 0  # arrival order on this ingress: the order of the wait for KV slots
 
 
 class Router:
@@ -279,7 +283,17 @@ class PipelineBackend:
     replica that fails or times out bans that replica and replays the sequences it held
     (new session, one prefill over the tokens so far) after a backoff, without holding up
     the lane; sequences finished, failed or cancelled are released by their lane after
-    the step they were in, so a release never overtakes a step on the wire."""
+    the step they were in, so a release never overtakes a step on the wire.
+
+    **Waiting for KV.** A stage replica holds ``max_sequences`` sequences; a row it has no
+    slot for is answered ``Overloaded``. That sequence does not fail: it waits, first come
+    first served, until its deadline. Whatever KV it took on other stages is released, and
+    it is parked in a FIFO (so is every request arriving while the FIFO is not empty). The
+    first in the FIFO goes again as soon as a release of this ingress has reached the
+    stages (a slot may be free), and otherwise every :data:`SLOT_PROBE_S` (slots that
+    other ingress replicas free); one that gets through lets the next one try at once. A
+    burst larger than the stages' KV is served in arrival order instead of answered 429;
+    ``max_active`` (admitted requests, waiting ones included) still bounds the queue."""
 
     def __init__(self, num_stages: int, router: Router, *, eos_token_ids: tuple[int, ...], max_seq: int,
                  vocab_size: int, kv_fill: str = "exact", call_timeout_s: float = 30.0,
@@ -308,6 +322,9 @@ class PipelineBackend:
         self.hop_n = [0] * num_stages
         self.emitted = 0  # tokens emitted (cumulative): tokens per stage-0 pass for the placement controller
         self.replays = 0  # sequences rebuilt from their tokens after a replica failed or went away
+        self._slot_queue: list[_Seq] = []  # sequences waiting for a KV slot, in arrival order
+        self._arrivals = itertools.count()
+        self.slot_waits = 0  # times a sequence was parked for a KV slot (cumulative)
         # Server-side latencies as (monotonic time, seconds), bounded: the newest 8192 of
         # each since the last reset. A lock because the registry heartbeat reads them from
         # another thread.
@@ -354,7 +371,10 @@ class PipelineBackend:
         now = time.monotonic()
         seq = _Seq(request=request, tokens=prompt, prompt_len=len(prompt), sampling=request.sampling, policy=policy,
                    deadline=now + (request.deadline_s or self.request_timeout), last=now)
+        seq.arrival = next(self._arrivals)
         self._new_session(seq)
+        if self._waiting():  # others wait for a KV slot: behind them, not past them
+            self._enqueue(seq)
         self._join(seq)
         try:
             while True:
@@ -367,6 +387,7 @@ class PipelineBackend:
         finally:
             self.active -= 1
             seq.done = True  # its lane releases it after the step it may be in
+            self._unqueue(seq)
             if seq.lane is not None:
                 seq.lane.wake.set()
 
@@ -393,7 +414,8 @@ class PipelineBackend:
                 "hop_s_sum": [round(h, 6) for h in self.hop_s_sum],
                 "hop_n": list(self.hop_n), "num_stages": self.num_stages, "tokens": len(tpot) + len(ttft),
                 "tokens_emitted": self.emitted,
-                "replays": self.replays, "scheduler_steps": steps,
+                "replays": self.replays, "kv_waits": self.slot_waits, "waiting_for_kv": self._waiting(),
+                "scheduler_steps": steps,
                 "rows_per_step": round(sum(lane.rows for lane in self.lanes) / steps, 2) if steps else None,
                 "exit_audit": self.tuner.snapshot(),
                 "speculative": self.speculative.report(),
@@ -454,7 +476,7 @@ class PipelineBackend:
             try:
                 for s in lane.seqs:
                     if s.done:
-                        self._release(s)
+                        self._release(s, frees=True)
                 lane.seqs = [s for s in lane.seqs if not s.done]
                 now = time.monotonic()
                 ready = [s for s in lane.seqs if s.retry_at <= now]
@@ -488,8 +510,9 @@ class PipelineBackend:
         until every row exited at a gate, reached the last stage or failed."""
         await self.router.ready()
         todo: list[tuple[_Seq, StepRow, int]] = []
-        drafting = self.draft_max_active is None or self.active <= self.draft_max_active
-        gating = self.gate_max_active is None or self.active <= self.gate_max_active
+        running = self.active - self._waiting()
+        drafting = self.draft_max_active is None or running <= self.draft_max_active
+        gating = self.gate_max_active is None or running <= self.gate_max_active
         for seq in seqs:
             todo.append((seq, seq.row(seq.session, self.max_seq, drafting), 0))
         last = self.num_stages - 1
@@ -500,7 +523,10 @@ class PipelineBackend:
             now = time.monotonic()
             for seq, row, layer in todo:
                 if now >= seq.deadline:
-                    self._fail(seq, errors.DeadlineExceeded("the request ran past its deadline"))
+                    self._fail(seq, errors.Overloaded(
+                        "no KV slot freed up within the request's deadline; retry later (or add stage replicas, "
+                        "raise max_sequences)") if seq.slot_wait else errors.DeadlineExceeded(
+                        "the request ran past its deadline"))
                     continue
                 try:
                     ep = self._hop(seq, layer)
@@ -644,12 +670,17 @@ class PipelineBackend:
             kind, nxt = walk.sort(seq, row, res)
             if kind is walk.Kind.FAILED:  # this request's own failure: no ban, no replay
                 err = res.error
-                if isinstance(err, RETRYABLE):
+                if isinstance(err, errors.Overloaded):  # no KV slot there: wait for one
+                    self._park(seq, err)
+                elif isinstance(err, RETRYABLE):
                     err.endpoint = ep
                     self._retry(seq, err)
                 else:
                     self._fail(seq, err)
                 continue
+            if seq.slot_wait and kind in (walk.Kind.TOKEN, walk.Kind.VERIFIED):  # in: it holds its slots now
+                self._unqueue(seq)
+                self._next_waiter()  # more slots may be free: the next one tries at once
             if layer == 0:
                 seq.fed = len(seq.tokens)
             if timed:
@@ -801,16 +832,92 @@ class PipelineBackend:
                 return
             layer = ep.end
 
-    def _release(self, seq: _Seq) -> None:
+    def _release(self, seq: _Seq, frees: bool = False) -> None:
         """Free the sequence's KV on its route: also after a ban or a broken connection
         (a fresh connection) while the replica is registered; what cannot be delivered,
-        the replica's KV lease reclaims."""
+        the replica's KV lease reclaims. ``frees``: the sequence has ended, so once the
+        stages have its release the first sequence waiting for a KV slot goes again
+        (not for a replay or a park, which take a slot again themselves)."""
         self._live.pop(seq.session, None)
+        calls = []
         for ep in seq.route.values():
             self.router.load[ep] = max(0, self.router.load.get(ep, 1) - 1)
             if self.router.known(ep):
-                self._spawn(self.router.client(ep).release([seq.session]))
+                calls.append(self.router.client(ep).release([seq.session]))
         seq.route = {}
+        if not calls:
+            return
+        if not frees:
+            for call in calls:
+                self._spawn(call)
+            return
+
+        async def then_next():
+            await asyncio.gather(*calls, return_exceptions=True)
+            self._next_waiter()
+
+        self._spawn(then_next())
+
+    # -- waiting for a KV slot (class docstring) -------------------------------------------
+    def _waiting(self) -> int:
+        return len(self._slot_queue)
+
+    def _unqueue(self, seq: _Seq) -> None:
+        """``seq`` waits for a KV slot no more (it got one, or it ended)."""
+        if seq.slot_wait:
+            seq.slot_wait = False
+            if seq in self._slot_queue:
+                self._slot_queue.remove(seq)
+
+    def _park(self, seq: _Seq, e: Exception) -> None:
+        """A stage had no free KV slot for ``seq`` (``e``): release what it took on other
+        stages and queue it for a slot, in its arrival order."""
+        if seq.done:
+            return
+        if time.monotonic() >= seq.deadline:
+            self._fail(seq, e)
+            return
+        self.slot_waits += 1
+        self._release(seq)
+        self._new_session(seq)  # its next row is one prefill over its tokens so far
+        self._enqueue(seq)
+
+    def _enqueue(self, seq: _Seq) -> None:
+        seq.slot_wait = True
+        if seq not in self._slot_queue:  # (the first one asks again from its place: a probe)
+            bisect.insort(self._slot_queue, seq, key=lambda s: s.arrival)
+        seq.retry_at = seq.deadline  # its lane steps it at its deadline at the latest, which fails it
+        self._probe_first()
+
+    def _probe_first(self) -> None:
+        """The first waiting sequence asks again within :data:`SLOT_PROBE_S`; only the
+        first (one queued in front of a former first takes its turn)."""
+        q = self._slot_queue
+        while q and q[0].done:
+            q.pop(0)
+        for later in q[1:]:
+            if later.retry_at < later.deadline:
+                later.retry_at = later.deadline
+        if q:
+            first = q[0]
+            at = min(first.deadline, time.monotonic() + SLOT_PROBE_S)
+            if at < first.retry_at:
+                first.retry_at = at
+                if first.lane is not None:
+                    first.lane.wake.set()
+
+    def _next_waiter(self) -> None:
+        """A KV slot may be free: the first waiting sequence goes now."""
+        q = self._slot_queue
+        while q and q[0].done:
+            q.pop(0)
+        if not q:
+            return
+        seq = q.pop(0)
+        seq.retry_at = time.monotonic()
+        if seq.lane is not None:
+            seq.lane.wake.set()
+        self._probe_first()
 
     def _spawn(self, coro) -> None:
         async def quiet():
