@@ -182,7 +182,7 @@ def test_metric_definitions_follow_ray_rules():
                    "offramp_stage_step_seconds", "offramp_stage_queue_depth", "offramp_stage_batch_size",
                    "offramp_tokens_total", "offramp_ttft_seconds", "offramp_tpot_seconds",
                    "offramp_hops_saved_total", "offramp_draft_tokens_total", "offramp_accepted_draft_tokens_total",
-                   "offramp_verify_rounds_total"):
+                   "offramp_verify_rounds_total", "offramp_requests_waiting_for_kv", "offramp_kv_waits_total"):
         assert wanted in metrics.SPECS
 
 
@@ -198,6 +198,7 @@ def test_metrics_are_noop_without_ray(monkeypatch):
     metrics.record_ttft("tiny", 0.1)
     metrics.record_tpot("tiny", 0.01)
     metrics.record_verify("tiny", "qa", drafted=4, accepted=2)
+    metrics.record_kv_wait("tiny", 3, queued=True)
     assert metrics.get("offramp_tokens_total") is metrics.NOOP and not metrics._objects
 
 

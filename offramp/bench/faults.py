@@ -11,7 +11,10 @@ first answer, taken before any fault. Then, one at a time, with the load running
 * ``ingress``: the ingress replica (only the streams in flight on it may fail, each with a
   clean error);
 * ``registry``: the app's registry actor (restarts with a new epoch);
-* ``node``: the whole simulated node hosting Stage1 (``Cluster.remove_node``).
+* ``node``: the whole simulated node hosting Stage1 (``Cluster.remove_node``);
+* ``burst``: not a kill: ``--burst`` requests at once on top of the load (default 256, four
+  times a stage replica's KV slots): each must end with its reference text, none refused
+  (the ingress queues what finds no KV slot, docs/reliability.md).
 
 After each fault the load runs ``--recover-s`` more seconds, stops, and the pipeline sits
 idle ``--idle-s`` seconds; then the KV slots every stage replica still holds are read from
@@ -32,7 +35,7 @@ from dataclasses import dataclass, field
 from offramp.bench.common import APP, json_stdout, local_serve_config
 from offramp.deployments.config import INGRESS_NAME, stage_name
 
-FAULTS = ("stage0", "stage1", "ingress", "registry", "node")
+FAULTS = ("stage0", "stage1", "ingress", "registry", "node", "burst")
 PROMPTS = ("The sun rose over the", "def area(width, height):\n", "12+30=", "In the beginning",
            "Pipeline stages", "import os\n")
 
@@ -46,6 +49,8 @@ def register(bsub) -> None:
     p.add_argument("--max-tokens", type=int, default=32, help="tokens per request (default 32)")
     p.add_argument("--faults", default=",".join(FAULTS),
                    help=f"comma list, in order, from {', '.join(FAULTS)} (default: all)")
+    p.add_argument("--burst", type=int, default=256,
+                   help="the burst fault's requests, sent at once (default 256: 4x a stage replica's 64 KV slots)")
     p.add_argument("--recover-s", type=float, default=60.0,
                    help="load kept running after each fault (default 60: a replacement replica loads its "
                    "weights and profiles itself before it serves)")
@@ -123,6 +128,23 @@ class Load:
             return done("failed", f"{type(e).__name__}: {e}"[:160])
         return done("ok")
 
+    def record(self, i: int) -> Outcome:
+        """One request for prompt ``i``, its answer checked against the reference, kept."""
+        status, text, o = self.request(i)
+        if status == "ok" and text != self.reference.get(i, text):
+            o.status, o.detail = "wrong", f"{text[:40]!r} != {self.reference[i][:40]!r}"
+        with self._lock:
+            self.outcomes.append(o)
+        return o
+
+    def burst(self, n: int) -> None:
+        """``n`` requests at once (one thread each), kept like the load's; returns when all ended."""
+        threads = [threading.Thread(target=self.record, args=(k % len(PROMPTS),), daemon=True) for k in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=self.deadline_s + 10)
+
     def start(self, streams: int, interval_s: float = 0.0) -> None:
         """``streams`` threads, each sending its next request when the last one ended and
         at least ``interval_s`` after the last one started (a paced load)."""
@@ -136,11 +158,7 @@ class Load:
         n = k
         while not self._stop.is_set():
             i = n % len(PROMPTS)
-            status, text, o = self.request(i)
-            if status == "ok" and text != self.reference.get(i, text):
-                o.status, o.detail = "wrong", f"{text[:40]!r} != {self.reference[i][:40]!r}"
-            with self._lock:
-                self.outcomes.append(o)
+            o = self.record(i)
             n += 1
             rest = o.start + interval_s - time.monotonic()
             if rest > 0:
@@ -254,12 +272,16 @@ def _run(args, faults: list[str], emit) -> int:
             for fault in faults:
                 t_fault = time.monotonic()
                 try:
-                    what = _kill(fault, cluster)
+                    if fault == "burst":
+                        load.burst(args.burst)
+                        what = f"nothing: {args.burst} requests at once, all ended in {time.monotonic() - t_fault:.1f} s"
+                    else:
+                        what = _kill(fault, cluster)
                 except Exception as e:  # noqa: BLE001 - report it, keep the other faults' figures
                     report["faults"].append({"fault": fault, "error": f"{type(e).__name__}: {e}"})
                     bar.update(1)
                     continue
-                time.sleep(args.recover_s)
+                time.sleep(args.recover_s if fault != "burst" else 2.0)
                 load.stop()
                 t_quiet = time.monotonic()
                 rec = next((o.end - t_fault for o in sorted(load.outcomes, key=lambda o: o.end)

@@ -324,7 +324,7 @@ class PipelineBackend:
         self.replays = 0  # sequences rebuilt from their tokens after a replica failed or went away
         self._slot_queue: list[_Seq] = []  # sequences waiting for a KV slot, in arrival order
         self._arrivals = itertools.count()
-        self.slot_waits = 0  # times a sequence was parked for a KV slot (cumulative)
+        self.slot_waits = 0  # times a sequence was queued for a KV slot (cumulative)
         # Server-side latencies as (monotonic time, seconds), bounded: the newest 8192 of
         # each since the last reset. A lock because the registry heartbeat reads them from
         # another thread.
@@ -868,6 +868,7 @@ class PipelineBackend:
             seq.slot_wait = False
             if seq in self._slot_queue:
                 self._slot_queue.remove(seq)
+                metrics.record_kv_wait(self.model_name, self._waiting(), queued=False)
 
     def _park(self, seq: _Seq, e: Exception) -> None:
         """A stage had no free KV slot for ``seq`` (``e``): release what it took on other
@@ -877,7 +878,6 @@ class PipelineBackend:
         if time.monotonic() >= seq.deadline:
             self._fail(seq, e)
             return
-        self.slot_waits += 1
         self._release(seq)
         self._new_session(seq)  # its next row is one prefill over its tokens so far
         self._enqueue(seq)
@@ -886,6 +886,8 @@ class PipelineBackend:
         seq.slot_wait = True
         if seq not in self._slot_queue:  # (the first one asks again from its place: a probe)
             bisect.insort(self._slot_queue, seq, key=lambda s: s.arrival)
+            self.slot_waits += 1
+            metrics.record_kv_wait(self.model_name, self._waiting(), queued=True)
         seq.retry_at = seq.deadline  # its lane steps it at its deadline at the latest, which fails it
         self._probe_first()
 
@@ -914,6 +916,7 @@ class PipelineBackend:
         if not q:
             return
         seq = q.pop(0)
+        metrics.record_kv_wait(self.model_name, self._waiting(), queued=False)
         seq.retry_at = time.monotonic()
         if seq.lane is not None:
             seq.lane.wake.set()

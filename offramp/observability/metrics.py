@@ -70,6 +70,10 @@ SPECS: dict[str, MetricSpec] = {s.name: s for s in (
     MetricSpec("counter", "offramp_accepted_draft_tokens_total",
                "Speculative exits: drafted tokens the deep stages accepted (acceptance rate = this / drafted).",
                ("task", "model")),
+    MetricSpec("gauge", "offramp_requests_waiting_for_kv",
+               "Requests an ingress replica holds until a stage replica has a free KV slot.", ("model",)),
+    MetricSpec("counter", "offramp_kv_waits_total",
+               "Times a request was queued at the ingress because a stage replica had no free KV slot.", ("model",)),
     MetricSpec("counter", "offramp_verify_rounds_total",
                "Speculative exits: verify rounds (deep-stage visits); each commits its accepted drafts + 1 token.",
                ("task", "model")),
@@ -201,6 +205,14 @@ def record_verify(model: str, task: str | None, drafted: int, accepted: int) -> 
         get("offramp_draft_tokens_total").inc(drafted, tags)
     if accepted > 0:
         get("offramp_accepted_draft_tokens_total").inc(accepted, tags)
+
+
+def record_kv_wait(model: str, waiting: int, queued: bool) -> None:
+    """The ingress's queue for KV slots changed: ``waiting`` requests now; ``queued``: one
+    more was just put in it."""
+    get("offramp_requests_waiting_for_kv").set(waiting, {"model": model})
+    if queued:
+        get("offramp_kv_waits_total").inc(1, {"model": model})
 
 
 def record_ttft(model: str, seconds: float) -> None:
