@@ -67,10 +67,14 @@ class Endpoint:
     end: int = 0
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, eq=False)
 class _Seq(Walk):
     """A request the ingress walks (:class:`~offramp.ops.walk.Walk`: its tokens, what stage
-    0 has been fed, its speculative rounds), with its route, deadline and event queue."""
+    0 has been fed, its speculative rounds), with its route, deadline and event queue.
+    Compared by identity (one object per request: the KV-slot queue finds it by ``is``)."""
+
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
 
     request: GenerationRequest
     session: str = ""
