@@ -188,7 +188,7 @@ def test_a_burst_beyond_the_stages_kv_waits_its_turn_and_matches_the_unsplit_mod
 
 
 def test_a_request_waiting_for_kv_past_its_deadline_gets_overloaded_and_a_leaver_leaves_the_queue(tiny_model_dir):
-    """Slots held by two slow streams (5 ms links): a waiting request whose deadline passes
+    """Slots held by two slow streams (5 ms links, 100 tokens): a waiting request whose deadline passes
     fails with Overloaded naming the fix; one whose client leaves while it waits leaves
     the queue; a patient one gets its slot when a stream ends; nothing stays held."""
     from test_split_moves import _Replicas
@@ -200,7 +200,7 @@ def test_a_request_waiting_for_kv_past_its_deadline_gets_overloaded_and_a_leaver
         _kv_slots(reps.add("s1", 1, (L // 2, L), link_delay_s=0.005), 2)
         try:
             backend = _backend(reps)
-            holders = [asyncio.ensure_future(_tokens(backend, _req(i, n=40))) for i in range(2)]
+            holders = [asyncio.ensure_future(_tokens(backend, _req(i, n=100))) for i in range(2)]
             await _until(lambda: backend.emitted >= 2)
             short = GenerationRequest("short", _prompt(5), SamplingParams(max_tokens=4, ignore_eos=True),
                                       exit_mode="off", deadline_s=0.3)
@@ -229,4 +229,4 @@ def test_a_request_waiting_for_kv_past_its_deadline_gets_overloaded_and_a_leaver
     from offramp import errors
     assert isinstance(short_err, errors.Overloaded) and "KV slot" in str(short_err), short_err
     assert waiting_after_leave == 0
-    assert len(patient) == 4 and all(len(h) == 40 for h in held)
+    assert len(patient) == 4 and all(len(h) == 100 for h in held)

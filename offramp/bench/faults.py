@@ -274,7 +274,8 @@ def _run(args, faults: list[str], emit) -> int:
                 try:
                     if fault == "burst":
                         load.burst(args.burst)
-                        what = f"nothing: {args.burst} requests at once, all ended in {time.monotonic() - t_fault:.1f} s"
+                        took = time.monotonic() - t_fault
+                        what = f"nothing: {args.burst} requests at once, all ended in {took:.1f} s"
                     else:
                         what = _kill(fault, cluster)
                 except Exception as e:  # noqa: BLE001 - report it, keep the other faults' figures
