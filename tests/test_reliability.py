@@ -60,6 +60,13 @@ async def _until(cond, timeout: float = 10.0, every: float = 0.05) -> None:
         await asyncio.sleep(every)
 
 
+def _kv_slots(worker, slots: int) -> None:
+    """Give a stage worker (before any traffic) only ``slots`` KV slots."""
+    w = worker
+    w.cache = type(w.cache)(len(w.stage.layers), slots, w.max_seq, w.stage.spec.num_kv_heads, w.stage.spec.head_dim,
+                            w.stage.lm_dtype)
+
+
 def _held(reps: _Replicas) -> dict[str, int]:
     return {n: len(s.worker.cache.slot_of) + len(s.worker.pending) for n, s in reps.servers.items()}
 
@@ -143,8 +150,7 @@ def test_a_row_the_stage_cannot_admit_fails_alone_in_its_frame(tiny_model_dir):
     """A frame with established sequences and one that finds no free KV slot (or one whose
     KV the stage lacks): only that row gets its error; the others run in the same pass."""
     w = _worker(tiny_model_dir, (0, 2), 0, 2)
-    w.cache = type(w.cache)(len(w.stage.layers), 2, w.max_seq, w.stage.spec.num_kv_heads, w.stage.spec.head_dim,
-                            w.stage.lm_dtype)
+    _kv_slots(w, 2)
     srv = StageServer(w, "tok", batch_wait_timeout_s=0.0)
 
     async def scenario():

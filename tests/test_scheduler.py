@@ -10,11 +10,13 @@ import time
 
 import torch
 
+from offramp import errors
 from offramp.ops.engine import StagedModel
 from offramp.ops.worker import ExitPolicy
 from offramp.protocol import GenerationRequest, SamplingParams
 
-from test_reliability import _backend, _two_stages, _until
+from test_reliability import _backend, _held, _kv_slots, _two_stages, _until
+from test_split_moves import _Replicas
 
 
 def _prompt(i: int) -> tuple[int, ...]:
@@ -139,17 +141,6 @@ def test_a_frame_the_ingress_marks_full_does_not_wait_out_the_batch_window(tiny_
 
 
 # -- waiting for a KV slot --------------------------------------------------------------------
-def _kv_slots(srv, slots: int) -> None:
-    """Give a stage replica (before any traffic) only ``slots`` KV slots."""
-    w = srv.worker
-    w.cache = type(w.cache)(len(w.stage.layers), slots, w.max_seq, w.stage.spec.num_kv_heads, w.stage.spec.head_dim,
-                            w.stage.lm_dtype)
-
-
-def _held(reps) -> int:
-    return sum(len(s.worker.cache.slot_of) + len(s.worker.pending) for s in reps.servers.values())
-
-
 def test_a_burst_beyond_the_stages_kv_waits_its_turn_and_matches_the_unsplit_model(tiny_model_dir):
     """Seven requests at once against a last stage with 2 KV slots: none gets 429; the five
     that find no slot wait and start in arrival order (one lane: first tokens in that
@@ -160,7 +151,7 @@ def test_a_burst_beyond_the_stages_kv_waits_its_turn_and_matches_the_unsplit_mod
 
     async def scenario():
         reps = _two_stages(tiny_model_dir)
-        _kv_slots(reps.servers["s1"], 2)
+        _kv_slots(reps.servers["s1"].worker, 2)
         try:
             backend = _backend(reps, micro_batches=1)
             firsts: list[int] = []
@@ -175,7 +166,7 @@ def test_a_burst_beyond_the_stages_kv_waits_its_turn_and_matches_the_unsplit_mod
                 return out
 
             outs = await asyncio.gather(*(run(i) for i in range(7)))
-            await _until(lambda: _held(reps) == 0, timeout=10)
+            await _until(lambda: not any(_held(reps).values()), timeout=10)
             return outs, firsts, backend.stats()
         finally:
             reps.close()
@@ -191,13 +182,11 @@ def test_a_request_waiting_for_kv_past_its_deadline_gets_overloaded_and_a_leaver
     """Slots held by two slow streams (5 ms links, 100 tokens): a waiting request whose deadline passes
     fails with Overloaded naming the fix; one whose client leaves while it waits leaves
     the queue; a patient one gets its slot when a stream ends; nothing stays held."""
-    from test_split_moves import _Replicas
-
     async def scenario():
         reps = _Replicas(tiny_model_dir)
         L = reps.spec.num_layers
         reps.add("s0", 0, (0, L // 2), link_delay_s=0.005)
-        _kv_slots(reps.add("s1", 1, (L // 2, L), link_delay_s=0.005), 2)
+        _kv_slots(reps.add("s1", 1, (L // 2, L), link_delay_s=0.005).worker, 2)
         try:
             backend = _backend(reps)
             holders = [asyncio.ensure_future(_tokens(backend, _req(i, n=100))) for i in range(2)]
@@ -220,13 +209,12 @@ def test_a_request_waiting_for_kv_past_its_deadline_gets_overloaded_and_a_leaver
 
             patient = await _tokens(backend, _req(7, n=4))
             held = await asyncio.gather(*holders)
-            await _until(lambda: _held(reps) == 0, timeout=10)
+            await _until(lambda: not any(_held(reps).values()), timeout=10)
             return short_err, waiting_after_leave, patient, held
         finally:
             reps.close()
 
     short_err, waiting_after_leave, patient, held = asyncio.run(scenario())
-    from offramp import errors
     assert isinstance(short_err, errors.Overloaded) and "KV slot" in str(short_err), short_err
     assert waiting_after_leave == 0
     assert len(patient) == 4 and all(len(h) == 100 for h in held)

@@ -282,6 +282,7 @@ def _run(args, faults: list[str], emit) -> int:
                     report["faults"].append({"fault": fault, "error": f"{type(e).__name__}: {e}"})
                     bar.update(1)
                     continue
+                # a burst has ended when load.burst returns: nothing to recover from
                 time.sleep(args.recover_s if fault != "burst" else 2.0)
                 load.stop()
                 t_quiet = time.monotonic()

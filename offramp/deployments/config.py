@@ -80,7 +80,7 @@ def stage_range(default: tuple[int, int], index: int, num_stages: int, num_layer
 def default_micro_batches(given: int | None, num_stages: int) -> int:
     """The ingress's lanes: ``given``, else 1 for one stage (nothing to overlap but the
     ingress's own turn, and one pass of every active sequence beats two half passes:
-    +26% tokens/s at 16 streams measured) and 2 for a pipeline (two lanes keep two stages
+    +23% tokens/s at 16 streams measured, 2114 vs 1717) and 2 for a pipeline (two lanes keep two stages
     busy; three measured worse on 2 cores, docs/benchmarks.md)."""
     if given is not None:
         return given

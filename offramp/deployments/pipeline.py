@@ -292,8 +292,8 @@ class PipelineBackend:
     **Waiting for KV.** A stage replica holds ``max_sequences`` sequences; a row it has no
     slot for is answered ``Overloaded``. That sequence does not fail: it waits, first come
     first served, until its deadline. Whatever KV it took on other stages is released, and
-    it is parked in a FIFO (so is every request arriving while the FIFO is not empty). The
-    first in the FIFO goes again as soon as a release of this ingress has reached the
+    it is queued in arrival order (so is every request arriving while others wait). The
+    first in the queue goes again as soon as a release of this ingress has reached the
     stages (a slot may be free), and otherwise every :data:`SLOT_PROBE_S` (slots that
     other ingress replicas free); one that gets through lets the next one try at once. A
     burst larger than the stages' KV is served in arrival order instead of answered 429;
@@ -327,6 +327,7 @@ class PipelineBackend:
         self.emitted = 0  # tokens emitted (cumulative): tokens per stage-0 pass for the placement controller
         self.replays = 0  # sequences rebuilt from their tokens after a replica failed or went away
         self._slot_queue: list[_Seq] = []  # sequences waiting for a KV slot, in arrival order
+        self._probe: asyncio.TimerHandle | None = None  # the first waiting one's next try (_probe_soon)
         self._arrivals = itertools.count()
         self.slot_waits = 0  # times a sequence was queued for a KV slot (cumulative)
         # Server-side latencies as (monotonic time, seconds), bounded: the newest 8192 of
@@ -527,10 +528,12 @@ class PipelineBackend:
             now = time.monotonic()
             for seq, row, layer in todo:
                 if now >= seq.deadline:
-                    self._fail(seq, errors.Overloaded(
-                        "no KV slot freed up within the request's deadline; retry later (or add stage replicas, "
-                        "raise max_sequences)") if seq.slot_wait else errors.DeadlineExceeded(
-                        "the request ran past its deadline"))
+                    if seq.slot_wait:
+                        err = errors.Overloaded("no KV slot freed up within the request's deadline; retry later "
+                                                "(or add stage replicas, raise max_sequences)")
+                    else:
+                        err = errors.DeadlineExceeded("the request ran past its deadline")
+                    self._fail(seq, err)
                     continue
                 try:
                     ep = self._hop(seq, layer)
@@ -870,7 +873,7 @@ class PipelineBackend:
         """``seq`` waits for a KV slot no more (it got one, or it ended)."""
         if seq.slot_wait:
             seq.slot_wait = False
-            if seq in self._slot_queue:
+            if seq in self._slot_queue:  # (not when it was taken out to try)
                 self._slot_queue.remove(seq)
                 metrics.record_kv_wait(self.model_name, self._waiting(), queued=False)
 
@@ -887,35 +890,30 @@ class PipelineBackend:
         self._enqueue(seq)
 
     def _enqueue(self, seq: _Seq) -> None:
+        """Queue ``seq`` in arrival order; its lane steps it only when :meth:`_next_waiter`
+        takes it out, or at its deadline (which fails it)."""
         seq.slot_wait = True
-        if seq not in self._slot_queue:  # (the first one asks again from its place: a probe)
-            bisect.insort(self._slot_queue, seq, key=lambda s: s.arrival)
-            self.slot_waits += 1
-            metrics.record_kv_wait(self.model_name, self._waiting(), queued=True)
-        seq.retry_at = seq.deadline  # its lane steps it at its deadline at the latest, which fails it
-        self._probe_first()
+        seq.retry_at = seq.deadline
+        bisect.insort(self._slot_queue, seq, key=lambda s: s.arrival)
+        self.slot_waits += 1
+        metrics.record_kv_wait(self.model_name, self._waiting(), queued=True)
+        self._probe_soon()
 
-    def _probe_first(self) -> None:
-        """The first waiting sequence asks again within :data:`SLOT_PROBE_S`; only the
-        first (one queued in front of a former first takes its turn)."""
-        q = self._slot_queue
-        while q and q[0].done:
-            q.pop(0)
-        for later in q[1:]:
-            if later.retry_at < later.deadline:
-                later.retry_at = later.deadline
-        if q:
-            first = q[0]
-            at = min(first.deadline, time.monotonic() + SLOT_PROBE_S)
-            if at < first.retry_at:
-                first.retry_at = at
-                if first.lane is not None:
-                    first.lane.wake.set()
+    def _probe_soon(self) -> None:
+        """While sequences wait, the first goes again within :data:`SLOT_PROBE_S` even if
+        no release of this ingress says a slot is free (other ingress replicas free slots)."""
+        if self._slot_queue and self._probe is None:
+            self._probe = asyncio.get_running_loop().call_later(SLOT_PROBE_S, self._probe_due)
+
+    def _probe_due(self) -> None:
+        self._probe = None
+        self._next_waiter()
 
     def _next_waiter(self) -> None:
-        """A KV slot may be free: the first waiting sequence goes now."""
+        """A KV slot may be free: the first waiting sequence goes now (if it finds none it
+        is queued again in its place)."""
         q = self._slot_queue
-        while q and q[0].done:
+        while q and q[0].done:  # ended, its request not closed yet
             q.pop(0)
         if not q:
             return
@@ -924,7 +922,7 @@ class PipelineBackend:
         seq.retry_at = time.monotonic()
         if seq.lane is not None:
             seq.lane.wake.set()
-        self._probe_first()
+        self._probe_soon()
 
     def _spawn(self, coro) -> None:
         async def quiet():
