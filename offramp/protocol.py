@@ -29,6 +29,7 @@ class SamplingParams:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
+    min_p: float = 0.0  # 0 = off; else drop tokens below min_p x the top token's probability
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()  # backend stops *after* emitting one of these
     ignore_eos: bool = False

@@ -303,7 +303,8 @@ BAD_COMPLETIONS = [
     ({"model": MODEL, "prompt": "hi", "offramp": {"exits": "off"}}, "offramp.exits"),
     ({"model": MODEL, "prompt": "hi", "seed": -1}, "seed"),
     # vLLM extensions: refused where ignoring them would change the result
-    ({"model": MODEL, "prompt": "hi", "min_p": 0.1}, "min_p"),
+    ({"model": MODEL, "prompt": "hi", "min_p": 1.5}, "min_p"),
+    ({"model": MODEL, "prompt": "hi", "min_p": -0.1}, "min_p"),
     ({"model": MODEL, "prompt": "hi", "min_tokens": 3, "max_tokens": 2}, "min_tokens"),
     ({"model": MODEL, "prompt": "hi", "min_tokens": -1}, "min_tokens"),
     ({"model": MODEL, "prompt": "hi", "repetition_penalty": 0}, "repetition_penalty"),
@@ -554,6 +555,25 @@ def test_speculative_counters_in_the_offramp_block(engine_server):
     for key in ("drafted", "accepted", "verify_rounds"):
         assert total[key] == sum(p[key] for p in per)
     assert total["deep_visits_per_token"] == round(total["verify_rounds"] / 24, 4)
+
+
+def test_min_p_reaches_the_sampler(engine_server):
+    """min_p (vLLM extension) is honoured end to end: at 1 only the most likely token
+    survives, so a seeded sample at temperature 1 equals greedy, exits off and speculative
+    (drafter and verifier both apply it); 0.2 samples, reproducibly per seed."""
+    def ids(**kw) -> list[int]:
+        r = post(engine_server, "/v1/completions", _spec_body(**kw))
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["offramp"]["token_ids"]
+
+    greedy = ids(offramp={"exit": "off"})
+    for exit_ in ("off", "speculative"):
+        for seed in (1, 2):
+            assert ids(temperature=1.0, min_p=1.0, seed=seed, offramp={"exit": exit_}) == greedy
+    sampled = {tuple(ids(temperature=1.0, min_p=0.2, seed=s, offramp={"exit": "off"})) for s in range(6)}
+    assert len(sampled) > 1, "min_p 0.2 still samples"
+    assert ids(temperature=1.0, min_p=0.2, seed=3, offramp={"exit": "off"}) == \
+        ids(temperature=1.0, min_p=0.2, seed=3, offramp={"exit": "off"})
 
 
 def test_handlers_run_on_their_own(server):

@@ -302,6 +302,17 @@ def test_logprobs_and_logit_adjustments_over_grpc(stub, model):
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "logprobs" in e.value.details()
 
 
+def test_min_p_over_grpc(stub):
+    """min_p 1 keeps only the most likely token: a seeded sample at temperature 1 is greedy."""
+    ref = list(stub.Generate(greedy(), metadata=AUTH, timeout=30).token_ids)
+    for seed in (1, 2, 3):
+        r = stub.Generate(greedy(temperature=1.0, min_p=1.0, seed=seed), metadata=AUTH, timeout=30)
+        assert list(r.token_ids) == ref
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Generate(greedy(min_p=2.0), metadata=AUTH, timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "min_p" in e.value.details()
+
+
 def test_http_and_grpc_build_the_same_request(model, otlp_receiver, monkeypatch):
     """One builder (Frontend.generation) behind both front ends: the same greedy request over
     HTTP and over gRPC (unary and streamed) gives the same tokens and a request span with the

@@ -60,12 +60,22 @@ def test_concurrent_sequences_share_frames_and_match_the_unsplit_model(tiny_mode
 
 
 def test_sampled_streams_are_reproducible_whatever_they_are_batched_with(tiny_model_dir):
-    """Seeded sampling: a stream's tokens do not depend on which other rows share its frames."""
+    """Seeded sampling (min-p and top-k over the wire too): a stream's tokens do not depend
+    on which other rows share its frames, and equal the unsplit model's seeded sample."""
+    sampled = dict(temperature=0.9, top_k=50, min_p=0.8, seed=7)
+    whole = StagedModel(tiny_model_dir, num_stages=1)
+
+    def unsplit(**kw):
+        return whole.generate([list(_prompt(3))], SamplingParams(max_tokens=10, ignore_eos=True, **kw),
+                              ExitPolicy("off"))[0]
+
+    ref = unsplit(**sampled)
+    assert ref.generated != unsplit(**{**sampled, "min_p": 0.0}).generated  # min_p matters here
+
     async def scenario():
         reps = _two_stages(tiny_model_dir)
         try:
             backend = _backend(reps)
-            sampled = dict(temperature=0.9, top_k=50, seed=7)
             alone = await _tokens(backend, _req(3, **sampled))
             crowd = await asyncio.gather(*(_tokens(backend, _req(i, **(sampled if i == 3 else {})))
                                            for i in range(6)))
@@ -74,7 +84,7 @@ def test_sampled_streams_are_reproducible_whatever_they_are_batched_with(tiny_mo
             reps.close()
 
     alone, crowded = asyncio.run(scenario())
-    assert alone == crowded
+    assert alone == crowded == ref.generated
 
 
 def test_a_stream_cancelled_mid_step_is_released_and_the_others_finish(tiny_model_dir):

@@ -230,7 +230,7 @@ def _completion_body(request: pb.GenerateRequest, served: str) -> dict[str, Any]
         raise BadRequest("set exactly one of prompt (text) and prompt_token_ids", param="prompt")
     body: dict[str, Any] = {"model": request.model or served,
                             "prompt": request.prompt if has_text else list(request.prompt_token_ids)}
-    for name in ("max_tokens", "temperature", "top_p", "top_k", "seed"):
+    for name in ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed"):
         if request.HasField(name):
             body[name] = getattr(request, name)
     if request.stop:

@@ -5,8 +5,8 @@ Validation is strict: unknown fields, wrong JSON types (``"0.5"`` for a number, 
 for an integer) and non-finite numbers are rejected with a 400 that names the field.
 OpenAI fields Offramp does not implement (tools, suffix, ...) are accepted
 only at their "off" value, so a client never silently gets something it did not ask for;
-the same holds for the vLLM extensions common clients send (``min_p``,
-``repetition_penalty``, ...). Fields without effect on the output (``metadata``,
+the same holds for the vLLM extensions Offramp does not implement
+(``include_stop_str_in_output``, ...). Fields without effect on the output (``metadata``,
 ``store``, ``service_tier``, ``user``) are accepted and ignored.
 
 Sampling parameters are held to ranges the sampler cannot overflow on: ``temperature`` is
@@ -118,7 +118,8 @@ class SamplingFields(_Strict):
     repetition_penalty: float | None = Field(None, gt=0.0, le=MAX_REPETITION_PENALTY, description="vLLM "
                                              "extension: > 1 discourages tokens of the prompt and output "
                                              "(positive logits divided, negative multiplied).")
-    min_p: float = Field(0.0, ge=0.0, le=0.0, description="vLLM extension: only 0 (not supported).")
+    min_p: float = Field(0.0, ge=0.0, le=1.0, description="vLLM extension: in [0, 1]; when sampling, drop "
+                         "tokens whose probability is below min_p times the most likely token's.")
     skip_special_tokens: bool = Field(True, description="vLLM extension: only true (special tokens are never shown).")
     spaces_between_special_tokens: bool = Field(True, description="vLLM extension: accepted, no effect here.")
     include_stop_str_in_output: bool = Field(False, description="vLLM extension: only false.")
@@ -187,7 +188,7 @@ class SamplingFields(_Strict):
             raise BadRequest(f"logit_bias token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})",
                              param="logit_bias")
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
-                              top_k=max(0, self.top_k), seed=self.seed,
+                              top_k=max(0, self.top_k), min_p=self.min_p, seed=self.seed,
                               stop_token_ids=user_stops + (() if self.ignore_eos else tuple(eos_ids)),
                               ignore_eos=self.ignore_eos, logprobs=self.logprob_count,
                               prompt_logprobs=self.prompt_logprob_count,

@@ -1,4 +1,4 @@
-"""Token choice from logits: greedy, or temperature / top-k / top-p sampling.
+"""Token choice from logits: greedy, or temperature / min-p / top-k / top-p sampling.
 
 Sampling is stateless per (seed, step): any stage replica that produces token ``step`` of
 a request draws the same value, so seeded requests are reproducible whichever gate the
@@ -10,6 +10,8 @@ A row's failure is that row's own: :func:`choose_tokens` never raises for one ba
 served and nobody mistakes the request's problem for a broken replica.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -27,9 +29,12 @@ def choose_tokens(logits: torch.Tensor, params: list[SamplingParams], steps: lis
 
 def processed_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """The distribution a sampled token is drawn from: softmax of ``logits`` (V,) after
-    temperature, top-k and top-p. Speculative decoding applies the same processing to the
-    drafter's and the full model's logits, so acceptance targets exactly this."""
+    temperature, min-p, top-k and top-p (in that order). Speculative decoding applies the
+    same processing to the drafter's and the full model's logits, so acceptance targets
+    exactly this."""
     logits = (logits.float() - logits.max()) / p.temperature  # (V,) max 0: exp cannot overflow
+    if p.min_p > 0.0:  # prob / top prob = exp(logit) here: keep tokens with exp(logit) >= min_p (the top always)
+        logits = logits.masked_fill(logits < math.log(p.min_p), float("-inf"))
     if p.top_k and p.top_k > 0:
         kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
