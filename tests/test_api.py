@@ -233,6 +233,23 @@ def test_stop_string_cuts_text_and_cancels_backend(server):
     assert resp.usage.completion_tokens == out.emitted
 
 
+def test_include_stop_str_in_output_keeps_the_matched_stop(server):
+    """vLLM's include_stop_str_in_output: the text ends with the stop string it matched,
+    streamed and not; finish_reason stop; the backend request is cancelled."""
+    url, backend = server[0].url, server[1]
+    backend.delay_s = 0.01
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 40, "stop": ["zzz", "brown"],
+            "include_stop_str_in_output": True}
+    r = post(url, "/v1/completions", body)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == "the quick brown"
+    assert r.json()["choices"][0]["finish_reason"] == "stop"
+    assert wait_for(lambda: backend.outcomes[backend.requests[-1].request_id].closed)
+    events = sse_events(post(url, "/v1/completions", {**body, "stream": True}))
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == "the quick brown"
+    assert events[-2]["choices"][0]["finish_reason"] == "stop"
+
+
 def test_stop_string_streaming_never_leaks_partial_stop(server):
     url, backend = server[0].url, server[1]
     events = sse_events(post(url, "/v1/chat/completions", {
@@ -310,7 +327,6 @@ BAD_COMPLETIONS = [
     ({"model": MODEL, "prompt": "hi", "repetition_penalty": 0}, "repetition_penalty"),
     ({"model": MODEL, "prompt": "hi", "repetition_penalty": 11}, "repetition_penalty"),
     ({"model": MODEL, "prompt": "hi", "skip_special_tokens": False}, "skip_special_tokens"),
-    ({"model": MODEL, "prompt": "hi", "include_stop_str_in_output": True}, "include_stop_str_in_output"),
     ({"model": MODEL, "prompt": "hi", "stop_token_ids": [99999]}, "stop_token_ids"),
     ({"model": MODEL, "prompt": "hi", "stop_token_ids": [-1]}, "stop_token_ids"),
     ({"model": MODEL, "prompt": "hi", "stop_token_ids": "3"}, "stop_token_ids"),

@@ -76,15 +76,21 @@ def test_detokenizer_flushes_incomplete_tail(tokenizers):
     assert d.flush() == "\ufffd"
 
 
-@pytest.mark.parametrize("chunks,stops,out,stopped", [
-    (["hello wor", "ld STOP more"], ["STOP"], "hello world ", True),
-    (["abc S", "T", "OP"], ["STOP"], "abc ", True),
-    (["a", "b", "c"], ["xyz"], "abc", False),
-    (["one two"], ["two", "one"], "", True),  # earliest match wins
-    (["no stops"], [], "no stops", False),
+@pytest.mark.parametrize("chunks,stops,out,stopped,kept", [
+    (["hello wor", "ld STOP more"], ["STOP"], "hello world ", True, ()),
+    (["abc S", "T", "OP"], ["STOP"], "abc ", True, ()),
+    (["a", "b", "c"], ["xyz"], "abc", False, ()),
+    (["one two"], ["two", "one"], "", True, ()),  # earliest match wins
+    (["no stops"], [], "no stops", False, ()),
+    # include_stop_str_in_output: a kept stop string ends the text
+    (["hello wor", "ld STOP more"], ["STOP"], "hello world STOP", True, ("STOP",)),
+    (["abc S", "T", "OP x"], ["STOP"], "abc STOP", True, ("STOP",)),
+    (["one two"], ["two", "one"], "one", True, ("two", "one")),
+    (["ab"], ["ab", "a"], "ab", True, ("ab", "a")),  # same position: the first in the list
+    (["x <|u|> y"], ["y", "<|u|>"], "x ", True, ("y",)),  # an implicit stop (not kept) still cuts
 ])
-def test_stop_matcher(chunks, stops, out, stopped):
-    m = StopMatcher(stops)
+def test_stop_matcher(chunks, stops, out, stopped, kept):
+    m = StopMatcher(stops, kept)
     emitted, hit = [], False
     for c in chunks:
         text, hit = m.feed(c)

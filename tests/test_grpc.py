@@ -313,6 +313,19 @@ def test_min_p_over_grpc(stub):
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "min_p" in e.value.details()
 
 
+def test_stop_strings_over_grpc_cut_or_kept(stub):
+    """A stop string is cut from the text; with include_stop_str_in_output it ends it."""
+    full = stub.Generate(greedy(max_tokens=24), metadata=AUTH, timeout=30).text
+    stop = full[len(full) // 2: len(full) // 2 + 2]
+    assert len(stop) == 2
+    head = full[: full.index(stop)]
+    cut = stub.Generate(greedy(max_tokens=24, stop=[stop]), metadata=AUTH, timeout=30)
+    kept = stub.Generate(greedy(max_tokens=24, stop=[stop], include_stop_str_in_output=True), metadata=AUTH,
+                         timeout=30)
+    assert (cut.text, cut.finish_reason) == (head, "stop")
+    assert (kept.text, kept.finish_reason) == (head + stop, "stop")
+
+
 def test_http_and_grpc_build_the_same_request(model, otlp_receiver, monkeypatch):
     """One builder (Frontend.generation) behind both front ends: the same greedy request over
     HTTP and over gRPC (unary and streamed) gives the same tokens and a request span with the

@@ -106,6 +106,7 @@ class Frontend:
             return Generation(
                 self.backend, self.tokenizer, request_id=request_id, prompt_ids=prompt_ids,
                 n=req.choices_generated, sampling=sampling, stops=[*req.stop_list, *extra_stops],
+                kept_stops=req.stop_list if req.include_stop_str_in_output else (),
                 exit_mode=req.offramp.exit, max_draft=req.offramp.max_draft, task=req.offramp.task,
                 timeout_s=timeout, span=(span, spans),
                 trace_context=tracing.inject(span, carrier) if span.is_recording() else carrier)

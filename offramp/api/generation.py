@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Sequence
 
 from offramp.api.text import IncrementalDetokenizer, StopMatcher
 from offramp.errors import DeadlineExceeded
@@ -52,13 +52,14 @@ async def _close(it: Any) -> None:
 
 class _Choice:
     def __init__(self, index: int, it: AsyncIterator[TokenEvent], tokenizer: Any, prompt_ids: list[int],
-                 stops: list[str], max_tokens: int, deadline: float, timeout_s: float, want_logprobs: bool = False):
+                 stops: list[str], max_tokens: int, deadline: float, timeout_s: float, want_logprobs: bool = False,
+                 kept_stops: Sequence[str] = ()):
         self.index = index
         self.it = it
         self.primed = False
         self.first: TokenEvent | None = None
         self.detok = IncrementalDetokenizer(tokenizer, prompt_ids)
-        self.stopper = StopMatcher(stops)
+        self.stopper = StopMatcher(stops, kept_stops)
         self.max_tokens = max_tokens
         self.deadline = deadline
         self.timeout_s = timeout_s
@@ -155,7 +156,7 @@ class Generation:
     def __init__(self, backend: Any, tokenizer: Any, *, request_id: str, prompt_ids: list[int], n: int,
                  sampling: SamplingParams, stops: list[str], exit_mode: ExitMode, task: str | None,
                  timeout_s: float, trace_context: dict[str, str] | None = None, max_draft: int | None = None,
-                 span: tuple[Any, contextlib.ExitStack] | None = None):
+                 span: tuple[Any, contextlib.ExitStack] | None = None, kept_stops: Sequence[str] = ()):
         self.request_id = request_id
         # The request span and the stack that ends it (Frontend.generation); None: no span.
         self.span, self._span_stack = span if span is not None else (None, None)
@@ -175,7 +176,7 @@ class Generation:
                 task=task, trace_context=trace_context, deadline_s=timeout_s,
             )
             self.choices.append(_Choice(i, backend.generate(req), tokenizer, prompt_ids, stops,
-                                        sampling.max_tokens, deadline, timeout_s, self.logprobs))
+                                        sampling.max_tokens, deadline, timeout_s, self.logprobs, kept_stops))
         self._runs = [c.run() for c in self.choices]
         self._merged: AsyncIterator[ChoiceDelta] | None = None
 

@@ -237,6 +237,8 @@ def _completion_body(request: pb.GenerateRequest, served: str) -> dict[str, Any]
         body["stop"] = list(request.stop)
     if request.ignore_eos:
         body["ignore_eos"] = True
+    if request.include_stop_str_in_output:
+        body["include_stop_str_in_output"] = True
     extras: dict[str, Any] = {}
     which = request.WhichOneof("exit")
     if which == "exit_threshold":

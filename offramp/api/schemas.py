@@ -6,7 +6,7 @@ for an integer) and non-finite numbers are rejected with a 400 that names the fi
 OpenAI fields Offramp does not implement (tools, suffix, ...) are accepted
 only at their "off" value, so a client never silently gets something it did not ask for;
 the same holds for the vLLM extensions Offramp does not implement
-(``include_stop_str_in_output``, ...). Fields without effect on the output (``metadata``,
+(``skip_special_tokens=false``, ...). Fields without effect on the output (``metadata``,
 ``store``, ``service_tier``, ``user``) are accepted and ignored.
 
 Sampling parameters are held to ranges the sampler cannot overflow on: ``temperature`` is
@@ -122,7 +122,8 @@ class SamplingFields(_Strict):
                          "tokens whose probability is below min_p times the most likely token's.")
     skip_special_tokens: bool = Field(True, description="vLLM extension: only true (special tokens are never shown).")
     spaces_between_special_tokens: bool = Field(True, description="vLLM extension: accepted, no effect here.")
-    include_stop_str_in_output: bool = Field(False, description="vLLM extension: only false.")
+    include_stop_str_in_output: bool = Field(False, description="vLLM extension: the matched stop string "
+                                             "ends the text instead of being cut from it.")
     # OpenAI fields with no effect on the output: accepted and ignored.
     metadata: dict[StrictStr, StrictStr] | None = Field(None, max_length=16)
     store: bool | None = None
@@ -156,9 +157,6 @@ class SamplingFields(_Strict):
             raise BadRequestValue("min_tokens", f"min_tokens={self.min_tokens} is above max_tokens={self.max_tokens}")
         if not self.skip_special_tokens:
             raise BadRequestValue("skip_special_tokens", "skip_special_tokens=false is not supported; omit it")
-        if self.include_stop_str_in_output:
-            raise BadRequestValue("include_stop_str_in_output", "include_stop_str_in_output=true is not "
-                                  "supported; omit it")
         if self.stop_token_ids and any(not 0 <= t <= INT32_MAX for t in self.stop_token_ids):
             raise BadRequestValue("stop_token_ids", "stop_token_ids must be token ids (>= 0)")
         return self

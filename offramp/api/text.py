@@ -101,10 +101,13 @@ class IncrementalDetokenizer:
 
 class StopMatcher:
     """Finds stop strings in streamed text; holds back just enough text to never emit a
-    partial stop string. Stop strings are cut from the output (OpenAI behaviour)."""
+    partial stop string. Stop strings are cut from the output (OpenAI behaviour), except
+    those in ``kept`` (vLLM's ``include_stop_str_in_output``), which end it. The earliest
+    match wins; at one position, the first in ``stops``."""
 
-    def __init__(self, stops: Sequence[str]):
+    def __init__(self, stops: Sequence[str], kept: Sequence[str] = ()):
         self.stops = [s for s in stops if s]
+        self.kept = set(kept)
         self.hold = max((len(s) for s in self.stops), default=1) - 1
         self.pending = ""
 
@@ -113,10 +116,12 @@ class StopMatcher:
         if not self.stops:
             return text, False
         buf = self.pending + text
-        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        hits = [(i, k) for k, i in enumerate(buf.find(s) for s in self.stops) if i >= 0]
         if hits:
+            i, k = min(hits)
+            stop = self.stops[k]
             self.pending = ""
-            return buf[: min(hits)], True
+            return buf[: i + len(stop) if stop in self.kept else i], True
         cut = max(0, len(buf) - self.hold)
         self.pending = buf[cut:]
         return buf[:cut], False

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fofframp/api/proto/offramp.proto\x12\nofframp.v1\"\x99\x06\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12)\n\texit_mode\x18\n \x01(\x0e\x32\x14.offramp.v1.ExitModeH\x00\x12\x18\n\x0e\x65xit_threshold\x18\x0b \x01(\x01H\x00\x12\x0c\n\x04task\x18\x0c \x01(\t\x12\r\n\x05model\x18\r \x01(\t\x12\x16\n\tmax_draft\x18\x0e \x01(\rH\x06\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0f \x01(\rH\x07\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x10 \x01(\x01H\x08\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x11 \x01(\x01H\t\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x12 \x01(\x01H\n\x88\x01\x01\x12>\n\nlogit_bias\x18\x13 \x03(\x0b\x32*.offramp.v1.GenerateRequest.LogitBiasEntry\x12\x12\n\nmin_tokens\x18\x14 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x15 \x03(\x05\x12\x12\n\x05min_p\x18\x16 \x01(\x01H\x0b\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x06\n\x04\x65xitB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x0c\n\n_max_draftB\x0b\n\t_logprobsB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x08\n\x06_min_p\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"V\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12#\n\x03top\x18\x03 \x03(\x0b\x32\x16.offramp.v1.TopLogprob\"L\n\x10SpeculativeStats\x12\x0f\n\x07\x64rafted\x18\x01 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\r\x12\x15\n\rverify_rounds\x18\x03 \x01(\r\"\x9a\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12\x16\n\x0estages_skipped\x18\x04 \x01(\r\x12\x31\n\x0bspeculative\x18\x05 \x01(\x0b\x32\x1c.offramp.v1.SpeculativeStats\"\xdc\x01\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12\x13\n\x0b\x65xit_stages\x18\x05 \x03(\x05\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12 \n\x05usage\x18\x07 \x01(\x0b\x32\x11.offramp.v1.Usage\x12\x12\n\nnum_stages\x18\x08 \x01(\r\x12*\n\x08logprobs\x18\t \x03(\x0b\x32\x18.offramp.v1.TokenLogprob\"\xbf\x01\n\x16GenerateStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x13\n\x0b\x65xit_stages\x18\x04 \x03(\x05\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.offramp.v1.Usage\x12*\n\x08logprobs\x18\x07 \x03(\x0b\x32\x18.offramp.v1.TokenLogprob\"\x0f\n\rHealthRequest\"\xbe\x01\n\x0eHealthResponse\x12\x38\n\x06status\x18\x01 \x01(\x0e\x32(.offramp.v1.HealthResponse.ServingStatus\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\nnum_stages\x18\x03 \x01(\r\x12\x13\n\x0bmax_context\x18\x04 \x01(\r\":\n\rServingStatus\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0f\n\x0bNOT_SERVING\x10\x02*m\n\x08\x45xitMode\x12\x19\n\x15\x45XIT_MODE_UNSPECIFIED\x10\x00\x12\x11\n\rEXIT_MODE_OFF\x10\x01\x12\x18\n\x14\x45XIT_MODE_CALIBRATED\x10\x02\x12\x19\n\x15\x45XIT_MODE_SPECULATIVE\x10\x03\x32\xe6\x01\n\x07Offramp\x12\x45\n\x08Generate\x12\x1b.offramp.v1.GenerateRequest\x1a\x1c.offramp.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1b.offramp.v1.GenerateRequest\x1a\".offramp.v1.GenerateStreamResponse0\x01\x12?\n\x06Health\x12\x19.offramp.v1.HealthRequest\x1a\x1a.offramp.v1.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fofframp/api/proto/offramp.proto\x12\nofframp.v1\"\xbd\x06\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12)\n\texit_mode\x18\n \x01(\x0e\x32\x14.offramp.v1.ExitModeH\x00\x12\x18\n\x0e\x65xit_threshold\x18\x0b \x01(\x01H\x00\x12\x0c\n\x04task\x18\x0c \x01(\t\x12\r\n\x05model\x18\r \x01(\t\x12\x16\n\tmax_draft\x18\x0e \x01(\rH\x06\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0f \x01(\rH\x07\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x10 \x01(\x01H\x08\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x11 \x01(\x01H\t\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x12 \x01(\x01H\n\x88\x01\x01\x12>\n\nlogit_bias\x18\x13 \x03(\x0b\x32*.offramp.v1.GenerateRequest.LogitBiasEntry\x12\x12\n\nmin_tokens\x18\x14 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x15 \x03(\x05\x12\x12\n\x05min_p\x18\x16 \x01(\x01H\x0b\x88\x01\x01\x12\"\n\x1ainclude_stop_str_in_output\x18\x17 \x01(\x08\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x06\n\x04\x65xitB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x0c\n\n_max_draftB\x0b\n\t_logprobsB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x08\n\x06_min_p\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"V\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12#\n\x03top\x18\x03 \x03(\x0b\x32\x16.offramp.v1.TopLogprob\"L\n\x10SpeculativeStats\x12\x0f\n\x07\x64rafted\x18\x01 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\r\x12\x15\n\rverify_rounds\x18\x03 \x01(\r\"\x9a\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12\x16\n\x0estages_skipped\x18\x04 \x01(\r\x12\x31\n\x0bspeculative\x18\x05 \x01(\x0b\x32\x1c.offramp.v1.SpeculativeStats\"\xdc\x01\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12\x13\n\x0b\x65xit_stages\x18\x05 \x03(\x05\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12 \n\x05usage\x18\x07 \x01(\x0b\x32\x11.offramp.v1.Usage\x12\x12\n\nnum_stages\x18\x08 \x01(\r\x12*\n\x08logprobs\x18\t \x03(\x0b\x32\x18.offramp.v1.TokenLogprob\"\xbf\x01\n\x16GenerateStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x13\n\x0b\x65xit_stages\x18\x04 \x03(\x05\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.offramp.v1.Usage\x12*\n\x08logprobs\x18\x07 \x03(\x0b\x32\x18.offramp.v1.TokenLogprob\"\x0f\n\rHealthRequest\"\xbe\x01\n\x0eHealthResponse\x12\x38\n\x06status\x18\x01 \x01(\x0e\x32(.offramp.v1.HealthResponse.ServingStatus\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\nnum_stages\x18\x03 \x01(\r\x12\x13\n\x0bmax_context\x18\x04 \x01(\r\":\n\rServingStatus\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0f\n\x0bNOT_SERVING\x10\x02*m\n\x08\x45xitMode\x12\x19\n\x15\x45XIT_MODE_UNSPECIFIED\x10\x00\x12\x11\n\rEXIT_MODE_OFF\x10\x01\x12\x18\n\x14\x45XIT_MODE_CALIBRATED\x10\x02\x12\x19\n\x15\x45XIT_MODE_SPECULATIVE\x10\x03\x32\xe6\x01\n\x07Offramp\x12\x45\n\x08Generate\x12\x1b.offramp.v1.GenerateRequest\x1a\x1c.offramp.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1b.offramp.v1.GenerateRequest\x1a\".offramp.v1.GenerateStreamResponse0\x01\x12?\n\x06Health\x12\x19.offramp.v1.HealthRequest\x1a\x1a.offramp.v1.HealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,30 +33,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST_LOGITBIASENTRY']._loaded_options = None
   _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_EXITMODE']._serialized_start=1842
-  _globals['_EXITMODE']._serialized_end=1951
+  _globals['_EXITMODE']._serialized_start=1878
+  _globals['_EXITMODE']._serialized_end=1987
   _globals['_GENERATEREQUEST']._serialized_start=48
-  _globals['_GENERATEREQUEST']._serialized_end=841
-  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=622
-  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=670
-  _globals['_TOPLOGPROB']._serialized_start=843
-  _globals['_TOPLOGPROB']._serialized_end=890
-  _globals['_TOKENLOGPROB']._serialized_start=892
-  _globals['_TOKENLOGPROB']._serialized_end=978
-  _globals['_SPECULATIVESTATS']._serialized_start=980
-  _globals['_SPECULATIVESTATS']._serialized_end=1056
-  _globals['_USAGE']._serialized_start=1059
-  _globals['_USAGE']._serialized_end=1213
-  _globals['_GENERATERESPONSE']._serialized_start=1216
-  _globals['_GENERATERESPONSE']._serialized_end=1436
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1439
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1630
-  _globals['_HEALTHREQUEST']._serialized_start=1632
-  _globals['_HEALTHREQUEST']._serialized_end=1647
-  _globals['_HEALTHRESPONSE']._serialized_start=1650
-  _globals['_HEALTHRESPONSE']._serialized_end=1840
-  _globals['_HEALTHRESPONSE_SERVINGSTATUS']._serialized_start=1782
-  _globals['_HEALTHRESPONSE_SERVINGSTATUS']._serialized_end=1840
-  _globals['_OFFRAMP']._serialized_start=1954
-  _globals['_OFFRAMP']._serialized_end=2184
+  _globals['_GENERATEREQUEST']._serialized_end=877
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=658
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=706
+  _globals['_TOPLOGPROB']._serialized_start=879
+  _globals['_TOPLOGPROB']._serialized_end=926
+  _globals['_TOKENLOGPROB']._serialized_start=928
+  _globals['_TOKENLOGPROB']._serialized_end=1014
+  _globals['_SPECULATIVESTATS']._serialized_start=1016
+  _globals['_SPECULATIVESTATS']._serialized_end=1092
+  _globals['_USAGE']._serialized_start=1095
+  _globals['_USAGE']._serialized_end=1249
+  _globals['_GENERATERESPONSE']._serialized_start=1252
+  _globals['_GENERATERESPONSE']._serialized_end=1472
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1475
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1666
+  _globals['_HEALTHREQUEST']._serialized_start=1668
+  _globals['_HEALTHREQUEST']._serialized_end=1683
+  _globals['_HEALTHRESPONSE']._serialized_start=1686
+  _globals['_HEALTHRESPONSE']._serialized_end=1876
+  _globals['_HEALTHRESPONSE_SERVINGSTATUS']._serialized_start=1818
+  _globals['_HEALTHRESPONSE_SERVINGSTATUS']._serialized_end=1876
+  _globals['_OFFRAMP']._serialized_start=1990
+  _globals['_OFFRAMP']._serialized_end=2220
 # @@protoc_insertion_point(module_scope)
