@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 import torch
 
 from offramp import errors
@@ -228,3 +229,51 @@ def test_a_request_waiting_for_kv_past_its_deadline_gets_overloaded_and_a_leaver
     assert isinstance(short_err, errors.Overloaded) and "KV slot" in str(short_err), short_err
     assert waiting_after_leave == 0
     assert len(patient) == 4 and all(len(h) == 100 for h in held)
+
+
+@pytest.mark.parametrize("chain", [True, False])
+def test_a_frozen_replica_holds_up_only_its_own_sequences(tiny_model_dir, chain):
+    """Two replicas of stage 1, one lane for everyone; one replica's event loop freezes for
+    3 s mid-generation (a gray failure: alive, not answering). Its frame is detached from
+    the step, so the sequences on the other replica keep streaming; the frozen replica's
+    own sequences resume when it does (no ban, no replay: 3 s is inside the call timeout),
+    and every output equals the unsplit model's."""
+    freeze = 3.0
+    whole = StagedModel(tiny_model_dir, num_stages=1)
+    reqs = [_req(i, n=40) for i in range(6)]
+    ref = [whole.generate([list(r.prompt_ids)], r.sampling, ExitPolicy("off"))[0].generated for r in reqs]
+
+    async def scenario():
+        reps = _Replicas(tiny_model_dir)
+        L = reps.spec.num_layers
+        reps.add("s0", 0, (0, L // 2))
+        reps.add("s1a", 1, (L // 2, L))
+        frozen = reps.add("s1b", 1, (L // 2, L))
+        try:
+            backend = _backend(reps, micro_batches=1, call_timeout_s=20, chain=chain)
+            times: dict[str, list[float]] = {r.request_id: [] for r in reqs}
+
+            async def run(req):
+                out = []
+                async for ev in backend.generate(req):
+                    out.append(ev.token_id)
+                    times[req.request_id].append(time.monotonic())
+                return out
+
+            tasks = [asyncio.ensure_future(run(r)) for r in reqs]
+            await _until(lambda: all(len(t) >= 3 for t in times.values()))
+            on_frozen = len(frozen.worker.cache.slot_of)
+            frozen.loop.call_soon_threadsafe(time.sleep, freeze)
+            outs = await asyncio.gather(*tasks)
+            gaps = sorted(max(b - a for a, b in zip(t, t[1:])) for t in times.values())
+            return outs, gaps, on_frozen, backend.stats()
+        finally:
+            reps.close()
+
+    outs, gaps, on_frozen, stats = asyncio.run(scenario())
+    assert outs == ref
+    assert 0 < on_frozen < 6, "least-loaded routing put sequences on both replicas"
+    healthy, stalled = gaps[: 6 - on_frozen], gaps[6 - on_frozen:]
+    assert max(healthy) < 1.5, gaps  # before: every sequence of the lane waited out the freeze
+    assert min(stalled) > 0.8 * freeze, gaps
+    assert stats["detached_rows"] >= on_frozen and stats["replays"] == 0, stats

@@ -55,6 +55,11 @@ REFRESH_S = 1.0  # how stale the ingress's view of the registry may be (a leavin
 LOOKUP_TIMEOUT_S = 5.0  # one registry lookup; past it the last view stays
 RESTART_GRACE_S = 10.0  # after a registry restart, endpoints not re-registered yet stay routable this long
 SLOT_PROBE_S = 0.25  # the first sequence waiting for a KV slot asks again this often (slots other ingresses free)
+# A frame of a step still out when the step's other frames are back is a straggler after
+# max(STRAGGLER_MIN_S, STRAGGLER_FACTOR x the first one's round trip): its rows go on
+# outside the lane (see PipelineBackend, "Stragglers").
+STRAGGLER_MIN_S = 0.25
+STRAGGLER_FACTOR = 10.0
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,7 @@ class _Seq(Walk):
     retry_at: float = 0.0  # not stepped before this (monotonic): a replay's backoff or a wait for a KV slot
     slot_wait: bool = False  # waiting for a KV slot (:meth:`PipelineBackend._park`)
     arrival: int = 0  # arrival order on this ingress: the order of the wait for KV slots
+    detached: bool = False  # its current step goes on outside its lane (a straggling frame's row)
 
 
 class Router:
@@ -297,7 +303,17 @@ class PipelineBackend:
     stages (a slot may be free), and otherwise every :data:`SLOT_PROBE_S` (slots that
     other ingress replicas free); one that gets through lets the next one try at once. A
     burst larger than the stages' KV is served in arrival order instead of answered 429;
-    ``max_active`` (admitted requests, waiting ones included) still bounds the queue."""
+    ``max_active`` (admitted requests, waiting ones included) still bounds the queue.
+
+    **Stragglers.** The rows of one round of a step go out as one frame per replica; the
+    lane goes on when all of them are back. A replica that stalls (frozen, swapping, a
+    stuck device) would hold up every sequence of the lane, not only its own, until the
+    call timeout. So once the round's first frame is back, the others get
+    ``max(STRAGGLER_MIN_S, STRAGGLER_FACTOR x`` its round trip``)``; a frame still out
+    then is detached: its sequences finish their step on their own (the frame's answer,
+    then their remaining rounds, or the call timeout's ban and replay as before) and the
+    lane steps without them until they are back. Nobody is banned or replayed early: a
+    detached frame that answers late is taken as usual, so a false alarm costs a frame."""
 
     def __init__(self, num_stages: int, router: Router, *, eos_token_ids: tuple[int, ...], max_seq: int,
                  vocab_size: int, kv_fill: str = "exact", call_timeout_s: float = 30.0,
@@ -330,6 +346,7 @@ class PipelineBackend:
         self._probe: asyncio.TimerHandle | None = None  # the first waiting one's next try (_probe_soon)
         self._arrivals = itertools.count()
         self.slot_waits = 0  # times a sequence was queued for a KV slot (cumulative)
+        self.detached = 0  # rows whose frame straggled and went on outside their lane (cumulative)
         # Server-side latencies as (monotonic time, seconds), bounded: the newest 8192 of
         # each since the last reset. A lock because the registry heartbeat reads them from
         # another thread.
@@ -420,6 +437,7 @@ class PipelineBackend:
                 "hop_n": list(self.hop_n), "num_stages": self.num_stages, "tokens": len(tpot) + len(ttft),
                 "tokens_emitted": self.emitted,
                 "replays": self.replays, "kv_waits": self.slot_waits, "waiting_for_kv": self._waiting(),
+                "detached_rows": self.detached,
                 "scheduler_steps": steps,
                 "rows_per_step": round(sum(lane.rows for lane in self.lanes) / steps, 2) if steps else None,
                 "exit_audit": self.tuner.snapshot(),
@@ -480,15 +498,16 @@ class PipelineBackend:
         while True:
             try:
                 for s in lane.seqs:
-                    if s.done:
+                    if s.done and not s.detached:  # a detached one: once its step is back
                         self._release(s, frees=True)
-                lane.seqs = [s for s in lane.seqs if not s.done]
+                lane.seqs = [s for s in lane.seqs if not s.done or s.detached]
                 now = time.monotonic()
-                ready = [s for s in lane.seqs if s.retry_at <= now]
-                if not ready:  # sleep until a sequence joins or ends, or a backoff is over
+                steppable = [s for s in lane.seqs if not s.detached]
+                ready = [s for s in steppable if s.retry_at <= now]
+                if not ready:  # sleep until a sequence joins, ends or comes back, or a backoff is over
                     lane.wake.clear()
-                    if lane.seqs:
-                        until = min(s.retry_at for s in lane.seqs)
+                    if steppable:
+                        until = min(s.retry_at for s in steppable)
                         timer = asyncio.get_running_loop().call_later(max(0.0, until - now), lane.wake.set)
                     else:
                         timer = None
@@ -520,6 +539,11 @@ class PipelineBackend:
         gating = self.gate_max_active is None or running <= self.gate_max_active
         for seq in seqs:
             todo.append((seq, seq.row(seq.session, self.max_seq, drafting), 0))
+        await self._rounds(todo, gating)
+
+    async def _rounds(self, todo: list[tuple[_Seq, StepRow, int]], gating: bool) -> None:
+        """The rounds of a step from ``todo`` on: one frame per replica per round, until
+        every row exited at a gate, reached the last stage or failed."""
         last = self.num_stages - 1
         for _ in range(self.router.num_layers or 1_000_000):
             if not todo:
@@ -545,11 +569,63 @@ class PipelineBackend:
                 row.verify = ep.stage == last and self._audit(seq)
                 groups.setdefault(ep, []).append((seq, row, layer))
             todo = []
-            for onward in await _concurrently([self._run_hop(_Hop(ep, items), gating)
-                                               for ep, items in groups.items()]):
+            for onward in await self._hops([_Hop(ep, items) for ep, items in groups.items()], gating):
                 todo += onward
         for seq, _, _ in todo:
             self._fail(seq, errors.StageUnavailable("the last stage returned no token"))
+
+    async def _hops(self, hops: list[_Hop], gating: bool) -> list[list[tuple[_Seq, StepRow, int]]]:
+        """Run one round's frames together; the rows that go on, per frame that came back in
+        time. A straggler (class docstring, "Stragglers") is detached: its rows leave the
+        round and finish their step in :meth:`_finish_detached`."""
+        if len(hops) <= 1:
+            return await _concurrently([self._run_hop(h, gating) for h in hops])
+        tasks = [asyncio.ensure_future(self._run_hop(h, gating)) for h in hops]
+        try:
+            t0 = time.monotonic()
+            _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            if pending:
+                grace = max(STRAGGLER_MIN_S, STRAGGLER_FACTOR * (time.monotonic() - t0))
+                _, pending = await asyncio.wait(pending, timeout=grace)
+        except asyncio.CancelledError:
+            for t in tasks:
+                t.cancel()
+            raise
+        out = []
+        for hop, task in zip(hops, tasks):
+            if task in pending:
+                seqs = [seq for seq, _, _ in hop.items]
+                log.warning("stage %d replica %s has not answered a frame of %d rows for %.2f s while the "
+                            "step's other frames are back; those rows go on outside their lanes",
+                            hop.ep.stage, hop.ep.replica, len(seqs), time.monotonic() - t0)
+                self.detached += len(seqs)
+                for seq in seqs:
+                    seq.detached = True
+                self._spawn(self._finish_detached(task, seqs, gating))
+            else:
+                out.append(task.result())
+        return out
+
+    async def _finish_detached(self, task: asyncio.Future, seqs: list[_Seq], gating: bool) -> None:
+        """The rest of a detached frame's step: its answer, then its rows' remaining
+        rounds; then its sequences are their lanes' again."""
+        try:
+            onward = await task
+            if onward:
+                await self._rounds(onward, gating)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - as a lane's step: these requests fail, not the replica
+            log.exception("a detached step failed; failing its requests")
+            for s in seqs:
+                if not s.done:
+                    self._fail(s, errors.RowFailed(f"the ingress scheduler failed ({type(e).__name__}); "
+                                                   "it has been logged"))
+        finally:
+            for s in seqs:
+                s.detached = False
+                if s.lane is not None:
+                    s.lane.wake.set()
 
     def _visit(self, ep: Endpoint, items) -> float:
         """Counts a frame and its rows' visits to ``ep``'s stage; returns the frame's time
@@ -643,11 +719,11 @@ class PipelineBackend:
         waits = []
         for child in node.children.values():
             if child.items:
-                waits.append(self._run_hop(child, gating))
+                waits.append(child)
             else:
                 self.router.client(child.ep).forget(child.fid)
                 self._forget(child)
-        for more in await _concurrently(waits):
+        for more in await self._hops(waits, gating):
             onward += more
         return onward
 
