@@ -10,9 +10,11 @@ def test_fault_window_counts_by_end_time_and_keeps_errors():
     outs = [Outcome(0, 0.0, 1.0, "ok"), Outcome(1, 0.5, 2.5, "failed", "SSE error: x"),
             Outcome(2, 2.0, 3.0, "wrong", "'a' != 'b'"), Outcome(3, 1.0, 9.0, "hung", "no end"),
             Outcome(4, 5.0, 6.0, "ok")]
+    outs[4].max_gap = 1.7
     w = _window(outs, 2.0, 6.0)
     assert (w["ok"], w["wrong"], w["failed"], w["hung"]) == (1, 1, 1, 0)
     assert w["errors"] == ["failed: SSE error: x", "wrong: 'a' != 'b'"]
+    assert (w["paused_over_1s"], w["longest_pause_s"]) == (1, 1.7)
 
 
 def test_tpot_and_soak_windows():

@@ -14,7 +14,12 @@ first answer, taken before any fault. Then, one at a time, with the load running
 * ``node``: the whole simulated node hosting Stage1 (``Cluster.remove_node``);
 * ``burst``: not a kill: ``--burst`` requests at once on top of the load (default 256, four
   times a stage replica's KV slots): each must end with its reference text, none refused
-  (the ingress queues what finds no KV slot, docs/reliability.md).
+  (the ingress queues what finds no KV slot, docs/reliability.md);
+* ``stall``: not a kill: a Stage1 replica's process frozen ``--stall-s`` seconds (SIGSTOP,
+  then SIGCONT), a replica alive and answering nothing. With ``--stage1-replicas 2`` only
+  the streams on the frozen replica may pause (docs/reliability.md, "A replica that
+  stalls"); with one replica every stream waits, and fails only if the freeze outlasts the
+  request deadline.
 
 After each fault the load runs ``--recover-s`` more seconds, stops, and the pipeline sits
 idle ``--idle-s`` seconds; then the KV slots every stage replica still holds are read from
@@ -22,12 +27,15 @@ the registry's heartbeats (the KV lease must have freed every abandoned sequence
 
 Per fault it reports requests ok / wrong (text differs from the reference) / failed (an
 HTTP or SSE error) / hung (no end within the client's deadline) among the requests that
-ended in the fault's window, the recovery time (fault to the end of the first request
+ended in the fault's window, how many of those paused over 1 s between two streamed
+events (and the longest pause), the recovery time (fault to the end of the first request
 started after it that came back right), and the KV slots held after idle.
 """
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -35,20 +43,26 @@ from dataclasses import dataclass, field
 from offramp.bench.common import APP, json_stdout, local_serve_config
 from offramp.deployments.config import INGRESS_NAME, stage_name
 
-FAULTS = ("stage0", "stage1", "ingress", "registry", "node", "burst")
+FAULTS = ("stage0", "stage1", "ingress", "registry", "node", "burst", "stall")
 PROMPTS = ("The sun rose over the", "def area(width, height):\n", "12+30=", "In the beginning",
            "Pipeline stages", "import os\n")
 
 
 def register(bsub) -> None:
-    p = bsub.add_parser("faults", help="kill stage replicas, the ingress, the registry and a node under load",
-                        description="Kill each part of a serving pipeline under load, one at a time, and "
-                        "report requests ok / wrong / failed / hung, recovery time and KV slots still held "
-                        "after idle (docs/reliability.md).")
+    p = bsub.add_parser("faults", help="kill stage replicas, the ingress, the registry and a node, freeze a "
+                        "replica, burst requests, under load",
+                        description="Kill each part of a serving pipeline under load, one at a time (and freeze "
+                        "a replica, and send a burst), and report requests ok / wrong / failed / hung, streams "
+                        "that paused, recovery time and KV slots still held after idle (docs/reliability.md).")
     p.add_argument("--streams", type=int, default=6, help="concurrent greedy streams (default 6)")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens per request (default 32)")
     p.add_argument("--faults", default=",".join(FAULTS),
                    help=f"comma list, in order, from {', '.join(FAULTS)} (default: all)")
+    p.add_argument("--stall-s", type=float, default=20.0,
+                   help="the stall fault: how long a Stage1 replica's process is frozen (SIGSTOP, then SIGCONT; "
+                   "default 20 s)")
+    p.add_argument("--stage1-replicas", type=int, default=1,
+                   help="Stage1 replicas (default 1; 2 shows a stalled or killed replica beside a healthy one)")
     p.add_argument("--burst", type=int, default=256,
                    help="the burst fault's requests, sent at once (default 256: 4x a stage replica's 64 KV slots)")
     p.add_argument("--recover-s", type=float, default=60.0,
@@ -72,6 +86,8 @@ class Outcome:
     detail: str = ""
     first: float | None = None  # first token's arrival
     chunks: int = 0  # streamed events with text
+    max_gap: float = 0.0  # longest pause between two streamed events (or the request and its first)
+    last: float | None = None  # the latest event's arrival
 
     @property
     def tpot_s(self) -> float | None:
@@ -119,7 +135,10 @@ class Load:
                     if "error" in ev:
                         return done("failed", f"SSE error: {ev['error'].get('message', '')[:120]}")
                     if ev["choices"] and ev["choices"][0]["text"]:
-                        o.first = o.first or time.monotonic()
+                        now = time.monotonic()
+                        o.max_gap = max(o.max_gap, now - (o.last or o.start))
+                        o.last = now
+                        o.first = o.first or now
                         o.chunks += 1
                         text.append(ev["choices"][0]["text"])
         except httpx.TimeoutException:
@@ -184,7 +203,9 @@ def _config(model_dir: str | None, port: int, args) -> dict:
                 "kv_lease_s": args.kv_lease_s, "channel_host": "127.0.0.1"}
     if model_dir:
         app_args["model"] = model_dir
-    return local_serve_config(port, ["gpu", "cpu"], app_args)
+    cfg = local_serve_config(port, ["gpu", "cpu"], app_args)
+    cfg["applications"][0]["deployments"][2]["num_replicas"] = getattr(args, "stage1_replicas", 1)
+    return cfg
 
 
 def _replicas(deployment: str) -> list:
@@ -223,6 +244,28 @@ def _kill(fault: str, cluster) -> str:
     return f"{deployment} replica {actor.name.rsplit('#', 1)[-1]}"
 
 
+def _stall(seconds: float) -> tuple[str, threading.Timer]:
+    """Freeze a Stage1 replica's process (SIGSTOP: alive, answering nothing) and have it
+    resume after ``seconds`` (the returned timer; run it early to resume now). The bench's
+    cluster is on this machine, so the replica's pid is a local process."""
+    actors = [a for a in _replicas(stage_name(1)) if a.pid]
+    if not actors:
+        raise RuntimeError(f"no live {stage_name(1)} replica to stall")
+    pid = int(actors[0].pid)
+    os.kill(pid, signal.SIGSTOP)
+    resume = threading.Timer(seconds, _resume, (pid,))
+    resume.daemon = True
+    resume.start()
+    return f"{stage_name(1)} replica {actors[0].name.rsplit('#', 1)[-1]} frozen {seconds:g} s", resume
+
+
+def _resume(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGCONT)
+    except ProcessLookupError:
+        pass
+
+
 def _held_slots() -> dict[str, int]:
     from offramp.cluster import rayops
 
@@ -230,14 +273,19 @@ def _held_slots() -> dict[str, int]:
 
 
 def _window(outcomes: list[Outcome], t0: float, t1: float) -> dict:
+    """Requests that ended in [t0, t1]: counts by status, the first errors, how many paused
+    over 1 s between two streamed events and the longest such pause."""
     counts = {"ok": 0, "wrong": 0, "failed": 0, "hung": 0}
     errors: list[str] = []
+    gaps = []
     for o in outcomes:
         if t0 <= o.end <= t1:
             counts[o.status] += 1
+            gaps.append(o.max_gap)
             if o.status != "ok" and len(errors) < 5:
                 errors.append(f"{o.status}: {o.detail}")
-    return {**counts, "errors": errors}
+    return {**counts, "errors": errors, "paused_over_1s": sum(g > 1.0 for g in gaps),
+            "longest_pause_s": round(max(gaps, default=0.0), 2)}
 
 
 def run(args) -> int:
@@ -261,6 +309,7 @@ def _run(args, faults: list[str], emit) -> int:
     report: dict = {"streams": args.streams, "max_tokens": args.max_tokens, "kv_lease_s": args.kv_lease_s,
                     "idle_s": args.idle_s, "faults": []}
     bar = tqdm(total=len(faults) + 1, desc="faults", disable=args.json, dynamic_ncols=True)
+    stalled: threading.Timer | None = None
     try:
         with pool_cluster(gpu_nodes=1, cpu_nodes=2, cpus_per_node=2, dashboard=True) as cluster:
             deploy_config(_config(args.model, port, args), APP)
@@ -276,14 +325,19 @@ def _run(args, faults: list[str], emit) -> int:
                         load.burst(args.burst)
                         took = time.monotonic() - t_fault
                         what = f"nothing: {args.burst} requests at once, all ended in {took:.1f} s"
+                    elif fault == "stall":
+                        what, stalled = _stall(args.stall_s)
                     else:
                         what = _kill(fault, cluster)
                 except Exception as e:  # noqa: BLE001 - report it, keep the other faults' figures
                     report["faults"].append({"fault": fault, "error": f"{type(e).__name__}: {e}"})
                     bar.update(1)
                     continue
-                # a burst has ended when load.burst returns: nothing to recover from
+                # a burst has ended when load.burst returns: nothing to recover from; a stall
+                # is kept up to its end before the recovery time counts
                 time.sleep(args.recover_s if fault != "burst" else 2.0)
+                if fault == "stall":
+                    stalled.join()
                 load.stop()
                 t_quiet = time.monotonic()
                 rec = next((o.end - t_fault for o in sorted(load.outcomes, key=lambda o: o.end)
@@ -301,6 +355,9 @@ def _run(args, faults: list[str], emit) -> int:
                 time.sleep(2)
             load.stop()
     finally:
+        if stalled is not None:  # never leave a replica frozen
+            stalled.cancel()
+            stalled.function(*stalled.args)
         bar.close()
         load.stop()
     report["wall_s"] = round(time.monotonic() - t_start, 1)
@@ -312,5 +369,6 @@ def _line(e: dict) -> str:
     if "error" in e:
         return f"{e['fault']:9} not run: {e['error']}"
     return (f"{e['fault']:9} killed {e['killed']}: ok {e['ok']} wrong {e['wrong']} failed {e['failed']} "
-            f"hung {e['hung']}, recovered in {e['recovery_s']} s, KV slots held after idle "
+            f"hung {e['hung']}, {e['paused_over_1s']} paused > 1 s (longest {e['longest_pause_s']} s), "
+            f"recovered in {e['recovery_s']} s, KV slots held after idle "
             f"{sum(v for v in e['kv_slots_held_after_idle'].values() if v > 0)}")
