@@ -333,8 +333,8 @@ def _run(args, faults: list[str], emit) -> int:
                     report["faults"].append({"fault": fault, "error": f"{type(e).__name__}: {e}"})
                     bar.update(1)
                     continue
-                # a burst has ended when load.burst returns: nothing to recover from; a stall
-                # is kept up to its end before the recovery time counts
+                # a burst has ended when load.burst returns: nothing to recover from; the load
+                # runs --recover-s from a stall's start, or up to its end if that is later
                 time.sleep(args.recover_s if fault != "burst" else 2.0)
                 if fault == "stall":
                     stalled.join()
