@@ -33,6 +33,7 @@ started after it that came back right), and the KV slots held after idle.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -204,7 +205,8 @@ def _config(model_dir: str | None, port: int, args) -> dict:
     if model_dir:
         app_args["model"] = model_dir
     cfg = local_serve_config(port, ["gpu", "cpu"], app_args)
-    cfg["applications"][0]["deployments"][2]["num_replicas"] = getattr(args, "stage1_replicas", 1)
+    (stage1,) = [d for d in cfg["applications"][0]["deployments"] if d["name"] == stage_name(1)]
+    stage1["num_replicas"] = getattr(args, "stage1_replicas", 1)
     return cfg
 
 
@@ -244,26 +246,21 @@ def _kill(fault: str, cluster) -> str:
     return f"{deployment} replica {actor.name.rsplit('#', 1)[-1]}"
 
 
-def _stall(seconds: float) -> tuple[str, threading.Timer]:
-    """Freeze a Stage1 replica's process (SIGSTOP: alive, answering nothing) and have it
-    resume after ``seconds`` (the returned timer; run it early to resume now). The bench's
-    cluster is on this machine, so the replica's pid is a local process."""
+def _stall(seconds: float) -> str:
+    """Freeze a Stage1 replica's process for ``seconds`` (SIGSTOP: alive, answering nothing;
+    SIGCONT after, whatever happens meanwhile) while the load runs in its threads. The
+    bench's cluster is on this machine, so the replica's pid is a local process."""
     actors = [a for a in _replicas(stage_name(1)) if a.pid]
     if not actors:
         raise RuntimeError(f"no live {stage_name(1)} replica to stall")
     pid = int(actors[0].pid)
     os.kill(pid, signal.SIGSTOP)
-    resume = threading.Timer(seconds, _resume, (pid,))
-    resume.daemon = True
-    resume.start()
-    return f"{stage_name(1)} replica {actors[0].name.rsplit('#', 1)[-1]} frozen {seconds:g} s", resume
-
-
-def _resume(pid: int) -> None:
     try:
-        os.kill(pid, signal.SIGCONT)
-    except ProcessLookupError:
-        pass
+        time.sleep(seconds)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # Serve may have replaced it meanwhile
+            os.kill(pid, signal.SIGCONT)
+    return f"{stage_name(1)} replica {actors[0].name.rsplit('#', 1)[-1]} frozen {seconds:g} s"
 
 
 def _held_slots() -> dict[str, int]:
@@ -309,7 +306,6 @@ def _run(args, faults: list[str], emit) -> int:
     report: dict = {"streams": args.streams, "max_tokens": args.max_tokens, "kv_lease_s": args.kv_lease_s,
                     "idle_s": args.idle_s, "faults": []}
     bar = tqdm(total=len(faults) + 1, desc="faults", disable=args.json, dynamic_ncols=True)
-    stalled: threading.Timer | None = None
     try:
         with pool_cluster(gpu_nodes=1, cpu_nodes=2, cpus_per_node=2, dashboard=True) as cluster:
             deploy_config(_config(args.model, port, args), APP)
@@ -326,7 +322,7 @@ def _run(args, faults: list[str], emit) -> int:
                         took = time.monotonic() - t_fault
                         what = f"nothing: {args.burst} requests at once, all ended in {took:.1f} s"
                     elif fault == "stall":
-                        what, stalled = _stall(args.stall_s)
+                        what = _stall(args.stall_s)
                     else:
                         what = _kill(fault, cluster)
                 except Exception as e:  # noqa: BLE001 - report it, keep the other faults' figures
@@ -335,9 +331,12 @@ def _run(args, faults: list[str], emit) -> int:
                     continue
                 # a burst has ended when load.burst returns: nothing to recover from; the load
                 # runs --recover-s from a stall's start, or up to its end if that is later
-                time.sleep(args.recover_s if fault != "burst" else 2.0)
-                if fault == "stall":
-                    stalled.join()
+                if fault == "burst":
+                    time.sleep(2.0)
+                elif fault == "stall":  # the load ran through the freeze
+                    time.sleep(max(0.0, args.recover_s - (time.monotonic() - t_fault)))
+                else:
+                    time.sleep(args.recover_s)
                 load.stop()
                 t_quiet = time.monotonic()
                 rec = next((o.end - t_fault for o in sorted(load.outcomes, key=lambda o: o.end)
@@ -355,9 +354,6 @@ def _run(args, faults: list[str], emit) -> int:
                 time.sleep(2)
             load.stop()
     finally:
-        if stalled is not None:  # never leave a replica frozen
-            stalled.cancel()
-            stalled.function(*stalled.args)
         bar.close()
         load.stop()
     report["wall_s"] = round(time.monotonic() - t_start, 1)

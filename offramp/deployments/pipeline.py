@@ -524,10 +524,14 @@ class PipelineBackend:
                 raise
             except Exception as e:  # noqa: BLE001 - a scheduler bug fails the lane's requests, not the replica
                 log.exception("pipeline step scheduler failed; failing the requests of this micro-batch")
-                for s in lane.seqs:
-                    if not s.done:
-                        self._fail(s, errors.RowFailed(f"the ingress scheduler failed ({type(e).__name__}); "
-                                                       "it has been logged"))
+                self._scheduler_failed(lane.seqs, e)
+
+    def _scheduler_failed(self, seqs: list[_Seq], e: Exception) -> None:
+        """A bug in the scheduler (logged by the caller) fails these requests, not the replica."""
+        for s in seqs:
+            if not s.done:
+                self._fail(s, errors.RowFailed(f"the ingress scheduler failed ({type(e).__name__}); "
+                                               "it has been logged"))
 
     async def _step(self, seqs: list[_Seq]) -> None:
         """One token for each of ``seqs``: layer 0 onwards, one frame per replica per round,
@@ -617,10 +621,7 @@ class PipelineBackend:
             raise
         except Exception as e:  # noqa: BLE001 - as a lane's step: these requests fail, not the replica
             log.exception("a detached step failed; failing its requests")
-            for s in seqs:
-                if not s.done:
-                    self._fail(s, errors.RowFailed(f"the ingress scheduler failed ({type(e).__name__}); "
-                                                   "it has been logged"))
+            self._scheduler_failed(seqs, e)
         finally:
             for s in seqs:
                 s.detached = False
